@@ -1,0 +1,45 @@
+# dsv4: the two README commands (`make demo`, `make test`) and what they build on.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dsv4
+TINY_MODEL := $(CACHE_DIR)/models/tiny
+STAMP := $(VENV)/.setup-stamp
+SETUP_INPUTS := pyproject.toml setup.py constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint demo demo-down clean help
+
+help:
+	@echo "make setup   create .venv and install dsv4 (editable) with dev dependencies; build the tiny model"
+	@echo "make test    ruff + the whole pytest suite"
+	@echo "make demo    serve the built-in tiny model and send one chat request with the openai client"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install only when the inputs change: a second `make setup` takes seconds.
+$(STAMP): $(SETUP_INPUTS) | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q --upgrade "pip>=24" "setuptools>=77" wheel
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
+	@sha256sum $(SETUP_INPUTS) > $(STAMP)
+
+setup: $(STAMP)
+	@$(BIN)/dsv4 model init-random --preset tiny --out $(TINY_MODEL) --if-missing
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python -m dsv4.demo
+
+demo-down:
+	-$(BIN)/python -m dsv4.demo --down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

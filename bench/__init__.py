@@ -1,0 +1,1 @@
+"""Benchmarks run with `dsv4 bench ...`."""
