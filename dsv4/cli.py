@@ -16,6 +16,12 @@ from dsv4.version import VERSION
 # name -> (module, one-line help). Add a line only when the subcommand really works.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("dsv4.runtime.model_cli", "Create and inspect DeepSeek-V4 checkpoints (init-random, info)."),
+    "bench": ("dsv4.bench.cli", "Benchmarks: dsv4 bench capacity (KV capacity per SWA policy), ..."),
+    "serve": ("dsv4.runtime.server.serve_cli", "Serve a model over an OpenAI-compatible HTTP API with metrics."),
+    "observability": ("dsv4.operator.observability.generate", "Generate the Grafana dashboards and alert rules."),
+    "cluster": ("dsv4.e2e.cli", "Run a local Kubernetes control plane with kwok GPU nodes (up, down, status, build)."),
+    "operator": ("dsv4.operator.cli", "Run the DSV4Endpoint operator (kopf) with -A or -n NAMESPACE."),
+    "plan": ("dsv4.operator.plan_cli", "Plan a DSV4Endpoint (-f FILE): TP, batching, cache, replicas, reasons."),
 }
 
 

@@ -1,18 +1,113 @@
-"""The only kernel entry points the model calls. Triton on CUDA tensors (or under
-TRITON_INTERPRET=1), the torch reference otherwise."""
+"""The only kernel entry points the model calls. Triton on CUDA tensors (or under the Triton
+interpreter), the torch reference otherwise.
+
+Dispatch rule (`choose_backend`, evaluated at every call, nothing cached at import):
+
+1. `backend=` argument, else env `DSV4_KERNEL_BACKEND` (read at call time), else "auto".
+2. "torch": the reference in `reference.py`.
+3. "triton": the Triton kernel; compiled for CUDA tensors, interpreted for CPU tensors (slow: tests only).
+4. "auto": triton not importable -> torch; Triton interpreter on (env `TRITON_INTERPRET` truthy or
+   `triton.knobs.runtime.interpret`, read now) -> interpreted Triton; CUDA tensors -> compiled Triton;
+   otherwise (CPU tensors) -> torch.
+
+Kernel modules are built lazily on first use, per mode (`triton_loader.load`), so a test can run
+the interpreter for its own calls (`backend="triton"`) while every other CPU caller in the same
+process keeps the fast torch reference.
+"""
 
 from __future__ import annotations
 
+import os
+from typing import Literal
+
 import torch
+from dsv4.kernels import reference, triton_loader
 
-from dsv4.kernels import reference
-
-
-def sparse_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale: float) -> torch.Tensor:
-    """See `reference.sparse_attention_ref` for shapes and semantics."""
-    return reference.sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale)
+Backend = Literal["torch", "triton", "interpret"]
+BACKEND_ENV = "DSV4_KERNEL_BACKEND"
+_CHOICES = ("auto", "torch", "triton")
 
 
-def indexer_topk(q, weights, keys, cand_idx, k: int) -> torch.Tensor:
-    """See `reference.indexer_topk_ref`."""
-    return reference.indexer_topk_ref(q, weights, keys, cand_idx, k)
+def choose_backend(*tensors: torch.Tensor | None, backend: str | None = None) -> Backend:
+    """"torch" | "triton" (compiled, CUDA) | "interpret" (Triton interpreter) for these tensors."""
+    want = (backend or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    if want not in _CHOICES:
+        raise ValueError(f"kernel backend must be one of {_CHOICES} (argument or ${BACKEND_ENV}), got {want!r}")
+    if want == "torch":
+        return "torch"
+    cuda = any(t is not None and t.is_cuda for t in tensors)
+    if want == "auto" and not cuda and not triton_loader.interpreter_on():
+        return "torch"  # the CPU path never imports triton
+    if not triton_loader.triton_available():
+        if want == "triton":
+            raise RuntimeError("kernel backend 'triton' requested but triton is not importable")
+        return "torch"
+    if triton_loader.interpreter_on():
+        return "interpret"
+    if cuda:
+        return "triton"
+    return "interpret" if want == "triton" else "torch"
+
+
+def _check_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, sink) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, H, D], got shape {tuple(q.shape)}")
+    T, H, _ = q.shape
+    if swa_kv.dim() != 2 or swa_idx.dim() != 2 or swa_idx.shape[0] != T:
+        raise ValueError(f"swa_kv must be [Ns, D] and swa_idx [T={T}, W]; got {tuple(swa_kv.shape)}, "
+                         f"{tuple(swa_idx.shape)}")
+    if (comp_kv is None) != (comp_idx is None):
+        raise ValueError("comp_kv and comp_idx must both be given or both be None")
+    if comp_idx is not None and (comp_kv.dim() != 2 or comp_idx.dim() != 2 or comp_idx.shape[0] != T):
+        raise ValueError(f"comp_kv must be [Nc, D] and comp_idx [T={T}, K]; got {tuple(comp_kv.shape)}, "
+                         f"{tuple(comp_idx.shape)}")
+    if sink.shape != (H,):
+        raise ValueError(f"sink must be [H={H}], got shape {tuple(sink.shape)}")
+
+
+def sparse_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale: float, *, rope_dim: int | None = None,
+                     num_splits: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """See `reference.sparse_attention_ref` for shapes and semantics. Returns fp32 [T, H, D].
+
+    Extensions: KV pools may be uint8 rows of the FP8 layout (`fp8_kv.py`; then `rope_dim` is
+    required, head_dim = q.shape[-1]); `num_splits` forces the split-K count of the Triton kernel.
+    """
+    _check_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, sink)
+    which = choose_backend(q, swa_kv, backend=backend)
+    if which == "torch":
+        return reference.sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim)
+    from dsv4.kernels import triton_ops
+
+    return triton_ops.sparse_attention_triton(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim,
+                                              interpret=which == "interpret", num_splits=num_splits)
+
+
+def indexer_scores(q, weights, keys, cand_idx, *, backend: str | None = None) -> torch.Tensor:
+    """See `reference.indexer_scores_ref`: [T, C] fp32, -inf where the candidate is -1."""
+    if q.dim() != 3 or weights.shape != q.shape[:2] or keys.dim() != 2 or keys.shape[1] != q.shape[2]:
+        raise ValueError(f"q must be [T, Hi, Di], weights [T, Hi], keys [N, Di]; got {tuple(q.shape)}, "
+                         f"{tuple(weights.shape)}, {tuple(keys.shape)}")
+    if cand_idx.dim() != 2 or cand_idx.shape[0] != q.shape[0]:
+        raise ValueError(f"cand_idx must be [T={q.shape[0]}, C], got {tuple(cand_idx.shape)}")
+    which = choose_backend(q, keys, backend=backend)
+    if which == "torch":
+        return reference.indexer_scores_ref(q, weights, keys, cand_idx)
+    from dsv4.kernels import triton_ops
+
+    return triton_ops.indexer_scores_triton(q, weights, keys, cand_idx, interpret=which == "interpret")
+
+
+def indexer_topk(q, weights, keys, cand_idx, k: int, *, backend: str | None = None) -> torch.Tensor:
+    """See `reference.indexer_topk_ref`: physical row ids [T, k], -1 where fewer are visible.
+
+    Fast path (every backend): C <= k -> the candidates themselves, no scoring. Otherwise scores
+    from `indexer_scores` (Triton or torch) and `torch.topk`.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if cand_idx.dim() != 2:
+        raise ValueError(f"cand_idx must be [T, C], got {tuple(cand_idx.shape)}")
+    if cand_idx.shape[1] <= k:
+        return reference.topk_fast_path(cand_idx, k)
+    scores = indexer_scores(q, weights, keys, cand_idx, backend=backend)
+    return reference.topk_from_scores(scores, cand_idx, k)

@@ -118,7 +118,8 @@ class ModelConfig:
         need(len(self.mlp_layer_types) == n, f"mlp_layer_types has {len(self.mlp_layer_types)} entries, expected {n}")
         bad = sorted({t for t in self.mlp_layer_types if t not in MLP_LAYER_TYPES})
         need(not bad, f"mlp_layer_types entries must be one of {MLP_LAYER_TYPES}, got {bad}")
-        need(self.num_key_value_heads == 1, f"num_key_value_heads must be 1 (shared K=V), got {self.num_key_value_heads}")
+        need(self.num_key_value_heads == 1,
+             f"num_key_value_heads must be 1 (shared K=V), got {self.num_key_value_heads}")
         need(0 < self.qk_rope_head_dim <= self.head_dim and self.qk_rope_head_dim % 2 == 0,
              f"qk_rope_head_dim must be even and in (0, head_dim={self.head_dim}], got {self.qk_rope_head_dim}")
         need(self.num_attention_heads % self.o_groups == 0,
@@ -155,7 +156,8 @@ class ModelConfig:
             try:
                 d["layer_types"] = [by_ratio[int(r)] for r in d["compress_ratios"][:n]]
             except KeyError as e:
-                raise ConfigError(f"compress_ratios contains {e.args[0]}, expected 0, {rates[CSA]} or {rates[HCA]}") from e
+                raise ConfigError(
+                    f"compress_ratios contains {e.args[0]}, expected 0, {rates[CSA]} or {rates[HCA]}") from e
         if not d.get("mlp_layer_types") and "num_hash_layers" in d:
             k = int(d["num_hash_layers"])
             d["mlp_layer_types"] = [HASH_MOE] * min(n, k) + [MOE] * max(0, n - k)
@@ -168,7 +170,8 @@ class ModelConfig:
             if isinstance(rp.get("main"), dict):
                 d.setdefault("rope_theta", rp["main"].get("rope_theta", 10000.0))
             if comp.get("rope_type", "default") != "default":
-                d.setdefault("rope_scaling", {k: v for k, v in comp.items() if k not in ("rope_theta", "partial_rotary_factor")})
+                scaling = {k: v for k, v in comp.items() if k not in ("rope_theta", "partial_rotary_factor")}
+                d.setdefault("rope_scaling", scaling)
         if d.get("dtype") and "torch_dtype" not in d:
             d["torch_dtype"] = d["dtype"]
         names = {f.name for f in dataclasses.fields(cls)}

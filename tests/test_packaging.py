@@ -24,7 +24,8 @@ def test_operator_folder_has_no_init() -> None:
 
 
 def test_three_components_import_from_their_folders() -> None:
-    code = "import dsv4.runtime, dsv4.kernels, dsv4.operator; print(dsv4.runtime.__file__, dsv4.kernels.__file__, list(dsv4.operator.__path__))"
+    code = ("import dsv4.runtime, dsv4.kernels, dsv4.operator; "
+            "print(dsv4.runtime.__file__, dsv4.kernels.__file__, list(dsv4.operator.__path__))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert str(ROOT / "runtime" / "__init__.py") in out
     assert str(ROOT / "kernels" / "__init__.py") in out

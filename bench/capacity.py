@@ -1,0 +1,287 @@
+"""`dsv4 bench capacity`: how much live context one node holds under each SWA storage policy.
+
+The real allocator (`CacheManager`, metadata-only) replays two workloads on the Flash or Pro cache
+layout (FP8 KV, FP4 indexer keys):
+
+- agent: N sessions share a P-token prefix (system prompt + tools); each turn appends U tokens
+  (user / tool output) and generates G tokens; at most R sessions run at once, the others sit idle
+  between turns (their history stays cached or gets evicted) until every session has reached L tokens.
+- chat: short conversations (shared system prompt, a few turns of short messages), R at once.
+
+The node budget (default one 8xH200 node: 8 x 141 GB minus FP8/FP4 weights, `bench/weights.py`)
+is split over `ranks` data-parallel attention ranks (one per GPU: the single KV head is not sharded
+by tensor parallelism, so each rank owns a separate cache); one rank is replayed and its results are
+multiplied by `ranks` (sessions are routed to ranks, ranks share nothing).
+
+Reported per policy: context tokens held (sum over sessions of the compressed history a session can
+continue from without recomputing it, shared prefix counted per session), unique tokens held
+(physical compressed history), sessions fully resident, recompute tokens paid on hits; plus the
+physical bound `(budget - R*ranks*fixed) / slope` (fixed = window + compressor tails of a running
+request, slope = compressed bytes per token) and the dense V3.2-style baseline `budget / (788 B x 61)`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+GB = 10**9
+GIB = 2**30
+V32_BYTES_PER_TOKEN = 788 * 61  # MLA 656 B + FP8 indexer 132 B per layer, 61 layers
+POLICY_ORDER = ("full", "checkpoint", "recompute")
+
+
+@dataclass
+class Workload:
+    name: str
+    sessions: int  # per rank
+    length: int  # L: tokens per session at the end
+    prefix: int  # P: shared prefix
+    turn_tokens: int  # U: appended per turn (user / tool)
+    gen_tokens: int  # G: generated per turn
+    running: int  # R: sessions running at once per rank
+    chunk: int = 2048  # prefill chunk
+    decode_step: int = 64  # tokens per allocate/commit while decoding (metadata granularity)
+
+
+def _tokens(s: int, n: int, prefix: int) -> list[int]:
+    """Session s's first n tokens: the shared prefix, then session-private ids (grows by appending)."""
+    head = list(range(1, min(n, prefix) + 1))
+    base = 1_000_000 + s * 10_000_000
+    return head + list(range(base, base + max(0, n - prefix)))
+
+
+def replay(spec, budget: int, policy: str, w: Workload, checkpoint_every: int = 4) -> dict:
+    """Replay workload `w` on one rank with `budget` bytes; returns the measurements."""
+    from dsv4.runtime.cache.manager import CacheManager
+
+    m = CacheManager.from_budget(spec, budget, expected_context=w.length, policy=policy, prefill_chunk=w.chunk,
+                                 max_running=w.running, checkpoint_every=checkpoint_every)
+    B = spec.block_size
+    first = min(w.length, w.prefix + w.turn_tokens)
+    length = [first] * w.sessions  # history length before the session's next turn (prompt of turn 1)
+    done = [False] * w.sessions
+    turns = recomputed = preempted = computed = 0
+    nxt = 0
+    peak_running_tokens = 0
+    rounds = 0
+    while not all(done):
+        rounds += 1
+        if rounds > 100 * w.sessions * max(1, w.length // max(1, w.turn_tokens + w.gen_tokens)):
+            raise RuntimeError(f"replay of {w.name} under {policy} makes no progress (preempted {preempted} times)")
+        batch = []
+        while len(batch) < w.running and not all(done):
+            s = nxt % w.sessions
+            nxt += 1
+            if not done[s] and s not in batch:
+                batch.append(s)
+            if nxt > 10 * w.sessions * 1000:
+                break
+        # start every session of the batch (prefix lookup), then prefill and decode them together
+        state = {}
+        for s in batch:
+            toks = _tokens(s, length[s], w.prefix)
+            hit = m.start(f"s{s}", toks)
+            recomputed += hit.cached_tokens - hit.recompute_from
+            state[s] = (toks, hit.recompute_from)
+        target = {s: len(state[s][0]) + min(w.gen_tokens, w.length - length[s]) for s in batch}
+        alive = set(batch)
+        progress = True
+        while progress:
+            progress = False
+            for s in list(alive):
+                toks, n = state[s]
+                if n >= target[s]:
+                    continue
+                step = w.chunk if n < len(toks) else w.decode_step
+                n2 = min(n + step, len(toks)) if n < len(toks) else min(target[s], n + step)
+                if not m.allocate(f"s{s}", n2):
+                    m.preempt(f"s{s}")  # requeue: the turn is retried in a later round
+                    alive.discard(s)
+                    preempted += 1
+                    continue
+                full = _tokens(s, n2, w.prefix) if n2 > len(toks) else toks
+                m.commit(f"s{s}", full, n2)
+                computed += n2 - n
+                state[s] = (full, n2)
+                progress = True
+            peak_running_tokens = max(peak_running_tokens, sum(state[s][1] for s in alive))
+        for s in alive:
+            toks, n = state[s]
+            m.free(f"s{s}")
+            turns += 1
+            length[s] = min(w.length, n + w.turn_tokens)
+            if n >= w.length:
+                done[s] = True
+    # measurement: every session idle; what can each continue from?
+    held = resident = 0
+    for s in range(w.sessions):
+        toks = _tokens(s, w.length, w.prefix)
+        hit = m.peek(toks)
+        held += hit.cached_tokens
+        if hit.cached_tokens >= ((w.length - 1) // B) * B:
+            resident += 1
+    st = m.stats()
+    return {
+        "policy": policy, "context_tokens_held": held, "unique_tokens_held": st.pools["csa"].tokens_held
+        if "csa" in st.pools else st.pools["hca"].tokens_held,
+        "sessions_resident": resident, "turns": turns, "tokens_computed": computed, "recompute_tokens": recomputed,
+        "preemptions": preempted, "swa_checkpoints_kept": st.swa_checkpoints_kept,
+        "bytes_used": st.bytes_used, "bytes_allocated": st.bytes_allocated,
+        "pool_blocks": dict(m.num_blocks), "evictions": {p: v.evictions for p, v in st.pools.items()},
+        "peak_running_tokens": peak_running_tokens,
+    }
+
+
+def node_budget(cfg, gpus: int = 8, gpu_gb: float = 141.0) -> tuple[int, int]:
+    from dsv4.bench.weights import weight_bytes
+
+    w = weight_bytes(cfg).bytes
+    return int(gpus * gpu_gb * GB) - w, w
+
+
+def workloads(smoke: bool, rank_bound_tokens: int) -> list[Workload]:
+    """Session counts oversubscribe the physical bound of one rank by 10%, so capacity binds."""
+    def n(length: int) -> int:
+        return max(2, int(1.1 * rank_bound_tokens / length) + 1)
+
+    if smoke:
+        return [Workload("agent", n(8192), 8192, 1024, 1024, 256, running=4, chunk=512),
+                Workload("chat", n(2048), 2048, 512, 512, 256, running=8, chunk=512)]
+    return [Workload("agent", n(131072), 131072, 16384, 8192, 512, running=32),
+            Workload("chat", n(4096), 4096, 1024, 768, 256, running=128)]
+
+
+def run_capacity(model: str = "flash", budget_gib: float | None = None, smoke: bool = False, ranks: int = 8,
+                 checkpoint_every: int = 16, state_block_size: int | None = 4,
+                 only: tuple[str, ...] = ("agent", "chat")) -> dict:
+    from dsv4.runtime.cache.spec import CacheSpec
+    from dsv4.runtime.config import preset
+
+    cfg = preset(model)
+    spec = CacheSpec.from_model(cfg, "fp8", index_dtype="fp4", state_block_size=state_block_size)
+    default_budget, wbytes = node_budget(cfg)
+    budget = int(budget_gib * GIB) if budget_gib else default_budget
+    if smoke and not budget_gib:
+        budget = 6 * GIB  # a few seconds; the full run uses the node budget
+        ranks = 8
+    if budget <= 0:
+        raise ValueError(f"budget {budget} bytes <= 0: the weights ({wbytes / GB:.0f} GB) exceed the node")
+    rank_budget = budget // ranks
+    slope, fixed = spec.slope_bytes_per_token(), spec.fixed_bytes_per_request()
+    out = {"model": model, "kv": "fp8 + fp4 indexer", "budget_bytes": budget, "weight_bytes": wbytes,
+           "ranks": ranks, "block_size": spec.block_size, "swa_block_size": spec.swa_block_size,
+           "state_block_size": spec.pools["csa_state"].tokens_per_block if "csa_state" in spec.pools else None,
+           "slope_bytes_per_token": slope, "fixed_bytes_per_request": fixed, "smoke": smoke,
+           "checkpoint_every": checkpoint_every, "workloads": []}
+    for w in workloads(smoke, int((rank_budget - 8 * fixed) / slope)):
+        if w.name not in only:
+            continue
+        t0 = time.time()
+        bound_tokens = int((budget - w.running * ranks * fixed) / slope)
+        res = {"workload": asdict(w), "physical_bound_tokens": bound_tokens,
+               "physical_bound_sessions": bound_tokens // w.length,
+               "dense_v32_tokens": budget // V32_BYTES_PER_TOKEN,
+               "dense_v32_sessions": budget // V32_BYTES_PER_TOKEN // w.length, "policies": {}}
+        for pol in POLICY_ORDER:
+            r = replay(spec, rank_budget, pol, w, checkpoint_every)
+            for k in ("context_tokens_held", "unique_tokens_held", "sessions_resident", "turns", "tokens_computed",
+                      "recompute_tokens", "preemptions", "swa_checkpoints_kept", "bytes_used", "bytes_allocated",
+                      "peak_running_tokens"):
+                r[k] *= ranks
+            r["fraction_of_bound"] = r["unique_tokens_held"] / bound_tokens
+            res["policies"][pol] = r
+        best = max(POLICY_ORDER, key=lambda p: res["policies"][p]["unique_tokens_held"])
+        full = res["policies"]["full"]["unique_tokens_held"] or 1
+        res["best_policy"] = best
+        res["best_vs_full"] = res["policies"][best]["unique_tokens_held"] / full
+        res["targets"] = {"best >= 95% of bound": res["policies"][best]["fraction_of_bound"] >= 0.95,
+                          "best >= 3x full": res["best_vs_full"] >= 3.0}
+        res["seconds"] = round(time.time() - t0, 2)
+        out["workloads"].append(res)
+    return out
+
+
+def markdown(out: dict) -> str:
+    lines = [f"### {out['model']} — budget {out['budget_bytes'] / GB:.0f} GB "
+             f"(weights {out['weight_bytes'] / GB:.0f} GB), {out['ranks']} ranks, "
+             f"slope {out['slope_bytes_per_token']:.1f} B/token, fixed {out['fixed_bytes_per_request'] / 2**20:.1f} MiB"
+             f"/running request, blocks {out['block_size']}/{out['swa_block_size']}/{out['state_block_size']} "
+             f"(logical/swa/state), checkpoint K={out['checkpoint_every']}{' (smoke)' if out['smoke'] else ''}", ""]
+    for res in out["workloads"]:
+        w = res["workload"]
+        lines += [f"**{w['name']}**: {w['sessions'] * out['ranks']} sessions x {w['length']} tokens, shared prefix "
+                  f"{w['prefix']}, +{w['turn_tokens']}/+{w['gen_tokens']} per turn, {w['running'] * out['ranks']} "
+                  f"running", "",
+                  "| policy | unique tokens held | context tokens held | sessions resident | % of bound | "
+                  "recompute tokens | checkpoints |", "|---|---|---|---|---|---|---|"]
+        for pol, r in res["policies"].items():
+            lines.append(f"| {pol} | {r['unique_tokens_held']:,} | {r['context_tokens_held']:,} | "
+                         f"{r['sessions_resident']:,} | {100 * r['fraction_of_bound']:.1f}% | "
+                         f"{r['recompute_tokens']:,} | {r['swa_checkpoints_kept']:,} |")
+        lines.append(f"| physical bound | {res['physical_bound_tokens']:,} | | {res['physical_bound_sessions']:,} "
+                     f"| 100% | | |")
+        lines.append(f"| dense V3.2 (788 B x 61) | {res['dense_v32_tokens']:,} | | {res['dense_v32_sessions']:,} | "
+                     f"{100 * res['dense_v32_tokens'] / res['physical_bound_tokens']:.1f}% | | |")
+        t = res["targets"]
+        lines += ["", f"best policy `{res['best_policy']}`: {res['best_vs_full']:.1f}x `full`; targets: "
+                  + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in t.items()), ""]
+    return "\n".join(lines)
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(out["workloads"]), figsize=(6 * len(out["workloads"]), 4))
+    if len(out["workloads"]) == 1:
+        axes = [axes]
+    for ax, res in zip(axes, out["workloads"], strict=True):
+        names = list(res["policies"]) + ["bound", "V3.2"]
+        vals = [r["unique_tokens_held"] for r in res["policies"].values()]
+        vals += [res["physical_bound_tokens"], res["dense_v32_tokens"]]
+        ax.bar(names, [v / 1e6 for v in vals], color=["#c44", "#e93", "#4a4", "#777", "#447"])
+        ax.set_title(f"{out['model']} / {res['workload']['name']}")
+        ax.set_ylabel("unique tokens held (M)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(out: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"capacity_{out['model']}{'_smoke' if out['smoke'] else ''}"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(out, indent=1))
+    paths["md"].write_text(markdown(out) + "\n")
+    plot(out, paths["png"])
+    return paths
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", choices=["flash", "pro"], default="flash")
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="KV budget of the node in GiB (default: 8 x 141 GB minus FP8/FP4 weights)")
+    p.add_argument("--ranks", type=int, default=8, help="data-parallel attention ranks sharing the budget")
+    p.add_argument("--checkpoint-every", type=int, default=16,
+                   help="K of the checkpoint policy in logical blocks (0 = only each session's tail checkpoint)")
+    p.add_argument("--state-block-size", type=int, default=4,
+                   help="tokens per csa_state/hca_state block (the runtime default is swa_block_size = 64)")
+    p.add_argument("--smoke", action="store_true", help="small budget and workloads; finishes in seconds")
+    p.add_argument("--workload", choices=["agent", "chat", "all"], default="all")
+    p.add_argument("--out", default="bench/results")
+
+
+def run(args) -> int:
+    if args.ranks < 1:
+        raise SystemExit(f"--ranks must be >= 1, got {args.ranks}")
+    out = run_capacity(args.model, args.budget_gib, args.smoke, args.ranks, args.checkpoint_every,
+                       args.state_block_size, ("agent", "chat") if args.workload == "all" else (args.workload,))
+    paths = write_results(out, Path(args.out))
+    print(markdown(out))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

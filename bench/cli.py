@@ -1,0 +1,28 @@
+"""`dsv4 bench <name>`: one benchmark per subcommand; each module exposes add_arguments / run."""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (module, help). Other benchmarks add a line here.
+BENCHES: dict[str, tuple[str, str]] = {
+    "capacity": ("dsv4.bench.capacity", "Live-context capacity per SWA storage policy (metadata-only allocator)."),
+    "kernels": ("dsv4.bench.kernels", "Decode kernel GB/s and % of HBM peak (Triton on CUDA; torch reference on CPU)."),
+}
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="NAME")
+    for name, (module_name, help_text) in BENCHES.items():
+        safe = help_text.replace("%", "%%")  # argparse %-formats help strings
+        sp = sub.add_parser(name, help=safe, description=safe)
+        sp.set_defaults(_bench_module=module_name)
+        importlib.import_module(module_name).add_arguments(sp)
+
+
+def run(args) -> int:
+    module_name = getattr(args, "_bench_module", None)
+    if not module_name:
+        print("usage: dsv4 bench {" + ",".join(BENCHES) + "} [options]")
+        return 2
+    return int(importlib.import_module(module_name).run(args) or 0)

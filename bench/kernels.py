@@ -1,0 +1,176 @@
+"""`dsv4 bench kernels`: decode-step kernel bandwidth at DeepSeek-V4-Flash shapes.
+
+One decode step (one query token per sequence, batch B, context L) of each attention layer type:
+
+- csa_attn: window 128 rows + top-512 compressed rows per query (64 heads x 512 dims, one softmax, sink)
+- hca_attn: window 128 rows + all L/128 compressed rows (split-K over the long list)
+- idx_scan: lightning-indexer scores over the L/4 visible indexer keys (64 heads x 128 dims)
+
+Bytes moved = KV rows read (584 B FP8 rows, or 1024 B bf16; indexer keys 128 x 2 B) + queries read
++ outputs written; achieved GB/s = bytes / median time; % of peak against the device's HBM peak
+(spec table below, or --peak-gbps) and against a measured device-to-device copy. Each sequence's rows
+are scattered over its own physical pool (random permutation), as in a paged cache.
+
+On CUDA it times the Triton kernels and the torch reference; on CPU only the references, at smoke
+size (the Triton interpreter is not a performance path). Results: bench/results/kernels_<dev>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+# HBM peak of common devices, GB/s (vendor spec sheets)
+PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "H800": 3350.0, "B200": 8000.0, "A100": 2039.0, "L40S": 864.0}
+H, D, ROPE, WINDOW, TOPK, CSA, HCA, HI, DI = 64, 512, 64, 128, 512, 4, 128, 64, 128
+
+
+def _peak(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    return next((v for k, v in PEAK_GBPS.items() if k in name.upper()), None)
+
+
+def _time(fn, device: str, reps: int) -> float:
+    """Median seconds per call."""
+    import torch
+
+    fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _copy_gbps(device: str) -> float:
+    import torch
+
+    x = torch.empty(256 * 2**20 if device == "cuda" else 16 * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    t = _time(lambda: y.copy_(x), device, 10)
+    return 2 * x.numel() / t / 1e9
+
+
+def _case(kind: str, L: int, B: int, fp8: bool, device: str, g):
+    """Tensors and bytes of one decode step; returns (call(backend), bytes)."""
+    import torch
+    from dsv4.kernels import dispatch
+    from dsv4.kernels.fp8_kv import fp8_row_bytes, quantize_kv_rows
+
+    if kind == "idx_scan":
+        C = L // CSA
+        q = torch.randn(B, HI, DI, device=device, generator=g).bfloat16()
+        w = torch.randn(B, HI, device=device, generator=g)
+        keys = torch.randn(B * C, DI, device=device, generator=g).bfloat16()
+        cand = torch.randperm(B * C, device=device, generator=g).view(B, C)
+        nbytes = B * C * (DI * 2 + 8 + 4) + q.numel() * 2 + w.numel() * 4
+        return (lambda be: dispatch.indexer_scores(q, w, keys, cand, backend=be)), nbytes
+    K = min(TOPK, L // CSA) if kind == "csa_attn" else L // HCA
+    rows = B * (WINDOW + K)
+    q = torch.randn(B, H, D, device=device, generator=g).bfloat16()
+    kv = torch.randn(rows, D, device=device, generator=g)
+    kv = quantize_kv_rows(kv, ROPE) if fp8 else kv.bfloat16()
+    perm = torch.randperm(rows, device=device, generator=g)
+    widx, cidx = perm[: B * WINDOW].view(B, WINDOW), perm[B * WINDOW:].view(B, K)
+    sink = torch.randn(H, device=device, generator=g)
+    row_bytes = fp8_row_bytes(D, ROPE) if fp8 else 2 * D
+    nbytes = rows * (row_bytes + 8) + B * H * D * (2 + 4)
+    return (lambda be: dispatch.sparse_attention(q, kv, widx, kv, cidx, sink, D ** -0.5, rope_dim=ROPE,
+                                                 backend=be)), nbytes
+
+
+def run_kernels(smoke: bool, device: str | None = None, peak_gbps: float | None = None, reps: int = 20) -> dict:
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    contexts = [8192, 131072, 1048576] if not smoke else [2048]
+    batches = [1, 32] if not smoke else [1, 4]
+    backends = ["triton", "torch"] if device == "cuda" else ["torch"]
+    peak = _peak(name, peak_gbps) if device == "cuda" else peak_gbps
+    copy = _copy_gbps(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for kind in ("csa_attn", "hca_attn", "idx_scan"):
+        for fp8 in ((True, False) if kind != "idx_scan" else (False,)):
+            for L in contexts:
+                for B in batches:
+                    call, nbytes = _case(kind, L, B, fp8, device, g)
+                    n = reps if device == "cuda" else min(reps, 5)
+                    for be in backends:
+                        try:
+                            t = _time(lambda call=call, be=be: call(be), device, n)
+                        except torch.OutOfMemoryError:  # the torch reference materialises the gathers
+                            rows.append(dict(kernel=kind, kv="fp8" if fp8 else "bf16", context=L, batch=B,
+                                             backend=be, error="out of memory"))
+                            torch.cuda.empty_cache()
+                            continue
+                        gbps = nbytes / t / 1e9
+                        rows.append(dict(kernel=kind, kv="fp8" if fp8 else ("bf16"), context=L, batch=B, backend=be,
+                                         us=round(t * 1e6, 1), mbytes=round(nbytes / 1e6, 3), gbps=round(gbps, 3),
+                                         pct_peak=round(100 * gbps / peak, 1) if peak else None,
+                                         pct_copy=round(100 * gbps / copy, 1)))
+                    del call
+    return dict(device=name, smoke=smoke, peak_gbps=peak, copy_gbps=round(copy, 1), torch=torch.__version__,
+                rows=rows)
+
+
+def markdown(out: dict) -> str:
+    peak = f"{out['peak_gbps']:.0f} GB/s" if out["peak_gbps"] else "unknown (pass --peak-gbps)"
+    lines = [f"# Kernel bandwidth, {out['device']}{' (smoke)' if out['smoke'] else ''}", "",
+             f"Peak HBM {peak}; measured device copy {out['copy_gbps']} GB/s; torch {out['torch']}.", "",
+             "| kernel | kv | context | batch | backend | µs | MB moved | GB/s | % peak | % copy |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in out["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['kv']} | {r['context']} | {r['batch']} | {r['backend']} | "
+                         f"{r['error']} | | | | |")
+            continue
+        pp = "" if r["pct_peak"] is None else r["pct_peak"]
+        lines.append(f"| {r['kernel']} | {r['kv']} | {r['context']} | {r['batch']} | {r['backend']} | {r['us']} | "
+                     f"{r['mbytes']} | {r['gbps']} | {pp} | {r['pct_copy']} |")
+    return "\n".join(lines)
+
+
+def write_results(out: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = "cuda" if out["device"] != "cpu" else "cpu"
+    stem = f"kernels_{dev}{'_smoke' if out['smoke'] else ''}"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(out, indent=1))
+    paths["md"].write_text(markdown(out) + "\n")
+    return paths
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--smoke", action="store_true", help="small contexts (2K, batch 1/4); the only size on CPU")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    p.add_argument("--peak-gbps", type=float, default=None, help="HBM peak for the %% column (default: spec table)")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions per case (median reported)")
+    p.add_argument("--out", default="bench/results")
+
+
+def run(args) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.reps < 1:
+        raise SystemExit(f"--reps must be >= 1, got {args.reps}")
+    smoke = args.smoke or device == "cpu"
+    if device == "cpu" and not args.smoke:
+        print("no CUDA device: running the torch references at smoke size only")
+    out = run_kernels(smoke, device, args.peak_gbps, args.reps)
+    paths = write_results(out, Path(args.out))
+    print(markdown(out))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

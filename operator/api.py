@@ -1,0 +1,375 @@
+"""The `DSV4Endpoint` API (group serving.dsv4.dev, version v1alpha1): pydantic models for spec and status.
+
+These models are the single source of truth: `crdgen.py` turns them into the CRD's structural
+OpenAPI schema (descriptions become `kubectl explain` text), the handlers parse custom objects with
+them, and `dsv4 plan -f endpoint.yaml` validates with them. Cross-field rules exist twice, on
+purpose: as CEL `x-kubernetes-validations` (enforced by the API server before the operator ever
+sees the object) and as pydantic validators with the same messages (so `dsv4 plan` and the
+operator reject the same objects when the CRD is old or CEL is off).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "serving.dsv4.dev"
+VERSION = "v1alpha1"
+KIND = "DSV4Endpoint"
+PLURAL = "dsv4endpoints"
+SINGULAR = "dsv4endpoint"
+SHORT_NAMES = ["dsv4ep"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+PROFILE_NAMES = ("long-context-agent", "coding-agent", "short-chat", "batch")
+MAX_SCALING_HISTORY = 5
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    d = {"rule": rule, "message": message}
+    if field_path:
+        d["fieldPath"] = field_path
+    return d
+
+
+class _Model(BaseModel):
+    """camelCase on the wire (Kubernetes style), snake_case in Python; unknown fields are errors."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in Kubernetes: camelCase keys, unset optional fields omitted."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# spec
+# ---------------------------------------------------------------------------------------------
+class PVCSource(_Model):
+    claim_name: str = Field(min_length=1, description="Name of a PersistentVolumeClaim in the endpoint's namespace.")
+    sub_path: str | None = Field(None, description="Folder inside the volume that holds config.json and the weights.")
+
+
+class HostPathSource(_Model):
+    path: str = Field(min_length=1, description="Absolute folder on the node holding config.json and the weights.")
+
+
+class WeightsSource(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("has(self.pvc) != has(self.hostPath)", "weights: set exactly one of pvc or hostPath"),
+    ]})
+    pvc: PVCSource | None = Field(None, description="Weights on a PersistentVolumeClaim (mounted read-only).")
+    host_path: HostPathSource | None = Field(None, description="Weights on a node folder (pre-staged NVMe).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WeightsSource:
+        if (self.pvc is None) == (self.host_path is None):
+            raise ValueError("weights: set exactly one of pvc or hostPath")
+        return self
+
+
+class ModelSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("self.variant != 'custom' || has(self.config)",
+             "model.config (the checkpoint's config.json) is required when model.variant is custom"),
+        _cel("self.variant == 'tiny' || has(self.weights)",
+             "model.weights is required unless model.variant is tiny (the built-in random model)"),
+    ]})
+    variant: Literal["flash", "pro", "tiny", "custom"] = Field(
+        description="Model shapes: flash (DeepSeek-V4-Flash), pro (DeepSeek-V4-Pro), tiny (built-in test model), "
+                    "or custom (shapes from model.config).")
+    served_name: str | None = Field(
+        None, max_length=253, description="Model name clients send in OpenAI requests; defaults to the endpoint name.")
+    weights: WeightsSource | None = Field(
+        None, description="Where the checkpoint (config.json, tokenizer, safetensors) lives.")
+    quantization: Literal["fp8-fp4", "fp8", "bf16"] = Field(
+        "fp8-fp4",
+        description="Weight format: fp8-fp4 (FP8 linear layers, FP4 routed experts, as released), fp8, or bf16.")
+    kv_dtype: Literal["fp8", "bf16"] = Field("fp8", description="Storage format of the KV cache rows.")
+    config: dict[str, Any] | None = Field(
+        None, description="config.json of a custom checkpoint (transformers or DeepSeek layout); used for planning.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+    @model_validator(mode="after")
+    def _rules(self) -> ModelSpec:
+        if self.variant == "custom" and not self.config:
+            raise ValueError("model.config (the checkpoint's config.json) is required when model.variant is custom")
+        if self.variant != "tiny" and self.weights is None:
+            raise ValueError("model.weights is required unless model.variant is tiny (the built-in random model)")
+        return self
+
+
+class CustomProfile(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("self.contextP50 <= self.contextP95 && self.contextP95 <= self.contextMax",
+             "profile.custom: contextP50 <= contextP95 <= contextMax must hold"),
+    ]})
+    context_p50: int = Field(ge=1, le=1 << 21, description="Median prompt + history length in tokens.")
+    context_p95: int = Field(ge=1, le=1 << 21, description="95th-percentile prompt + history length in tokens.")
+    context_max: int = Field(ge=1, le=1 << 21, description="Longest context a request may have; must be servable.")
+    output_tokens: int = Field(512, ge=1, le=1 << 20, description="Typical generated tokens per request.")
+    prefix_reuse_ratio: float = Field(0.0, ge=0.0, le=1.0,
+                                      description="Fraction of prompt tokens expected to hit the prefix cache (0-1).")
+    ttft_target_ms: int = Field(2000, ge=1, le=3_600_000, description="Target time to first token, milliseconds.")
+    itl_target_ms: int = Field(50, ge=1, le=10_000, description="Target inter-token latency, milliseconds.")
+    concurrency: int = Field(16, ge=1, le=1_000_000, description="Expected concurrent sessions across the endpoint.")
+
+    @model_validator(mode="after")
+    def _order(self) -> CustomProfile:
+        if not (self.context_p50 <= self.context_p95 <= self.context_max):
+            raise ValueError("profile.custom: contextP50 <= contextP95 <= contextMax must hold")
+        return self
+
+
+class ProfileSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("(self.name == 'custom') == has(self.custom)",
+             "profile.custom must be set exactly when profile.name is custom"),
+    ]})
+    name: Literal["long-context-agent", "coding-agent", "short-chat", "batch", "custom"] = Field(
+        description="Workload profile: a named preset, or custom (then profile.custom describes the workload).")
+    custom: CustomProfile | None = Field(None, description="The workload, when name is custom.")
+    concurrency: int | None = Field(None, ge=1, le=1_000_000,
+                                    description="Expected concurrent sessions; overrides the named profile's default.")
+
+    @model_validator(mode="after")
+    def _custom(self) -> ProfileSpec:
+        if (self.name == "custom") != (self.custom is not None):
+            raise ValueError("profile.custom must be set exactly when profile.name is custom")
+        return self
+
+
+class AcceleratorSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("self.type != 'custom' || has(self.memoryGiB)", "accelerator.memoryGiB is required when type is custom"),
+    ]})
+    type: Literal["H100", "H200", "B200", "B200-192", "custom", "cpu"] = Field(
+        "H200", description="GPU model: H100 (80 GB), H200 (141 GB), B200 (180 GB), B200-192 (192 GB), custom "
+                            "(memoryGiB required), or cpu (no GPU: test clusters with the tiny model).")
+    memory_gi_b: float | None = Field(None, alias="memoryGiB", gt=0, le=4096,
+                                      description="GPU memory in GiB; overrides the type's preset.")
+    gpus_per_node: int = Field(8, ge=1, le=64, description="GPUs on one node: the largest tensor-parallel group.")
+    resource_name: str = Field("nvidia.com/gpu", description="Extended resource name requested per GPU.")
+
+    @model_validator(mode="after")
+    def _mem(self) -> AcceleratorSpec:
+        if self.type == "custom" and self.memory_gi_b is None:
+            raise ValueError("accelerator.memoryGiB is required when type is custom")
+        return self
+
+
+class Overrides(_Model):
+    tensor_parallel_size: int | None = Field(None, ge=1, le=64, description="GPUs per replica (TP group size).")
+    batching_delay_ms: float | None = Field(None, ge=0, le=1000, description="Scheduler batching delay, milliseconds.")
+    cache_policy: Literal["full", "checkpoint", "recompute"] | None = Field(
+        None, description="Sliding-window cache policy for prefix reuse: full, checkpoint, or recompute.")
+    max_num_batched_tokens: int | None = Field(None, ge=16, le=1 << 20,
+                                               description="Token budget of one scheduler step.")
+    max_model_len: int | None = Field(None, ge=16, le=1 << 21, description="Cap on context length per request.")
+
+
+class AutoscalingSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
+        _cel("self.panicWindowSeconds <= self.stableWindowSeconds",
+             "autoscaling.panicWindowSeconds must be <= autoscaling.stableWindowSeconds"),
+    ]})
+    enabled: bool = Field(False, description="Scale replicas on per-pool cache occupancy and queue depth.")
+    mode: Literal["builtin", "keda"] = Field(
+        "builtin", description="builtin: the operator decides and writes replicas; keda: emit a KEDA ScaledObject.")
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(4, ge=1, le=1000, description="Most replicas.")
+    target_occupancy: float = Field(0.8, gt=0, le=1, description="Target occupancy of the fullest cache pool (0-1).")
+    target_queue_depth: float = Field(5.0, gt=0, le=100000, description="Target waiting requests per replica.")
+    stable_window_seconds: int = Field(60, ge=6, le=3600, description="Averaging window of the stable mode.")
+    panic_window_seconds: int = Field(6, ge=1, le=3600, description="Averaging window of the panic mode.")
+    panic_threshold: float = Field(2.0, gt=1, le=100,
+                                   description="Enter panic when panic-window desired / ready replicas reaches this.")
+    scale_down_stabilization_seconds: int = Field(
+        300, ge=0, le=86400, description="Scale down only to the highest recommendation of this window.")
+    max_scale_up_rate: float = Field(2.0, gt=1, le=1000, description="At most ready x this replicas after one step.")
+    max_scale_down_rate: float = Field(2.0, gt=1, le=1000, description="At least ready / this replicas after one step.")
+    metrics_stale_seconds: int = Field(45, ge=1, le=3600, description="Samples older than this count as missing: hold.")
+    prometheus_address: str = Field("http://prometheus-operated.monitoring.svc:9090",
+                                    description="Prometheus the KEDA ScaledObject queries (mode keda).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.minReplicas ({self.min_replicas}) must be <= "
+                             f"autoscaling.maxReplicas ({self.max_replicas})")
+        if self.panic_window_seconds > self.stable_window_seconds:
+            raise ValueError("autoscaling.panicWindowSeconds must be <= autoscaling.stableWindowSeconds")
+        return self
+
+
+class ResourceRequirements(_Model):
+    requests: dict[str, str] | None = Field(None, description="Extra resource requests (cpu, memory) per pod.")
+    limits: dict[str, str] | None = Field(None, description="Extra resource limits per pod; GPUs are set by the plan.")
+
+
+class PlacementSpec(_Model):
+    node_selector: dict[str, str] | None = Field(None, description="Node labels the pods must match.")
+    tolerations: list[dict[str, Any]] | None = Field(
+        None, description="Pod tolerations (core/v1 Toleration objects).",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity object).",
+                                            json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    resources: ResourceRequirements | None = Field(None, description="Extra cpu/memory requests and limits.")
+
+
+class ServiceSpec(_Model):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Kubernetes Service type.")
+    port: int = Field(8000, ge=1, le=65535, description="Service port (the runtime listens on 8000).")
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(min_length=1, description="Secret name in the endpoint's namespace.")
+    key: str = Field("api-key", min_length=1, description="Key in the Secret holding the API key.")
+
+
+class MonitoringSpec(_Model):
+    pod_monitor: bool = Field(True, description="Create a PodMonitor when the monitoring.coreos.com CRDs exist.")
+
+
+class DSV4EndpointSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("!has(self.replicas) || !has(self.autoscaling) || !self.autoscaling.enabled "
+             "|| self.autoscaling.mode != 'builtin'",
+             "replicas and autoscaling.enabled (builtin) are exclusive: replicas has one writer"),
+        _cel("!has(self.overrides) || !has(self.overrides.tensorParallelSize) "
+             "|| self.overrides.tensorParallelSize <= self.accelerator.gpusPerNode",
+             "overrides.tensorParallelSize must be <= accelerator.gpusPerNode (one pod per replica)"),
+    ]})
+    model: ModelSpec = Field(description="The model to serve and where its weights are.")
+    profile: ProfileSpec = Field(description="The workload the endpoint is planned for.")
+    accelerator: AcceleratorSpec = Field(default_factory=AcceleratorSpec, description="The GPUs the pods run on.",
+                                       json_schema_extra={"default": AcceleratorSpec().wire()})
+    overrides: Overrides | None = Field(None, description="Settings that replace the planner's choices.")
+    replicas: int | None = Field(None, ge=0, le=1000,
+                                 description="Replicas when the built-in autoscaler is off (also the /scale target).")
+    autoscaling: AutoscalingSpec | None = Field(None, description="Autoscaling on cache occupancy and queue depth.")
+    placement: PlacementSpec | None = Field(None, description="Where the pods may run.")
+    image: str | None = Field(None, min_length=1, description="Container image of the dsv4 runtime; defaults to "
+                              "the operator's runtime image (env DSV4_RUNTIME_IMAGE).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent",
+                                                                         description="Image pull policy.")
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description="The endpoint's Service.",
+                                json_schema_extra={"default": ServiceSpec().wire()})
+    api_key_secret: SecretKeyRef | None = Field(None, description="Secret holding the API key clients must send.")
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Prometheus Operator integration.",
+                                      json_schema_extra={"default": MonitoringSpec().wire()})
+    termination_grace_period_seconds: int = Field(
+        120, ge=5, le=3600, description="Time a pod gets to drain running requests before it is killed.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> DSV4EndpointSpec:
+        a = self.autoscaling
+        if self.replicas is not None and a is not None and a.enabled and a.mode == "builtin":
+            raise ValueError("replicas and autoscaling.enabled (builtin) are exclusive: replicas has one writer")
+        tp = self.overrides.tensor_parallel_size if self.overrides else None
+        if tp is not None and tp > self.accelerator.gpus_per_node:
+            raise ValueError(f"overrides.tensorParallelSize ({tp}) must be <= accelerator.gpusPerNode "
+                             f"({self.accelerator.gpus_per_node}) (one pod per replica)")
+        return self
+
+    @property
+    def builtin_autoscaling(self) -> bool:
+        return bool(self.autoscaling and self.autoscaling.enabled and self.autoscaling.mode == "builtin")
+
+    @property
+    def keda_autoscaling(self) -> bool:
+        return bool(self.autoscaling and self.autoscaling.enabled and self.autoscaling.mode == "keda")
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------------------------
+class Condition(_Model):
+    type: str = Field(description="Ready, Progressing, Degraded or PlanValid.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="metadata.generation the condition was computed for.")
+
+
+class PlanStatus(_Model):
+    tensor_parallel_size: int = Field(description="GPUs per replica.")
+    batching_delay_ms: float = Field(description="Scheduler batching delay, milliseconds.")
+    max_num_batched_tokens: int = Field(description="Token budget of one scheduler step.")
+    chunked_prefill_size: int = Field(description="Largest prefill chunk of one request per step.")
+    cache_policy: str = Field(description="Sliding-window cache policy.")
+    pool_split: dict[str, float] = Field(description="Fraction of the cache budget per pool.")
+    cache_bytes_per_gpu: int = Field(description="Bytes per GPU left for the KV cache after weights and overhead.")
+    max_servable_context: int = Field(description="Longest context one request can have on one replica.")
+    max_model_len: int = Field(description="Longest context the runtime accepts (the profile's range).")
+    sessions_per_replica: int = Field(description="Concurrent sessions of the profile one replica holds.")
+    initial_replicas: int = Field(description="Replicas the plan starts with.")
+    weight_bytes: int = Field(description="Bytes of weights at the chosen quantization.")
+    context_length_range: str = Field(description="Router label value: the context range the pods serve.")
+    reasons: dict[str, str] = Field(description="One-line reason per choice.")
+
+
+class ScalingDecision(_Model):
+    time: str = Field(description="When the decision was taken (RFC 3339).")
+    from_replicas: int = Field(description="Replicas before.")
+    to_replicas: int = Field(description="Replicas after.")
+    reason: str = Field(description="Why.")
+
+
+class AutoscalerState(_Model):
+    recommendations: list[list[float]] = Field(
+        default_factory=list, description="Recent [unix time, desired replicas] pairs for scale-down stabilization.",
+        json_schema_extra={"items": {"type": "array", "items": {"type": "number"}}})
+    panic_until: float | None = Field(None, description="Unix time the panic mode ends.")
+
+
+class DSV4EndpointStatus(_Model):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    observed_generation: int | None = Field(None, description="metadata.generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded, PlanValid.")
+    replicas: int | None = Field(None, description="Pods of the endpoint (the /scale status replicas).")
+    ready_replicas: int | None = Field(None, description="Pods that are ready.")
+    desired_replicas: int | None = Field(None, description="Replicas the operator wants.")
+    selector: str | None = Field(None, description="Label selector of the pods (the /scale selector).")
+    endpoint: str | None = Field(None, description="In-cluster URL of the OpenAI-compatible API.")
+    plan: PlanStatus | None = Field(None, description="What the planner chose, with reasons.")
+    pool_occupancy: dict[str, float] | None = Field(None, description="Mean occupancy per cache pool over ready pods.")
+    max_cache_occupancy: str | None = Field(None, description="Fullest pool and its occupancy, e.g. csa=0.72.")
+    queue_depth: float | None = Field(None, description="Mean waiting requests per ready pod.")
+    scaling_history: list[ScalingDecision] = Field(default_factory=list, max_length=MAX_SCALING_HISTORY,
+                                                   description="The last five scaling decisions.")
+    autoscaler: AutoscalerState | None = Field(None, description="Autoscaler memory kept across operator restarts.")
+
+
+class DSV4Endpoint(_Model):
+    """The custom resource as a whole (for schema generation and parsing manifests)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    api_version: Literal["serving.dsv4.dev/v1alpha1"] = Field(API_VERSION, description="serving.dsv4.dev/v1alpha1")
+    kind: Literal["DSV4Endpoint"] = Field(KIND, description="DSV4Endpoint")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: DSV4EndpointSpec = Field(description="What to serve, for which workload, on which GPUs.")
+    status: DSV4EndpointStatus | None = Field(None, description="What the operator observed and decided.")
+
+
+def parse_spec(spec: dict[str, Any]) -> DSV4EndpointSpec:
+    """Validate a custom object's spec; raises pydantic.ValidationError naming the field."""
+    return DSV4EndpointSpec.model_validate(spec)
+
+
+def format_validation_error(err: Exception) -> str:
+    """One line per problem: `spec.profile.custom.contextP95: ...`."""
+    errors = getattr(err, "errors", None)
+    if not callable(errors):
+        return str(err)
+    parts = []
+    for e in errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "__root__")
+        msg = e.get("msg", "").removeprefix("Value error, ")
+        parts.append(f"spec.{loc}: {msg}" if loc else f"spec: {msg}")
+    return "; ".join(parts)

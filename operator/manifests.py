@@ -1,0 +1,306 @@
+"""Pure builders of an endpoint's child objects: ConfigMap, Deployment, Service, PDB, PodMonitor, ScaledObject.
+
+`children(endpoint, plan, ...)` returns plain dicts ready for server-side apply. Nothing here talks
+to the API server; the handlers decide which optional objects are wanted (PodMonitor only when the
+monitoring.coreos.com CRDs exist, ScaledObject only in KEDA mode) and what `replicas` to write.
+
+Runtime config file (`/etc/dsv4/config.yaml`, read by `dsv4 serve --config`): see `CONFIG_KEYS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from dsv4.operator import api
+from dsv4.operator.api import DSV4EndpointSpec
+from dsv4.operator.planner import Plan
+from dsv4.runtime import metrics_catalog as mc
+
+FIELD_MANAGER = "dsv4-operator"
+DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:latest"  # when neither spec.image nor the operator's DSV4_RUNTIME_IMAGE is set
+CONFIG_DIR = "/etc/dsv4"
+CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
+SECRET_DIR = "/etc/dsv4/secret"
+MODEL_DIR = "/models"
+PORT = 8000
+ENDPOINT_LABEL = mc.ENDPOINT_POD_LABEL_KEY  # "dsv4.io/endpoint"
+ENGINE_TYPE_LABEL = "llm-d.ai/engine-type"
+CONTEXT_RANGE_LABEL = "llm-d.ai/context-length-range"
+CONFIG_HASH_ANNOTATION = "dsv4.io/config-hash"
+PRESTOP_SLEEP_S = 10
+RUN_AS_USER = 1000
+
+# Keys of the runtime config file, with what each means. `dsv4 serve --config` must accept all of them.
+CONFIG_KEYS: dict[str, str] = {
+    "model": "checkpoint folder (config.json, tokenizer, safetensors); absent = the built-in tiny model",
+    "served_model_name": "model name clients send in OpenAI requests",
+    "tp": "tensor-parallel size (GPUs of this pod)",
+    "profile": "workload profile name (the runtime applies its defaults first; the keys below override them)",
+    "batching_delay_ms": "scheduler batching delay in milliseconds",
+    "max_num_batched_tokens": "token budget of one scheduler step",
+    "chunked_prefill_size": "largest prefill chunk of one request per step",
+    "max_num_seqs": "most running sequences",
+    "max_model_len": "longest context accepted (requests above it get HTTP 400)",
+    "cache_policy": "full | checkpoint | recompute (sliding-window policy)",
+    "kv_dtype": "fp8 | bf16 (KV row storage)",
+    "cache_budget_gib": "KV-cache bytes per GPU (GiB) the planner left after weights and activations",
+    "expected_context": "context length the pool split is sized for (profile p95 + output tokens)",
+    "pool_split": "fraction of the cache budget per block pool (swa, csa, hca, csa_state, hca_state)",
+    "device": "auto | cpu | cuda (cpu when accelerator.type is cpu)",
+    "host": "listen address",
+    "port": "listen port",
+    "grace_period_s": "drain time after SIGTERM before in-flight requests are cut",
+    "api_key_file": "file holding the API key clients must send (absent: no auth)",
+}
+
+
+@dataclass(frozen=True)
+class EndpointRef:
+    name: str
+    namespace: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {ENDPOINT_LABEL: name, "app.kubernetes.io/component": "engine"}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "dsv4", "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/managed-by": FIELD_MANAGER, **selector_labels(name)}
+
+
+def _meta(ref: EndpointRef, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"name": name, "namespace": ref.namespace, "labels": labels or common_labels(ref.name),
+            "ownerReferences": [ref.owner_reference()]}
+
+
+def runtime_config(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan) -> dict[str, Any]:
+    """The runtime's config file as a dict (keys: CONFIG_KEYS)."""
+    cfg: dict[str, Any] = {
+        "served_model_name": spec.model.served_name or ref.name,
+        "tp": plan.tensor_parallel_size,
+        "profile": plan.profile if plan.profile != "custom" else None,
+        "batching_delay_ms": plan.batching_delay_ms,
+        "max_num_batched_tokens": plan.max_num_batched_tokens,
+        "chunked_prefill_size": plan.chunked_prefill_size,
+        "max_num_seqs": plan.max_num_seqs,
+        "max_model_len": plan.max_model_len,
+        "cache_policy": plan.cache_policy,
+        "kv_dtype": plan.kv_dtype,
+        "cache_budget_gib": round(plan.cache_bytes_per_gpu / 2**30, 3),
+        "expected_context": plan.expected_context,
+        # floored to 6 decimals so the fractions never sum above 1 (the runtime checks that)
+        "pool_split": {k: math.floor(v * 1e6) / 1e6 for k, v in sorted(plan.pool_split.items())},
+        "host": "0.0.0.0",
+        "port": PORT,
+        "grace_period_s": max(1, spec.termination_grace_period_seconds - PRESTOP_SLEEP_S - 5),
+    }
+    if spec.model.weights is not None:
+        cfg["model"] = MODEL_DIR
+    if spec.accelerator.type == "cpu":
+        cfg["device"] = "cpu"
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    if spec.api_key_secret is not None:
+        cfg["api_key_file"] = f"{SECRET_DIR}/{spec.api_key_secret.key}"
+    assert set(cfg) <= set(CONFIG_KEYS), set(cfg) - set(CONFIG_KEYS)
+    return cfg
+
+
+def config_map(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan) -> dict[str, Any]:
+    text = yaml.safe_dump(runtime_config(ref, spec, plan), sort_keys=True)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(ref, f"{ref.name}-config"),
+            "data": {"config.yaml": text}}
+
+
+def _config_hash(cm: dict[str, Any]) -> str:
+    return hashlib.sha256(cm["data"]["config.yaml"].encode()).hexdigest()[:16]
+
+
+def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: int | None,
+               config_hash: str, default_image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+    """One pod per replica holding the TP group's GPUs. `replicas=None` omits spec.replicas (another
+    writer, e.g. KEDA/HPA, owns it: server-side apply then leaves it alone)."""
+    tp = plan.tensor_parallel_size
+    pod_labels = {**common_labels(ref.name), ENGINE_TYPE_LABEL: "vllm",
+                  CONTEXT_RANGE_LABEL: plan.context_length_range,
+                  "serving.dsv4.dev/profile": plan.profile, "serving.dsv4.dev/model": spec.model.variant}
+    gpu = spec.accelerator.resource_name
+    place = spec.placement
+    extra_req = dict(place.resources.requests or {}) if place and place.resources else {}
+    extra_lim = dict(place.resources.limits or {}) if place and place.resources else {}
+    if spec.accelerator.type == "cpu":
+        resources = {"requests": extra_req, "limits": extra_lim}
+    else:
+        resources = {"requests": {**extra_req, gpu: str(tp)}, "limits": {**extra_lim, gpu: str(tp)}}
+    resources = {k: v for k, v in resources.items() if v}
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "tmp", "mountPath": "/tmp"},
+              {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": f"{ref.name}-config"}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+    ]
+    w = spec.model.weights
+    if w is not None:
+        m = {"name": "weights", "mountPath": MODEL_DIR, "readOnly": True}
+        if w.pvc is not None:
+            volumes.append({"name": "weights", "persistentVolumeClaim": {"claimName": w.pvc.claim_name,
+                                                                         "readOnly": True}})
+            if w.pvc.sub_path:
+                m["subPath"] = w.pvc.sub_path
+        else:
+            assert w.host_path is not None
+            volumes.append({"name": "weights", "hostPath": {"path": w.host_path.path, "type": "Directory"}})
+        mounts.append(m)
+    if spec.api_key_secret is not None:
+        volumes.append({"name": "api-key", "secret": {"secretName": spec.api_key_secret.name,
+                                                       "items": [{"key": spec.api_key_secret.key,
+                                                                  "path": spec.api_key_secret.key}]}})
+        mounts.append({"name": "api-key", "mountPath": SECRET_DIR, "readOnly": True})
+    container = {
+        "name": "dsv4",
+        "image": spec.image or default_image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["dsv4", "serve", "--config", CONFIG_PATH],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
+                {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "resources": resources,
+        "volumeMounts": mounts,
+        # weights load + compile can take many minutes: startup probe allows 60 s + 190 x 6 s (~20 min)
+        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "initialDelaySeconds": 60,
+                         "periodSeconds": 6, "failureThreshold": 190},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
+                          "failureThreshold": 6, "timeoutSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5,
+                           "failureThreshold": 2, "timeoutSeconds": 3},
+        # let endpoints drop the pod before SIGTERM; the runtime then drains (503 to new requests)
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                            "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+    }
+    if place is not None:
+        if place.node_selector:
+            pod_spec["nodeSelector"] = dict(place.node_selector)
+        if place.tolerations:
+            pod_spec["tolerations"] = list(place.tolerations)
+        if place.affinity:
+            pod_spec["affinity"] = dict(place.affinity)
+        if place.priority_class_name:
+            pod_spec["priorityClassName"] = place.priority_class_name
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(ref.name)},
+        # surge, never take a serving pod away first (a surge pod may wait for GPUs; traffic stays up)
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "template": {"metadata": {"labels": pod_labels, "annotations": {CONFIG_HASH_ANNOTATION: config_hash}},
+                     "spec": pod_spec},
+    }
+    if replicas is not None:
+        dep_spec = {"replicas": int(replicas), **dep_spec}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(ref, ref.name), "spec": dep_spec}
+
+
+def service(ref: EndpointRef, spec: DSV4EndpointSpec) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(ref, ref.name),
+            "spec": {"type": spec.service.type, "selector": selector_labels(ref.name),
+                     "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http",
+                                "protocol": "TCP"}]}}
+
+
+def pod_disruption_budget(ref: EndpointRef) -> dict[str, Any]:
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(ref, ref.name),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ref.name)}}}
+
+
+def pod_monitor(ref: EndpointRef) -> dict[str, Any]:
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": _meta(ref, ref.name),
+            "spec": {"selector": {"matchLabels": selector_labels(ref.name)},
+                     "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "15s",
+                                              "relabelings": mc.runtime_scrape_relabelings("operator")}]}}
+
+
+def keda_queries(ref: EndpointRef) -> dict[str, str]:
+    """PromQL of the ScaledObject: the sum over pods of each signal (KEDA AverageValue divides by the target)."""
+    sel = f'namespace="{ref.namespace}",{mc.ENDPOINT_LABEL}="{ref.name}"'
+    return {
+        "occupancy": f"sum(max by (pod) (dsv4:cache_pool_occupancy_ratio{{{sel}}}))",
+        "queue": f"sum(vllm:num_requests_waiting{{{sel}}})",
+    }
+
+
+def scaled_object(ref: EndpointRef, spec: DSV4EndpointSpec) -> dict[str, Any]:
+    a = spec.autoscaling
+    assert a is not None
+    q = keda_queries(ref)
+    triggers = [
+        {"type": "prometheus", "name": "cache-occupancy", "metricType": "AverageValue",
+         "metadata": {"serverAddress": a.prometheus_address, "query": q["occupancy"],
+                      "threshold": str(a.target_occupancy)}},
+        {"type": "prometheus", "name": "queue-depth", "metricType": "AverageValue",
+         "metadata": {"serverAddress": a.prometheus_address, "query": q["queue"],
+                      "threshold": str(a.target_queue_depth)}},
+    ]
+    return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": _meta(ref, ref.name),
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ref.name},
+                     "minReplicaCount": a.min_replicas, "maxReplicaCount": a.max_replicas,
+                     "pollingInterval": 15, "cooldownPeriod": a.scale_down_stabilization_seconds,
+                     "initialCooldownPeriod": 1200,
+                     # metrics missing: hold the current replicas instead of guessing
+                     "fallback": {"failureThreshold": 3, "replicas": a.min_replicas, "behavior": "currentReplicas"},
+                     "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
+                         "scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds}}}},
+                     "triggers": triggers}}
+
+
+def deployment_replicas(spec: DSV4EndpointSpec, plan: Plan, autoscaler_replicas: int | None) -> int | None:
+    """What the operator writes to Deployment.spec.replicas; None when KEDA owns it.
+
+    builtin autoscaling: the autoscaler's decision (the plan's initial replicas before the first one);
+    otherwise spec.replicas (which HPA/`kubectl scale` may write through /scale), else the plan's."""
+    if spec.keda_autoscaling:
+        return None
+    if spec.builtin_autoscaling:
+        return plan.initial_replicas if autoscaler_replicas is None else autoscaler_replicas
+    return spec.replicas if spec.replicas is not None else plan.initial_replicas
+
+
+def children(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, *, autoscaler_replicas: int | None = None,
+             with_pod_monitor: bool = False, default_image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
+    """Every child object the endpoint should have, in apply order."""
+    cm = config_map(ref, spec, plan)
+    replicas = deployment_replicas(spec, plan, autoscaler_replicas)
+    objs = [cm, deployment(ref, spec, plan, replicas, _config_hash(cm), default_image),
+            service(ref, spec), pod_disruption_budget(ref)]
+    if with_pod_monitor and spec.monitoring.pod_monitor:
+        objs.append(pod_monitor(ref))
+    if spec.keda_autoscaling:
+        objs.append(scaled_object(ref, spec))
+    return objs
+
+
+def endpoint_url(ref: EndpointRef, spec: DSV4EndpointSpec) -> str:
+    return f"http://{ref.name}.{ref.namespace}.svc:{spec.service.port}/v1"

@@ -1,0 +1,361 @@
+"""The capacity planner: model shapes x accelerator x workload profile -> runtime settings, each with a reason.
+
+Pure functions; `plan(spec)` is what the operator, `dsv4 plan -f endpoint.yaml` and the tests call.
+
+Per GPU of a TP group of size t (one pod per replica, the group's GPUs in that pod):
+
+    usable      = memory * GPU_MEMORY_UTILIZATION
+    weights/GPU = weight_bytes(quantization) / t            (TP for dense parts, EP for routed experts)
+    reserve     = 2 GiB (256 MiB on cpu) + max_num_batched_tokens * hidden * 2 B * 24 + max_num_seqs * vocab * 4 B
+    cache       = usable - weights/GPU - reserve
+
+The KV cache is *not* sharded by TP: DeepSeek-V4 has one shared K=V head, so every rank of the
+group holds every request's rows (as MLA engines do); a replica holds `cache` bytes of KV, and a
+larger group only helps by freeing weight memory per GPU.
+
+Latency estimates (documented, deliberately simple):
+    prefill rate   = t * fp8_flops * MFU / (2 * active_params)           tokens/s
+    decode step(B) = (decode_weight_bytes(B) / t + B * kv_read(p95)) / (hbm_bw * MBU)
+where decode_weight_bytes counts the expected fraction 1-(1-k/E)^B of routed experts touched and
+kv_read is what one decode token reads from the cache at the p95 context (all indexer keys, top-k
+CSA entries, all HCA entries, the window).
+
+TP choice: among group sizes that divide the attention heads and the routed experts and fit on a
+node, those where the weights fit, the longest context is servable and one decode step meets the ITL
+target; the one holding the most sessions per GPU wins (ties: the smaller group). Sessions are
+compared under the recompute policy (the most any policy holds) so the later, reuse-driven policy
+choice does not bias the group size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dsv4.operator import weights as W
+from dsv4.operator.api import DSV4EndpointSpec, PlanStatus
+from dsv4.operator.capacity import Capacity, capacity
+from dsv4.operator.hardware import MBU, MFU, Accelerator, accelerator
+from dsv4.operator.profiles import Workload, resolve
+from dsv4.runtime.cache.spec import CacheSpec
+from dsv4.runtime.config import CSA, HCA, ConfigError, ModelConfig, preset
+
+GPU_MEMORY_UTILIZATION = 0.90
+MAX_NUM_SEQS = 256
+ACTIVATION_FACTOR = 24
+REUSE_FOR_PREFIX_CACHE = 0.2
+MIN_CHUNK, MAX_CHUNK = 256, 16384
+
+
+class PlanError(ValueError):
+    """An endpoint that cannot be served as specified. `reason` is a CamelCase condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    accelerator: str
+    profile: str
+    tensor_parallel_size: int
+    batching_delay_ms: float
+    max_num_batched_tokens: int
+    chunked_prefill_size: int
+    max_num_seqs: int
+    cache_policy: str
+    expected_context: int
+    kv_dtype: str
+    pool_split: dict[str, float]
+    num_blocks: dict[str, int]
+    cache_bytes_per_gpu: int
+    max_servable_context: int
+    max_model_len: int
+    sessions_per_replica: int
+    initial_replicas: int
+    weight_bytes: int
+    decode_step_ms: float
+    prefill_tokens_per_s: float
+    reasons: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def context_length_range(self) -> str:
+        return f"0-{self.max_model_len}"
+
+    def to_status(self) -> PlanStatus:
+        return PlanStatus(
+            tensor_parallel_size=self.tensor_parallel_size, batching_delay_ms=self.batching_delay_ms,
+            max_num_batched_tokens=self.max_num_batched_tokens, chunked_prefill_size=self.chunked_prefill_size,
+            cache_policy=self.cache_policy, pool_split={k: round(v, 4) for k, v in self.pool_split.items()},
+            cache_bytes_per_gpu=self.cache_bytes_per_gpu, max_servable_context=self.max_servable_context,
+            max_model_len=self.max_model_len,
+            sessions_per_replica=self.sessions_per_replica, initial_replicas=self.initial_replicas,
+            weight_bytes=self.weight_bytes, context_length_range=self.context_length_range, reasons=dict(self.reasons))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["context_length_range"] = self.context_length_range
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+def model_config(spec: DSV4EndpointSpec) -> ModelConfig:
+    m = spec.model
+    try:
+        return ModelConfig.from_dict(m.config or {}) if m.variant == "custom" else preset(m.variant)
+    except ConfigError as e:
+        raise PlanError("InvalidModelConfig", f"model.config: {e}") from e
+
+
+def kv_read_bytes(cfg: ModelConfig, cache: CacheSpec, context: int) -> int:
+    """Cache bytes one decode token reads at `context`: every indexer key, top-k CSA entries,
+    every HCA entry and the sliding window, over all layers."""
+    p = cache.pools
+    n_csa, n_hca = len(cfg.layers_of(CSA)), len(cfg.layers_of(HCA))
+    csa_entries = context // cache.csa_ratio
+    total = cache.window * p["swa"].bytes_per_row * cfg.num_hidden_layers
+    if "idx" in p:
+        total += csa_entries * p["idx"].bytes_per_row * n_csa
+    if "csa" in p:
+        total += min(cfg.index_topk, csa_entries) * p["csa"].bytes_per_row * n_csa
+    if "hca" in p:
+        total += (context // cache.hca_ratio) * p["hca"].bytes_per_row * n_hca
+    return int(total)
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    tp: int
+    cache_bytes: int
+    cap: Capacity
+    policy: str
+    policy_reason: str
+    chunk: int
+    mnbt: int
+    prefill_rate: float
+    itl_batch: int
+    step_ms: float
+    sessions: int
+    max_context: int
+    rank: int  # sessions under the recompute policy (the most a group can hold): compares TP sizes fairly
+
+
+def _decode_step_s(cfg: ModelConfig, quant: str, acc: Accelerator, tp: int, batch: int, kv_read: int) -> float:
+    return (W.decode_weight_bytes(cfg, quant, batch) / tp + batch * kv_read) / (acc.hbm_bytes_per_s * MBU)
+
+
+def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, cache: CacheSpec, acc: Accelerator, wl: Workload,
+              tp: int, wbytes: int) -> _Candidate | str:
+    """A candidate at group size `tp`, or a string saying why it does not work."""
+    ov = spec.overrides
+    quant = spec.model.quantization
+    active = W.active_params_per_token(cfg)
+    prefill_rate = tp * acc.fp8_flops * MFU / (2 * active)
+    # a prefill chunk shares a step with the decodes: keep it within half the ITL target
+    chunk = min(MAX_CHUNK, max(MIN_CHUNK, _pow2_floor(prefill_rate * wl.itl_target_ms / 1000 * 0.5)))
+    mnbt = int(math.ceil((chunk + MAX_NUM_SEQS) / 256) * 256)
+    if ov and ov.max_num_batched_tokens:
+        mnbt = ov.max_num_batched_tokens
+        chunk = min(chunk, mnbt)
+    usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION
+    reserve = acc.reserve_bytes + mnbt * cfg.hidden_size * 2 * ACTIVATION_FACTOR + MAX_NUM_SEQS * cfg.vocab_size * 4
+    cache_bytes = int(usable - wbytes / tp - reserve)
+    if cache_bytes <= 0:
+        return (f"TP{tp}: weights {wbytes / tp / 1e9:.1f} GB/GPU + reserve {reserve / 1e9:.1f} GB exceed "
+                f"{usable / 1e9:.1f} GB usable")
+    limit = cfg.max_position_embeddings
+    if ov and ov.max_model_len:
+        limit = min(limit, ov.max_model_len)
+    expected = min(limit, wl.context_p95 + wl.output_tokens)
+    kv_read = kv_read_bytes(cfg, cache, wl.context_p95)
+    step1 = _decode_step_s(cfg, quant, acc, tp, 1, kv_read)
+    if step1 * 1000 > wl.itl_target_ms:
+        return f"TP{tp}: one decode step takes ~{step1 * 1000:.1f} ms > ITL target {wl.itl_target_ms} ms"
+    itl_batch = 1
+    for b in range(2, MAX_NUM_SEQS + 1):
+        if _decode_step_s(cfg, quant, acc, tp, b, kv_read) * 1000 > wl.itl_target_ms:
+            break
+        itl_batch = b
+    def cap_for(policy: str) -> Capacity:
+        return capacity(cache, cache_bytes, expected_context=expected, policy=policy, max_context_limit=limit,
+                        prefill_chunk=chunk)
+
+    need_ctx = min(ov.max_model_len, wl.context_max) if ov and ov.max_model_len else wl.context_max
+    want = min(wl.concurrency, itl_batch)
+    if ov and ov.cache_policy:
+        policy, why = ov.cache_policy, "set by overrides.cachePolicy"
+        cap = cap_for(policy)
+    elif wl.prefix_reuse_ratio < REUSE_FOR_PREFIX_CACHE:
+        policy = "recompute"
+        why = (f"prefix reuse {wl.prefix_reuse_ratio:.0%} < {REUSE_FOR_PREFIX_CACHE:.0%}: keep only the live "
+               "window, recompute it on the rare hit")
+        cap = cap_for(policy)
+    else:
+        # most reuse first: full (every window row kept), checkpoint (a window every 4 blocks), recompute
+        caps = {p: cap_for(p) for p in ("full", "checkpoint", "recompute")}
+        fits = [p for p, c in caps.items() if c.max_request_tokens >= need_ctx]
+        enough = [p for p in fits if caps[p].sessions >= want]
+        if enough:
+            policy = enough[0]
+        elif fits:
+            policy = max(fits, key=lambda p: caps[p].sessions)
+        else:
+            policy = "recompute"
+        cap = caps[policy]
+        tried = ", ".join(f"{p}: {c.sessions} sessions, max {c.max_request_tokens}" for p, c in caps.items())
+        why = (f"prefix reuse {wl.prefix_reuse_ratio:.0%}: {policy} keeps the most reusable state that still "
+               f"holds {want} sessions of {expected} tokens and a {need_ctx}-token request ({tried})")
+    max_context = min(cap.max_request_tokens, limit)
+    if max_context < need_ctx:
+        return (f"TP{tp}: the longest servable context is {max_context} tokens < the profile's contextMax "
+                f"{wl.context_max} ({cache_bytes / 1e9:.1f} GB of cache per GPU)")
+    sessions = max(0, min(cap.sessions, itl_batch, MAX_NUM_SEQS))
+    if sessions < 1:
+        return f"TP{tp}: not one session of {expected} tokens fits in {cache_bytes / 1e9:.1f} GB of cache"
+    step_ms = _decode_step_s(cfg, quant, acc, tp, sessions, kv_read) * 1000
+    rank_cap = cap if policy == "recompute" else cap_for("recompute")
+    rank = max(0, min(rank_cap.sessions, itl_batch, MAX_NUM_SEQS))
+    return _Candidate(tp, cache_bytes, cap, policy, why, chunk, mnbt, prefill_rate, itl_batch, step_ms, sessions,
+                      max_context, rank)
+
+
+def _tp_options(cfg: ModelConfig, gpus_per_node: int) -> list[int]:
+    return [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= gpus_per_node and cfg.num_attention_heads % t == 0
+            and cfg.n_routed_experts % t == 0]
+
+
+def plan(spec: DSV4EndpointSpec) -> Plan:
+    """Plan an endpoint; raises PlanError (with a condition reason) when it cannot be served."""
+    cfg = model_config(spec)
+    wl = resolve(spec.profile)
+    acc = accelerator(spec.accelerator.type, spec.accelerator.memory_gi_b)
+    quant = spec.model.quantization
+    cache = CacheSpec.from_model(cfg, kv_dtype=spec.model.kv_dtype,
+                                 index_dtype="fp4" if spec.model.kv_dtype == "fp8" else None)
+    wbytes = W.weight_bytes(cfg, quant)
+    ov = spec.overrides
+    gpn = spec.accelerator.gpus_per_node
+    if ov and ov.tensor_parallel_size:
+        tp = ov.tensor_parallel_size
+        if cfg.num_attention_heads % tp or cfg.n_routed_experts % tp:
+            raise PlanError("InvalidTensorParallel",
+                            f"overrides.tensorParallelSize={tp} must divide num_attention_heads "
+                            f"({cfg.num_attention_heads}) and n_routed_experts ({cfg.n_routed_experts})")
+        if tp > gpn:
+            raise PlanError("InvalidTensorParallel",
+                            f"overrides.tensorParallelSize={tp} exceeds accelerator.gpusPerNode={gpn}")
+        options = [tp]
+    else:
+        options = _tp_options(cfg, gpn)
+    if wl.context_max > cfg.max_position_embeddings and not (ov and ov.max_model_len):
+        raise PlanError("ContextDoesNotFit",
+                        f"the profile's contextMax ({wl.context_max}) exceeds the model's max_position_embeddings "
+                        f"({cfg.max_position_embeddings}); lower it or set overrides.maxModelLen")
+    results = {t: _evaluate(spec, cfg, cache, acc, wl, t, wbytes) for t in options}
+    good = [c for c in results.values() if isinstance(c, _Candidate)]
+    if not good:
+        raise _infeasible(spec, cfg, acc, wl, wbytes, results)
+    best = max(good, key=lambda c: (c.rank / c.tp, -c.tp))
+    return _finish(spec, cfg, acc, wl, wbytes, best, results)
+
+
+def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Workload, wbytes: int,
+                results: dict[int, _Candidate | str]) -> PlanError:
+    name = f"V4-{spec.model.variant.capitalize()}" if spec.model.variant in ("flash", "pro") else spec.model.variant
+    usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION - acc.reserve_bytes
+    need = math.ceil(wbytes / usable)
+    tp_max = max(results)
+    if all("exceed" in r for r in results.values() if isinstance(r, str)) and all(
+            isinstance(r, str) for r in results.values()):
+        return PlanError(
+            "WeightsDoNotFit",
+            f"{name} {spec.model.quantization} weights ({wbytes / 1e9:.0f} GB) need more GPUs per replica than given: "
+            f"at least {need} x {acc.name} ({acc.memory_bytes / 1e9:.0f} GB each, {GPU_MEMORY_UTILIZATION:.0%} usable) "
+            f"but one replica is one pod of at most {tp_max} GPUs (accelerator.gpusPerNode="
+            f"{spec.accelerator.gpus_per_node}, overrides.tensorParallelSize="
+            f"{spec.overrides.tensor_parallel_size if spec.overrides else None})")
+    if any("ITL target" in r for r in results.values() if isinstance(r, str)) and not any(
+            "longest servable" in r for r in results.values() if isinstance(r, str)):
+        return PlanError("LatencyTargetUnreachable",
+                         f"no TP size meets the ITL target {wl.itl_target_ms} ms on {acc.name}: "
+                         + "; ".join(str(r) for r in results.values()))
+    return PlanError("ContextDoesNotFit",
+                     f"profile context up to {wl.context_max} tokens cannot be served by {name} on {acc.name}: "
+                     + "; ".join(str(r) for r in results.values()))
+
+
+def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Workload, wbytes: int, c: _Candidate,
+            results: dict[int, _Candidate | str]) -> Plan:
+    ov = spec.overrides
+    reasons: dict[str, str] = {}
+    warnings: list[str] = []
+    if ov and ov.tensor_parallel_size:
+        reasons["tensorParallelSize"] = f"set by overrides.tensorParallelSize ({c.cache_bytes / 1e9:.1f} GB cache/GPU)"
+    else:
+        others = ", ".join(f"TP{t}: {r.rank / r.tp:.1f}" if isinstance(r, _Candidate) else f"TP{t}: no"
+                           for t, r in results.items())
+        reasons["tensorParallelSize"] = (
+            f"{wbytes / 1e9:.0f} GB of {spec.model.quantization} weights; TP{c.tp} holds the most sessions per GPU "
+            f"({others})")
+    if ov and ov.batching_delay_ms is not None:
+        delay, reasons["batchingDelayMs"] = ov.batching_delay_ms, "set by overrides.batchingDelayMs"
+    else:
+        delay = round(min(0.1 * wl.itl_target_ms, 0.01 * wl.ttft_target_ms, 20.0) * 2) / 2
+        reasons["batchingDelayMs"] = (f"min(10% of ITL target {wl.itl_target_ms} ms, 1% of TTFT target "
+                                      f"{wl.ttft_target_ms} ms, 20 ms): groups prefills without eating the budget")
+    reasons["chunkedPrefillSize"] = (f"prefill ~{c.prefill_rate:,.0f} tokens/s at TP{c.tp}: a {c.chunk}-token chunk "
+                                     f"stays within half the {wl.itl_target_ms} ms ITL target")
+    reasons["maxNumBatchedTokens"] = ("set by overrides.maxNumBatchedTokens" if ov and ov.max_num_batched_tokens
+                                      else f"one prefill chunk ({c.chunk}) + {MAX_NUM_SEQS} decode slots")
+    reasons["cachePolicy"] = c.policy_reason
+    reasons["poolSplit"] = (f"budget split by the bytes one {c.cap.expected_context}-token sequence needs per pool "
+                            "(CacheManager.from_budget)")
+    reasons["maxServableContext"] = (f"largest request whose blocks fit every pool of {c.cache_bytes / 1e9:.1f} GB "
+                                     f"(profile needs {wl.context_max})")
+    if ov and ov.max_model_len:
+        max_model_len = min(ov.max_model_len, c.max_context)
+        reasons["maxModelLen"] = "set by overrides.maxModelLen"
+    else:
+        max_model_len = min(c.max_context, wl.context_max)
+        reasons["maxModelLen"] = (f"the profile's longest context ({wl.context_max}); longer requests get HTTP 400 "
+                                  "and routers send them elsewhere (llm-d.ai/context-length-range)")
+    limits = {"cache": c.cap.sessions, "ITL": c.itl_batch, "max_num_seqs": MAX_NUM_SEQS}
+    bound = min(limits, key=lambda k: limits[k])
+    reasons["sessionsPerReplica"] = (f"min(cache holds {c.cap.sessions} at p95+output, ITL {wl.itl_target_ms} ms "
+                                     f"allows batch {c.itl_batch}, cap {MAX_NUM_SEQS}): bound by {bound}")
+    a = spec.autoscaling
+    wanted = max(1, math.ceil(wl.concurrency / c.sessions))
+    if spec.replicas is not None:
+        replicas = spec.replicas
+        reasons["initialReplicas"] = "set by spec.replicas"
+    elif a and a.enabled:
+        replicas = min(a.max_replicas, max(a.min_replicas, wanted))
+        reasons["initialReplicas"] = (f"ceil(concurrency {wl.concurrency} / {c.sessions} sessions) = {wanted}, "
+                                      f"clamped to [{a.min_replicas}, {a.max_replicas}]")
+    else:
+        replicas = wanted
+        reasons["initialReplicas"] = f"ceil(concurrency {wl.concurrency} / {c.sessions} sessions per replica)"
+    uncached = wl.context_p95 * (1 - wl.prefix_reuse_ratio)
+    ttft_s = uncached / c.prefill_rate
+    if ttft_s * 1000 > wl.ttft_target_ms:
+        warnings.append(f"p95 prefill of {uncached:,.0f} uncached tokens takes ~{ttft_s:.1f} s > TTFT target "
+                        f"{wl.ttft_target_ms} ms")
+    return Plan(
+        model=spec.model.variant, accelerator=acc.name, profile=wl.name, tensor_parallel_size=c.tp,
+        batching_delay_ms=float(delay), max_num_batched_tokens=c.mnbt, chunked_prefill_size=c.chunk,
+        max_num_seqs=min(MAX_NUM_SEQS, max(c.sessions, 1)), cache_policy=c.policy,
+        expected_context=c.cap.expected_context, kv_dtype=spec.model.kv_dtype,
+        pool_split=dict(c.cap.pool_split), num_blocks=dict(c.cap.num_blocks), cache_bytes_per_gpu=c.cache_bytes,
+        max_servable_context=c.max_context, max_model_len=max_model_len, sessions_per_replica=c.sessions,
+        initial_replicas=replicas,
+        weight_bytes=wbytes, decode_step_ms=round(c.step_ms, 3), prefill_tokens_per_s=round(c.prefill_rate, 1),
+        reasons=reasons, warnings=warnings)

@@ -1,0 +1,146 @@
+"""Load a checkpoint folder onto a meta-initialised `DeepseekV4Model`, one tensor at a time.
+
+* safetensors with or without `model.safetensors.index.json`; Hugging Face (transformers) or DeepSeek names;
+* DeepSeek's quantised layout (FP8 e4m3 + 128x128 block scales, FP4 e2m1 packed experts + per-32 scales) is
+  dequantised on the fly (`quant.py`), so peak host memory stays near one copy of the (dequantised) weights;
+* every failure is a `CheckpointError` whose message names the file / tensor / field and the expectation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from dsv4.runtime.checkpoint import quant
+from dsv4.runtime.checkpoint.errors import CheckpointError
+from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors
+from dsv4.runtime.checkpoint.names import canonical_name, checkpoint_tensors, module_target
+from dsv4.runtime.config import ConfigError, ModelConfig
+
+_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    p = Path(path)
+    try:
+        return ModelConfig.from_file(p)
+    except ConfigError as e:
+        where = p / "config.json" if p.is_dir() else p
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _resolve_dtype(cfg: ModelConfig, dtype: Any) -> torch.dtype:
+    if dtype is None:
+        dtype = cfg.torch_dtype if cfg.torch_dtype in _DT else "bfloat16"
+    if isinstance(dtype, str):
+        if dtype not in _DT:
+            raise CheckpointError(f"dtype must be one of {sorted(_DT)}, got {dtype!r}")
+        return _DT[dtype]
+    return dtype
+
+
+def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
+                    progress: bool = True) -> tuple[Any, ModelConfig]:
+    """(DeepseekV4Model in eval mode on `device`, ModelConfig)."""
+    from dsv4.runtime.model.model import DeepseekV4Model
+    from dsv4.runtime.model.rope import inv_freq_for
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    folder = Path(path)
+    cfg = read_config(folder)
+    wdtype = _resolve_dtype(cfg, dtype)
+    files = list_tensors(folder)
+
+    # Group file tensors: plain tensors and quantised (weight + scale) pairs.
+    plan: dict[str, tuple[str, TensorMeta, TensorMeta | None]] = {}
+    scales = {n for n in files if n.endswith(".scale")}
+    for name, meta in files.items():
+        if name in scales:
+            continue
+        hf = canonical_name(name)
+        sname = name[: -len(".weight")] + ".scale" if name.endswith(".weight") else None
+        smeta = files.get(sname) if sname else None
+        plan[hf] = (name, meta, smeta)
+    used_scales = {n[0][: -len(".weight")] + ".scale" for n in plan.values() if n[2] is not None}
+    stray = sorted(scales - used_scales)
+    if stray:
+        raise CheckpointError(f"unexpected scale tensor(s) without a weight: {', '.join(stray[:5])}")
+
+    has_mtp = any(k.startswith("mtp.") for k in plan)
+    expected = {s.name: s for s in checkpoint_tensors(cfg, include_mtp=has_mtp)}
+    missing = sorted(set(expected) - set(plan))
+    if missing:
+        s = expected[missing[0]]
+        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing, e.g. {missing[0]} (expected shape "
+                              f"{list(s.shape)}); first missing: {', '.join(missing[:5])}")
+    unexpected = sorted(set(plan) - set(expected))
+    if unexpected:
+        n0 = plan[unexpected[0]]
+        raise CheckpointError(f"{Path(n0[1].file).name}: {len(unexpected)} unexpected tensor(s), e.g. {n0[0]} "
+                              f"(shape {list(n0[1].shape)}); first: {', '.join(unexpected[:5])}")
+    for hf, (name, meta, smeta) in plan.items():
+        want = expected[hf].shape
+        got = quant.logical_shape(meta, smeta)
+        if tuple(got) != tuple(want):
+            raise CheckpointError(f"{Path(meta.file).name}: tensor {name} has shape {list(got)}, expected "
+                                  f"{list(want)} for this config.json")
+
+    with torch.device("meta"):
+        model = DeepseekV4Model(cfg, wdtype, with_mtp=has_mtp)
+    model = model.to_empty(device=device)
+    model.inv_freq_main = inv_freq_for(cfg, compressed=False).to(device)
+    model.inv_freq_compress = inv_freq_for(cfg, compressed=True).to(device)
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+
+    by_file: dict[str, list[str]] = {}
+    for hf, (_, meta, _) in plan.items():
+        by_file.setdefault(meta.file, []).append(hf)
+    bar = tqdm(total=len(plan), desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    filled = set()
+    with torch.no_grad():
+        for fname, names in sorted(by_file.items()):
+            try:
+                with safe_open(fname, framework="pt", device="cpu") as f:
+                    for hf in names:
+                        name, meta, smeta = plan[hf]
+                        t = f.get_tensor(name)
+                        if smeta is not None:
+                            if smeta.file != fname:
+                                with safe_open(smeta.file, framework="pt", device="cpu") as g:
+                                    s = g.get_tensor(name[: -len(".weight")] + ".scale")
+                            else:
+                                s = f.get_tensor(name[: -len(".weight")] + ".scale")
+                            t = quant.dequantize(t, s, tuple(expected[hf].shape), name)
+                        pname, row = module_target(hf)
+                        dst = targets[pname]
+                        if row is not None:
+                            dst = dst[row]
+                        if dst.dtype == torch.long and t.dtype.is_floating_point:
+                            raise CheckpointError(f"{Path(fname).name}: tensor {name} must be an integer table")
+                        dst.copy_(t.to(dst.dtype))
+                        filled.add(pname if row is None else f"{pname}[{row}]")
+                        bar.update(1)
+            except CheckpointError:
+                raise
+            except (OSError, RuntimeError, ValueError) as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CheckpointError(f"{fname}: cannot read tensor data ({msg}); the file may be truncated or "
+                                      f"corrupt") from None
+    bar.close()
+    _validate_values(model, cfg)
+    model.eval()
+    return model, cfg
+
+
+def _validate_values(model: Any, cfg: ModelConfig) -> None:
+    for i, layer in enumerate(model.layers):
+        t = getattr(layer.ffn.gate, "tid2eid", None)
+        if t is not None and t.numel():
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= cfg.n_routed_experts:
+                raise CheckpointError(f"layers.{i}.ffn.gate.tid2eid holds expert ids in [{lo}, {hi}], must be in "
+                                      f"[0, n_routed_experts={cfg.n_routed_experts})")
+

@@ -1,0 +1,30 @@
+"""The DeepSeek-V4 model in torch on the engine's flattened batch, with paged multi-pool KV storage.
+
+Public API:
+    ForwardBatch, KVPools, DeepseekV4Model, build_model, cache_spec, load_model(path, device, dtype)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsv4.runtime.model.batch import ForwardBatch
+from dsv4.runtime.model.kv_pools import KVPools, cache_spec
+from dsv4.runtime.model.model import DeepseekV4Model, build_model
+
+
+def load_model(path: str, device: Any = "cpu", dtype: Any = None, progress: bool = True) -> tuple[Any, Any, Any]:
+    """(model, ModelConfig, Tokenizer | None) from a checkpoint folder. dtype None = the checkpoint's
+    `torch_dtype` (float32 / bfloat16). Raises CheckpointError / ConfigError with a one-line explanation."""
+    from dsv4.runtime.checkpoint.loader import load_checkpoint
+    from dsv4.runtime.tokenizer import Tokenizer
+
+    model, cfg = load_checkpoint(path, device=device, dtype=dtype, progress=progress)
+    try:
+        tok = Tokenizer.from_dir(path)
+    except FileNotFoundError:
+        tok = None
+    return model, cfg, tok
+
+
+__all__ = ["ForwardBatch", "KVPools", "DeepseekV4Model", "build_model", "cache_spec", "load_model"]

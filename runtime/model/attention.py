@@ -1,0 +1,164 @@
+"""DeepSeek-V4 attention (one layer) on the flattened batch, reading and writing the paged pools.
+
+q  = RoPE(RMS_h(W_qb · RMSNorm(W_qa x)))           [T, H, D]   (per-head weightless RMS; RoPE on last r dims)
+kv = RoPE(RMSNorm(W_kv x))                         [T, D]      (one head, K = V) -> swa pool row of (s, p)
+CSA/HCA: compressor state rows -> pooled entries (csa/hca pool); CSA: indexer keys (idx pool) + top-k.
+o  = Σ_{s ∈ window ∪ compressed} softmax(q·k_s / sqrt(D); sink) k_s     (dsv4.kernels.dispatch)
+out = W_ob · groupwise(W_oa) · RoPE⁻¹(o)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from dsv4.kernels import dispatch
+from dsv4.runtime.config import CSA, HCA, SLIDING
+from dsv4.runtime.model.context import Emission, StepContext
+from dsv4.runtime.model.kv_pools import KVPools
+from dsv4.runtime.model.layers import RMSNorm, rms
+from dsv4.runtime.model.rope import apply_rope, cos_sin
+from torch import nn
+
+
+class Compressor(nn.Module):
+    """Gated pooling of `ratio` tokens (CSA: coff = 2, overlapping 2·ratio window; HCA: coff = 1).
+
+    Per token: C = W_kv x, Z = W_gate x + ape[p mod ratio] (both coff·d wide), stored in the state pool.
+    Entry j = RMSNorm(Σ_t softmax_t(Z_t) ⊙ C_t) over its window, per channel; CSA takes channels [:d] from the
+    previous group and [d:] from its own group; then RoPE at position j·ratio.
+    """
+
+    def __init__(self, hidden: int, dim: int, ratio: int, coff: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.dim, self.ratio, self.coff = dim, ratio, coff
+        self.ape = nn.Parameter(torch.empty(ratio, coff * dim, dtype=torch.float32))
+        self.wkv = nn.Linear(hidden, coff * dim, bias=False, dtype=dtype)
+        self.wgate = nn.Linear(hidden, coff * dim, bias=False, dtype=dtype)
+        self.norm = RMSNorm(dim, eps)
+
+    def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.wkv(x)
+        score = self.wgate(x) + self.ape[pos % self.ratio].to(x.dtype)
+        return kv, score
+
+    def pool(self, state: torch.Tensor, valid: torch.Tensor, inv_freq: torch.Tensor, j: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+        """state [E, coff·ratio, 2·coff·d] rows [kv | score]; valid [E, coff·ratio] -> entries [E, d]."""
+        d, r, cw = self.dim, self.ratio, self.coff * self.dim
+        kv, score = state[..., :cw].to(dtype), state[..., cw:].to(dtype)
+        if self.coff == 2:
+            kv = torch.cat([kv[:, :r, :d], kv[:, r:, d:]], dim=1)
+            score = torch.cat([score[:, :r, :d], score[:, r:, d:]], dim=1)
+        kv = torch.where(valid[..., None], kv, torch.zeros_like(kv))
+        score = torch.where(valid[..., None], score, torch.full_like(score, float("-inf")))
+        w = score.softmax(dim=1, dtype=torch.float32).to(kv.dtype)
+        out = self.norm((kv * w).sum(dim=1))
+        c, s = cos_sin(j * r, inv_freq)
+        return apply_rope(out, c, s)
+
+
+def _run_compressor(comp: Compressor, x: torch.Tensor, ctx: StepContext, kind: str, pools: KVPools, layer: int,
+                    state_pool: str, cols: tuple[int, int], out_pool: str, inv_freq: torch.Tensor) -> None:
+    """Write this step's state rows, then emit every completed entry into `out_pool`."""
+    kv, score = comp.project(x, ctx.pos)
+    a, b = cols
+    slots = ctx.state_slot[kind]
+    pools.write(state_pool, layer, slots, torch.cat([kv, score], dim=-1).float(), cols=slice(a, b))
+    em: Emission = ctx.emissions[kind]
+    if em.token.numel() == 0:
+        return
+    st = pools.tensor(state_pool, layer)
+    valid = em.state_rows >= 0
+    rows = st[em.state_rows.clamp(min=0)][..., a:b].float()
+    entries = comp.pool(rows, valid, inv_freq, em.entry, x.dtype)
+    pools.write(out_pool, layer, em.dest, entries)
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: I(t, s) = Σ_h w_{t,h} · ReLU(q_{t,h} · k_s); keeps the top-k visible entries."""
+
+    def __init__(self, cfg: Any, dtype: torch.dtype):
+        super().__init__()
+        self.n, self.d, self.k = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n * self.d, bias=False, dtype=dtype)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n, bias=False, dtype=dtype)
+        self.compressor = Compressor(cfg.hidden_size, self.d, cfg.csa_ratio, 2, cfg.rms_norm_eps, dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Any, layer_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_type = layer_type
+        H, D, nH = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
+        self.n_heads, self.head_dim = nH, D
+        self.wq_a = nn.Linear(H, cfg.q_lora_rank, bias=False, dtype=dtype)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, nH * D, bias=False, dtype=dtype)
+        self.wkv = nn.Linear(H, D, bias=False, dtype=dtype)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.wo_a = nn.Linear(nH * D // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False, dtype=dtype)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, H, bias=False, dtype=dtype)
+        self.attn_sink = nn.Parameter(torch.empty(nH, dtype=torch.float32))
+        if layer_type != SLIDING:
+            coff = 2 if layer_type == CSA else 1
+            self.compressor = Compressor(H, D, cfg.compress_rates[layer_type], coff, cfg.rms_norm_eps, dtype)
+        if layer_type == CSA:
+            self.indexer = Indexer(cfg, dtype)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        cfg = self.cfg
+        cos, sin = cos_sin(ctx.pos, inv_freq)
+        qr = self.q_norm(self.wq_a(x))
+        q = rms(self.wq_b(qr).view(T, self.n_heads, self.head_dim), self.eps)
+        q = apply_rope(q, cos, sin)
+        kv = apply_rope(self.norm(self.wkv(x)), cos, sin)
+        pools.write("swa", layer, ctx.swa_slot, kv)
+
+        comp_kv = comp_idx = None
+        if self.layer_type == HCA:
+            D = self.head_dim
+            _run_compressor(self.compressor, x, ctx, HCA, pools, layer, "hca_state", (0, 2 * D), "hca", inv_freq)
+            comp_kv, comp_idx = pools.gather_view("hca", layer, ctx.visible[HCA])
+        elif self.layer_type == CSA:
+            D, Di = self.head_dim, cfg.index_head_dim
+            _run_compressor(self.compressor, x, ctx, CSA, pools, layer, "csa_state", (0, 4 * D), "csa", inv_freq)
+            ix = self.indexer
+            _run_compressor(ix.compressor, x, ctx, CSA, pools, layer, "csa_state", (4 * D, 4 * D + 4 * Di), "idx",
+                            inv_freq)
+            qi = apply_rope(ix.wq_b(qr).view(T, ix.n, ix.d), cos, sin)
+            w = ix.weights_proj(x).float() * (ix.n ** -0.5 * ix.d ** -0.5)
+            cand = ctx.visible[CSA]
+            keys, kidx = pools.gather_view("idx", layer, cand)
+            top = dispatch.indexer_topk(qi, w, keys, kidx, ix.k)
+            if keys is not pools.tensor("idx", layer):  # fp8 / compacted view: map back to physical rows
+                top = _unmap(top, kidx, cand)
+            comp_kv, comp_idx = pools.gather_view("csa", layer, top)
+
+        swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
+        o = dispatch.sparse_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, self.attn_sink,
+                                      self.head_dim ** -0.5).to(x.dtype)
+        o = apply_rope(o, cos, sin, inverse=True)
+        g = cfg.o_groups
+        og = o.reshape(T, g, -1)
+        wa = self.wo_a.weight.view(g, cfg.o_lora_rank, -1)
+        y = torch.einsum("tgi,goi->tgo", og, wa).reshape(T, -1)
+        return self.wo_b(y)
+
+
+def _unmap(top: torch.Tensor, kidx: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Indices into a compacted row set -> physical rows, via the candidate table (same positions)."""
+    # each compacted index value v corresponds to the physical row at any candidate position with kidx == v
+    flat_k, flat_c = kidx.reshape(-1), cand.reshape(-1)
+    ok = flat_k >= 0
+    size = int(flat_k[ok].max().item()) + 1 if bool(ok.any()) else 1
+    back = torch.full((size,), -1, dtype=cand.dtype, device=cand.device)
+    back[flat_k[ok]] = flat_c[ok]
+    return torch.where(top >= 0, back[top.clamp(min=0)], torch.full_like(top, -1))
+
+
+

@@ -1,0 +1,105 @@
+"""Per-step index bookkeeping shared by all layers: block-table lookups turned into physical row ids.
+
+Everything is vectorised over tokens (no Python loop over tokens):
+
+* token-granular pools (swa, csa_state, hca_state): slot(p) = table[s, p // tpb] * tpb + p % tpb;
+* compressed pools (csa/idx, hca; `rpb = block_size / ratio` rows per block): entry j of sequence s lives
+  at row table[s, (j·ratio) // block_size] * rpb + j % rpb;
+* window of query p: positions p-W+1 .. p (W = sliding_window);
+* compressed entries visible to query p: j < (p+1) // ratio;
+* entries emitted in this step: tokens with (p+1) % ratio == 0 and p >= recompute_until[s] emit j = p // ratio,
+  pooling the state rows of positions j·ratio - ratio .. j·ratio + ratio - 1 (CSA, overlapping) or
+  j·ratio .. j·ratio + ratio - 1 (HCA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from dsv4.runtime.config import CSA, HCA
+from dsv4.runtime.model.batch import ForwardBatch
+
+
+def lookup(table: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, tokens_per_block: int,
+           rows_per_block: int | None = None) -> torch.Tensor:
+    """Physical rows for (seq, pos) pairs of any shape; -1 where pos < 0, beyond the table, or a freed block.
+
+    Token-granular: row = block * tpb + pos % tpb. Compressed pools pass `pos` = j·ratio (native position of
+    entry j) and rows_per_block; row = block * rpb + (pos // ratio) % rpb, computed by the caller via `pos`."""
+    rpb = tokens_per_block if rows_per_block is None else rows_per_block
+    nb = table.shape[1]
+    bidx = torch.div(pos, tokens_per_block, rounding_mode="floor")
+    ok = (pos >= 0) & (bidx < nb)
+    safe = torch.where(ok, bidx, torch.zeros_like(bidx))
+    block = table[seq.expand_as(pos) if seq.shape != pos.shape else seq, safe]
+    ok = ok & (block >= 0)
+    if rows_per_block is None:
+        off = pos % tokens_per_block
+    else:
+        off = torch.div(pos % tokens_per_block, tokens_per_block // rpb, rounding_mode="floor")
+    return torch.where(ok, block * rpb + off, torch.full_like(pos, -1))
+
+
+@dataclass
+class Emission:
+    token: torch.Tensor        # [E] rows of T that complete a compression group
+    entry: torch.Tensor        # [E] entry index j
+    state_rows: torch.Tensor   # [E, coff*ratio] state-pool rows of the pooled positions (-1 = before 0)
+    dest: torch.Tensor         # [E] row in the compressed pool
+
+
+@dataclass
+class StepContext:
+    batch: ForwardBatch
+    spec: Any
+    cfg: Any
+    seq: torch.Tensor
+    pos: torch.Tensor
+    swa_slot: torch.Tensor
+    swa_idx: torch.Tensor
+    state_slot: dict[str, torch.Tensor] = field(default_factory=dict)
+    emissions: dict[str, Emission] = field(default_factory=dict)
+    visible: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, batch: ForwardBatch, cfg: Any, spec: Any) -> StepContext:
+        T = batch.num_tokens
+        dev = batch.input_ids.device
+        counts = batch.query_start[1:] - batch.query_start[:-1]
+        seq = torch.repeat_interleave(torch.arange(batch.num_seqs, device=dev), counts, output_size=T)
+        pos = batch.positions.long()
+        sp = spec.pools["swa"]
+        tables = batch.block_tables
+        swa_slot = lookup(tables["swa"], seq, pos, sp.tokens_per_block)
+        W = cfg.sliding_window
+        wpos = pos[:, None] - (W - 1) + torch.arange(W, device=dev)[None, :]
+        swa_idx = lookup(tables["swa"], seq[:, None].expand(T, W), wpos, sp.tokens_per_block)
+        ctx = cls(batch, spec, cfg, seq, pos, swa_slot, swa_idx)
+        ru = batch.recompute_until.long()[seq]
+        for kind, comp_pool, state_pool in ((CSA, "csa", "csa_state"), (HCA, "hca", "hca_state")):
+            if comp_pool not in spec.pools:
+                continue
+            r = cfg.compress_rates[kind]
+            st = spec.pools[state_pool]
+            ctx.state_slot[kind] = lookup(tables[state_pool], seq, pos, st.tokens_per_block)
+            cp = spec.pools[comp_pool]
+            # emissions
+            emit = ((pos + 1) % r == 0) & (pos >= ru)
+            tok = torch.nonzero(emit).flatten()
+            j = torch.div(pos[tok], r, rounding_mode="floor")
+            coff = 2 if kind == CSA else 1
+            start = j * r - (r if coff == 2 else 0)
+            gpos = start[:, None] + torch.arange(coff * r, device=dev)[None, :]
+            srows = lookup(tables[state_pool], seq[tok][:, None].expand_as(gpos), gpos, st.tokens_per_block)
+            dest = lookup(tables[comp_pool], seq[tok], j * r, cp.tokens_per_block, cp.rows_per_block)
+            ctx.emissions[kind] = Emission(tok, j, srows, dest)
+            # visible entries per query
+            nvis = torch.div(pos + 1, r, rounding_mode="floor")
+            maxvis = int(nvis.max().item()) if T else 0
+            jj = torch.arange(maxvis, device=dev)[None, :].expand(T, maxvis)
+            rows = lookup(tables[comp_pool], seq[:, None].expand(T, maxvis), jj * r, cp.tokens_per_block,
+                          cp.rows_per_block)
+            ctx.visible[kind] = torch.where(jj < nvis[:, None], rows, torch.full_like(rows, -1))
+        return ctx

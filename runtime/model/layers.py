@@ -1,0 +1,168 @@
+"""Building blocks: RMSNorm, mHC (manifold-constrained hyper-connections), MoE with hash / learned routing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS normalisation over the last dim, in fp32, returned in x's dtype."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """y = w ⊙ x / sqrt(mean(x²) + eps); fp32 weight, computed in fp32, cast back once."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+def hc_pre(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int, iters: int,
+           hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC mixing weights for one sublayer. h [T, hc, D] -> (collapsed [T, D], post [T, hc], comb [T, hc, hc]).
+
+    m = RMS(flatten(h)) · fnᵀ; pre = σ(m_pre·s0 + b_pre) + eps; post = 2σ(m_post·s1 + b_post);
+    comb = Sinkhorn(softmax(m_comb·s2 + b_comb) + eps) (column-normalise, then iters-1 row/column rounds);
+    collapsed = Σ_i pre_i · h_i.
+    """
+    T = h.shape[0]
+    flat = rms(h.reshape(T, -1).float(), norm_eps)
+    mixes = F.linear(flat, fn.float())
+    pre_w, post_w, comb_w = mixes.split([hc, hc, hc * hc], dim=-1)
+    pre_b, post_b, comb_b = base.float().split([hc, hc, hc * hc])
+    s = scale.float()
+    pre = torch.sigmoid(pre_w * s[0] + pre_b) + hc_eps
+    post = 2 * torch.sigmoid(post_w * s[1] + post_b)
+    comb = torch.softmax(comb_w.view(T, hc, hc) * s[2] + comb_b.view(hc, hc), dim=-1) + hc_eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
+    collapsed = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
+    return collapsed, post, comb
+
+
+def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """h'_k = post_k · out + Σ_j comb[j, k] · h_j."""
+    dt = h.dtype
+    return post.to(dt).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dt).transpose(-1, -2), h)
+
+
+def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
+            norm_eps: float) -> torch.Tensor:
+    """Final fold of the hc streams: Σ_i (σ(m_i·s + b_i) + eps) · h_i."""
+    T = h.shape[0]
+    flat = rms(h.reshape(T, -1).float(), norm_eps)
+    mixes = F.linear(flat, fn.float())
+    pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
+    return (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(gate, limit)) · clamp(up, -limit, limit)."""
+    if limit and limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+class Expert(nn.Module):
+    """The shared expert: w2(swiglu(w1 x, w3 x))."""
+
+    def __init__(self, hidden: int, inter: int, limit: float, dtype: torch.dtype):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, inter, bias=False, dtype=dtype)
+        self.w2 = nn.Linear(inter, hidden, bias=False, dtype=dtype)
+        self.w3 = nn.Linear(hidden, inter, bias=False, dtype=dtype)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+class Experts(nn.Module):
+    """Routed experts stacked: w1, w3 [E, I, H], w2 [E, H, I] (file tensors `experts.e.wK.weight` fill row e)."""
+
+    def __init__(self, n: int, hidden: int, inter: int, limit: float, dtype: torch.dtype):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n, inter, hidden, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(n, hidden, inter, dtype=dtype))
+        self.w3 = nn.Parameter(torch.empty(n, inter, hidden, dtype=dtype))
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x). Loops over experts that received tokens."""
+        out = torch.zeros_like(x)
+        flat_e = idx.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        counts = torch.bincount(flat_e, minlength=self.w1.shape[0]).tolist()
+        tok = order // idx.shape[1]
+        wts = w.reshape(-1)[order]
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            rows = tok[start:start + c]
+            xe = x[rows]
+            y = F.linear(swiglu(F.linear(xe, self.w1[e]), F.linear(xe, self.w3[e]), self.limit), self.w2[e])
+            out.index_add_(0, rows, (y * wts[start:start + c, None].to(y.dtype)).to(out.dtype))
+            start += c
+        return out
+
+
+class Gate(nn.Module):
+    """Router. Hash layers pick experts by `tid2eid[token]`; others by top-k of score + bias.
+    Weights are the scores of the chosen experts, normalised to sum 1, times `routed_scaling_factor`."""
+
+    def __init__(self, cfg: Any, hash_moe: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype))
+        self.hash = hash_moe
+        if hash_moe:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+        else:
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.k = cfg.num_experts_per_tok
+        self.func = cfg.scoring_func
+        self.scale = cfg.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        if self.func == "sqrtsoftplus":
+            scores = torch.sqrt(F.softplus(logits))
+        elif self.func == "sigmoid":
+            scores = torch.sigmoid(logits)
+        else:
+            scores = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+        if self.hash:
+            idx = self.tid2eid[input_ids].long()
+        else:
+            idx = torch.topk(scores + self.bias, self.k, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, w * self.scale
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: Any, hash_moe: bool, dtype: torch.dtype):
+        super().__init__()
+        self.gate = Gate(cfg, hash_moe, dtype)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit,
+                               dtype)
+        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size,
+                                     cfg.swiglu_limit, dtype)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        idx, w = self.gate(x, input_ids)
+        return self.experts(x, idx, w) + self.shared_experts(x)

@@ -1,0 +1,123 @@
+"""`DeepseekV4Model`: the full network on the engine's flattened batch.
+
+embed -> hc_mult copies -> per layer [mHC pre -> RMSNorm -> attention -> mHC post; mHC pre -> RMSNorm ->
+MoE -> mHC post] -> hc_head fold -> RMSNorm -> head. Parameter names follow the checkpoint (see
+`dsv4.runtime.checkpoint.names`), so a state dict maps 1:1 onto file tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from dsv4.runtime.config import HASH_MOE, SLIDING, ModelConfig
+from dsv4.runtime.model.attention import Attention
+from dsv4.runtime.model.batch import ForwardBatch
+from dsv4.runtime.model.context import StepContext
+from dsv4.runtime.model.kv_pools import KVPools
+from dsv4.runtime.model.layers import MoE, RMSNorm, hc_head, hc_post, hc_pre
+from dsv4.runtime.model.rope import inv_freq_for
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, hash_moe: bool, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_type = layer_type
+        self.attn = Attention(cfg, layer_type, dtype)
+        self.ffn = MoE(cfg, hash_moe, dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        hc = cfg.hc_mult
+        mix = (2 + hc) * hc
+        for sub in ("attn", "ffn"):
+            self.register_parameter(f"hc_{sub}_fn", nn.Parameter(torch.empty(mix, hc * cfg.hidden_size)))
+            self.register_parameter(f"hc_{sub}_base", nn.Parameter(torch.empty(mix)))
+            self.register_parameter(f"hc_{sub}_scale", nn.Parameter(torch.empty(3)))
+
+    def _pre(self, h: torch.Tensor, sub: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        return hc_pre(h, getattr(self, f"hc_{sub}_fn"), getattr(self, f"hc_{sub}_base"),
+                      getattr(self, f"hc_{sub}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor,
+                input_ids: torch.Tensor) -> torch.Tensor:
+        x, post, comb = self._pre(h, "attn")
+        a = self.attn(self.attn_norm(x), ctx, pools, layer, inv_freq)
+        h = hc_post(a, h, post, comb)
+        x, post, comb = self._pre(h, "ffn")
+        f = self.ffn(self.ffn_norm(x), input_ids)
+        return hc_post(f, h, post, comb)
+
+
+class HyperHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hc = cfg.hc_mult
+        self.hc_fn = nn.Parameter(torch.empty(hc, hc * cfg.hidden_size))
+        self.hc_base = nn.Parameter(torch.empty(hc))
+        self.hc_scale = nn.Parameter(torch.empty(1))
+
+
+class MTPBlock(Block):
+    """Multi-token-prediction block (weights load; used later for speculative decoding):
+    h' = Block(e_proj(enorm(embed(next token))) + h_proj(hnorm(h))), logits = head(norm(hc_head(h')))."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__(cfg, SLIDING, False, dtype)
+        H, hc = cfg.hidden_size, cfg.hc_mult
+        self.e_proj = nn.Linear(H, H, bias=False, dtype=dtype)
+        self.h_proj = nn.Linear(H, H, bias=False, dtype=dtype)
+        self.enorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.empty(hc, hc * H))
+        self.hc_head_base = nn.Parameter(torch.empty(hc))
+        self.hc_head_scale = nn.Parameter(torch.empty(1))
+
+
+class DeepseekV4Model(nn.Module):
+    """forward(batch: ForwardBatch, pools: KVPools) -> logits [len(batch.logits_indices), vocab] fp32."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, with_mtp: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            Block(cfg, cfg.layer_types[i], cfg.mlp_layer_types[i] == HASH_MOE, dtype)
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hc_head = HyperHead(cfg)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, dtype) for _ in range(cfg.num_nextn_predict_layers if with_mtp else 0))
+        self.register_buffer("inv_freq_main", inv_freq_for(cfg, compressed=False), persistent=False)
+        self.register_buffer("inv_freq_compress", inv_freq_for(cfg, compressed=True), persistent=False)
+
+    def hidden_states(self, batch: ForwardBatch, pools: KVPools) -> torch.Tensor:
+        """The final hc streams [T, hc_mult, H] of every token (writes the cache as a side effect)."""
+        cfg = self.cfg
+        ctx = StepContext.build(batch, cfg, pools.spec)
+        x = self.embed_tokens(batch.input_ids)
+        h = x.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
+            h = layer(h, ctx, pools, i, inv, batch.input_ids)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        y = hc_head(h, self.hc_head.hc_fn, self.hc_head.hc_base, self.hc_head.hc_scale, c.hc_eps, c.rms_norm_eps)
+        return self.head(self.norm(y)).float()
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pools: KVPools) -> torch.Tensor:
+        h = self.hidden_states(batch, pools)
+        return self.logits(h[batch.logits_indices])
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: Any = "cpu",
+                with_mtp: bool = True) -> DeepseekV4Model:
+    return DeepseekV4Model(cfg, dtype, with_mtp).to(device)

@@ -1,0 +1,136 @@
+"""Build a serving engine from a `ServeConfig`: load the checkpoint (creating the built-in tiny one when no
+--model is given and it is missing), size the cache (budget or fixed blocks), allocate the pools, wire the
+metrics observer, and describe the capacity.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from dsv4.runtime.server.config import ServeConfig, ServeConfigError
+
+log = logging.getLogger("dsv4.serve")
+
+CPU_DEFAULT_BUDGET_GIB = 0.0625  # 64 MiB: plenty for the tiny model, cheap to allocate
+GPU_MEMORY_FRACTION = 0.85  # of the free memory after the weights are loaded
+
+
+@dataclass
+class Built:
+    engine: Any  # AsyncEngine (not started)
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    metrics: Any  # EngineMetrics
+    report: list[str]  # capacity report lines
+    cache: Any
+    spec: Any
+    model_config: Any
+
+
+def ensure_tiny_model(path: Any, say: Any = log.info) -> None:
+    """Write the deterministic tiny random checkpoint to `path` unless it already has a config.json."""
+    from pathlib import Path
+
+    p = Path(path)
+    if (p / "config.json").exists():
+        return
+    from dsv4.runtime.checkpoint.random_init import write_random_checkpoint
+    from dsv4.runtime.config import tiny
+
+    say(f"no checkpoint at {p}: writing the built-in tiny model (seed 0)")
+    write_random_checkpoint(tiny(), p, seed=0)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ServeConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    return name
+
+
+def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
+    import torch
+    from dsv4.runtime.cache.manager import CacheManager
+    from dsv4.runtime.cache.spec import CacheSpec
+    from dsv4.runtime.engine.engine import AsyncEngine, EngineConfig, LLMEngine
+    from dsv4.runtime.engine.scheduler import SchedulerConfig
+    from dsv4.runtime.model import KVPools, load_model
+    from dsv4.runtime.server.metrics import EngineMetrics, cache_info_labels
+
+    model_dir = cfg.model_dir
+    if cfg.model is None:
+        ensure_tiny_model(model_dir, say)
+    device = resolve_device(cfg.device)
+    say(f"loading {model_dir} on {device}")
+    model, mcfg, tok = load_model(str(model_dir), device=device, progress=False)
+    if tok is None:
+        raise ServeConfigError(f"{model_dir} has no tokenizer.json; the server needs one")
+    model.eval()
+    kv_dtype = cfg.kv_dtype
+    if kv_dtype == "auto":
+        kv_dtype = "fp32" if device == "cpu" and str(mcfg.torch_dtype) in ("float32", "torch.float32") else "bf16"
+    spec = CacheSpec.from_model(mcfg, kv_dtype=kv_dtype)
+    policy_kw = {"policy": cfg.cache_policy}
+    if cfg.num_blocks is not None:
+        num_blocks = {p: int(cfg.num_blocks) for p in spec.pools}
+        cache = CacheManager(spec, num_blocks, policy=cfg.cache_policy, checkpoint_every=cfg.checkpoint_every,
+                             enable_prefix_caching=cfg.enable_prefix_caching)
+    else:
+        if cfg.cache_budget_gib is not None:
+            budget = int(cfg.cache_budget_gib * 2**30)
+        elif device.startswith("cuda"):
+            free, _total = torch.cuda.mem_get_info(torch.device(device))
+            budget = int(free * GPU_MEMORY_FRACTION)
+        else:
+            budget = int(CPU_DEFAULT_BUDGET_GIB * 2**30)
+        expected = cfg.expected_context or min(int(mcfg.max_position_embeddings), cfg.max_model_len or 8192)
+        cache = CacheManager.from_budget(spec, budget, expected_context=expected, split_override=cfg.pool_split,
+                                         checkpoint_every=cfg.checkpoint_every,
+                                         enable_prefix_caching=cfg.enable_prefix_caching, **policy_kw)
+    num_blocks = dict(cache.num_blocks)
+    pools = KVPools.for_model(mcfg, spec, num_blocks, device=device)
+    cache_limit = int(cache.max_request_tokens())
+    max_len = min(int(mcfg.max_position_embeddings), cache_limit)
+    if cfg.max_model_len is not None:
+        if cfg.max_model_len > max_len:
+            raise ServeConfigError(
+                f"max_model_len {cfg.max_model_len} exceeds what this replica can hold: {max_len} tokens "
+                f"(model positions {mcfg.max_position_embeddings}, cache {cache_limit})")
+        max_len = cfg.max_model_len
+    name = cfg.served_model_name or model_dir.name
+    metrics = EngineMetrics(name, cache_info_labels(spec, num_blocks, cfg.cache_policy, cfg.enable_prefix_caching))
+    sched = SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+                            batching_delay_s=cfg.batching_delay_ms / 1000.0,
+                            chunked_prefill_size=cfg.chunked_prefill_size)
+    llm = LLMEngine(model, mcfg, tok, cache, pools, EngineConfig(sched, max_len, cfg.max_queue), device, metrics)
+    metrics.update_cache(cache.stats())
+    report = capacity_report(spec, cache, num_blocks, max_len, kv_dtype, cfg)
+    return Built(AsyncEngine(llm), tok, name, max_len, metrics, report, cache, spec, mcfg)
+
+
+def capacity_report(spec: Any, cache: Any, num_blocks: dict[str, int], max_len: int, kv_dtype: str,
+                    cfg: ServeConfig) -> list[str]:
+    lines = [f"cache: kv_dtype {kv_dtype}, block_size {spec.block_size} tokens (swa blocks {spec.swa_block_size}), "
+             f"window {spec.window}, policy {cfg.cache_policy}, prefix caching "
+             f"{'on' if cfg.enable_prefix_caching else 'off'}"]
+    total = 0
+    for name, ps in spec.pools.items():
+        nb = int(num_blocks.get(name, num_blocks.get("csa", 0) if name == "idx" else 0))
+        b = nb * ps.bytes_per_block
+        total += b
+        lines.append(f"  pool {name:<9} {nb:>7} blocks x {ps.bytes_per_block:>9} B = {b / 2**20:9.2f} MiB, "
+                     f"{ps.tokens_per_block} tokens/block, {len(ps.layers)} layers -> {nb * ps.tokens_per_block} "
+                     f"token positions")
+    lines.append(f"  total {total / 2**20:.2f} MiB; largest request {cache.max_request_tokens()} tokens; "
+                 f"max_model_len {max_len}")
+    if hasattr(cache, "format_capacity_report"):
+        lines.append(cache.format_capacity_report())
+    lines.append(f"scheduler: max_num_batched_tokens {cfg.max_num_batched_tokens}, max_num_seqs {cfg.max_num_seqs}, "
+                 f"batching delay {cfg.batching_delay_ms:g} ms, max_queue {cfg.max_queue}")
+    return lines

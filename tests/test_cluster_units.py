@@ -1,0 +1,159 @@
+"""Fast tests of the local cluster's pure parts (no control plane needed): the build's generated
+replace list and ldflags, node manifests, the pod runner's expansion/rewriting/IP allocation, PID
+records, and the certificates (real openssl)."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from dsv4.e2e import build, certs, cluster, podrunner, procs
+
+UPSTREAM_GO_MOD = """module k8s.io/kubernetes
+
+go 1.26.0
+
+godebug default=go1.26
+
+godebug (
+\twinsymlink=0 // keep
+\tx509negativeserial=1
+)
+
+require (
+\tk8s.io/api v0.0.0
+\tgithub.com/foo/bar v1.2.3
+)
+
+replace (
+\tk8s.io/api => ./staging/src/k8s.io/api
+\tk8s.io/apimachinery => ./staging/src/k8s.io/apimachinery
+\tk8s.io/cri-streaming => ./staging/src/k8s.io/cri-streaming
+\tgithub.com/foo/bar => github.com/foo/bar v1.2.4
+)
+"""
+
+
+def test_staging_replaces_are_generated_from_the_upstream_go_mod():
+    assert build.staging_replaces(UPSTREAM_GO_MOD, "v0.36.3") == [
+        "k8s.io/api=k8s.io/api@v0.36.3",
+        "k8s.io/apimachinery=k8s.io/apimachinery@v0.36.3",
+        "k8s.io/cri-streaming=k8s.io/cri-streaming@v0.36.3",
+    ]
+    assert build.godebug_lines(UPSTREAM_GO_MOD) == ["default=go1.26", "winsymlink=0", "x509negativeserial=1"]
+
+
+def test_versions_and_ldflags():
+    v = build.Versions(kubernetes="v1.37.2")
+    assert v.staging == "v0.37.2"
+    ld = build.version_ldflags("v1.36.3")
+    assert "-X k8s.io/component-base/version.gitVersion=v1.36.3" in ld
+    assert "-X k8s.io/component-base/version.gitMinor=36" in ld
+    with pytest.raises(ValueError, match="Versions.etcd='3.6'"):
+        build.Versions(etcd="3.6")
+
+
+def test_cache_layout_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    v = build.Versions()
+    assert build.bin_dir(v) == tmp_path / "dsv4" / "k8s" / v.kubernetes / "bin"
+    assert build.missing(v) == list(build.ALL_BINARIES)
+
+
+def test_gpu_node_manifest():
+    nodes = cluster.default_nodes(2)
+    assert [n.pod_cidr for n in nodes] == ["10.244.1.0/24", "10.244.2.0/24"]
+    other = cluster.default_nodes(2, name="e2e")
+    assert not {n.pod_cidr for n in other} & {n.pod_cidr for n in nodes}
+    m = nodes[0].manifest()
+    assert m["status"]["capacity"]["nvidia.com/gpu"] == "8"
+    assert m["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H200"
+    assert m["metadata"]["annotations"][cluster.KWOK_ANNOTATION] == "fake"
+    with pytest.raises(ValueError, match="NodeSpec.gpus=65"):
+        cluster.NodeSpec(name="x", gpus=65)
+    with pytest.raises(ValueError, match=r"nodes=11: must be in \[1, 10\]"):
+        cluster.default_nodes(11)
+
+
+def test_component_flags_bind_loopback_and_enable_rbac(tmp_path):
+    pki = certs.CertPaths(tmp_path)
+    api = cluster.apiserver_argv(tmp_path, pki, 2379, 6443)
+    assert "--bind-address=127.0.0.1" in api and "--authorization-mode=RBAC" in api
+    assert any(a.startswith("--service-account-signing-key-file=") for a in api)
+    assert "--leader-elect=false" in cluster.scheduler_argv(tmp_path, tmp_path / "k", 1)
+    kwok = cluster.kwok_argv(tmp_path, tmp_path / "s.yaml", tmp_path / "k", 1)
+    assert "--manage-all-nodes=false" in kwok
+
+
+def test_kubernetes_var_expansion():
+    env = {"A": "1", "B": "two"}
+    assert podrunner.expand("x$(A)-$(B)-$(C)-$$(A)", env) == "x1-two-$(C)-$(A)"
+
+
+def test_mount_paths_are_rewritten_longest_first():
+    mounts = [("/etc/dsv4", "/p/v/config"), ("/etc/dsv4/secret", "/p/v/key"), ("/tmp", "/p/v/tmp")]
+    assert podrunner.rewrite_paths("--config /etc/dsv4/config.yaml", mounts) == "--config /p/v/config/config.yaml"
+    assert podrunner.rewrite_paths("key=/etc/dsv4/secret/k", mounts) == "key=/p/v/key/k"
+    assert podrunner.rewrite_paths("/tmp", mounts) == "/p/v/tmp"
+    # only whole path components: /tmpfoo and /x/tmp are different paths
+    assert podrunner.rewrite_paths("/tmpfoo /x/tmp", mounts) == "/tmpfoo /x/tmp"
+
+
+def test_ip_allocation_skips_network_and_gateway():
+    assert podrunner.allocate_ip("10.244.1.0/24", set()) == "10.244.1.2"
+    assert podrunner.allocate_ip("10.244.1.0/24", {"10.244.1.2"}) == "10.244.1.3"
+    with pytest.raises(RuntimeError, match="exhausted"):
+        podrunner.allocate_ip("10.244.1.0/30", {"10.244.1.2"})
+
+
+def test_probe_ports_phases_and_resources():
+    c = {"name": "web", "ports": [{"name": "http", "containerPort": 8000}],
+         "resources": {"limits": {"cpu": "1500m", "memory": "1Gi"}}}
+    assert podrunner.probe_port("http", c) == 8000 and podrunner.probe_port(81, c) == 81
+    with pytest.raises(ValueError, match="'metrics' is not a number or a named port"):
+        podrunner.probe_port("metrics", c)
+    assert podrunner.phase_after_exit([0], "Never") == "Succeeded"
+    assert podrunner.phase_after_exit([0], "Always") == "Failed"
+    assert podrunner.phase_after_exit([0, 1], "OnFailure") == "Failed"
+    assert podrunner.resource_value(c, "limits.cpu", None) == "2"
+    assert podrunner.resource_value(c, "limits.memory", "1Mi") == "1024"
+    assert podrunner.parse_nodes(["n0=10.244.1.0/24"]) == {"n0": "10.244.1.0/24"}
+    with pytest.raises(ValueError, match="expected NAME=CIDR"):
+        podrunner.parse_nodes(["n0"])
+
+
+def test_proc_records_stop_by_pid_and_detect_reuse(tmp_path):
+    _, rec = procs.spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "s.log")
+    assert procs.is_alive(rec)
+    forged = procs.ProcRecord(**{**rec.to_dict(), "start_ticks": rec.start_ticks + 1})
+    assert not procs.is_alive(forged)  # same PID, different start time: not ours
+    assert not procs.stop(forged)
+    t0 = time.monotonic()
+    assert procs.stop(rec, grace_s=5)
+    assert time.monotonic() - t0 < 5 and not procs.is_alive(rec)
+    assert not procs.stop(rec)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_certificates_and_kubeconfig(tmp_path):
+    pki = certs.generate(tmp_path / "pki", service_ip="10.0.0.1")
+    text = subprocess.run(["openssl", "x509", "-in", str(pki.crt("apiserver")), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "IP Address:127.0.0.1" in text and "IP Address:10.0.0.1" in text and "DNS:kubernetes.default" in text
+    subj = subprocess.run(["openssl", "x509", "-in", str(pki.crt("admin")), "-noout", "-subject"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "O = system:masters" in subj and "CN = dsv4-admin" in subj
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(pki.crt("ca")), str(pki.crt("scheduler"))],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    ctx = ssl.create_default_context(cafile=str(pki.crt("ca")))
+    ctx.load_cert_chain(str(pki.crt("admin")), str(pki.key("admin")))  # key matches cert
+    kc = yaml.safe_load(certs.kubeconfig("https://127.0.0.1:1", pki.crt("ca"), pki.crt("admin"), pki.key("admin"),
+                                         user="dsv4-admin"))
+    assert kc["clusters"][0]["cluster"]["server"] == "https://127.0.0.1:1"
+    assert kc["users"][0]["user"]["client-certificate-data"]

@@ -1,0 +1,27 @@
+"""`dsv4 bench kernels` on CPU: torch references at smoke size, JSON + Markdown written."""
+
+from __future__ import annotations
+
+import json
+
+from dsv4.bench import kernels as bench
+
+
+def test_bench_kernels_cpu_smoke(tmp_path):
+    out = bench.run_kernels(smoke=True, device="cpu", reps=1)
+    kinds = {(r["kernel"], r["kv"]) for r in out["rows"]}
+    assert kinds == {("csa_attn", "fp8"), ("csa_attn", "bf16"), ("hca_attn", "fp8"), ("hca_attn", "bf16"),
+                     ("idx_scan", "bf16")}
+    assert all(r["backend"] == "torch" and r["us"] > 0 and r["gbps"] > 0 for r in out["rows"])
+    # bytes follow the row format: an fp8 row is 584 B, a bf16 row 1024 B (same rows otherwise)
+    by = {(r["kernel"], r["kv"], r["batch"]): r["mbytes"] for r in out["rows"]}
+    assert by[("csa_attn", "bf16", 1)] > by[("csa_attn", "fp8", 1)]
+    paths = bench.write_results(out, tmp_path)
+    assert json.loads(paths["json"].read_text())["smoke"] is True
+    assert "| csa_attn | fp8 | 2048 | 1 | torch |" in paths["md"].read_text()
+
+
+def test_peak_table():
+    assert bench._peak("NVIDIA H200", None) == 4800.0
+    assert bench._peak("NVIDIA H100 80GB HBM3", None) == 3350.0
+    assert bench._peak("weird gpu", None) is None and bench._peak("weird gpu", 1000.0) == 1000.0

@@ -1,0 +1,151 @@
+"""Child manifests: valid Kubernetes objects, secure pods, router labels, one replicas writer, and a
+config file the runtime's own `ServeConfig` accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from dsv4.operator import api, manifests
+from dsv4.operator.manifests import EndpointRef
+from dsv4.operator.planner import plan
+from dsv4.runtime import metrics_catalog as mc
+from dsv4.runtime.server.config import ServeConfig, normalise_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = EndpointRef("chat", "team-a", "0b7c6f4e-1111-2222-3333-444455556666")
+K8S = "1.37.0"
+
+
+def load(name: str) -> api.DSV4EndpointSpec:
+    return api.parse_spec(yaml.safe_load((ROOT / "examples" / name).read_text())["spec"])
+
+
+def kinds(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in objs}
+
+
+@pytest.mark.parametrize("example", ["short-chat.yaml", "long-context-agent.yaml"])
+def test_children_are_valid_kubernetes_objects_owned_by_the_endpoint(example: str) -> None:
+    spec = load(example)
+    objs = manifests.children(REF, spec, plan(spec), with_pod_monitor=True)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PodMonitor"]
+    for o in objs:
+        if o["apiVersion"] != "monitoring.coreos.com/v1":
+            kubernetes_validate.validate(o, K8S, strict=True)
+        assert o["metadata"]["namespace"] == REF.namespace
+        (owner,) = o["metadata"]["ownerReferences"]
+        assert owner == {"apiVersion": "serving.dsv4.dev/v1alpha1", "kind": "DSV4Endpoint", "name": "chat",
+                         "uid": REF.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def test_pod_shape_security_probes_and_router_labels() -> None:
+    spec = load("short-chat.yaml")
+    p = plan(spec)
+    dep = kinds(manifests.children(REF, spec, p))["Deployment"]
+    pod = dep["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    assert c["command"] == ["dsv4", "serve", "--config", "/etc/dsv4/config.yaml"]
+    tp = str(p.tensor_parallel_size)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == tp and c["resources"]["requests"]["nvidia.com/gpu"] == tp
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["startupProbe"]["httpGet"]["path"] == "/health"
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] < pod["spec"]["terminationGracePeriodSeconds"]
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"]
+    writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/tmp", "/dev/shm"}
+    labels = pod["metadata"]["labels"]
+    assert labels["llm-d.ai/engine-type"] == "vllm"
+    assert labels["llm-d.ai/context-length-range"] == f"0-{p.max_model_len}"
+    assert labels[mc.ENDPOINT_POD_LABEL_KEY] == "chat"
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert manifests.selector_string("chat") == ",".join(f"{k}={v}" for k, v in
+                                                         dep["spec"]["selector"]["matchLabels"].items())
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["weights"]["readOnly"] and mounts["api-key"]["mountPath"] == manifests.SECRET_DIR
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert vols["weights"]["persistentVolumeClaim"] == {"claimName": "dsv4-flash-weights", "readOnly": True}
+
+
+def test_placement_is_passed_through() -> None:
+    spec = load("long-context-agent.yaml")
+    pod = kinds(manifests.children(REF, spec, plan(spec)))["Deployment"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-B200"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["priorityClassName"] == "inference-high"
+    assert pod["volumes"][-1]["hostPath"] == {"path": "/mnt/nvme/models/DeepSeek-V4-Pro", "type": "Directory"}
+
+
+def test_runtime_config_is_accepted_by_the_runtime() -> None:
+    """The ConfigMap's file goes through the runtime's own ServeConfig (keys and values)."""
+    for example in ("short-chat.yaml", "long-context-agent.yaml"):
+        spec = load(example)
+        p = plan(spec)
+        cm = kinds(manifests.children(REF, spec, p))["ConfigMap"]
+        values = yaml.safe_load(cm["data"]["config.yaml"])
+        assert set(values) <= set(manifests.CONFIG_KEYS)
+        assert normalise_keys(values, "config file") == values  # every key is a runtime setting
+        assert values["tp"] == p.tensor_parallel_size and values["max_model_len"] == p.max_model_len
+        assert sum(values["pool_split"].values()) <= 1.0
+    # a TP1 plan (this runtime build serves tp=1 only) is accepted as a whole, values included
+    spec = api.parse_spec({"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
+                           "accelerator": {"type": "cpu"}, "replicas": 1})
+    p = plan(spec)
+    assert p.tensor_parallel_size == 1
+    values = yaml.safe_load(kinds(manifests.children(REF, spec, p))["ConfigMap"]["data"]["config.yaml"])
+    cfg = ServeConfig.build(file_values=values)
+    assert cfg.model is None and cfg.device == "cpu" and cfg.cache_policy == p.cache_policy
+    assert cfg.batching_delay_ms == p.batching_delay_ms and cfg.expected_context == p.expected_context
+    dep = kinds(manifests.children(REF, spec, p))["Deployment"]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"] == {}  # no GPU on cpu
+
+
+def test_config_change_rolls_the_pods() -> None:
+    spec = load("short-chat.yaml")
+    a = kinds(manifests.children(REF, spec, plan(spec)))["Deployment"]
+    spec2 = spec.model_copy(update={"overrides": api.Overrides(batching_delay_ms=9.0)})
+    b = kinds(manifests.children(REF, spec2, plan(spec2)))["Deployment"]
+    key = manifests.CONFIG_HASH_ANNOTATION
+    hashes = {d["spec"]["template"]["metadata"]["annotations"][key] for d in (a, b)}
+    assert len(hashes) == 2
+
+
+def test_one_writer_for_replicas() -> None:
+    builtin = load("short-chat.yaml")  # autoscaling enabled, builtin
+    p = plan(builtin)
+    dep = kinds(manifests.children(REF, builtin, p))["Deployment"]
+    assert dep["spec"]["replicas"] == p.initial_replicas
+    dep = kinds(manifests.children(REF, builtin, p, autoscaler_replicas=5))["Deployment"]
+    assert dep["spec"]["replicas"] == 5
+    fixed = load("long-context-agent.yaml")  # spec.replicas: 2
+    assert kinds(manifests.children(REF, fixed, plan(fixed), autoscaler_replicas=7))["Deployment"]["spec"][
+        "replicas"] == 2
+    keda = builtin.model_copy(update={"autoscaling": builtin.autoscaling.model_copy(update={"mode": "keda"})})
+    objs = kinds(manifests.children(REF, keda, plan(keda)))
+    assert "replicas" not in objs["Deployment"]["spec"]  # KEDA/HPA owns it: SSA leaves it alone
+    so = objs["ScaledObject"]
+    assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
+    assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (1, 8)
+    for trig in so["spec"]["triggers"]:
+        q = trig["metadata"]["query"]
+        names = [n for n in mc.series_index() if n in q and ":" in n]
+        assert names and all(mc.family_of_series(n) for n in names), q
+        assert 'dsv4_endpoint="chat"' in q and 'namespace="team-a"' in q
+
+
+def test_pod_monitor_only_when_asked_and_uses_the_catalog_relabelings() -> None:
+    spec = load("short-chat.yaml")
+    p = plan(spec)
+    assert "PodMonitor" not in kinds(manifests.children(REF, spec, p))
+    pm = kinds(manifests.children(REF, spec, p, with_pod_monitor=True))["PodMonitor"]
+    ep = pm["spec"]["podMetricsEndpoints"][0]
+    assert ep["path"] == "/metrics" and ep["relabelings"] == mc.runtime_scrape_relabelings("operator")
+    off = spec.model_copy(update={"monitoring": api.MonitoringSpec(pod_monitor=False)})
+    assert "PodMonitor" not in kinds(manifests.children(REF, off, p, with_pod_monitor=True))

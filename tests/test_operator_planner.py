@@ -1,0 +1,213 @@
+"""The planner: Flash and Pro x H100/H200/B200 x every profile, infeasible specs, overrides, and a
+cross-check of the planned capacity against the runtime's own block allocator."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from dsv4.operator import api
+from dsv4.operator import weights as W
+from dsv4.operator.api import PROFILE_NAMES, DSV4EndpointSpec
+from dsv4.operator.hardware import GIB, accelerator
+from dsv4.operator.planner import GPU_MEMORY_UTILIZATION, PlanError, model_config, plan
+from dsv4.operator.profiles import NAMED
+from dsv4.runtime.cache.manager import CacheManager
+from dsv4.runtime.cache.spec import CacheSpec
+from dsv4.runtime.config import flash, pro
+
+REASON_KEYS = {"tensorParallelSize", "batchingDelayMs", "maxNumBatchedTokens", "chunkedPrefillSize", "cachePolicy",
+               "poolSplit", "maxServableContext", "maxModelLen", "sessionsPerReplica", "initialReplicas"}
+
+
+def spec(variant: str = "flash", gpu: str = "H200", profile: str | dict = "short-chat", **extra: Any
+         ) -> DSV4EndpointSpec:
+    prof = {"name": profile} if isinstance(profile, str) else {"name": "custom", "custom": profile}
+    d = {"model": {"variant": variant, "weights": {"hostPath": {"path": "/models"}}}, "profile": prof,
+         "accelerator": {"type": gpu}}
+    for k, v in extra.items():
+        d.setdefault(k, {}).update(v) if isinstance(v, dict) and k in d else d.__setitem__(k, v)
+    return DSV4EndpointSpec.model_validate(d)
+
+
+def test_weight_sizes_match_the_published_models() -> None:
+    f, p = W.param_counts(flash()), W.param_counts(pro())
+    assert f.total == pytest.approx(284e9, rel=0.05)  # "284B total"
+    assert p.total == pytest.approx(1.6e12, rel=0.05)  # "1.6T total"
+    assert W.active_params_per_token(flash()) == pytest.approx(13e9, rel=0.1)
+    assert W.active_params_per_token(pro()) == pytest.approx(49e9, rel=0.1)
+    assert W.weight_bytes(pro(), "fp8-fp4") == pytest.approx(850e9, rel=0.05)  # ~850 GB staged on NVMe
+    for cfg in (flash(), pro()):
+        sizes = [W.weight_bytes(cfg, q) for q in ("fp8-fp4", "fp8", "bf16")]
+        assert sizes == sorted(sizes) and sizes[2] == pytest.approx(2 * W.param_counts(cfg).total, rel=1e-6)
+    with pytest.raises(ValueError, match="quantization"):
+        W.weight_bytes(flash(), "int3")
+
+
+CASES = [(v, g, p) for v in ("flash", "pro") for g in ("H100", "H200", "B200") for p in PROFILE_NAMES]
+
+
+@pytest.mark.parametrize(("variant", "gpu", "profile"), CASES)
+def test_plan_table(variant: str, gpu: str, profile: str) -> None:
+    s = spec(variant, gpu, profile)
+    cfg, acc, wl = model_config(s), accelerator(gpu), NAMED[profile]
+    wbytes = W.weight_bytes(cfg, "fp8-fp4")
+    usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION
+    if variant == "pro" and gpu == "H100":
+        # 8 x 80 GB (~620 GB usable) cannot hold ~860 GB of weights: precise, actionable error
+        with pytest.raises(PlanError) as err:
+            plan(s)
+        assert err.value.reason == "WeightsDoNotFit"
+        assert "need more GPUs per replica than given" in err.value.message
+        assert "H100" in err.value.message and "gpusPerNode=8" in err.value.message
+        assert math.ceil(wbytes / usable) > 8
+        return
+    p = plan(s)
+    tp = p.tensor_parallel_size
+    assert tp <= 8 and cfg.num_attention_heads % tp == 0 and cfg.n_routed_experts % tp == 0
+    # memory adds up: weights share + cache + reserve within the usable memory of one GPU
+    assert wbytes / tp + p.cache_bytes_per_gpu < usable
+    assert p.cache_bytes_per_gpu > 1 * GIB
+    # TP1 is chosen whenever the weights leave room for a cache on one GPU and it holds as many per GPU
+    if tp > 1 and wbytes + 3 * GIB > usable:
+        assert "TP1: no" in p.reasons["tensorParallelSize"]
+    assert p.max_servable_context >= wl.context_max and p.max_model_len == wl.context_max
+    assert p.context_length_range == f"0-{wl.context_max}"
+    assert 1 <= p.sessions_per_replica <= 256 and p.max_num_seqs == min(256, p.sessions_per_replica)
+    assert p.initial_replicas == max(1, math.ceil(wl.concurrency / p.sessions_per_replica))
+    assert p.decode_step_ms <= wl.itl_target_ms
+    assert p.chunked_prefill_size <= p.max_num_batched_tokens
+    assert p.batching_delay_ms <= 20 and p.batching_delay_ms <= wl.itl_target_ms * 0.1
+    assert p.cache_policy in ("full", "checkpoint", "recompute")
+    if wl.prefix_reuse_ratio < 0.2:
+        assert p.cache_policy == "recompute"
+    assert sum(p.pool_split.values()) == pytest.approx(1.0)
+    assert set(p.pool_split) == set(CacheSpec.from_model(cfg, "fp8", index_dtype="fp4").block_pools)
+    assert REASON_KEYS <= set(p.reasons) and all(p.reasons[k].strip() for k in REASON_KEYS)
+    st = p.to_status().wire()
+    assert st["tensorParallelSize"] == tp and st["reasons"]["cachePolicy"] == p.reasons["cachePolicy"]
+
+
+def test_more_memory_never_gives_fewer_sessions_per_gpu() -> None:
+    for variant in ("flash", "pro"):
+        per_gpu = []
+        for gpu in ("H200", "B200", "B200-192"):
+            p = plan(spec(variant, gpu, "coding-agent", overrides={"cachePolicy": "recompute"}))
+            per_gpu.append(p.sessions_per_replica / p.tensor_parallel_size)
+        assert per_gpu == sorted(per_gpu), (variant, per_gpu)
+
+
+def test_long_context_needs_more_than_chat() -> None:
+    chat, agent = plan(spec("flash", "H200", "short-chat")), plan(spec("flash", "H200", "long-context-agent"))
+    assert agent.max_model_len > chat.max_model_len
+    assert agent.sessions_per_replica < chat.sessions_per_replica
+    assert agent.expected_context > chat.expected_context
+    # the compressed pools take a larger share of the budget for long contexts
+    assert agent.pool_split["csa"] > chat.pool_split["csa"]
+
+
+def test_overrides_are_respected_and_explained() -> None:
+    s = spec("flash", "H200", "coding-agent", overrides={"tensorParallelSize": 4, "batchingDelayMs": 7.5,
+                                                         "cachePolicy": "checkpoint", "maxNumBatchedTokens": 4096})
+    p = plan(s)
+    assert (p.tensor_parallel_size, p.batching_delay_ms, p.cache_policy, p.max_num_batched_tokens) == \
+        (4, 7.5, "checkpoint", 4096)
+    for k in ("tensorParallelSize", "batchingDelayMs", "cachePolicy", "maxNumBatchedTokens"):
+        assert "overrides" in p.reasons[k]
+
+
+def test_tp_override_too_small_for_the_weights() -> None:
+    with pytest.raises(PlanError) as err:
+        plan(spec("pro", "H200", "short-chat", overrides={"tensorParallelSize": 4}))
+    assert err.value.reason == "WeightsDoNotFit"
+    assert "tensorParallelSize=4" in err.value.message and "at least" in err.value.message
+
+
+def test_tp_override_must_divide_heads_and_experts() -> None:
+    with pytest.raises(PlanError) as err:
+        plan(spec("flash", "H200", "short-chat", overrides={"tensorParallelSize": 3}))
+    assert err.value.reason == "InvalidTensorParallel" and "must divide" in err.value.message
+
+
+def test_context_that_cannot_fit_is_rejected_with_the_numbers() -> None:
+    beyond_model = {"contextP50": 100_000, "contextP95": 1_000_000, "contextMax": 2_000_000, "concurrency": 4}
+    with pytest.raises(PlanError) as err:
+        plan(spec("pro", "H200", beyond_model))
+    assert err.value.reason == "ContextDoesNotFit" and "2000000" in err.value.message
+    assert "1048576" in err.value.message
+    # fits the model, not the cache of a small custom GPU
+    small = {"contextP50": 100_000, "contextP95": 500_000, "contextMax": 1_000_000, "concurrency": 4}
+    s = DSV4EndpointSpec.model_validate({"model": {"variant": "flash", "weights": {"hostPath": {"path": "/m"}}},
+                                         "profile": {"name": "custom", "custom": small},
+                                         "accelerator": {"type": "custom", "memoryGiB": 88, "gpusPerNode": 2}})
+    with pytest.raises(PlanError) as err:
+        plan(s)
+    assert err.value.reason == "ContextDoesNotFit" and "longest servable context" in err.value.message
+    # an explicit maxModelLen caps the profile instead
+    capped = s.model_copy(update={"overrides": api.Overrides(max_model_len=65536)})
+    assert plan(capped).max_model_len == 65536
+
+
+def test_unreachable_itl_target() -> None:
+    wl = {"contextP50": 1000, "contextP95": 2000, "contextMax": 4000, "itlTargetMs": 1}
+    with pytest.raises(PlanError) as err:
+        plan(spec("pro", "H200", wl))
+    assert err.value.reason == "LatencyTargetUnreachable" and "ITL target 1 ms" in err.value.message
+
+
+def test_custom_model_config_is_planned_from_its_shapes() -> None:
+    cfg = flash().to_dict()
+    cfg["n_routed_experts"] = 64  # a quarter of the experts: a much smaller checkpoint
+    s = DSV4EndpointSpec.model_validate({"model": {"variant": "custom", "config": cfg,
+                                                   "weights": {"pvc": {"claimName": "w"}}},
+                                         "profile": {"name": "short-chat"}, "accelerator": {"type": "H100"}})
+    p = plan(s)
+    assert p.weight_bytes < W.weight_bytes(flash()) / 2
+    assert p.tensor_parallel_size < plan(spec("flash", "H100", "short-chat")).tensor_parallel_size
+    bad = DSV4EndpointSpec.model_validate({"model": {"variant": "custom", "config": {"num_hidden_layers": 2},
+                                                     "weights": {"pvc": {"claimName": "w"}}},
+                                           "profile": {"name": "short-chat"}})
+    with pytest.raises(PlanError) as err:
+        plan(bad)
+    assert err.value.reason == "InvalidModelConfig" and "model.config" in err.value.message
+
+
+def test_autoscaling_bounds_clamp_initial_replicas() -> None:
+    d = {"model": {"variant": "flash", "weights": {"hostPath": {"path": "/m"}}},
+         "profile": {"name": "long-context-agent", "concurrency": 1000}, "accelerator": {"type": "H200"},
+         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 3}}
+    s = DSV4EndpointSpec.model_validate(d)
+    p = plan(s)
+    assert p.initial_replicas == 3 and "clamped to [2, 3]" in p.reasons["initialReplicas"]
+    d["profile"]["concurrency"] = 1
+    assert plan(DSV4EndpointSpec.model_validate(d)).initial_replicas == 2
+
+
+def test_planned_sessions_really_fit_in_the_runtime_allocator() -> None:
+    """Build the runtime's CacheManager with the plan's blocks and prefill `sessions_per_replica`
+    requests of the expected context chunk by chunk: all fit, and one more does not."""
+    wl = {"contextP50": 16000, "contextP95": 32000, "contextMax": 65536, "outputTokens": 768,
+          "prefixReuseRatio": 0.0, "concurrency": 64, "itlTargetMs": 200}
+    s = DSV4EndpointSpec.model_validate({"model": {"variant": "flash", "weights": {"hostPath": {"path": "/m"}}},
+                                         "profile": {"name": "custom", "custom": wl},
+                                         "accelerator": {"type": "custom", "memoryGiB": 90, "gpusPerNode": 2}})
+    p = plan(s)
+    assert "bound by cache" in p.reasons["sessionsPerReplica"]
+    mgr = CacheManager(CacheSpec.from_model(model_config(s), kv_dtype="fp8", index_dtype="fp4"), p.num_blocks,
+                       policy=p.cache_policy)
+
+    def prefill(i: int) -> bool:
+        toks = [(i * 7919 + j) % 120_000 for j in range(p.expected_context)]
+        mgr.start(f"r{i}", toks)
+        n = 0
+        while n < p.expected_context:
+            n2 = min(p.expected_context, n + p.chunked_prefill_size)
+            if not mgr.allocate(f"r{i}", n2):
+                return False
+            mgr.commit(f"r{i}", toks, n2)
+            n = n2
+        return True
+
+    assert all(prefill(i) for i in range(p.sessions_per_replica))
+    assert not prefill(p.sessions_per_replica)
