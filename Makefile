@@ -9,12 +9,14 @@ STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := pyproject.toml setup.py constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo demo-down clean help tools
+.PHONY: setup test lint demo demo-down demo-local clean help tools
 
 help:
 	@echo "make setup   create .venv and install dsv4 (editable) with dev dependencies; build the tiny model"
 	@echo "make test    ruff + the whole pytest suite"
-	@echo "make demo    serve the built-in tiny model and send one chat request with the openai client"
+	@echo "make demo    local Kubernetes cluster + helm-installed operator + an endpoint serving a chat request"
+	@echo "make demo-down  stop the demo's operator, Prometheus and cluster"
+	@echo "make demo-local serve the built-in tiny model in-process and send one chat request (no cluster)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,9 @@ demo: setup
 
 demo-down:
 	-$(BIN)/python -m dsv4.demo --down
+
+demo-local: setup
+	$(BIN)/python -m dsv4.demo --local
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

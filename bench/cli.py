@@ -7,7 +7,11 @@ import importlib
 # name -> (module, help). Other benchmarks add a line here.
 BENCHES: dict[str, tuple[str, str]] = {
     "capacity": ("dsv4.bench.capacity", "Live-context capacity per SWA storage policy (metadata-only allocator)."),
+    "load": ("dsv4.bench.load", "Checkpoint load time and peak RSS vs checkpoint size (HF bf16 and FP8/FP4 layouts)."),
     "kernels": ("dsv4.bench.kernels", "Decode kernel GB/s and % of HBM peak (Triton on CUDA; torch reference on CPU)."),
+    "scaling": ("dsv4.bench.scaling", "Prefill / decode cost vs context: our runtime vs transformers' reference."),
+    "scheduler": ("dsv4.bench.scheduler", "Engine time per step outside the model forward at 64 / 256 sequences."),
+    "serving": ("dsv4.bench.serving", "guidellm (or an openai-client load generator) against a live `dsv4 serve`."),
 }
 
 

@@ -1,15 +1,17 @@
 """`dsv4 bench kernels`: decode-step kernel bandwidth at DeepSeek-V4-Flash shapes.
 
-One decode step (one query token per sequence, batch B, context L) of each attention layer type:
+One decode step (one query token per sequence, batch B, context L) of each kernel:
 
-- csa_attn: window 128 rows + top-512 compressed rows per query (64 heads x 512 dims, one softmax, sink)
-- hca_attn: window 128 rows + all L/128 compressed rows (split-K over the long list)
-- idx_scan: lightning-indexer scores over the L/4 visible indexer keys (64 heads x 128 dims)
+- csa_attn (fp8 | bf16 rows): window 128 rows + top-512 compressed rows per query (64 heads x 512 dims, sink)
+- hca_attn (fp8 | bf16 rows): window 128 rows + all L/128 compressed rows (split-K over the long list)
+- idx_scan (bf16 | fp8 | fp4 keys): lightning-indexer scores over the L/4 visible indexer keys (64 heads x 128)
+- idx_topk (fp32 scores): deterministic top-512 over the L/4 scores -> physical row ids (radix select)
 
-Bytes moved = KV rows read (584 B FP8 rows, or 1024 B bf16; indexer keys 128 x 2 B) + queries read
-+ outputs written; achieved GB/s = bytes / median time; % of peak against the device's HBM peak
-(spec table below, or --peak-gbps) and against a measured device-to-device copy. Each sequence's rows
-are scattered over its own physical pool (random permutation), as in a paged cache.
+Bytes moved = KV rows read (584 B FP8 rows, or 1024 B bf16; indexer keys 256 / 132 / 68 B) + row ids +
+queries read + outputs written; top-k: scores and candidate ids read once (a lower bound: the radix
+select reads them 5 times). Achieved GB/s = bytes / median time; % of peak against the device's HBM
+peak (spec table below, or --peak-gbps) and against a measured device-to-device copy. Each
+sequence's rows are scattered over its own physical pool (random permutation), as in a paged cache.
 
 On CUDA it times the Triton kernels and the torch reference; on CPU only the references, at smoke
 size (the Triton interpreter is not a performance path). Results: bench/results/kernels_<dev>.{json,md}.
@@ -21,6 +23,9 @@ import json
 import time
 from pathlib import Path
 
+# kernel -> storage formats benchmarked
+KINDS = {"csa_attn": ("fp8", "bf16"), "hca_attn": ("fp8", "bf16"), "idx_scan": ("bf16", "fp8", "fp4"),
+         "idx_topk": ("fp32",)}
 # HBM peak of common devices, GB/s (vendor spec sheets)
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "H800": 3350.0, "B200": 8000.0, "A100": 2039.0, "L40S": 864.0}
 H, D, ROPE, WINDOW, TOPK, CSA, HCA, HI, DI = 64, 512, 64, 128, 512, 4, 128, 64, 128
@@ -59,20 +64,35 @@ def _copy_gbps(device: str) -> float:
     return 2 * x.numel() / t / 1e9
 
 
-def _case(kind: str, L: int, B: int, fp8: bool, device: str, g):
+def _case(kind: str, L: int, B: int, fmt: str, device: str, g):
     """Tensors and bytes of one decode step; returns (call(backend), bytes)."""
     import torch
     from dsv4.kernels import dispatch
     from dsv4.kernels.fp8_kv import fp8_row_bytes, quantize_kv_rows
 
     if kind == "idx_scan":
+        from dsv4.kernels.index_quant import index_row_bytes, quantize_index_rows
+
         C = L // CSA
         q = torch.randn(B, HI, DI, device=device, generator=g).bfloat16()
         w = torch.randn(B, HI, device=device, generator=g)
-        keys = torch.randn(B * C, DI, device=device, generator=g).bfloat16()
+        keys = torch.randn(B * C, DI, device=device, generator=g)
+        fmt = None if fmt == "bf16" else fmt
+        if fmt is None:
+            keys = keys.bfloat16()
+        else:  # in chunks: the fp4 reference quantiser materialises [rows, dim, 16]
+            keys = torch.cat([quantize_index_rows(c, fmt) for c in keys.split(1 << 19)])
+        row = 2 * DI if fmt is None else index_row_bytes(DI, fmt)
         cand = torch.randperm(B * C, device=device, generator=g).view(B, C)
-        nbytes = B * C * (DI * 2 + 8 + 4) + q.numel() * 2 + w.numel() * 4
-        return (lambda be: dispatch.indexer_scores(q, w, keys, cand, backend=be)), nbytes
+        nbytes = B * C * (row + 8 + 4) + q.numel() * 2 + w.numel() * 4
+        return (lambda be: dispatch.indexer_scores(q, w, keys, cand, index_format=fmt, backend=be)), nbytes
+    if kind == "idx_topk":
+        C = L // CSA
+        scores = torch.randn(B, C, device=device, generator=g)
+        cand = torch.randperm(B * C, device=device, generator=g).view(B, C)
+        nbytes = B * C * (4 + 8) + B * TOPK * 8
+        return (lambda be: dispatch.select_topk(scores, cand, TOPK, backend=be)), nbytes
+    fp8 = fmt == "fp8"
     K = min(TOPK, L // CSA) if kind == "csa_attn" else L // HCA
     rows = B * (WINDOW + K)
     q = torch.randn(B, H, D, device=device, generator=g).bfloat16()
@@ -87,7 +107,8 @@ def _case(kind: str, L: int, B: int, fp8: bool, device: str, g):
                                                  backend=be)), nbytes
 
 
-def run_kernels(smoke: bool, device: str | None = None, peak_gbps: float | None = None, reps: int = 20) -> dict:
+def run_kernels(smoke: bool, device: str | None = None, peak_gbps: float | None = None, reps: int = 20,
+                only: list[str] | None = None) -> dict:
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,26 +120,29 @@ def run_kernels(smoke: bool, device: str | None = None, peak_gbps: float | None 
     copy = _copy_gbps(device)
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
-    for kind in ("csa_attn", "hca_attn", "idx_scan"):
-        for fp8 in ((True, False) if kind != "idx_scan" else (False,)):
+    for kind, fmts in KINDS.items():
+        if only and kind not in only:
+            continue
+        for fmt in fmts:
             for L in contexts:
                 for B in batches:
-                    call, nbytes = _case(kind, L, B, fp8, device, g)
+                    call, nbytes = _case(kind, L, B, fmt, device, g)
                     n = reps if device == "cuda" else min(reps, 5)
                     for be in backends:
+                        key = dict(kernel=kind, kv=fmt, context=L, batch=B, backend=be)
                         try:
                             t = _time(lambda call=call, be=be: call(be), device, n)
                         except torch.OutOfMemoryError:  # the torch reference materialises the gathers
-                            rows.append(dict(kernel=kind, kv="fp8" if fp8 else "bf16", context=L, batch=B,
-                                             backend=be, error="out of memory"))
+                            rows.append(dict(key, error="out of memory"))
                             torch.cuda.empty_cache()
                             continue
                         gbps = nbytes / t / 1e9
-                        rows.append(dict(kernel=kind, kv="fp8" if fp8 else ("bf16"), context=L, batch=B, backend=be,
-                                         us=round(t * 1e6, 1), mbytes=round(nbytes / 1e6, 3), gbps=round(gbps, 3),
-                                         pct_peak=round(100 * gbps / peak, 1) if peak else None,
+                        rows.append(dict(key, us=round(t * 1e6, 1), mbytes=round(nbytes / 1e6, 3),
+                                         gbps=round(gbps, 3), pct_peak=round(100 * gbps / peak, 1) if peak else None,
                                          pct_copy=round(100 * gbps / copy, 1)))
                     del call
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
     return dict(device=name, smoke=smoke, peak_gbps=peak, copy_gbps=round(copy, 1), torch=torch.__version__,
                 rows=rows)
 
@@ -155,6 +179,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     p.add_argument("--peak-gbps", type=float, default=None, help="HBM peak for the %% column (default: spec table)")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per case (median reported)")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated kernels to run (default all: {','.join(KINDS)})")
     p.add_argument("--out", default="bench/results")
 
 
@@ -169,7 +195,11 @@ def run(args) -> int:
     smoke = args.smoke or device == "cpu"
     if device == "cpu" and not args.smoke:
         print("no CUDA device: running the torch references at smoke size only")
-    out = run_kernels(smoke, device, args.peak_gbps, args.reps)
+    only = [k.strip() for k in args.only.split(",")] if args.only else None
+    bad = [k for k in only or [] if k not in KINDS]
+    if bad:
+        raise SystemExit(f"--only: unknown kernel(s) {bad}; choose from {list(KINDS)}")
+    out = run_kernels(smoke, device, args.peak_gbps, args.reps, only)
     paths = write_results(out, Path(args.out))
     print(markdown(out))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -451,3 +451,37 @@ def status(name: str = "default") -> dict:
         "processes": {k: {"pid": r.pid, "alive": alive[k], "log": r.log} for k, r in cluster.procs.items()},
         "kubernetes_version": cluster.kubernetes_version,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fault injection: take the API server away and bring it back on the same port (e2e reliability tests)
+
+
+def stop_apiserver(name: str) -> procs.ProcRecord:
+    """SIGTERM the cluster's kube-apiserver (clients see connection refused until `start_apiserver`)."""
+    with _locked(name):
+        cluster = Cluster.load(name)
+        if cluster is None or "kube-apiserver" not in cluster.procs:
+            raise ClusterError(f"cluster {name!r} has no recorded kube-apiserver")
+        rec = cluster.procs["kube-apiserver"]
+        procs.stop(rec, grace_s=10.0)
+        _log(f"kube-apiserver of {name!r} stopped (pid {rec.pid})")
+        return rec
+
+
+def start_apiserver(name: str, timeout_s: float = 60.0) -> procs.ProcRecord:
+    """Start kube-apiserver again with the same flags, port and etcd; wait for /readyz; record the new PID."""
+    with _locked(name):
+        cluster = Cluster.load(name)
+        if cluster is None:
+            raise ClusterError(f"cluster {name!r} does not exist")
+        old = cluster.procs.get("kube-apiserver")
+        if old is not None and procs.is_alive(old):
+            return old
+        argv = apiserver_argv(build.bin_dir(), cluster.pki, cluster.ports["etcd"], cluster.ports["kube-apiserver"])
+        _, rec = procs.spawn("kube-apiserver", argv, cluster.logs_dir / "kube-apiserver.log")
+        cluster.procs["kube-apiserver"] = rec
+        cluster.save()
+        _wait("kube-apiserver /readyz after a restart", lambda: cluster.get("/readyz")[0] == 200, rec, timeout_s)
+        _log(f"kube-apiserver of {name!r} back (pid {rec.pid})")
+        return rec

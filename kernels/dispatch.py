@@ -82,26 +82,44 @@ def sparse_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale: float, 
                                               interpret=which == "interpret", num_splits=num_splits)
 
 
-def indexer_scores(q, weights, keys, cand_idx, *, backend: str | None = None) -> torch.Tensor:
-    """See `reference.indexer_scores_ref`: [T, C] fp32, -inf where the candidate is -1."""
-    if q.dim() != 3 or weights.shape != q.shape[:2] or keys.dim() != 2 or keys.shape[1] != q.shape[2]:
-        raise ValueError(f"q must be [T, Hi, Di], weights [T, Hi], keys [N, Di]; got {tuple(q.shape)}, "
+def indexer_scores(q, weights, keys, cand_idx, *, index_format: str | None = None,
+                   backend: str | None = None) -> torch.Tensor:
+    """See `reference.indexer_scores_ref`: [T, C] fp32, -inf where the candidate is -1.
+
+    `index_format` None: float keys [N, Di]; "fp8" / "fp4": uint8 rows of the cache's quantised index
+    layout (`index_quant.py`, [N, Di + 4] / [N, Di/2 + Di/32]), decoded on load."""
+    if q.dim() != 3 or weights.shape != q.shape[:2] or keys.dim() != 2:
+        raise ValueError(f"q must be [T, Hi, Di], weights [T, Hi], keys [N, row]; got {tuple(q.shape)}, "
                          f"{tuple(weights.shape)}, {tuple(keys.shape)}")
+    di = q.shape[2]
+    if index_format is None:
+        if keys.shape[1] != di or not keys.is_floating_point():
+            raise ValueError(f"keys must be float [N, Di={di}] (or pass index_format), got {keys.dtype} "
+                             f"{tuple(keys.shape)}")
+    else:
+        from dsv4.kernels.index_quant import index_row_bytes
+
+        rb = index_row_bytes(di, index_format)
+        if keys.dtype != torch.uint8 or keys.shape[1] != rb:
+            raise ValueError(f"keys for index_format {index_format!r} must be uint8 [N, {rb}] (Di={di}), got "
+                             f"{keys.dtype} {tuple(keys.shape)}")
     if cand_idx.dim() != 2 or cand_idx.shape[0] != q.shape[0]:
         raise ValueError(f"cand_idx must be [T={q.shape[0]}, C], got {tuple(cand_idx.shape)}")
     which = choose_backend(q, keys, backend=backend)
     if which == "torch":
-        return reference.indexer_scores_ref(q, weights, keys, cand_idx)
+        return reference.indexer_scores_ref(q, weights, keys, cand_idx, index_format=index_format)
     from dsv4.kernels import triton_ops
 
-    return triton_ops.indexer_scores_triton(q, weights, keys, cand_idx, interpret=which == "interpret")
+    return triton_ops.indexer_scores_triton(q, weights, keys, cand_idx, interpret=which == "interpret",
+                                            index_format=index_format)
 
 
-def indexer_topk(q, weights, keys, cand_idx, k: int, *, backend: str | None = None) -> torch.Tensor:
+def indexer_topk(q, weights, keys, cand_idx, k: int, *, index_format: str | None = None,
+                 backend: str | None = None) -> torch.Tensor:
     """See `reference.indexer_topk_ref`: physical row ids [T, k], -1 where fewer are visible.
 
     Fast path (every backend): C <= k -> the candidates themselves, no scoring. Otherwise scores
-    from `indexer_scores` (Triton or torch) and `torch.topk`.
+    from `indexer_scores` and the deterministic selection of `select_topk` (ties: lower column wins).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -109,5 +127,70 @@ def indexer_topk(q, weights, keys, cand_idx, k: int, *, backend: str | None = No
         raise ValueError(f"cand_idx must be [T, C], got {tuple(cand_idx.shape)}")
     if cand_idx.shape[1] <= k:
         return reference.topk_fast_path(cand_idx, k)
-    scores = indexer_scores(q, weights, keys, cand_idx, backend=backend)
-    return reference.topk_from_scores(scores, cand_idx, k)
+    scores = indexer_scores(q, weights, keys, cand_idx, index_format=index_format, backend=backend)
+    return select_topk(scores, cand_idx, k, backend=backend)
+
+
+def select_topk(scores, cand_idx, k: int, *, backend: str | None = None) -> torch.Tensor:
+    """The k best finite scores' candidates [T, k] (physical rows), -1 padded; ties go to the lower
+    column; selected rows in column order. See `reference.topk_from_scores`. Triton: radix select."""
+    if scores.dim() != 2 or scores.shape != cand_idx.shape:
+        raise ValueError(f"scores and cand_idx must both be [T, C]; got {tuple(scores.shape)}, "
+                         f"{tuple(cand_idx.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    which = choose_backend(scores, backend=backend)
+    if which == "torch":
+        return reference.topk_from_scores(scores, cand_idx, k)
+    from dsv4.kernels import triton_ops
+
+    return triton_ops.topk_triton(scores, cand_idx, k, interpret=which == "interpret")
+
+
+def compressor_step(kv, score, state, state_slot, emit_rows, entry, dest, out_pool, norm_weight, inv_freq, *,
+                    ratio: int, coff: int, eps: float, col_offset: int = 0, out_format: str = "plain",
+                    rope_dim: int | None = None, compute_dtype: torch.dtype | None = None,
+                    backend: str | None = None) -> None:
+    """One compressor step, in place (see `reference.compressor_step_ref`): append [kv | score] of every
+    token to its tail-state row `state_slot[t]`, then for every completed block e pool the state rows
+    `emit_rows[e]`, RMSNorm, RoPE at `entry[e]·ratio`, quantise (`out_format`) and store into
+    `out_pool[dest[e]]`. Rows / slots / dests of -1 are skipped.
+
+    kv, score [T, coff·dim]; state float [Ns, >= col_offset + 2·coff·dim]; state_slot [T];
+    emit_rows [E, coff·ratio]; entry, dest [E]; norm_weight [dim]; inv_freq [rope_dim/2];
+    out_pool [N, dim] float ("plain") or uint8 rows ("fp8_kv": `fp8_kv` layout, needs `rope_dim`;
+    "fp8_index" / "fp4_index": `index_quant` layouts). The torch path computes in `compute_dtype`
+    (default kv.dtype) exactly like the model; the Triton path computes in fp32.
+    """
+    from dsv4.kernels import compressor_ops
+
+    compressor_ops.check_compressor_args(kv, score, state, state_slot, emit_rows, entry, dest, out_pool, norm_weight,
+                                         inv_freq, ratio=ratio, coff=coff, col_offset=col_offset,
+                                         out_format=out_format, rope_dim=rope_dim)
+    which = choose_backend(kv, state, backend=backend)
+    if which == "torch":
+        reference.compressor_step_ref(kv, score, state, state_slot, emit_rows, entry, dest, out_pool, norm_weight,
+                                      inv_freq, ratio=ratio, coff=coff, eps=eps, col_offset=col_offset,
+                                      out_format=out_format, rope_dim=rope_dim,
+                                      compute_dtype=compute_dtype or kv.dtype)
+        return
+    compressor_ops.compressor_step_triton(kv, score, state, state_slot, emit_rows, entry, dest, out_pool, norm_weight,
+                                          inv_freq, ratio=ratio, coff=coff, eps=eps, col_offset=col_offset,
+                                          out_format=out_format, rope_dim=rope_dim, interpret=which == "interpret")
+
+
+def store_rows(values, dest, out_pool, *, out_format: str = "plain", rope_dim: int | None = None,
+               backend: str | None = None) -> None:
+    """out_pool[dest[n]] = quantise(values[n]) (dest -1 skipped), the compressor's store on its own:
+    values [N, dim] float; formats as in `compressor_step`. Byte-identical across backends."""
+    from dsv4.kernels import compressor_ops
+
+    if values.dim() != 2 or dest.shape != (values.shape[0],):
+        raise ValueError(f"values must be [N, dim] and dest [N]; got {tuple(values.shape)}, {tuple(dest.shape)}")
+    compressor_ops.check_out_pool(out_pool, values.shape[1], out_format, rope_dim)
+    which = choose_backend(values, out_pool, backend=backend)
+    if which == "torch":
+        reference.store_entries_ref(out_pool, dest, values, out_format, rope_dim)
+        return
+    compressor_ops.store_rows_triton(values, dest, out_pool, out_format=out_format, rope_dim=rope_dim,
+                                     interpret=which == "interpret")

@@ -24,6 +24,43 @@ import triton.language as tl
 
 
 @triton.jit
+def _e4m3_decode(b):
+    """e4m3fn byte (int32) -> fp32, integer arithmetic only."""
+    sgn = (b >> 7) & 1
+    e = (b >> 3) & 15
+    mt = b & 7
+    normal = ((sgn << 31) | ((e + 120) << 23) | (mt << 20)).to(tl.float32, bitcast=True)
+    sub = mt.to(tl.float32) * 0.001953125  # e4m3fn subnormal: m · 2^-9
+    sub = tl.where(sgn == 1, -sub, sub)
+    return tl.where(e > 0, normal, sub)
+
+
+@triton.jit
+def _load_index_keys(keys_ptr, rows, ok, offs_d, DI, stride_key, KEY_FMT: tl.constexpr):
+    """Indexer keys [BLOCK_C, BLOCK_DI]: float rows (KEY_FMT 0) or decoded `index_quant` rows: 1 = fp8
+    ([DI e4m3 | fp32 scale]), 2 = fp4 ([DI/2 packed e2m1, low nibble = even channel | DI/32 UE8M0])."""
+    base = keys_ptr + rows[:, None] * stride_key
+    m = ok[:, None] & (offs_d < DI)[None, :]
+    if KEY_FMT == 0:
+        return tl.load(base + offs_d[None, :], mask=m, other=0.0)
+    elif KEY_FMT == 1:
+        val = _e4m3_decode(tl.load(base + offs_d[None, :], mask=m, other=0).to(tl.int32))
+        sb = tl.load(base + DI, mask=ok[:, None], other=0).to(tl.int32)
+        sb = sb | (tl.load(base + DI + 1, mask=ok[:, None], other=0).to(tl.int32) << 8)
+        sb = sb | (tl.load(base + DI + 2, mask=ok[:, None], other=0).to(tl.int32) << 16)
+        sb = sb | (tl.load(base + DI + 3, mask=ok[:, None], other=0).to(tl.int32) << 24)
+        return val * sb.to(tl.float32, bitcast=True)
+    else:
+        byte = tl.load(base + offs_d[None, :] // 2, mask=m, other=0).to(tl.int32)
+        code = (byte >> (4 * (offs_d[None, :] & 1))) & 15
+        mag = code & 7
+        v = tl.where(mag < 4, mag.to(tl.float32) * 0.5, tl.where(mag == 7, 6.0, (mag - 2).to(tl.float32)))
+        v = tl.where(code >= 8, -v, v)
+        sc = tl.load(base + DI // 2 + offs_d[None, :] // 32, mask=m, other=127).to(tl.int32)
+        return v * (sc << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _load_kv(kv_ptr, rows, row_ok, offs_d, D, stride_row,
              IS_FP8: tl.constexpr, NOPE: tl.constexpr, ROPE_OFF: tl.constexpr, SCALE_OFF: tl.constexpr):
     """rows [BLOCK_N] int64 physical ids (masked where not row_ok) -> fp32 [BLOCK_N, BLOCK_D]."""
@@ -32,13 +69,7 @@ def _load_kv(kv_ptr, rows, row_ok, offs_d, D, stride_row,
     if IS_FP8:
         is_nope = (offs_d < NOPE)[None, :]
         b = tl.load(base + offs_d[None, :], mask=m & is_nope, other=0).to(tl.int32)
-        sgn = (b >> 7) & 1
-        e = (b >> 3) & 15
-        mt = b & 7
-        normal = ((sgn << 31) | ((e + 120) << 23) | (mt << 20)).to(tl.float32, bitcast=True)
-        sub = mt.to(tl.float32) * 0.001953125  # e4m3fn subnormal: m · 2^-9
-        sub = tl.where(sgn == 1, -sub, sub)
-        val = tl.where(e > 0, normal, sub)
+        val = _e4m3_decode(b)
         sc = tl.load(base + SCALE_OFF + offs_d[None, :] // 64, mask=m & is_nope, other=127).to(tl.int32)
         scale = tl.where(sc > 0, (sc << 23).to(tl.float32, bitcast=True), 5.877471754111438e-39)
         ro = ROPE_OFF + 2 * (offs_d[None, :] - NOPE)
@@ -159,8 +190,8 @@ def combine_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls
 def indexer_scores_kernel(q_ptr, stride_qt, stride_qh, w_ptr, stride_wt, keys_ptr, stride_key,
                           cand_ptr, stride_ct, out_ptr, stride_out_t, HI, DI, C,
                           BLOCK_HI: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DI: tl.constexpr,
-                          DOT_F32: tl.constexpr):
-    """I(t, c) = Σ_h w[t,h] · ReLU(q[t,h] · keys[cand[t,c]]); -inf where cand < 0."""
+                          DOT_F32: tl.constexpr, KEY_FMT: tl.constexpr = 0):
+    """I(t, c) = Σ_h w[t,h] · ReLU(q[t,h] · keys[cand[t,c]]); -inf where cand < 0. Keys decoded on load."""
     t = tl.program_id(0)
     cb = tl.program_id(1)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -170,7 +201,9 @@ def indexer_scores_kernel(q_ptr, stride_qt, stride_qh, w_ptr, stride_wt, keys_pt
     ok = rows >= 0
     rows = tl.where(ok, rows, 0)
     dmask = offs_d < DI
-    k = tl.load(keys_ptr + rows[:, None] * stride_key + offs_d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
+    k = _load_index_keys(keys_ptr, rows, ok, offs_d, DI, stride_key, KEY_FMT)
+    if KEY_FMT != 0:  # decoded fp32 keys meet the query dtype (fp32 for fp32 queries)
+        k = k.to(tl.float32) if DOT_F32 else k.to(q_ptr.dtype.element_ty)
     if DOT_F32:
         k = k.to(tl.float32)
     score = tl.zeros([BLOCK_C], tl.float32)

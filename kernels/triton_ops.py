@@ -127,8 +127,9 @@ def sparse_attention_triton(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torc
 
 
 def indexer_scores_triton(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, cand_idx: torch.Tensor, *,
-                          interpret: bool, block_c: int | None = None) -> torch.Tensor:
-    """Triton indexer scores [T, C] fp32 (-inf where cand < 0); contract of `reference.indexer_scores_ref`."""
+                          interpret: bool, block_c: int | None = None, index_format: str | None = None) -> torch.Tensor:
+    """Triton indexer scores [T, C] fp32 (-inf where cand < 0); contract of `reference.indexer_scores_ref`.
+    `index_format` "fp8" / "fp4": keys are uint8 `index_quant` rows, decoded on load."""
     mod = triton_loader.load("triton_attention", interpret)
     T, HI, DI = q.shape
     C = cand_idx.shape[1]
@@ -146,5 +147,24 @@ def indexer_scores_triton(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
         mod.indexer_scores_kernel[grid](
             q, q.stride(0), q.stride(1), weights, weights.stride(0), keys, keys.stride(0),
             cand_idx, cand_idx.stride(0), out, out.stride(0), HI, DI, C,
-            BLOCK_HI=min(_pow2(HI), 64), BLOCK_C=bc, BLOCK_DI=_pow2(DI), DOT_F32=_dot_f32(q.dtype, interpret))
+            BLOCK_HI=min(_pow2(HI), 64), BLOCK_C=bc, BLOCK_DI=_pow2(DI), DOT_F32=_dot_f32(q.dtype, interpret),
+            KEY_FMT={None: 0, "fp8": 1, "fp4": 2}[index_format])
+    return out
+
+
+def topk_triton(scores: torch.Tensor, cand_idx: torch.Tensor, k: int, *, interpret: bool,
+                block_c: int | None = None) -> torch.Tensor:
+    """Triton radix-select top-k (`triton_topk.py`); contract of `reference.topk_from_scores`."""
+    mod = triton_loader.load("triton_topk", interpret)
+    T, C = scores.shape
+    out = torch.full((T, k), -1, dtype=cand_idx.dtype, device=cand_idx.device)
+    if T == 0 or C == 0:
+        return out
+    scores, cand_idx = scores.contiguous(), cand_idx.contiguous()
+    bc = block_c or (64 if interpret else 1024)
+    if bc < 16 or bc & (bc - 1):
+        raise ValueError(f"block_c must be a power of two >= 16, got {bc}")
+    with _launch_ctx(interpret):
+        mod.topk_kernel[(T,)](scores, scores.stride(0), cand_idx, cand_idx.stride(0), out, out.stride(0), C, k,
+                              BLOCK_C=bc)
     return out

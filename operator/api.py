@@ -10,7 +10,8 @@ operator reject the same objects when the CRD is old or CEL is off).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -25,6 +26,39 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 PROFILE_NAMES = ("long-context-agent", "coding-agent", "short-chat", "batch")
 MAX_SCALING_HISTORY = 5
+
+# Shapes of names the children inherit (Kubernetes' own validation of those objects, checked up front so a bad
+# value is rejected by the API server when the DSV4Endpoint is applied, not later when a child is).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"              # Secret, PVC, PriorityClass names (<= 253)
+DNS_LABEL_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"                 # Service names (<= 63)
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"    # label values (<= 63)
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"                                 # keys of a Secret's data
+EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+QUANTITY = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[mkMGTPE]|([eE][+]?[0-9]+))?$"  # non-negative
+MAX_NAME_LEN = 63
+
+# Rules on metadata.name, evaluated at the schema root (the only place CEL may read metadata.name). The endpoint's
+# name becomes a Service name (DNS-1035 label, <= 63 characters) and a label value.
+NAME_RULES = [
+    {"rule": f"size(self.metadata.name) <= {MAX_NAME_LEN}",
+     "message": f"metadata.name must be at most {MAX_NAME_LEN} characters (it names the endpoint's Service)"},
+    {"rule": f"self.metadata.name.matches('{DNS_LABEL_1035}')",
+     "message": "metadata.name must start with a lower-case letter and contain only a-z, 0-9 and '-' "
+                "(a DNS-1035 label: it names the endpoint's Service)"},
+]
+
+
+def name_problem(name: str) -> str | None:
+    """The pydantic-side twin of NAME_RULES: the message of the first rule `name` breaks, else None."""
+    if len(name) > MAX_NAME_LEN:
+        return NAME_RULES[0]["message"]
+    if not re.fullmatch(DNS_LABEL_1035, name):
+        return NAME_RULES[1]["message"]
+    return None
+
+
+Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]
 
 
 def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -48,12 +82,15 @@ class _Model(BaseModel):
 # spec
 # ---------------------------------------------------------------------------------------------
 class PVCSource(_Model):
-    claim_name: str = Field(min_length=1, description="Name of a PersistentVolumeClaim in the endpoint's namespace.")
-    sub_path: str | None = Field(None, description="Folder inside the volume that holds config.json and the weights.")
+    claim_name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                            description="Name of a PersistentVolumeClaim in the endpoint's namespace.")
+    sub_path: str | None = Field(None, max_length=4096, pattern=r"^[^/]", description="Folder inside the volume "
+                                 "that holds config.json and the weights (relative).")
 
 
 class HostPathSource(_Model):
-    path: str = Field(min_length=1, description="Absolute folder on the node holding config.json and the weights.")
+    path: str = Field(min_length=2, max_length=4096, pattern=r"^/",
+                      description="Absolute folder on the node holding config.json and the weights.")
 
 
 class WeightsSource(_Model):
@@ -151,7 +188,8 @@ class AcceleratorSpec(_Model):
     memory_gi_b: float | None = Field(None, alias="memoryGiB", gt=0, le=4096,
                                       description="GPU memory in GiB; overrides the type's preset.")
     gpus_per_node: int = Field(8, ge=1, le=64, description="GPUs on one node: the largest tensor-parallel group.")
-    resource_name: str = Field("nvidia.com/gpu", description="Extended resource name requested per GPU.")
+    resource_name: str = Field("nvidia.com/gpu", max_length=253, pattern=EXTENDED_RESOURCE,
+                               description="Extended resource name requested per GPU (domain/name).")
 
     @model_validator(mode="after")
     def _mem(self) -> AcceleratorSpec:
@@ -192,8 +230,13 @@ class AutoscalingSpec(_Model):
     max_scale_up_rate: float = Field(2.0, gt=1, le=1000, description="At most ready x this replicas after one step.")
     max_scale_down_rate: float = Field(2.0, gt=1, le=1000, description="At least ready / this replicas after one step.")
     metrics_stale_seconds: int = Field(45, ge=1, le=3600, description="Samples older than this count as missing: hold.")
-    prometheus_address: str = Field("http://prometheus-operated.monitoring.svc:9090",
-                                    description="Prometheus the KEDA ScaledObject queries (mode keda).")
+    metrics_source: Literal["pods", "prometheus"] = Field(
+        "pods", description="Where the built-in autoscaler reads occupancy and queue depth: pods (each ready pod's "
+                            "/metrics) or prometheus (instant queries to prometheusAddress).")
+    prometheus_address: str = Field("http://prometheus-operated.monitoring.svc:9090", max_length=2048,
+                                    pattern=r"^https?://[^\s]+$",
+                                    description="Prometheus (http(s) URL) the KEDA ScaledObject queries (mode keda) "
+                                                "and the built-in autoscaler with metricsSource prometheus.")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
@@ -206,18 +249,21 @@ class AutoscalingSpec(_Model):
 
 
 class ResourceRequirements(_Model):
-    requests: dict[str, str] | None = Field(None, description="Extra resource requests (cpu, memory) per pod.")
-    limits: dict[str, str] | None = Field(None, description="Extra resource limits per pod; GPUs are set by the plan.")
+    requests: dict[str, Quantity] | None = Field(
+        None, description="Extra resource requests (cpu, memory) per pod, as Kubernetes quantities.")
+    limits: dict[str, Quantity] | None = Field(
+        None, description="Extra resource limits per pod, as Kubernetes quantities; GPUs are set by the plan.")
 
 
 class PlacementSpec(_Model):
-    node_selector: dict[str, str] | None = Field(None, description="Node labels the pods must match.")
+    node_selector: dict[str, LabelValue] | None = Field(None, description="Node labels the pods must match.")
     tolerations: list[dict[str, Any]] | None = Field(
         None, description="Pod tolerations (core/v1 Toleration objects).",
         json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity object).",
                                             json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                            description="PriorityClass of the pods.")
     resources: ResourceRequirements | None = Field(None, description="Extra cpu/memory requests and limits.")
 
 
@@ -227,8 +273,10 @@ class ServiceSpec(_Model):
 
 
 class SecretKeyRef(_Model):
-    name: str = Field(min_length=1, description="Secret name in the endpoint's namespace.")
-    key: str = Field("api-key", min_length=1, description="Key in the Secret holding the API key.")
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                      description="Secret name in the endpoint's namespace.")
+    key: str = Field("api-key", min_length=1, max_length=253, pattern=SECRET_KEY,
+                     description="Key in the Secret holding the API key.")
 
 
 class MonitoringSpec(_Model):
@@ -253,8 +301,9 @@ class DSV4EndpointSpec(_Model):
                                  description="Replicas when the built-in autoscaler is off (also the /scale target).")
     autoscaling: AutoscalingSpec | None = Field(None, description="Autoscaling on cache occupancy and queue depth.")
     placement: PlacementSpec | None = Field(None, description="Where the pods may run.")
-    image: str | None = Field(None, min_length=1, description="Container image of the dsv4 runtime; defaults to "
-                              "the operator's runtime image (env DSV4_RUNTIME_IMAGE).")
+    image: str | None = Field(None, min_length=1, max_length=1024, pattern=r"^\S+$",
+                              description="Container image of the dsv4 runtime; defaults to the operator's "
+                                          "runtime image (env DSV4_RUNTIME_IMAGE).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent",
                                                                          description="Image pull policy.")
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The endpoint's Service.",
@@ -263,7 +312,8 @@ class DSV4EndpointSpec(_Model):
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Prometheus Operator integration.",
                                       json_schema_extra={"default": MonitoringSpec().wire()})
     termination_grace_period_seconds: int = Field(
-        120, ge=5, le=3600, description="Time a pod gets to drain running requests before it is killed.")
+        120, ge=20, le=3600, description="Time a pod gets to drain running requests before it is killed "
+                                         "(covers the 10 s preStop pause; at least 20).")
 
     @model_validator(mode="after")
     def _rules(self) -> DSV4EndpointSpec:
@@ -355,6 +405,14 @@ class DSV4Endpoint(_Model):
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: DSV4EndpointSpec = Field(description="What to serve, for which workload, on which GPUs.")
     status: DSV4EndpointStatus | None = Field(None, description="What the operator observed and decided.")
+
+    @model_validator(mode="after")
+    def _name(self) -> DSV4Endpoint:
+        name = self.metadata.get("name")
+        problem = name_problem(name) if isinstance(name, str) else None
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 def parse_spec(spec: dict[str, Any]) -> DSV4EndpointSpec:

@@ -24,7 +24,8 @@ FIELD_MANAGER = "dsv4-operator"
 DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:latest"  # when neither spec.image nor the operator's DSV4_RUNTIME_IMAGE is set
 CONFIG_DIR = "/etc/dsv4"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
-SECRET_DIR = "/etc/dsv4/secret"
+API_KEY_ENV = "DSV4_API_KEY"  # read by dsv4.runtime.server.config.read_api_key when api_key_file is unset
+TMP_SIZE_LIMIT = "4Gi"       # /tmp: HOME, compile caches (Triton, inductor); the root filesystem is read-only
 MODEL_DIR = "/models"
 PORT = 8000
 ENDPOINT_LABEL = mc.ENDPOINT_POD_LABEL_KEY  # "dsv4.io/endpoint"
@@ -54,7 +55,7 @@ CONFIG_KEYS: dict[str, str] = {
     "host": "listen address",
     "port": "listen port",
     "grace_period_s": "drain time after SIGTERM before in-flight requests are cut",
-    "api_key_file": "file holding the API key clients must send (absent: no auth)",
+    "api_key_file": "file holding the API key (unused by the operator: the key comes as env DSV4_API_KEY)",
 }
 
 
@@ -113,8 +114,7 @@ def runtime_config(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan) -> dict
     if spec.accelerator.type == "cpu":
         cfg["device"] = "cpu"
     cfg = {k: v for k, v in cfg.items() if v is not None}
-    if spec.api_key_secret is not None:
-        cfg["api_key_file"] = f"{SECRET_DIR}/{spec.api_key_secret.key}"
+    # the API key is not in the config: the pod gets it as env API_KEY_ENV from the Secret (secretKeyRef)
     assert set(cfg) <= set(CONFIG_KEYS), set(cfg) - set(CONFIG_KEYS)
     return cfg
 
@@ -151,7 +151,7 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
               {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": f"{ref.name}-config"}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
     ]
     w = spec.model.weights
@@ -166,20 +166,25 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
             assert w.host_path is not None
             volumes.append({"name": "weights", "hostPath": {"path": w.host_path.path, "type": "Directory"}})
         mounts.append(m)
+    env: list[dict[str, Any]] = [
+        # writable places for a read-only root filesystem, and a user name for a uid without a passwd entry
+        # (torch's compile caches call getpass.getuser(), which fails without USER for an arbitrary uid)
+        {"name": "HOME", "value": "/tmp"}, {"name": "USER", "value": "dsv4"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"}, {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": "/tmp/torchinductor"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
     if spec.api_key_secret is not None:
-        volumes.append({"name": "api-key", "secret": {"secretName": spec.api_key_secret.name,
-                                                       "items": [{"key": spec.api_key_secret.key,
-                                                                  "path": spec.api_key_secret.key}]}})
-        mounts.append({"name": "api-key", "mountPath": SECRET_DIR, "readOnly": True})
+        # the operator never reads the Secret: the kubelet resolves it into the runtime's DSV4_API_KEY
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+            "name": spec.api_key_secret.name, "key": spec.api_key_secret.key, "optional": False}}})
     container = {
         "name": "dsv4",
         "image": spec.image or default_image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["dsv4", "serve", "--config", CONFIG_PATH],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
-                {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
-                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "env": env,
         "resources": resources,
         "volumeMounts": mounts,
         # weights load + compile can take many minutes: startup probe allows 60 s + 190 x 6 s (~20 min)

@@ -30,6 +30,7 @@ choice does not bias the group size.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -231,6 +232,31 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, cache: CacheSpec, acc: A
 def _tp_options(cfg: ModelConfig, gpus_per_node: int) -> list[int]:
     return [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= gpus_per_node and cfg.num_attention_heads % t == 0
             and cfg.n_routed_experts % t == 0]
+
+
+_PLAN_CACHE: OrderedDict[str, Plan | PlanError] = OrderedDict()
+_PLAN_CACHE_SIZE = 256
+
+
+def plan_cached(spec: DSV4EndpointSpec) -> Plan:
+    """`plan(spec)` memoised on the spec's JSON (plans are pure). The operator re-plans on every timer
+    tick; sizing a large budget for a small model (the tiny model on an H200: millions of blocks) takes
+    tens of seconds, which must not block every tick. Errors are memoised and re-raised too."""
+    key = spec.model_dump_json()
+    hit = _PLAN_CACHE.get(key)
+    if hit is None:
+        try:
+            hit = plan(spec)
+        except PlanError as e:
+            hit = e
+        _PLAN_CACHE[key] = hit
+        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    else:
+        _PLAN_CACHE.move_to_end(key)
+    if isinstance(hit, PlanError):
+        raise PlanError(hit.reason, hit.message)  # a fresh object: re-raising one instance grows its traceback
+    return hit
 
 
 def plan(spec: DSV4EndpointSpec) -> Plan:

@@ -14,7 +14,8 @@ from typing import Any
 from dsv4.operator import api, manifests
 from dsv4.operator.api import DSV4EndpointSpec, DSV4EndpointStatus
 from dsv4.operator.autoscaler import Decision, Sample, ScalerConfig, ScalerState, decide
-from dsv4.operator.planner import Plan, PlanError, plan
+from dsv4.operator.planner import Plan, PlanError, plan_cached
+from dsv4.operator.writer import foreign_scale_event
 from pydantic import ValidationError
 
 READY, PROGRESSING, DEGRADED, PLAN_VALID = "Ready", "Progressing", "Degraded", "PlanValid"
@@ -31,7 +32,8 @@ class Observed:
     deployment: dict[str, Any] | None = None   # the child Deployment as returned by the API (or None)
     ready_pods: list[str] = field(default_factory=list)
     pending_pods: int = 0                      # pods that exist but are not ready
-    has_pod_monitor_crd: bool = False
+    has_pod_monitor_crd: bool = False          # the CRD exists and the operator may write PodMonitors
+    keda_available: bool = True                # the keda.sh CRDs exist and the operator may write ScaledObjects
     apply_error: str = ""                      # the previous apply failed with this
     default_image: str = manifests.DEFAULT_IMAGE  # the operator's DSV4_RUNTIME_IMAGE
 
@@ -78,12 +80,22 @@ def reconcile(name: str, namespace: str, uid: str, generation: int | None, raw_s
     events: list[tuple[str, str, str]] = []
     status = prev.model_copy(update={"observed_generation": generation,
                                      "selector": manifests.selector_string(name)})
+    spec: DSV4EndpointSpec | None = None
     try:
+        problem = api.name_problem(name)
+        if problem:
+            raise PlanError("InvalidName", problem)
         spec = api.parse_spec(raw_spec)
-        p = plan(spec)
-    except (ValidationError, PlanError) as e:
-        reason = e.reason if isinstance(e, PlanError) else "InvalidSpec"
-        msg = e.message if isinstance(e, PlanError) else api.format_validation_error(e)
+        p = plan_cached(spec)
+        failure = None
+    except PlanError as e:
+        failure = (e.reason, e.message)
+    except ValidationError as e:
+        failure = ("InvalidSpec", api.format_validation_error(e))
+    except Exception as e:  # noqa: BLE001 - a planner bug must not crash-loop the operator: report it instead
+        failure = ("PlanFailed", f"the planner failed: {type(e).__name__}: {e}")
+    if failure is not None:
+        reason, msg = failure
         was = next((c for c in conds if c.get("type") == PLAN_VALID), {})
         if was.get("status") != "False" or was.get("message") != msg[:1024]:
             events.append(("Warning", reason, msg))
@@ -94,12 +106,18 @@ def reconcile(name: str, namespace: str, uid: str, generation: int | None, raw_s
         conds = set_condition(conds, DEGRADED, "True", reason, msg, now, generation)
         status = status.model_copy(update={"conditions": [api.Condition.model_validate(c) for c in conds]})
         return Result([], status.wire(), events, None, msg)
+    assert spec is not None
 
     if autoscaler_replicas is None and spec.builtin_autoscaling and prev.desired_replicas is not None:
         autoscaler_replicas = prev.desired_replicas  # keep the autoscaler's last decision across spec edits
     objs = manifests.children(ref, spec, p, autoscaler_replicas=autoscaler_replicas,
                               with_pod_monitor=observed.has_pod_monitor_crd, default_image=observed.default_image)
+    if spec.keda_autoscaling and not observed.keda_available:
+        objs = [o for o in objs if o["kind"] != "ScaledObject"]
     desired = manifests.deployment_replicas(spec, p, autoscaler_replicas)
+    foreign = foreign_scale_event(name, spec, desired, prev.desired_replicas, observed.deployment)
+    if foreign:
+        events.append(foreign)
     replicas, ready, updated, failed = _deployment_counts(observed.deployment)
     if desired is None:  # KEDA owns replicas: read what it chose
         desired = int(((observed.deployment or {}).get("spec") or {}).get("replicas") or p.initial_replicas)
@@ -120,7 +138,17 @@ def reconcile(name: str, namespace: str, uid: str, generation: int | None, raw_s
                           "RollingOut" if rolling else "Complete",
                           f"{updated} updated, {ready} ready of {desired}", now, generation)
     if observed.apply_error:
+        was = next((c for c in conds if c.get("type") == DEGRADED), {})
+        if was.get("reason") != "ApplyFailed" or was.get("message") != observed.apply_error[:1024]:
+            events.append(("Warning", "ApplyFailed", observed.apply_error))  # once per distinct error, not per tick
         conds = set_condition(conds, DEGRADED, "True", "ApplyFailed", observed.apply_error, now, generation)
+    elif spec.keda_autoscaling and not observed.keda_available:
+        msg = ("autoscaling.mode is keda but KEDA is unavailable: install KEDA (keda.sh CRDs) and the chart with "
+               "rbac.keda=true; replicas stay as they are")
+        was = next((c for c in conds if c.get("type") == DEGRADED), {})
+        if was.get("reason") != "KedaUnavailable":
+            events.append(("Warning", "KedaUnavailable", msg))
+        conds = set_condition(conds, DEGRADED, "True", "KedaUnavailable", msg, now, generation)
     elif failed:
         conds = set_condition(conds, DEGRADED, "True", "DeploymentFailed",
                               "the Deployment reports ProgressDeadlineExceeded or ReplicaFailure", now, generation)

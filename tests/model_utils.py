@@ -3,6 +3,7 @@ and a driver that runs sequences through `DeepseekV4Model` with scattered paged 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -89,3 +90,14 @@ class PagedRunner:
         b = ForwardBatch.build([(t, p) for _, t, p in chunks], tables, recompute_until=recompute_until,
                                logits=logits)
         return self.model(b, self.pools)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny shapes run several times faster on one intra-op thread (no OpenMP spin on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

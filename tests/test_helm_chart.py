@@ -29,6 +29,7 @@ VALUE_SETS: dict[str, list[str]] = {
                       "--set", "dashboards.namespace=monitoring", "--set", "metrics.serviceMonitor.labels.release=kps"],
     "namespaced": ["--set", "operator.watchNamespaces={team-a,team-b}", "--set", "image.tag=1.2.3",
                    "--set", "operator.runtimeImage=registry.example/dsv4:gpu"],
+    "keda": ["--set", "rbac.keda=true"],
     "byo-serviceaccount": ["--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops",
                            "--set", "rbac.create=false", "--set", "dashboards.enabled=false",
                            "--set", "fullnameOverride=dsv4", "--set", "prometheusRule.enabled=true",
@@ -129,6 +130,15 @@ def test_rbac_is_least_privilege(rendered, name):
     assert ("", "pods", "delete") not in grants and ("", "pods", "create") not in grants
     monitoring = {g for g, _, _ in grants if g == "monitoring.coreos.com"}
     assert bool(monitoring) == (name == "everything-on")
+    keda = {(res, v) for g, res, v in grants if g == "keda.sh"}
+    assert bool(keda) == (name == "keda") and (not keda or ("scaledobjects", "create") in keda)
+    # the operator never reads Secrets, in any scope (the pod references the API-key Secret itself)
+    assert not {(g, res) for g, res, _ in grants if res == "secrets" or res.startswith("secrets/")}
+    # what the chart grants is what the operator is told it may use
+    (dep,) = by_kind(rendered[name], "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DSV4_OPERATOR_POD_MONITORS"] == str(bool(monitoring)).lower()
+    assert env["DSV4_OPERATOR_KEDA"] == str(bool(keda)).lower()
     cluster = [r for o in by_kind(rendered[name], "ClusterRole") for r in o["rules"]]
     if name == "namespaced":  # cluster-wide: only read-only CRD discovery for kopf
         assert all(r["apiGroups"] == ["apiextensions.k8s.io"] and set(r["verbs"]) <= {"get", "list", "watch"}
@@ -147,7 +157,12 @@ def test_operator_deployment(rendered, name):
     assert c["command"] == ["dsv4"] and c["args"][0] == "operator"
     sc = c["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
-    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc.get("capabilities", {}).get("add")
+    assert sc["runAsNonRoot"] is True and not sc.get("privileged")
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    writable = {m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")}
+    assert writable == {"/tmp"}  # HOME and kopf/kubernetes-client temp files; the rest is read-only
+    assert all("hostPath" not in v for v in pod.get("volumes", []))
     assert c["livenessProbe"]["httpGet"]["port"] == "health" and c["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -208,6 +223,7 @@ BAD_VALUES = [
     (["--set", "metrics.serviceMonitor.interval=soon"], "interval"),
     (["--set", "securityContext.allowPrivilegeEscalation=true"], "allowPrivilegeEscalation"),
     (["--set-string", "prometheusRule.thresholds.queueDepth=many"], "queueDepth"),
+    (["--set-string", "rbac.keda=yes"], "keda"),
 ]
 
 

@@ -11,14 +11,20 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     out = bench.run_kernels(smoke=True, device="cpu", reps=1)
     kinds = {(r["kernel"], r["kv"]) for r in out["rows"]}
     assert kinds == {("csa_attn", "fp8"), ("csa_attn", "bf16"), ("hca_attn", "fp8"), ("hca_attn", "bf16"),
-                     ("idx_scan", "bf16")}
+                     ("idx_scan", "bf16"), ("idx_scan", "fp8"), ("idx_scan", "fp4"), ("idx_topk", "fp32")}
     assert all(r["backend"] == "torch" and r["us"] > 0 and r["gbps"] > 0 for r in out["rows"])
     # bytes follow the row format: an fp8 row is 584 B, a bf16 row 1024 B (same rows otherwise)
     by = {(r["kernel"], r["kv"], r["batch"]): r["mbytes"] for r in out["rows"]}
     assert by[("csa_attn", "bf16", 1)] > by[("csa_attn", "fp8", 1)]
+    assert by[("idx_scan", "bf16", 4)] > by[("idx_scan", "fp8", 4)] > by[("idx_scan", "fp4", 4)]
     paths = bench.write_results(out, tmp_path)
     assert json.loads(paths["json"].read_text())["smoke"] is True
     assert "| csa_attn | fp8 | 2048 | 1 | torch |" in paths["md"].read_text()
+
+
+def test_bench_kernels_only_filter():
+    out = bench.run_kernels(smoke=True, device="cpu", reps=1, only=["idx_topk"])
+    assert {r["kernel"] for r in out["rows"]} == {"idx_topk"} and len(out["rows"]) == 2  # batch 1 and 4
 
 
 def test_peak_table():

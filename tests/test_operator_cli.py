@@ -65,8 +65,11 @@ def test_handlers_are_registered_and_storage_uses_the_project_prefix(monkeypatch
 
     reg = kopf.get_default_registry()
     changing = {h.id for h in reg._changing.get_all_handlers()}
-    assert {"on_create", "on_update", "on_resume", "on_delete"} <= changing
-    assert "tick" in {h.id for h in reg._spawning.get_all_handlers()}
+    assert {"on_create", "on_update", "on_resume"} <= changing
+    assert "track" in {h.id for h in reg._watching.get_all_handlers()}
+    # no timers/daemons and no mandatory delete handler: kopf adds no finalizer (deletion never waits for us)
+    assert not list(reg._spawning.get_all_handlers())
+    assert not any(h.requires_finalizer for h in reg._changing.get_all_handlers())
     monkeypatch.setattr(handlers, "METRICS_PORT", 0)
     settings = kopf.OperatorSettings()
     handlers.configure(settings=settings)

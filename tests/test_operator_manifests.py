@@ -69,7 +69,7 @@ def test_pod_shape_security_probes_and_router_labels() -> None:
     assert manifests.selector_string("chat") == ",".join(f"{k}={v}" for k, v in
                                                          dep["spec"]["selector"]["matchLabels"].items())
     mounts = {m["name"]: m for m in c["volumeMounts"]}
-    assert mounts["weights"]["readOnly"] and mounts["api-key"]["mountPath"] == manifests.SECRET_DIR
+    assert mounts["weights"]["readOnly"] and "api-key" not in mounts  # the key comes as env (secretKeyRef)
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert vols["weights"]["persistentVolumeClaim"] == {"claimName": "dsv4-flash-weights", "readOnly": True}
 

@@ -19,7 +19,7 @@ import pytest
 from dsv4.e2e import cluster as cluster_mod
 from dsv4.e2e import podnet, procs
 
-E2E_CLUSTER = "e2e"
+E2E_CLUSTER = os.environ.get("DSV4_E2E_CLUSTER", "e2e")  # another name lets two sessions run side by side
 
 
 def _unavailable() -> str | None:
@@ -63,6 +63,9 @@ def local_cluster(pytestconfig):
     try:
         yield c
     finally:
+        # processes restarted by fault tests (kube-apiserver) have new PIDs: check those too
+        now = cluster_mod.Cluster.load(E2E_CLUSTER)
+        records.update({f"{n} (restarted)": r for n, r in (now.procs if now else {}).items() if r != records.get(n)})
         with _uncaptured(pytestconfig):
             cluster_mod.down(E2E_CLUSTER)
         left = [f"{n} (pid {r.pid})" for n, r in records.items() if procs.is_alive(r)]

@@ -24,6 +24,8 @@ class TensorMeta:
     file: str
     dtype: str
     shape: tuple[int, ...]
+    offset: int = -1  # absolute byte offset of the data in `file` (-1 = unknown)
+    nbytes: int = 0
 
 
 def read_header(path: Path) -> dict[str, TensorMeta]:
@@ -62,7 +64,7 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
         if width is not None and math.ceil(math.prod(shape) * width) != end - start:
             raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}: shape {list(shape)} of {dtype} "
                                   f"needs {math.ceil(math.prod(shape) * width)} bytes, header gives {end - start}")
-        out[name] = TensorMeta(str(path), dtype, shape)
+        out[name] = TensorMeta(str(path), dtype, shape, 8 + n + int(start), int(end) - int(start))
     return out
 
 
@@ -95,4 +97,35 @@ def list_tensors(folder: str | Path) -> dict[str, TensorMeta]:
             if name in out:
                 raise CheckpointError(f"tensor {name!r} appears in both {out[name].file} and {f}")
             out[name] = meta
+    return out
+
+
+def torch_dtype(st_dtype: str):
+    """The torch dtype of a safetensors dtype string, or None when it has no direct equivalent (e.g. packed F4)."""
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FN": torch.float8_e4m3fn,
+            "F8_E5M2": torch.float8_e5m2}.get(st_dtype)
+
+
+def read_tensor(f, meta: TensorMeta, out=None):
+    """Read one tensor's bytes with a single `readinto` from the open binary file `f` (no mmap, so no file pages
+    count towards the process RSS). Into `out` when given (contiguous, same dtype and element count: zero extra
+    copies), else into a new tensor. CheckpointError naming the file when the data is short."""
+    import torch
+
+    dt = torch_dtype(meta.dtype)
+    if dt is None or meta.offset < 0:
+        raise CheckpointError(f"{meta.file}: tensor dtype {meta.dtype} cannot be read directly")
+    if out is None:
+        out = torch.empty(meta.shape, dtype=dt)
+    buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
+    if buf is None:
+        return out
+    f.seek(meta.offset)
+    got = f.readinto(buf)
+    if got != meta.nbytes:
+        raise CheckpointError(f"{meta.file}: truncated: read {got} of {meta.nbytes} bytes of a tensor")
     return out

@@ -8,15 +8,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from dsv4.runtime.checkpoint import quant
 from dsv4.runtime.checkpoint.errors import CheckpointError
-from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors
+from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors, read_tensor, torch_dtype
 from dsv4.runtime.checkpoint.names import canonical_name, checkpoint_tensors, module_target
 from dsv4.runtime.config import ConfigError, ModelConfig
+from torch import nn
 
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,12 +43,32 @@ def _resolve_dtype(cfg: ModelConfig, dtype: Any) -> torch.dtype:
     return dtype
 
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device as it is registered (before any init touches it).
+
+    Not `with torch.device("meta")`: that mode routes every op of the constructor (inits, RoPE tables) through
+    torch._refs, which imports torch._dynamo (~170 MB of host RSS and seconds of start-up). Parameters created with
+    torch.empty on the CPU are never touched (no resident pages) before they move to meta here."""
+    orig = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        orig(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig  # type: ignore[method-assign]
+
+
 def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
                     progress: bool = True) -> tuple[Any, ModelConfig]:
     """(DeepseekV4Model in eval mode on `device`, ModelConfig)."""
     from dsv4.runtime.model.model import DeepseekV4Model
     from dsv4.runtime.model.rope import inv_freq_for
-    from safetensors import safe_open
     from tqdm import tqdm
 
     folder = Path(path)
@@ -87,7 +110,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
             raise CheckpointError(f"{Path(meta.file).name}: tensor {name} has shape {list(got)}, expected "
                                   f"{list(want)} for this config.json")
 
-    with torch.device("meta"):
+    with _parameters_on_meta():
         model = DeepseekV4Model(cfg, wdtype, with_mtp=has_mtp)
     model = model.to_empty(device=device)
     model.inv_freq_main = inv_freq_for(cfg, compressed=False).to(device)
@@ -103,24 +126,14 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
     with torch.no_grad():
         for fname, names in sorted(by_file.items()):
             try:
-                with safe_open(fname, framework="pt", device="cpu") as f:
+                with open(fname, "rb", buffering=0) as f:
                     for hf in names:
                         name, meta, smeta = plan[hf]
-                        t = f.get_tensor(name)
-                        if smeta is not None:
-                            if smeta.file != fname:
-                                with safe_open(smeta.file, framework="pt", device="cpu") as g:
-                                    s = g.get_tensor(name[: -len(".weight")] + ".scale")
-                            else:
-                                s = f.get_tensor(name[: -len(".weight")] + ".scale")
-                            t = quant.dequantize(t, s, tuple(expected[hf].shape), name)
                         pname, row = module_target(hf)
                         dst = targets[pname]
                         if row is not None:
                             dst = dst[row]
-                        if dst.dtype == torch.long and t.dtype.is_floating_point:
-                            raise CheckpointError(f"{Path(fname).name}: tensor {name} must be an integer table")
-                        dst.copy_(t.to(dst.dtype))
+                        _fill(f, fname, name, meta, smeta, dst, tuple(expected[hf].shape))
                         filled.add(pname if row is None else f"{pname}[{row}]")
                         bar.update(1)
             except CheckpointError:
@@ -133,6 +146,36 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
     _validate_values(model, cfg)
     model.eval()
     return model, cfg
+
+
+def _read(f: Any, fname: str, name: str, meta: TensorMeta) -> torch.Tensor:
+    """One file tensor as a new CPU tensor: plain reads for torch dtypes, safetensors otherwise (packed F4)."""
+    if torch_dtype(meta.dtype) is not None and meta.offset >= 0:
+        if meta.file == fname:
+            return read_tensor(f, meta)
+        with open(meta.file, "rb", buffering=0) as g:
+            return read_tensor(g, meta)
+    from safetensors import safe_open
+
+    with safe_open(meta.file, framework="pt", device="cpu") as g:
+        return g.get_tensor(name)
+
+
+def _fill(f: Any, fname: str, name: str, meta: TensorMeta, smeta: TensorMeta | None, dst: torch.Tensor,
+          shape: tuple[int, ...]) -> None:
+    """dst <- file tensor `name` (dequantised with its scale when it has one). The common case, an unquantised
+    tensor already in the model's dtype, is read straight into the parameter's memory."""
+    if (smeta is None and torch_dtype(meta.dtype) == dst.dtype and tuple(meta.shape) == tuple(dst.shape)
+            and dst.is_contiguous() and dst.device.type == "cpu" and meta.offset >= 0):
+        read_tensor(f, meta, out=dst)
+        return
+    t = _read(f, fname, name, meta)
+    if smeta is not None:
+        s = _read(f, fname, name[: -len(".weight")] + ".scale", smeta)
+        t = quant.dequantize(t, s, shape, name)
+    if dst.dtype == torch.long and t.dtype.is_floating_point:
+        raise CheckpointError(f"{Path(fname).name}: tensor {name} must be an integer table")
+    dst.copy_(t.to(dst.dtype))
 
 
 def _validate_values(model: Any, cfg: ModelConfig) -> None:

@@ -16,7 +16,6 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,8 +283,42 @@ class LLMEngine:
 
 
 # ---------------------------------------------------------------------------------------------------
+class RequestStream:
+    """The outputs of one queued request, as an async iterator. `aclose()` (idempotent) before the final
+    output aborts the request in the engine, whether or not the stream was ever iterated."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
+        self.engine, self.request_id, self._queue = engine, request_id, queue
+        self.done = False  # the final output was taken
+        self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.done or self.closed:
+            raise StopAsyncIteration
+        out: RequestOutput = await self._queue.get()
+        if out.finished:
+            self.done = True
+            self.engine._streams.pop(self.request_id, None)
+        return out
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.engine._streams.pop(self.request_id, None)
+        if not self.done:
+            self.engine.abort(self.request_id)
+
+
 class AsyncEngine:
-    """Runs `LLMEngine` in a daemon thread; `generate()` is an async iterator of `RequestOutput`s."""
+    """Runs `LLMEngine` in a daemon thread; `generate()` admits and queues a request and returns its
+    `RequestStream` (an async iterator of `RequestOutput`s)."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -325,44 +358,78 @@ class AsyncEngine:
         return len(self._streams)
 
     # ---- requests ----------------------------------------------------------------------------------
-    def admit(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise Draining (503), RequestError (400) or QueueFull (429) before a request is queued."""
+    def admit(self, prompt_ids: list[int], params: SamplingParams, count: int = 1) -> None:
+        """Raise Draining (503), RequestError (400) or QueueFull (429) before a request is queued. `count`
+        requests with these parameters are about to be queued together (a completions batch of prompts).
+
+        Waiting = max(submitted and unfinished - max_num_seqs, waiting at the engine's last step): the first
+        term needs nothing from the engine thread (a burst is counted at once), the second counts requests
+        the cache cannot place yet. Submission happens in the same synchronous call as admission (`generate`),
+        so concurrent bursts cannot overshoot: at most max_num_seqs + max_queue requests are ever in flight."""
         if self.draining:
             raise Draining("server is shutting down; not accepting new requests")
         self.engine.check(prompt_ids, params)
         cfg = self.engine.config
-        with self._cv:
-            pending = sum(1 for kind, _ in self._inbox if kind == "add")
-        waiting = self.num_waiting + pending
-        if waiting >= cfg.max_queue:
+        if count > cfg.max_queue:
+            raise RequestError(f"a request may hold at most max_queue={cfg.max_queue} prompts, got {count}",
+                               "prompt")
+        waiting = max(0, len(self._streams) - cfg.scheduler.max_num_seqs, self.num_waiting)
+        if waiting + count > cfg.max_queue:
             per_slot = self.engine.e2e_ewma / max(1, cfg.scheduler.max_num_seqs)
-            retry = int(min(60, max(1, math.ceil(per_slot * (waiting - cfg.max_queue + 1)))))
-            raise QueueFull(f"too many requests waiting ({waiting} >= max_queue {cfg.max_queue}); retry later", retry)
+            retry = int(min(60, max(1, math.ceil(per_slot * (waiting + count - cfg.max_queue)))))
+            raise QueueFull(f"too many requests waiting ({waiting} + {count} > max_queue {cfg.max_queue}); "
+                            f"retry later", retry)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
-        self.admit(prompt_ids, params)
-        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), queue)
-        req = Request(rid, list(prompt_ids), params, priority=priority)
-        self._submit("add", req)
-        done = False
-        try:
-            while True:
-                out: RequestOutput = await queue.get()
-                if out.finished:
-                    done = True
-                yield out
-                if done:
-                    return
-        finally:
-            self._streams.pop(rid, None)
-            if not done:
-                self._submit("abort", rid)
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 priority: int = 0) -> RequestStream:
+        """Admit and queue one request now (raising like `admit`); returns its output stream. Closing the
+        stream before its last output (`aclose`, also when it was never iterated) aborts the request."""
+        return self.generate_many([prompt_ids], params, request_id, priority)[0]
+
+    def generate_many(self, prompts: list[list[int]], params: SamplingParams, request_id: str | None = None,
+                      priority: int = 0) -> list[RequestStream]:
+        """Admit all prompts or none (request ids `request_id-i` when there are several), then queue them.
+        Must be called on the event loop thread that consumes the streams."""
+        for ids in prompts[1:]:
+            self.engine.check(ids, params)
+        self.admit(prompts[0], params, count=len(prompts))
+        base = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        loop = asyncio.get_running_loop()
+        streams = []
+        for i, ids in enumerate(prompts):
+            rid = base if len(prompts) == 1 else f"{base}-{i}"
+            queue: asyncio.Queue = asyncio.Queue()
+            self._streams[rid] = (loop, queue)
+            streams.append(RequestStream(self, rid, queue))
+            self._submit("add", Request(rid, list(ids), params, priority=priority))
+        return streams
 
     def abort(self, request_id: str) -> None:
         self._submit("abort", request_id)
+
+    def call(self, fn: Any, timeout: float = 30.0) -> Any:
+        """Run `fn(llm_engine)` on the engine thread between steps and return its result (tests, admin: the
+        cache manager and scheduler may only be touched there). Raises TimeoutError if the thread is stuck."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def job(eng: LLMEngine) -> None:
+            try:
+                box["value"] = fn(eng)
+            except BaseException as e:  # handed back to the caller
+                box["error"] = e
+            finally:
+                done.set()
+
+        if not self.alive:
+            job(self.engine)
+        else:
+            self._submit("call", job)
+            if not done.wait(timeout):
+                raise TimeoutError(f"engine thread did not run the call within {timeout:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
     def _submit(self, kind: str, item: Any) -> None:
         with self._cv:
@@ -406,6 +473,8 @@ class AsyncEngine:
                     out = eng.abort(item)
                     if out is not None:
                         self._deliver(out)
+                elif kind == "call":
+                    item(eng)
             if eng.has_work:
                 try:
                     outs, wake_at = eng.step()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_LOGPROBS = 20
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily
 
 
 class RequestError(ValueError):
@@ -28,7 +29,7 @@ class RequestError(ValueError):
 
 @dataclass
 class SamplingParams:
-    """OpenAI sampling parameters. `temperature == 0` (or `top_k == 1`) is greedy.
+    """OpenAI sampling parameters. `temperature < 1e-5` (or `top_k == 1`) is greedy.
 
     Order of logit processing: penalties (on tokens generated so far), then temperature, top-k, top-p:
         l'[v] = l[v] - frequency_penalty * count[v] - presence_penalty * [count[v] > 0]
@@ -81,7 +82,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """temperature below SAMPLING_EPS is greedy (vLLM's rule): l / T would overflow to inf and NaN."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 class SeqStatus(enum.Enum):

@@ -59,8 +59,6 @@ class ModelRunner:
             for p in self.table_pools:
                 tables[p].append(list(bt.get(p, [])))
             ru.append(seq.recompute_until)
-        if not li:  # a step of prefill chunks only: ask for one row anyway (ignored) so every model path runs
-            li.append(len(ids) - 1)
         dev = self.device
         padded = {}
         for p, rs in tables.items():

@@ -73,9 +73,19 @@ def sample(logits: torch.Tensor, rows: list[RowSpec]) -> tuple[list[int], list[T
     """Sample one token per row of `logits` [N, V]. Returns token ids and (where asked) their logprobs."""
     logits = apply_penalties(logits.float().clone(), rows)
     tokens = torch.argmax(logits, dim=-1).tolist()
+    vocab = logits.shape[-1]
+    # rows without top-k / top-p: one batched softmax, then a draw per row with its own generator
+    plain = [i for i, r in enumerate(rows) if not r.params.greedy and not 0 < r.params.top_k < vocab
+             and r.params.top_p >= 1.0]
+    if plain:
+        temps = torch.tensor([rows[i].params.temperature for i in plain], dtype=logits.dtype)
+        probs = torch.softmax(logits[plain] / temps[:, None], dim=-1)
+        for j, i in enumerate(plain):
+            tokens[i] = int(torch.multinomial(probs[j], 1, generator=rows[i].generator).item())
+    done = set(plain)
     for i, r in enumerate(rows):
         p = r.params
-        if p.greedy:
+        if p.greedy or i in done:
             continue
         row = filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)

@@ -1,7 +1,8 @@
 """The DeepSeek-V4 model in torch on the engine's flattened batch, with paged multi-pool KV storage.
 
 Public API:
-    ForwardBatch, KVPools, DeepseekV4Model, build_model, cache_spec, load_model(path, device, dtype)
+    ForwardBatch, KVPools, DeepseekV4Model, build_model, cache_spec, load_model(path, device, dtype),
+    mtp_forward, mtp_pools (the MTP draft head)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from dsv4.runtime.model.batch import ForwardBatch
 from dsv4.runtime.model.kv_pools import KVPools, cache_spec
 from dsv4.runtime.model.model import DeepseekV4Model, build_model
+from dsv4.runtime.model.mtp import mtp_forward, mtp_pools
 
 
 def load_model(path: str, device: Any = "cpu", dtype: Any = None, progress: bool = True) -> tuple[Any, Any, Any]:
@@ -27,4 +29,5 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, progress: bool
     return model, cfg, tok
 
 
-__all__ = ["ForwardBatch", "KVPools", "DeepseekV4Model", "build_model", "cache_spec", "load_model"]
+__all__ = ["ForwardBatch", "KVPools", "DeepseekV4Model", "build_model", "cache_spec", "load_model", "mtp_forward",
+           "mtp_pools"]

@@ -18,6 +18,7 @@ from dsv4.runtime.model.context import Emission, StepContext
 from dsv4.runtime.model.kv_pools import KVPools
 from dsv4.runtime.model.layers import RMSNorm, rms
 from dsv4.runtime.model.rope import apply_rope, cos_sin
+from dsv4.runtime.model.topk import select_topk
 from torch import nn
 
 
@@ -60,19 +61,19 @@ class Compressor(nn.Module):
 
 def _run_compressor(comp: Compressor, x: torch.Tensor, ctx: StepContext, kind: str, pools: KVPools, layer: int,
                     state_pool: str, cols: tuple[int, int], out_pool: str, inv_freq: torch.Tensor) -> None:
-    """Write this step's state rows, then emit every completed entry into `out_pool`."""
+    """Write this step's state rows, then emit every completed entry into `out_pool`.
+
+    One `dispatch.compressor_step` (Triton on CUDA; torch reference otherwise, bit-identical to
+    `Compressor.pool` + `KVPools.write`)."""
     kv, score = comp.project(x, ctx.pos)
-    a, b = cols
-    slots = ctx.state_slot[kind]
-    pools.write(state_pool, layer, slots, torch.cat([kv, score], dim=-1).float(), cols=slice(a, b))
     em: Emission = ctx.emissions[kind]
-    if em.token.numel() == 0:
-        return
-    st = pools.tensor(state_pool, layer)
-    valid = em.state_rows >= 0
-    rows = st[em.state_rows.clamp(min=0)][..., a:b].float()
-    entries = comp.pool(rows, valid, inv_freq, em.entry, x.dtype)
-    pools.write(out_pool, layer, em.dest, entries)
+    fmt = "plain"
+    if pools.is_fp8(out_pool):
+        fmt = f"{pools.spec.index_dtype}_index" if out_pool == "idx" else "fp8_kv"
+    dispatch.compressor_step(kv, score, pools.tensor(state_pool, layer), ctx.state_slot[kind], em.state_rows,
+                             em.entry, em.dest, pools.tensor(out_pool, layer), comp.norm.weight, inv_freq,
+                             ratio=comp.ratio, coff=comp.coff, eps=comp.norm.eps, col_offset=cols[0], out_format=fmt,
+                             rope_dim=pools.rope_dim, compute_dtype=x.dtype)
 
 
 class Indexer(nn.Module):
@@ -134,7 +135,10 @@ class Attention(nn.Module):
             w = ix.weights_proj(x).float() * (ix.n ** -0.5 * ix.d ** -0.5)
             cand = ctx.visible[CSA]
             keys, kidx = pools.gather_view("idx", layer, cand)
-            top = dispatch.indexer_topk(qi, w, keys, kidx, ix.k)
+            if kidx.shape[1] <= ix.k:  # every visible entry is selected, no scoring
+                top = dispatch.indexer_topk(qi, w, keys, kidx, ix.k)
+            else:  # deterministic tie-break (lower entry index wins), see topk.py
+                top = select_topk(dispatch.indexer_scores(qi, w, keys, kidx), kidx, ix.k)
             if keys is not pools.tensor("idx", layer):  # fp8 / compacted view: map back to physical rows
                 top = _unmap(top, kidx, cand)
             comp_kv, comp_idx = pools.gather_view("csa", layer, top)

@@ -46,7 +46,10 @@ class ForwardBatch:
               recompute_until: list[int] | None = None, logits: str = "last",
               device: torch.device | str = "cpu") -> ForwardBatch:
         """Convenience constructor: `seqs` = [(token ids of this step, position of the first one)], block
-        tables as lists per sequence (padded with -1 here); `logits` = "last" (one row per sequence) or "all"."""
+        tables as lists per sequence (padded with -1 here); `logits` = "last" (one row per sequence), "all" or
+        "none" (no logits, e.g. mid-prompt prefill chunks only: forward returns [0, vocab])."""
+        if logits not in ("last", "all", "none"):
+            raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
         ids, pos, starts, li = [], [], [0], []
         for toks, p0 in seqs:
             ids += list(toks)
@@ -54,7 +57,7 @@ class ForwardBatch:
             starts.append(len(ids))
             if logits == "all":
                 li += list(range(starts[-2], starts[-1]))
-            else:
+            elif logits == "last":
                 li.append(starts[-1] - 1)
         tables = {}
         for name, rows in block_tables.items():

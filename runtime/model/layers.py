@@ -37,7 +37,7 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     collapsed = Σ_i pre_i · h_i.
     """
     T = h.shape[0]
-    flat = rms(h.reshape(T, -1).float(), norm_eps)
+    flat = rms(h.flatten(1).float(), norm_eps)
     mixes = F.linear(flat, fn.float())
     pre_w, post_w, comb_w = mixes.split([hc, hc, hc * hc], dim=-1)
     pre_b, post_b, comb_b = base.float().split([hc, hc, hc * hc])
@@ -62,8 +62,7 @@ def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.
 def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
             norm_eps: float) -> torch.Tensor:
     """Final fold of the hc streams: Σ_i (σ(m_i·s + b_i) + eps) · h_i."""
-    T = h.shape[0]
-    flat = rms(h.reshape(T, -1).float(), norm_eps)
+    flat = rms(h.flatten(1).float(), norm_eps)
     mixes = F.linear(flat, fn.float())
     pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
     return (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
@@ -102,13 +101,17 @@ class Experts(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x). Loops over experts that received tokens."""
-        out = torch.zeros_like(x)
+        """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x). Loops over experts that received tokens.
+
+        Each (token, choice) pair writes its own row of a [T·k, H] buffer (a plain index put: no scatter-add,
+        which is slow on CPU), then the k rows of a token are summed."""
+        T, k = idx.shape
         flat_e = idx.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
         counts = torch.bincount(flat_e, minlength=self.w1.shape[0]).tolist()
-        tok = order // idx.shape[1]
+        tok = order // k
         wts = w.reshape(-1)[order]
+        ys = torch.zeros(T * k, x.shape[-1], dtype=x.dtype, device=x.device)
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
@@ -116,9 +119,9 @@ class Experts(nn.Module):
             rows = tok[start:start + c]
             xe = x[rows]
             y = F.linear(swiglu(F.linear(xe, self.w1[e]), F.linear(xe, self.w3[e]), self.limit), self.w2[e])
-            out.index_add_(0, rows, (y * wts[start:start + c, None].to(y.dtype)).to(out.dtype))
+            ys[order[start:start + c]] = (y * wts[start:start + c, None].to(y.dtype)).to(x.dtype)
             start += c
-        return out
+        return ys.view(T, k, -1).sum(dim=1)
 
 
 class Gate(nn.Module):

@@ -84,7 +84,12 @@ class DeepseekV4Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        # no init on the meta device (the loader's path): nn.Embedding's normal_ there goes through torch._refs,
+        # which imports torch._dynamo (~170 MB of RSS, seconds); real devices keep the default N(0, 1) init
+        w = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=w)
+        if not self.embed_tokens.weight.is_meta:
+            nn.init.normal_(self.embed_tokens.weight)
         self.layers = nn.ModuleList(
             Block(cfg, cfg.layer_types[i], cfg.mlp_layer_types[i] == HASH_MOE, dtype)
             for i in range(cfg.num_hidden_layers)

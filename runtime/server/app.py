@@ -3,7 +3,8 @@
 
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for validation (the message
 names the field) and requests that can never fit (it names the limit), 401 without the API key, 404 for an
-unknown model, 429 with Retry-After when the waiting queue is full, 503 while draining.
+unknown model, 408/413 for a body that stalls or exceeds max_body_bytes (limits.py), 429 with Retry-After when
+the waiting queue is full, 503 while draining. `/openapi.json` documents all of them (no 422).
 Streaming is server-sent events; a final chunk carries usage (unless stream_options.include_usage is false).
 A client that disconnects cancels its request: the engine frees its cache before the next step.
 """
@@ -24,10 +25,20 @@ from typing import Any
 import anyio
 from dsv4.runtime.engine.engine import AsyncEngine, Draining, QueueFull
 from dsv4.runtime.engine.request import RequestError, RequestOutput, SamplingParams, TokenLogprob
-from dsv4.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from dsv4.runtime.server.limits import BodyLimitMiddleware
+from dsv4.runtime.server.protocol import (
+    ERRORS_V1,
+    SSE_DOC,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    error_body,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("dsv4.server")
@@ -46,6 +57,8 @@ class ServerState:
     ready: bool = True
     draining: bool = False
     in_flight: int = 0  # /v1 HTTP requests being served (streams included)
+    max_body_bytes: int = 16 * 2**20  # larger /v1 request bodies get 413
+    body_timeout_s: float = 30.0  # a /v1 request body that takes longer to arrive gets 408
     extra_info: dict[str, Any] = field(default_factory=dict)
 
     def count_error(self, code: int) -> None:
@@ -66,13 +79,38 @@ def _error_response(state: ServerState, status: int, message: str, type_: str, p
     return JSONResponse(error_body(message, type_, param, status), status_code=status, headers=headers)
 
 
+_BUILTIN_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_union_tag(x: Any) -> bool:
+    """pydantic puts the union member ('constrained-str', 'list[int]', 'str') into an error's location."""
+    return isinstance(x, str) and (any(c in x for c in "[]-") or x in _BUILTIN_TAGS)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, first = [], None
+    unions: dict[str, list[str]] = {}  # field -> union members that all failed
     for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        raw = [x for x in err.get("loc", ()) if x != "body"]
+        tag = next((i for i, x in enumerate(raw) if _is_union_tag(x)), None)
+        if tag is not None and err.get("type") not in ("extra_forbidden", "missing"):
+            where = ".".join(str(x) for x in raw[:tag])
+            if where not in unions:
+                unions[where] = []
+                parts.append(where)  # placeholder, filled below
+                first = first or where or None
+            member = str(raw[tag]).replace("constrained-", "")
+            if member not in unions[where]:
+                unions[where].append(member)
+            continue
+        loc = [str(x) for x in raw if not _is_union_tag(x)]
         where = ".".join(loc)
         if err.get("type") == "json_invalid":
             parts.append(f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
+            continue
+        if not where:  # the body as a whole
+            what = "request body required" if err.get("type") == "missing" else f"request body: {err.get('msg')}"
+            parts.append(f"{what} (send a JSON object with Content-Type: application/json)")
             continue
         if err.get("type") == "extra_forbidden":
             parts.append(f"{where}: unknown field (not part of this API)")
@@ -81,6 +119,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         else:
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         first = first or where or None
+    parts = [f"{p}: invalid value: expected one of {', '.join(unions[p])}" if p in unions else p for p in parts]
     return "; ".join(parts) or "invalid request", first
 
 
@@ -108,7 +147,12 @@ class InFlightMiddleware:
 
 class SSEResponse(StreamingResponse):
     """Streams events while listening for the client's disconnect (whatever the ASGI spec version), and
-    always closes the event iterator, so the request is cancelled in the engine as soon as the client goes."""
+    always closes the event iterator and the engine streams behind it (`streams`, also when the iterator never
+    started), so the request is cancelled in the engine as soon as the client goes."""
+
+    def __init__(self, content: Any, streams: list[Any], **kw: Any):
+        super().__init__(content, **kw)
+        self.streams = streams
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -125,6 +169,8 @@ class SSEResponse(StreamingResponse):
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
+            for st in self.streams:
+                st.close()
 
 
 def _sse(obj: Any) -> str:
@@ -166,6 +212,8 @@ async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for g in gens:  # a cancelled pump does not close its stream: abort what did not finish
+            await g.aclose()  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -184,6 +232,20 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.dsv4 = state
     tok = state.tokenizer
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema with its 422 responses removed: validation errors are 400 here (OpenAI's code)."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     # ---- errors ------------------------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -196,7 +258,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error_response(state, exc.status_code, str(exc.detail), "invalid_request_error")
+        msg = str(exc.detail)
+        if exc.status_code == 400 and msg == "There was an error parsing the body":  # FastAPI: not UTF-8 / too deep
+            msg = "malformed JSON body: cannot be parsed (not UTF-8, or nested too deeply)"
+        return _error_response(state, exc.status_code, msg, "invalid_request_error")
 
     @app.exception_handler(RequestError)
     async def _request_error(_req: Request, exc: RequestError) -> JSONResponse:
@@ -224,9 +289,10 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(404, f"model {name!r} does not exist; this server serves {state.model_name!r}",
                            "not_found_error", "model")
 
-    def admit(prompt_ids: list[int], params: SamplingParams) -> None:
+    def start(prompts: list[list[int]], params: SamplingParams, rid: str, priority: int) -> list[Any]:
+        """Admit every prompt (or none) and queue them; the HTTP error for a refusal."""
         try:
-            state.engine.admit(prompt_ids, params)
+            return state.engine.generate_many(prompts, params, rid, priority)
         except RequestError as e:
             raise APIError(e.code, str(e), "invalid_request_error", e.field) from None
         except QueueFull as e:
@@ -238,25 +304,29 @@ def create_app(state: ServerState) -> FastAPI:
         return tok.decode([tid], skip_special_tokens=False)
 
     # ---- probes and metadata -------------------------------------------------------------------------
-    @app.get("/health", tags=["probes"], summary="Liveness: the engine thread is alive")
+    probe_doc = {200: {"description": "OK"}, 503: {"description": "Not live / not ready (JSON status)"}}
+
+    @app.get("/health", tags=["probes"], summary="Liveness: the engine thread is alive", responses=probe_doc)
     async def health() -> Response:
         if not state.engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready", tags=["probes"], summary="Readiness: model loaded and not draining")
+    @app.get("/ready", tags=["probes"], summary="Readiness: model loaded and not draining", responses=probe_doc)
     async def ready() -> Response:
         ok = state.ready and not state.draining and state.engine.alive
         body = {"ready": ok, "draining": state.draining, "model": state.model_name,
                 "running": state.engine.num_running, "waiting": state.engine.num_waiting}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics (names in docs/metrics.md)")
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics (names in docs/metrics.md)",
+             response_class=PlainTextResponse)
     async def metrics() -> Response:
         body, ctype = state.metrics.render()
         return Response(body, media_type=ctype)
 
-    @app.get("/v1/models", tags=["openai"])
+    @app.get("/v1/models", tags=["openai"], response_model=ModelList,
+             responses={k: ERRORS_V1[k] for k in (401, 503)})
     async def models(request: Request) -> dict[str, Any]:
         check_auth(request)
         return {"object": "list", "data": [{
@@ -276,7 +346,8 @@ def create_app(state: ServerState) -> FastAPI:
             tops.append(None if e is None else {token_str(t): lp for t, lp in e.top} or None)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
-    @app.post("/v1/completions", tags=["openai"])
+    @app.post("/v1/completions", tags=["openai"], response_model=None, responses={
+        200: {"model": CompletionResponse, "content": SSE_DOC}, **ERRORS_V1})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_auth(request)
         check_model(body.model)
@@ -286,11 +357,9 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
         want_prompt_lp = body.echo and body.logprobs is not None
         params = body.sampling(body.max_tokens or 16, body.logprobs, body.logprobs if want_prompt_lp else None)
-        for ids in prompts:
-            admit(ids, params)
         prompt_texts = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        gens = [state.engine.generate(ids, params, f"{rid}-{i}", body.priority) for i, ids in enumerate(prompts)]
+        gens = start(prompts, params, rid, body.priority)
         n = body.n
         created = int(time.time())
 
@@ -328,7 +397,7 @@ def create_app(state: ServerState) -> FastAPI:
                                 "model": state.model_name, "choices": [], "usage": usage})
                 yield "data: [DONE]\n\n"
 
-            return SSEResponse(events(), media_type="text/event-stream")
+            return SSEResponse(events(), gens, media_type="text/event-stream")
 
         finals, choices = await _collect(request, gens, n)
         out_choices = []
@@ -360,7 +429,8 @@ def create_app(state: ServerState) -> FastAPI:
                                              for t, lp in e.top]})
         return {"content": content}
 
-    @app.post("/v1/chat/completions", tags=["openai"])
+    @app.post("/v1/chat/completions", tags=["openai"], response_model=None, responses={
+        200: {"model": ChatCompletionResponse, "content": SSE_DOC}, **ERRORS_V1})
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_auth(request)
         check_model(body.model)
@@ -378,9 +448,8 @@ def create_app(state: ServerState) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         params = body.sampling(max_tokens, top if body.logprobs else None)
-        admit(ids, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gen = state.engine.generate(ids, params, rid, body.priority)
+        [gen] = start([ids], params, rid, body.priority)
         created = int(time.time())
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -410,7 +479,7 @@ def create_app(state: ServerState) -> FastAPI:
                         yield chunk([], usage=_usage([out]))
                 yield "data: [DONE]\n\n"
 
-            return SSEResponse(events(), media_type="text/event-stream")
+            return SSEResponse(events(), [gen], media_type="text/event-stream")
 
         finals, choices = await _collect(request, [gen], body.n)
         out_choices = []
@@ -422,7 +491,11 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
                              "choices": out_choices, "usage": _usage(list(finals.values()))})
 
-    return InFlightMiddleware(app, state)  # type: ignore[return-value]
+    def on_body_error(status: int, message: str, type_: str, param: str | None, headers: dict[str, str]) -> Any:
+        return _error_response(state, status, message, type_, param, headers)
+
+    limited = BodyLimitMiddleware(app, lambda: state.max_body_bytes, on_body_error, lambda: state.body_timeout_s)
+    return InFlightMiddleware(limited, state)  # type: ignore[return-value]
 
 
 def _usage(finals: list[RequestOutput]) -> dict[str, Any]:
@@ -469,4 +542,6 @@ async def _collect(request: Request, gens: list[AsyncIterator[RequestOutput]], n
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for g in gens:  # idempotent; aborts streams whose consumer never started
+            await g.aclose()  # type: ignore[attr-defined]
     return finals, choices

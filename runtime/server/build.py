@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsv4.runtime.server.config import ServeConfig, ServeConfigError
+from dsv4.runtime.server.memory_guard import check_cpu_blocks, clamp_cpu_budget, host_available_bytes, pools_bytes
 
 log = logging.getLogger("dsv4.serve")
 
@@ -28,6 +29,7 @@ class Built:
     cache: Any
     spec: Any
     model_config: Any
+    group: Any = None  # dsv4.runtime.parallel.leader.Leader when tp > 1 (close it after the engine stops)
 
 
 def ensure_tiny_model(path: Any, say: Any = log.info) -> None:
@@ -67,18 +69,33 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     if cfg.model is None:
         ensure_tiny_model(model_dir, say)
     device = resolve_device(cfg.device)
+    group = None
+    if cfg.tp > 1:  # spawn ranks 1..tp-1 first: they load the checkpoint while this process does
+        from dsv4.runtime.parallel.leader import start_for_serving
+
+        group = start_for_serving(cfg, model_dir, device)
+        device = group.info.device
     say(f"loading {model_dir} on {device}")
     model, mcfg, tok = load_model(str(model_dir), device=device, progress=False)
+    if group is not None:
+        from dsv4.runtime.parallel.shard import shard_model
+
+        shard_model(model, mcfg, 0, cfg.tp, group.info.pg)
     if tok is None:
         raise ServeConfigError(f"{model_dir} has no tokenizer.json; the server needs one")
     model.eval()
     kv_dtype = cfg.kv_dtype
     if kv_dtype == "auto":
         kv_dtype = "fp32" if device == "cpu" and str(mcfg.torch_dtype) in ("float32", "torch.float32") else "bf16"
-    spec = CacheSpec.from_model(mcfg, kv_dtype=kv_dtype)
+    # FP8 KV keeps FP4 indexer keys, the layout the planner (operator/planner.py) and `dsv4 bench capacity` size
+    spec = CacheSpec.from_model(mcfg, kv_dtype=kv_dtype, index_dtype="fp4" if kv_dtype == "fp8" else None)
     policy_kw = {"policy": cfg.cache_policy}
+    context = None
     if cfg.num_blocks is not None:
         num_blocks = {p: int(cfg.num_blocks) for p in spec.pools}
+        if device == "cpu" and (err := check_cpu_blocks(pools_bytes(spec, num_blocks), host_available_bytes(),
+                                                        cfg.host_memory_fraction)):
+            raise ServeConfigError(err)
         cache = CacheManager(spec, num_blocks, policy=cfg.cache_policy, checkpoint_every=cfg.checkpoint_every,
                              enable_prefix_caching=cfg.enable_prefix_caching)
     else:
@@ -89,12 +106,26 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
             budget = int(free * GPU_MEMORY_FRACTION)
         else:
             budget = int(CPU_DEFAULT_BUDGET_GIB * 2**30)
+        if device == "cpu":  # host-RAM guard: never more cache than the machine has (memory_guard.py)
+            budget, warning = clamp_cpu_budget(budget, host_available_bytes(), cfg.host_memory_fraction)
+            if warning:
+                log.warning(warning)
         expected = cfg.expected_context or min(int(mcfg.max_position_embeddings), cfg.max_model_len or 8192)
+        # prefill headroom = the scheduler's largest chunk, as the planner sizes it (operator/capacity.py)
+        chunk = min(cfg.chunked_prefill_size or cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
+        context = expected
         cache = CacheManager.from_budget(spec, budget, expected_context=expected, split_override=cfg.pool_split,
-                                         checkpoint_every=cfg.checkpoint_every,
+                                         checkpoint_every=cfg.checkpoint_every, prefill_chunk=chunk,
                                          enable_prefix_caching=cfg.enable_prefix_caching, **policy_kw)
     num_blocks = dict(cache.num_blocks)
-    pools = KVPools.for_model(mcfg, spec, num_blocks, device=device)
+    try:
+        pools = KVPools.for_model(mcfg, spec, num_blocks, device=device)
+    except (RuntimeError, MemoryError) as e:  # torch's allocator: out of host or device memory
+        raise ServeConfigError(f"cannot allocate the KV cache pools ({pools_bytes(spec, num_blocks) / 2**30:.2f} "
+                               f"GiB on {device}): {e}; lower cache_budget_gib or num_blocks") from None
+    if group is not None:
+        group.setup_workers(spec, num_blocks)
+        model = group.wrap(model)
     cache_limit = int(cache.max_request_tokens())
     max_len = min(int(mcfg.max_position_embeddings), cache_limit)
     if cfg.max_model_len is not None:
@@ -111,7 +142,11 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     llm = LLMEngine(model, mcfg, tok, cache, pools, EngineConfig(sched, max_len, cfg.max_queue), device, metrics)
     metrics.update_cache(cache.stats())
     report = capacity_report(spec, cache, num_blocks, max_len, kv_dtype, cfg)
-    return Built(AsyncEngine(llm), tok, name, max_len, metrics, report, cache, spec, mcfg)
+    if group is not None:
+        from dsv4.runtime.parallel.leader import capacity_lines
+
+        report += capacity_lines(group, mcfg, cache, context or max_len)
+    return Built(AsyncEngine(llm), tok, name, max_len, metrics, report, cache, spec, mcfg, group)
 
 
 def capacity_report(spec: Any, cache: Any, num_blocks: dict[str, int], max_len: int, kv_dtype: str,

@@ -15,6 +15,7 @@ from typing import Any
 
 CACHE_POLICIES = ("full", "checkpoint", "recompute")
 KV_DTYPES = ("auto", "fp32", "bf16", "fp8")
+MAX_TP = 64
 
 # Named workload profiles (the operator's PROFILE_NAMES): defaults they change.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -45,7 +46,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     profile: str | None = None
-    tp: int = 1
+    tp: int = 1  # tensor-parallel ranks (one process and one device each); see docs/parallel.md
+    tp_timeout_s: float = 60.0  # every TP collective fails after this long (a dead or hung rank ends the server)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batching_delay_ms: float = 0.0
     max_num_batched_tokens: int = 2048
@@ -64,6 +66,8 @@ class ServeConfig:
     api_key_file: str | None = None
     grace_period_s: float = 30.0
     default_max_tokens: int | None = None  # chat default when max_tokens is absent (None: up to max_model_len)
+    max_body_bytes: int = 16 * 2**20  # largest /v1 request body (HTTP 413 above it)
+    host_memory_fraction: float = 0.5  # CPU: the cache may use at most this share of available host RAM
     log_level: str = "info"
     config: str | None = None  # the file these values were read from
 
@@ -97,8 +101,11 @@ class ServeConfig:
                 raise ServeConfigError(msg)
 
         need(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
-        need(self.tp == 1, f"tp (tensor parallel size) must be 1 in this runtime build (one device per "
-                           f"replica), got {self.tp}")
+        need(isinstance(self.tp, int) and 1 <= self.tp <= MAX_TP,
+             f"tp (tensor parallel size) must be an integer in [1, {MAX_TP}], got {self.tp!r}")
+        need(self.tp_timeout_s > 0, f"tp_timeout_s must be > 0, got {self.tp_timeout_s}")
+        need(self.tp == 1 or not self.device.startswith("cuda:"),
+             f"device {self.device!r} pins one GPU; with tp {self.tp} use device cuda (rank k runs on cuda:k)")
         need(self.batching_delay_ms >= 0, f"batching_delay_ms must be >= 0, got {self.batching_delay_ms}")
         need(self.batching_delay_ms <= 10_000, f"batching_delay_ms must be <= 10000, got {self.batching_delay_ms}")
         need(self.max_num_batched_tokens >= 1,
@@ -121,6 +128,9 @@ class ServeConfig:
         need(self.grace_period_s >= 0, f"grace_period_s must be >= 0, got {self.grace_period_s}")
         need(self.default_max_tokens is None or self.default_max_tokens >= 1,
              f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        need(self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        need(0 < self.host_memory_fraction <= 0.95,
+             f"host_memory_fraction must be in (0, 0.95], got {self.host_memory_fraction}")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

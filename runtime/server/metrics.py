@@ -15,7 +15,7 @@ from dsv4.runtime import metrics_catalog as catalog
 from dsv4.runtime.engine.engine import EngineObserver, StepInfo
 from dsv4.runtime.engine.request import Request, Sequence
 
-ERROR_CODES = (400, 401, 404, 429, 500, 503)
+ERROR_CODES = (400, 401, 404, 408, 413, 429, 500, 503)
 
 
 def pool_stats(cache_stats: Any) -> dict[str, Any]:

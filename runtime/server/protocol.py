@@ -7,16 +7,38 @@ include_stop_str_in_output.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from dsv4.runtime.engine.request import MAX_LOGPROBS, SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
+_Text = Annotated[str, Field(min_length=1)]
+
+
+_TokenId = Annotated[int, Field(ge=0)]
+_T = TypeVar("_T")
+_NonEmpty = Annotated[_T, Field(min_length=1)]
+_Ids = Annotated[list[_TokenId], Field(min_length=1)]
+
+
+def _integral(v: Any) -> Any:
+    """JSON Schema's integer includes 2.0: floats without a fraction become ints (also inside lists); strings,
+    booleans and 2.5 stay errors for integer fields (the models are strict)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_integral(x) for x in v]
+    return v
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral_floats(cls, v: Any) -> Any:
+        return _integral(v)
 
 
 class StreamOptions(_Strict):
@@ -30,18 +52,19 @@ class _Sampling(_Strict):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Up to 8 stop strings.")
+    stop: _Text | Annotated[list[_Text], Field(max_length=8)] | None = Field(None, description="Up to 8 stop strings.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     user: str | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be empty.")
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
+        None, description="Not supported: must be empty.")
     # vLLM-style extensions
     top_k: int = Field(0, ge=-1, description="Sample from the k most likely tokens (0 or -1: all).")
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[_TokenId] | None = None
     ignore_eos: bool = False
-    priority: int = Field(0, description="Lower values are scheduled first.")
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="Lower values are scheduled first.")
     include_stop_str_in_output: bool = False
 
     @field_validator("stop")
@@ -78,13 +101,13 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, a list of texts, token ids, or a list of token-id lists.")
+    prompt: _Text | _NonEmpty[list[_Text]] | _NonEmpty[list[_TokenId]] | _NonEmpty[list[_Ids]] = Field(
+        description="Text, a list of texts, token ids, or a list of token-id lists (none empty).")
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate (default 16).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives per token (<= 20).")
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="Only best_of == n is supported.")
-    suffix: str | None = Field(None, description="Not supported: must be null.")
+    suffix: Annotated[str, Field(max_length=0)] | None = Field(None, description="Not supported: null or empty.")
 
     @field_validator("prompt")
     @classmethod
@@ -128,6 +151,10 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
@@ -136,14 +163,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    response_format: dict[str, Any] | None = Field(None, description="Only {\"type\": \"text\"} is supported.")
-
-    @field_validator("response_format")
-    @classmethod
-    def _fmt(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v and v.get("type", "text") != "text":
-            raise ValueError(f"response_format type {v.get('type')!r} is not supported (only 'text')")
-        return v
+    response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"} is supported.")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -154,3 +174,126 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
                code: int | str | None = None) -> dict[str, Any]:
     """The OpenAI error JSON shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# ---- response shapes (documentation in /openapi.json; the handlers build plain dicts of these shapes) ------
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Doc):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(_Doc):
+    error: ErrorDetail
+
+
+class PromptTokensDetails(_Doc):
+    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache.")
+
+
+class Usage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(_Doc):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Doc):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_reason: str | int | None = None
+
+
+class CompletionResponse(_Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(_Doc):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Doc):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(_Doc):
+    role: Literal["assistant"]
+    content: str | None = None
+
+
+class ChatChoice(_Doc):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionResponse(_Doc):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(_Doc):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+SSE_DOC = {"text/event-stream": {"schema": {  # one event (OpenAPI < 3.2: `schema` describes each event)
+    "type": "object", "required": ["data"], "description": (
+        "Server-sent events (`stream: true`): `data: <chunk JSON>` lines, the last `data: [DONE]`."),
+    "properties": {"data": {"type": "string", "description": "A chunk object as JSON text, or [DONE]."},
+                   "event": {"type": "string"}}}}}
+
+ERRORS_V1: dict[int | str, dict[str, Any]] = {
+    400: _err("Invalid request: the message names the field and the limit (also malformed JSON, a prompt over the "
+              "context limit, a wrong type, an unknown field)."),
+    401: _err("Missing or wrong API key (only when the server has one)."),
+    404: _err("Unknown model."),
+    408: _err("The request body did not arrive in time."),
+    413: _err("Request body larger than max_body_bytes."),
+    429: _err("Waiting queue full (max_queue); see the Retry-After header."),
+    500: _err("Model failure."),
+    503: _err("Draining (shutting down); see the Retry-After header."),
+}

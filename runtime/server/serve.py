@@ -65,10 +65,16 @@ def _server_class() -> Any:
 
 
 def serve(cfg: ServeConfig, api_key: str | None) -> int:
+    import faulthandler
+    import sys
+    import threading
+
     import uvicorn
     from dsv4.runtime.server.app import ServerState, create_app
     from dsv4.runtime.server.build import build_engine
 
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack to the log (diagnosing a hang)
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     t0 = time.monotonic()
     built = build_engine(cfg)
     for line in built.report:
@@ -77,7 +83,7 @@ def serve(cfg: ServeConfig, api_key: str | None) -> int:
     # the built-in tiny model has random weights and rarely emits EOS: cap chat requests without max_tokens
     default_max = cfg.default_max_tokens or (TINY_DEFAULT_MAX_TOKENS if cfg.model is None else None)
     state = ServerState(built.engine, built.tokenizer, built.model_name, built.max_model_len, built.metrics,
-                        api_key, default_max)
+                        api_key, default_max, max_body_bytes=cfg.max_body_bytes)
     app = create_app(state)
     log.info("model %r ready in %.1f s; auth %s; serving on http://%s:%d (metrics at /metrics)",
              built.model_name, time.monotonic() - t0, "on" if api_key else "off", cfg.host, cfg.port)
@@ -86,5 +92,10 @@ def serve(cfg: ServeConfig, api_key: str | None) -> int:
     server = _server_class()(config, state, cfg.grace_period_s)
     server.run()
     built.engine.shutdown()
+    if built.group is not None:
+        built.group.close()
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if left:
+        log.warning("threads still running at exit (the interpreter waits for them): %s", ", ".join(left))
     log.info("stopped")
     return 0

@@ -21,7 +21,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--host", {"help": "bind address (default 127.0.0.1)"}),
     ("--port", {"type": int, "help": "port (default 8000)"}),
     ("--profile", {"help": "workload preset: short-chat, coding-agent, long-context-agent, batch"}),
-    ("--tp", {"type": int, "help": "tensor parallel size (1 in this build)"}),
+    ("--tp", {"type": int, "help": "tensor parallel size: ranks (processes, devices) of this replica (default 1)"}),
+    ("--tp-timeout-s", {"type": float, "help": "timeout of every TP collective; a dead or hung rank ends the "
+                                               "server within it (default 60)"}),
     ("--device", {"help": "auto (default), cpu, cuda, cuda:N"}),
     ("--batching-delay-ms", {"type": float, "help": "how long the scheduler may hold new prefill work to batch it"}),
     ("--max-num-batched-tokens", {"type": int, "help": "token budget of one step (default 2048)"}),
@@ -38,6 +40,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--api-key-file", {"help": "file holding the bearer API key (else env DSV4_API_KEY; none = no auth)"}),
     ("--grace-period-s", {"type": float, "help": "drain time on SIGTERM (default 30)"}),
     ("--default-max-tokens", {"type": int, "help": "chat max_tokens when a request gives none"}),
+    ("--max-body-bytes", {"type": int, "help": "largest /v1 request body in bytes; larger gets 413 (default 16 MiB)"}),
+    ("--host-memory-fraction", {"type": float,
+                                "help": "CPU only: cap of the cache budget as a share of available RAM (0.5)"}),
     ("--log-level", {"help": "debug, info (default), warning"}),
 ]
 
@@ -66,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dsv4.runtime.cache.spec import CacheConfigError
+    from dsv4.runtime.checkpoint.errors import CheckpointError
     from dsv4.runtime.server.serve import serve
 
     try:
@@ -73,3 +80,6 @@ def run(args: argparse.Namespace) -> int:
     except ServeConfigError as e:
         print(f"dsv4 serve: error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, CacheConfigError) as e:  # unreadable checkpoint, cache budget too small
+        print(f"dsv4 serve: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1

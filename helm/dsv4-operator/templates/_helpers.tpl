@@ -47,8 +47,9 @@ app.kubernetes.io/part-of: dsv4
 The operator's permissions, the same list for the ClusterRole (all namespaces) and each Role
 (watchNamespaces). Only what the operator calls: its own resource (+ status, scale, finalizers for
 ownerReferences), the objects it renders (Deployment, Service, ConfigMap, PodDisruptionBudget), events
-it posts, pods it reads (to find the pods whose /metrics it scrapes). No Secrets: the runtime pod mounts
-the API-key Secret itself.
+it posts, pods it reads (to find the pods whose /metrics it scrapes); PodMonitors only with rbac.monitoring,
+KEDA ScaledObjects only with rbac.keda. No Secrets at all: the runtime pod references the API-key Secret
+(env secretKeyRef) and the kubelet resolves it; the operator never reads Secret data.
 */}}
 {{- define "dsv4-operator.rules" -}}
 - apiGroups: ["serving.dsv4.dev"]
@@ -78,6 +79,11 @@ the API-key Secret itself.
 {{- if .Values.rbac.monitoring }}
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors", "podmonitors"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+{{- end }}
+{{- if .Values.rbac.keda }}
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
 {{- end }}
 {{- end }}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Device check of the kernels on one CUDA GPU, in at most ~8 minutes:
+#   1. the compiled-kernel tests (tests/test_kernels_*.py -k cuda): sparse attention (bf16 / FP8 rows),
+#      compressor step (CSA / HCA, FP8 KV and FP8 / FP4 index rows), radix top-k, at Flash shapes;
+#   2. `dsv4 bench kernels`: decode GB/s and % of HBM peak at 8K / 128K / 1M context, batch 1 / 32,
+#      Triton and the torch reference side by side.
+# Outputs go to $OUT (the device runner's folder) or bench/results: gpu.txt, kernel_tests.txt,
+# bench_kernels.txt, kernels_cuda.{json,md}. Exit status: non-zero if either step failed.
+#
+# Usage:  bash bench/gpu_check.sh            (PYTHON=/path/to/python to choose the interpreter)
+# Needs torch with CUDA and triton; installs this checkout (`pip install -e . --no-deps`) if `dsv4`
+# is not importable.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+OUT_DIR=${OUT:-bench/results}
+mkdir -p "$OUT_DIR"
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+unset TRITON_INTERPRET DSV4_KERNEL_BACKEND
+
+if ! "$PY" -c "import dsv4.kernels" 2>/dev/null; then
+  "$PY" -m pip install -q -e . --no-deps || { echo "cannot install dsv4 into $PY"; exit 2; }
+fi
+"$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
+print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee "$OUT_DIR/gpu.txt" || exit 2
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv >> "$OUT_DIR/gpu.txt" 2>&1 || true
+
+start=$(date +%s)
+timeout 200 "$PY" -m pytest -q -rs -p no:cacheprovider -k cuda \
+  tests/test_kernels_triton.py tests/test_kernels_compressor.py tests/test_kernels_topk.py \
+  2>&1 | tee "$OUT_DIR/kernel_tests.txt"
+rc_tests=${PIPESTATUS[0]}
+echo "kernel tests: rc=$rc_tests in $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+timeout 260 "$PY" -m dsv4.cli bench kernels --device cuda --reps 10 --out "$OUT_DIR" \
+  2>&1 | tee "$OUT_DIR/bench_kernels.txt"
+rc_bench=${PIPESTATUS[0]}
+echo "bench kernels: rc=$rc_bench in $(( $(date +%s) - start )) s"
+
+[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]

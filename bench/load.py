@@ -1,0 +1,211 @@
+"""`dsv4 bench load`: checkpoint load time and peak host memory (RSS) relative to the checkpoint size.
+
+Writes a random checkpoint of a preset's layer layout at a chosen size (hidden / expert width shrunk, the number
+of routed experts solved for the target size), in two layouts:
+
+* `hf`: the Hugging Face layout in bf16, sharded with `model.safetensors.index.json`;
+* `fp8`: DeepSeek's published layout (FP8 e4m3 + 128x128 block scales, FP4 routed experts), loaded as bf16.
+
+Each load runs in a fresh subprocess (`python -c`), which reports
+
+    load_s          wall time of `load_model` (config, headers, meta model, materialise, stream tensors in)
+    base_rss        RSS after importing torch + dsv4 (before loading)
+    peak_rss        ru_maxrss at the end (Linux: KiB -> bytes)
+    extra = peak_rss - base_rss;   ratio_ckpt = extra / checkpoint bytes;   ratio_model = extra / model bytes
+
+Goal: ratio_model <= 1.3 (one copy of the weights plus one tensor in flight). For the `hf` layout the model
+bytes equal the checkpoint bytes; the `fp8` checkpoint is smaller than the bf16 model it dequantises into,
+so its ratio_ckpt is above 1 by construction (bf16 / FP8 = 2x, bf16 / FP4 = 4x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MB = 10**6
+GOAL = 1.3
+SIZES = {"default": (300 * MB, 1024, 512), "smoke": (8 * MB, 256, 128)}  # target bytes, hidden, expert inter
+
+_CHILD = r"""
+import json, os, resource, sys, time
+import torch
+from dsv4.runtime.model import load_model
+import dsv4.runtime.checkpoint.loader, dsv4.runtime.tokenizer, safetensors.torch, tqdm  # imports are not load cost
+torch.zeros(8, 8) @ torch.zeros(8, 8)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+path, progress = sys.argv[1], sys.argv[2] == "1"
+base = rss()
+t0 = time.perf_counter()
+model, cfg, _ = load_model(path, dtype="bfloat16", progress=progress)
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+meta = sum(1 for t in model.parameters() if t.is_meta)
+print(json.dumps({"load_s": dt, "base_rss": base, "peak_rss": peak, "model_bytes": nbytes, "meta_params": meta}))
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default="tiny", help="layer layout to copy: tiny | flash | pro (default tiny)")
+    p.add_argument("--size-mb", type=float, default=None,
+                   help="approximate bf16 checkpoint size in MB (default 300; --smoke: 8)")
+    p.add_argument("--layers", type=int, default=6, help="number of layers taken from the preset (default 6)")
+    p.add_argument("--smoke", action="store_true", help="a few-MB checkpoint that loads in about a second (CI)")
+    p.add_argument("--layouts", default="hf,fp8", help="comma list of hf, fp8 (default both)")
+    p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir, removed)")
+    p.add_argument("--out", default="bench/results", help="results folder (load[_smoke].json/.md)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def sized_config(preset: str, target_bytes: int, hidden: int, inter: int, layers: int):
+    """The preset's first `layers` layer kinds with hidden / expert width shrunk and the routed-expert count
+    chosen so that the bf16 checkpoint is about `target_bytes` (at least num_experts_per_tok + 1 experts)."""
+    from dsv4.runtime.checkpoint.names import checkpoint_tensors
+    from dsv4.runtime.config import preset as get_preset
+
+    base = get_preset(preset)
+    if not 1 <= layers <= base.num_hidden_layers:
+        raise ValueError(f"--layers must be in [1, {base.num_hidden_layers}] for preset {preset!r}, got {layers}")
+    if target_bytes <= 0:
+        raise ValueError(f"--size-mb must be > 0, got {target_bytes / MB}")
+    k = min(base.num_experts_per_tok, 4)
+    vocab = min(base.vocab_size, 4096)
+    common = dict(num_hidden_layers=layers, layer_types=list(base.layer_types[:layers]),
+                  mlp_layer_types=list(base.mlp_layer_types[:layers]), hidden_size=hidden, moe_intermediate_size=inter,
+                  vocab_size=vocab, num_experts_per_tok=k, torch_dtype="bfloat16",
+                  num_attention_heads=min(base.num_attention_heads, 8), q_lora_rank=min(base.q_lora_rank, hidden),
+                  o_lora_rank=min(base.o_lora_rank, hidden // 2), o_groups=min(base.o_groups, 2),
+                  head_dim=min(base.head_dim, 128), qk_rope_head_dim=min(base.qk_rope_head_dim, 32),
+                  index_n_heads=min(base.index_n_heads, 8), index_head_dim=min(base.index_head_dim, 64),
+                  index_topk=min(base.index_topk, 16), num_nextn_predict_layers=1)
+
+    def size(e: int) -> int:
+        c = dataclasses.replace(base, **common, n_routed_experts=e)
+        return 2 * sum(math.prod(s.shape) for s in checkpoint_tensors(c))
+
+    lo = k + 1
+    per_expert = size(lo + 1) - size(lo)
+    e = max(lo, lo + round((target_bytes - size(lo)) / per_expert))
+    return dataclasses.replace(base, **common, n_routed_experts=e)
+
+
+def write_checkpoints(cfg, root: Path, layouts: list[str], seed: int) -> dict[str, Path]:
+    """Random bf16 weights -> root/hf (sharded HF layout) and/or root/fp8 (published layout)."""
+    import torch
+    from dsv4.runtime.checkpoint.published import to_published
+    from dsv4.runtime.checkpoint.random_init import random_tensors
+    from dsv4.runtime.checkpoint.writer import write_config, write_safetensors
+
+    tensors = random_tensors(cfg, seed=seed, dtype=torch.bfloat16)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    shard = max(1 << 20, total // 4 + 1)  # ~4 shards + index
+    out = {}
+    d = cfg.to_dict()
+    d["torch_dtype"] = "bfloat16"
+    if "hf" in layouts:
+        write_safetensors(root / "hf", tensors, max_shard_bytes=shard)
+        write_config(root / "hf", d)
+        out["hf"] = root / "hf"
+    if "fp8" in layouts:
+        pub = {name: t for name, t, _ in to_published(tensors)}
+        del tensors
+        write_safetensors(root / "fp8", pub, max_shard_bytes=shard)
+        write_config(root / "fp8", d)
+        out["fp8"] = root / "fp8"
+    return out
+
+
+def measure(path: Path, progress: bool = False) -> dict:
+    """Load `path` in a fresh interpreter and return its timings / RSS figures (see the module docstring)."""
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), "1" if progress else "0"], check=False,
+                       stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"loading {path} failed in the subprocess: {(r.stderr or '').strip()[-2000:]}")
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    files = [p for p in path.iterdir() if p.suffix == ".safetensors"]
+    m["checkpoint_bytes"] = sum(p.stat().st_size for p in files)
+    m["files"] = len(files)
+    extra = m["peak_rss"] - m["base_rss"]
+    m["extra_rss"] = extra
+    m["ratio_ckpt"] = extra / m["checkpoint_bytes"]
+    m["ratio_model"] = extra / m["model_bytes"]
+    m["load_MBps"] = m["checkpoint_bytes"] / MB / m["load_s"] if m["load_s"] > 0 else float("inf")
+    return m
+
+
+def to_markdown(res: dict) -> str:
+    c = res["config"]
+    lines = [f"# Checkpoint load ({res['preset']} layout, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+             f"{c['n_routed_experts']} experts)", "",
+             f"Command: `{res['command']}`", "",
+             "| layout | files | checkpoint MB | model MB (bf16) | load s | MB/s | extra RSS MB | RSS / ckpt | "
+             "RSS / model | goal <= 1.3 x model |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in res["layouts"].items():
+        ok = "yes" if m["ratio_model"] <= GOAL else "NO"
+        lines.append(f"| {name} | {m['files']} | {m['checkpoint_bytes'] / MB:.1f} | {m['model_bytes'] / MB:.1f} | "
+                     f"{m['load_s']:.2f} | {m['load_MBps']:.0f} | {m['extra_rss'] / MB:.1f} | {m['ratio_ckpt']:.2f} | "
+                     f"{m['ratio_model']:.2f} | {ok} |")
+    lines += ["", "extra RSS = peak RSS of the loading process minus its RSS after imports; model MB = parameters + "
+              "buffers after loading (FP8/FP4 weights dequantised to bf16)."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    kind = "smoke" if args.smoke else "default"
+    target, hidden, inter = SIZES[kind]
+    if args.size_mb is not None:
+        target = int(args.size_mb * MB)
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    bad = sorted(set(layouts) - {"hf", "fp8"})
+    if bad or not layouts:
+        print(f"error: --layouts must be a comma list of hf, fp8; got {args.layouts!r}", file=sys.stderr)
+        return 2
+    try:
+        cfg = sized_config(args.preset, target, hidden, inter, args.layers)
+    except ValueError as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tmp = None
+    root = Path(args.workdir) if args.workdir else Path(tmp := tempfile.mkdtemp(prefix="dsv4-bench-load-"))
+    try:
+        t0 = time.perf_counter()
+        paths = write_checkpoints(cfg, root, layouts, args.seed)
+        print(f"wrote {', '.join(layouts)} checkpoint(s) of {cfg.n_routed_experts} experts x {cfg.num_hidden_layers} "
+              f"layers in {time.perf_counter() - t0:.1f} s under {root}")
+        res = {"preset": args.preset, "kind": kind, "goal_ratio_model": GOAL,
+               "command": "dsv4 bench load" + (" --smoke" if args.smoke else "")
+               + (f" --size-mb {args.size_mb:g}" if args.size_mb is not None else "")
+               + (f" --preset {args.preset}" if args.preset != "tiny" else ""),
+               "config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size", "moe_intermediate_size",
+                                                       "n_routed_experts", "vocab_size")},
+               "layouts": {}}
+        for name, path in paths.items():
+            m = measure(path, progress=not args.smoke and sys.stderr.isatty())
+            res["layouts"][name] = m
+            print(f"{name:>4}: {m['checkpoint_bytes'] / MB:8.1f} MB in {m['files']} file(s), "
+                  f"load {m['load_s']:6.2f} s, "
+                  f"extra RSS {m['extra_rss'] / MB:8.1f} MB = {m['ratio_ckpt']:.2f} x checkpoint, "
+                  f"{m['ratio_model']:.2f} x model ({m['model_bytes'] / MB:.1f} MB bf16)")
+    finally:
+        if tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "load_smoke" if args.smoke else "load"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(to_markdown(res))
+    print(f"results: {out / (stem + '.json')}, {out / (stem + '.md')}")
+    worst = max(m["ratio_model"] for m in res["layouts"].values())
+    return 0 if worst <= GOAL or not os.environ.get("DSV4_BENCH_STRICT") else 1
