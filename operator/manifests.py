@@ -10,7 +10,6 @@ Runtime config file (`/etc/dsv4/config.yaml`, read by `dsv4 serve --config`): se
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,10 +100,11 @@ def runtime_config(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan) -> dict
         "max_model_len": plan.max_model_len,
         "cache_policy": plan.cache_policy,
         "kv_dtype": plan.kv_dtype,
-        "cache_budget_gib": round(plan.cache_bytes_per_gpu / 2**30, 3),
+        # exact (bytes / 2**30 is exact in binary floating point): the runtime splits this budget with the same
+        # CacheManager.from_budget, expected context and prefill chunk as the planner, so the pools match the
+        # plan block for block (tests/test_plan_server_agree.py); no pool_split is written for that reason
+        "cache_budget_gib": plan.cache_bytes_per_gpu / 2**30,
         "expected_context": plan.expected_context,
-        # floored to 6 decimals so the fractions never sum above 1 (the runtime checks that)
-        "pool_split": {k: math.floor(v * 1e6) / 1e6 for k, v in sorted(plan.pool_split.items())},
         "host": "0.0.0.0",
         "port": PORT,
         "grace_period_s": max(1, spec.termination_grace_period_seconds - PRESTOP_SLEEP_S - 5),

@@ -93,7 +93,7 @@ def test_runtime_config_is_accepted_by_the_runtime() -> None:
         assert set(values) <= set(manifests.CONFIG_KEYS)
         assert normalise_keys(values, "config file") == values  # every key is a runtime setting
         assert values["tp"] == p.tensor_parallel_size and values["max_model_len"] == p.max_model_len
-        assert sum(values["pool_split"].values()) <= 1.0
+        assert "pool_split" not in values  # the runtime derives the split exactly as the planner did
     # a TP1 plan (this runtime build serves tp=1 only) is accepted as a whole, values included
     spec = api.parse_spec({"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
                            "accelerator": {"type": "cpu"}, "replicas": 1})
@@ -149,3 +149,24 @@ def test_pod_monitor_only_when_asked_and_uses_the_catalog_relabelings() -> None:
     assert ep["path"] == "/metrics" and ep["relabelings"] == mc.runtime_scrape_relabelings("operator")
     off = spec.model_copy(update={"monitoring": api.MonitoringSpec(pod_monitor=False)})
     assert "PodMonitor" not in kinds(manifests.children(REF, off, p, with_pod_monitor=True))
+
+
+@pytest.mark.parametrize("example", ["short-chat.yaml", "long-context-agent.yaml"])
+def test_server_sizes_the_pools_of_its_plan_block_for_block(example: str) -> None:
+    """The pod's config file, read by the runtime's own sizing code, gives the planned number of blocks per pool
+    (a rounded budget or a floored split would give a server a slightly different cache than its plan)."""
+    from dsv4.operator.planner import model_config
+    from dsv4.runtime.cache.spec import CacheSpec
+    from dsv4.runtime.server.build import cache_for_budget, expected_context
+
+    spec = load(example)
+    p = plan(spec)
+    values = yaml.safe_load(kinds(manifests.children(REF, spec, p))["ConfigMap"]["data"]["config.yaml"])
+    cfg = ServeConfig(**values)
+    mcfg = model_config(spec)
+    kv = values["kv_dtype"]
+    cache_spec = CacheSpec.from_model(mcfg, kv_dtype=kv, index_dtype="fp4" if kv == "fp8" else None)
+    budget = int(cfg.cache_budget_gib * 2**30)
+    assert budget == p.cache_bytes_per_gpu
+    cache = cache_for_budget(cfg, cache_spec, budget, expected_context(cfg, int(mcfg.max_position_embeddings)))
+    assert dict(cache.num_blocks) == dict(p.num_blocks)

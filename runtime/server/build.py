@@ -56,6 +56,24 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def expected_context(cfg: ServeConfig, max_position_embeddings: int) -> int:
+    """The sequence length the budget split is sized for (the planner writes it into the config)."""
+    return cfg.expected_context or min(max_position_embeddings, cfg.max_model_len or 8192)
+
+
+def cache_for_budget(cfg: ServeConfig, spec: Any, budget_bytes: int, context: int) -> Any:
+    """Split `budget_bytes` over the pools exactly as the operator's planner does (operator/capacity.py calls
+    the same `CacheManager.from_budget` with the same expected context and prefill chunk), so a pod's pools
+    match its plan block for block."""
+    from dsv4.runtime.cache.manager import CacheManager
+
+    # prefill headroom = the scheduler's largest chunk, as the planner sizes it
+    chunk = min(cfg.chunked_prefill_size or cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
+    return CacheManager.from_budget(spec, budget_bytes, expected_context=context, split_override=cfg.pool_split,
+                                    checkpoint_every=cfg.checkpoint_every, prefill_chunk=chunk,
+                                    enable_prefix_caching=cfg.enable_prefix_caching, policy=cfg.cache_policy)
+
+
 def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     import torch
     from dsv4.runtime.cache.manager import CacheManager
@@ -89,11 +107,12 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
         kv_dtype = "fp32" if device == "cpu" and str(mcfg.torch_dtype) in ("float32", "torch.float32") else "bf16"
     # FP8 KV keeps FP4 indexer keys, the layout the planner (operator/planner.py) and `dsv4 bench capacity` size
     spec = CacheSpec.from_model(mcfg, kv_dtype=kv_dtype, index_dtype="fp4" if kv_dtype == "fp8" else None)
-    policy_kw = {"policy": cfg.cache_policy}
     context = None
+    # on CPU every TP rank holds a full replica of the pools (docs/parallel.md): each gets 1/tp of the host
+    host_share = host_available_bytes() // cfg.tp if device == "cpu" else 0
     if cfg.num_blocks is not None:
         num_blocks = {p: int(cfg.num_blocks) for p in spec.pools}
-        if device == "cpu" and (err := check_cpu_blocks(pools_bytes(spec, num_blocks), host_available_bytes(),
+        if device == "cpu" and (err := check_cpu_blocks(pools_bytes(spec, num_blocks), host_share,
                                                         cfg.host_memory_fraction)):
             raise ServeConfigError(err)
         cache = CacheManager(spec, num_blocks, policy=cfg.cache_policy, checkpoint_every=cfg.checkpoint_every,
@@ -107,16 +126,11 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
         else:
             budget = int(CPU_DEFAULT_BUDGET_GIB * 2**30)
         if device == "cpu":  # host-RAM guard: never more cache than the machine has (memory_guard.py)
-            budget, warning = clamp_cpu_budget(budget, host_available_bytes(), cfg.host_memory_fraction)
+            budget, warning = clamp_cpu_budget(budget, host_share, cfg.host_memory_fraction)
             if warning:
                 log.warning(warning)
-        expected = cfg.expected_context or min(int(mcfg.max_position_embeddings), cfg.max_model_len or 8192)
-        # prefill headroom = the scheduler's largest chunk, as the planner sizes it (operator/capacity.py)
-        chunk = min(cfg.chunked_prefill_size or cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
-        context = expected
-        cache = CacheManager.from_budget(spec, budget, expected_context=expected, split_override=cfg.pool_split,
-                                         checkpoint_every=cfg.checkpoint_every, prefill_chunk=chunk,
-                                         enable_prefix_caching=cfg.enable_prefix_caching, **policy_kw)
+        context = expected_context(cfg, int(mcfg.max_position_embeddings))
+        cache = cache_for_budget(cfg, spec, budget, context)
     num_blocks = dict(cache.num_blocks)
     try:
         pools = KVPools.for_model(mcfg, spec, num_blocks, device=device)
