@@ -8,10 +8,12 @@ import importlib
 BENCHES: dict[str, tuple[str, str]] = {
     "capacity": ("dsv4.bench.capacity", "Live-context capacity per SWA storage policy (metadata-only allocator)."),
     "load": ("dsv4.bench.load", "Checkpoint load time and peak RSS vs checkpoint size (HF bf16 and FP8/FP4 layouts)."),
+    "kv-error": ("dsv4.bench.kv_error", "Logits error of bf16 / FP8 (+ FP8 or FP4 indexer key) KV storage vs fp32 KV."),
     "kernels": ("dsv4.bench.kernels", "Decode kernel GB/s and % of HBM peak (Triton on CUDA; torch reference on CPU)."),
     "scaling": ("dsv4.bench.scaling", "Prefill / decode cost vs context: our runtime vs transformers' reference."),
+    "scaling-profile": ("dsv4.bench.scaling_profile", "Where our prefill / decode time goes (profilers)."),
     "scheduler": ("dsv4.bench.scheduler", "Engine time per step outside the model forward at 64 / 256 sequences."),
-    "serving": ("dsv4.bench.serving", "guidellm (or an openai-client load generator) against a live `dsv4 serve`."),
+    "serving": ("dsv4.bench.serving", "guidellm vs a live `dsv4 serve`: concurrency, batching delay, prompt mixes."),
 }
 
 

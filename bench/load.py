@@ -10,7 +10,10 @@ Each load runs in a fresh subprocess (`python -c`), which reports
 
     load_s          wall time of `load_model` (config, headers, meta model, materialise, stream tensors in)
     base_rss        RSS after importing torch + dsv4 (before loading)
-    peak_rss        ru_maxrss at the end (Linux: KiB -> bytes)
+    peak_rss        VmHWM of /proc/self/status at the end, after resetting it to the current RSS before the load
+                    (`clear_refs` 5). Not ru_maxrss: Linux carries the parent's high-water mark across
+                    vfork + exec, so a bench process holding the freshly written weights would show up as the
+                    child's peak.
     extra = peak_rss - base_rss;   ratio_ckpt = extra / checkpoint bytes;   ratio_model = extra / model bytes
 
 Goal: ratio_model <= 1.3 (one copy of the weights plus one tensor in flight). For the `hf` layout the model
@@ -43,15 +46,28 @@ torch.zeros(8, 8) @ torch.zeros(8, 8)
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def hwm():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 path, progress = sys.argv[1], sys.argv[2] == "1"
 base = rss()
+try:  # reset the peak to the current RSS, so the import peak does not count as load cost
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    reset = True
+except OSError:
+    reset = False
 t0 = time.perf_counter()
 model, cfg, _ = load_model(path, dtype="bfloat16", progress=progress)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 meta = sum(1 for t in model.parameters() if t.is_meta)
-print(json.dumps({"load_s": dt, "base_rss": base, "peak_rss": peak, "model_bytes": nbytes, "meta_params": meta}))
+print(json.dumps({"load_s": dt, "base_rss": base, "peak_rss": peak, "peak_reset": reset, "model_bytes": nbytes,
+                  "meta_params": meta}))
 """
 
 

@@ -485,8 +485,8 @@ def _tok(x: str) -> int:
 
 def add_arguments(p) -> None:
     p.add_argument("--contexts", default=None, help="comma-separated contexts, K suffix allowed "
-                   "(default 1K,8K,32K,64K; smoke 256,1K)")
-    p.add_argument("--batches", default=None, help="comma-separated decode batch sizes (default 1,16; smoke 1,4)")
+                   "(default 1K,8K,32K,64K; smoke 256,512)")
+    p.add_argument("--batches", default=None, help="comma-separated decode batch sizes (default 1,16; smoke 1,2)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size of the random model (multiple of 64)")
     p.add_argument("--chunk", type=int, default=None,
                    help="prefill chunk (ours: token budget per step); default 512, smoke 128")

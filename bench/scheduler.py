@@ -63,7 +63,7 @@ def build(num_seqs: int, model_dir: str | None, budget_gib: float) -> Any:
 
 
 def measure(num_seqs: int, steps: int, model_dir: str | None = None, prompt_len: int = 64,
-            budget_gib: float = 0.25) -> dict:
+            budget_gib: float = 0.25, greedy: bool = False) -> dict:
     import torch
     from dsv4.runtime.engine import engine as engine_mod
     from dsv4.runtime.engine.request import Request, SamplingParams
@@ -90,7 +90,8 @@ def measure(num_seqs: int, steps: int, model_dir: str | None = None, prompt_len:
         vocab = int(eng.model_config.vocab_size)
         for i in range(num_seqs):
             ids = torch.randint(2, vocab, (prompt_len,), generator=g).tolist()
-            p = SamplingParams(max_tokens=steps + 64, temperature=1.0, seed=i, ignore_eos=True)
+            p = SamplingParams(max_tokens=steps + 64, temperature=0.0 if greedy else 1.0,
+                               seed=None if greedy else i, ignore_eos=True)
             eng.add(Request(f"s{i}", ids, p))
         for _ in range(1000):  # prefill everything (untimed)
             if not eng.scheduler.waiting and not any(s.in_prefill for s in eng.scheduler.running):
@@ -129,7 +130,7 @@ def measure(num_seqs: int, steps: int, model_dir: str | None = None, prompt_len:
 
 
 def run_scheduler(sizes: tuple[int, ...], steps: int, smoke: bool, model_dir: str | None = None,
-                  threads: int = 1) -> dict:
+                  threads: int = 1, budget_gib: float = 0.25, greedy: bool = False, prompt_len: int = 64) -> dict:
     import torch
 
     if threads < 1:
@@ -139,11 +140,17 @@ def run_scheduler(sizes: tuple[int, ...], steps: int, smoke: bool, model_dir: st
             raise ValueError(f"--sizes entries must be in [1, 4096], got {n}")
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    if not 1 <= prompt_len <= 65536:
+        raise ValueError(f"--prompt-len must be in [1, 65536], got {prompt_len}")
+    if not 0 < budget_gib <= 64:
+        raise ValueError(f"--budget-gib must be in (0, 64], got {budget_gib:g}")
     torch.set_num_threads(threads)
     t0 = time.time()
     out = {"bench": "scheduler", "smoke": smoke, "model": model_dir or "built-in tiny", "threads": threads,
            "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
-           "load_average": list(os.getloadavg()), "results": [measure(n, steps, model_dir) for n in sizes]}
+           "load_average": list(os.getloadavg()), "budget_gib": budget_gib,
+           "sampling": "greedy" if greedy else "temperature 1, a seed per sequence", "prompt_len": prompt_len,
+           "results": [measure(n, steps, model_dir, prompt_len, budget_gib, greedy) for n in sizes]}
     at64 = next((r for r in out["results"] if r["running"] == 64), None)
     out["targets"] = {"overhead <= 10% of step at 64 running": None if at64 is None else {
         "fraction": at64["overhead_fraction"], "met": at64["overhead_fraction"] <= 0.10}}
@@ -154,7 +161,8 @@ def run_scheduler(sizes: tuple[int, ...], steps: int, smoke: bool, model_dir: st
 def markdown(out: dict) -> str:
     cols = ("step", "forward", "overhead", "schedule", "batch", "commit", "sample", "observer", "other")
     lines = [f"### scheduler overhead{' (smoke)' if out['smoke'] else ''} — {out['model']} model, CPU, "
-             f"{out['threads']} thread(s), {out['machine']}", "",
+             f"{out['threads']} thread(s), {out['machine']}; sampling: {out['sampling']}; "
+             f"prompts of {out.get('prompt_len', 64)} tokens", "",
              "Median ms per decode step (all sequences decoding):", "",
              "| running | " + " | ".join(cols) + " | overhead % of step | overhead µs / sequence |",
              "|" + "---|" * (len(cols) + 3)]
@@ -196,7 +204,10 @@ def plot(out: dict, path: Path) -> None:
 
 def write_results(out: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"scheduler{'_smoke' if out['smoke'] else ''}"
+    model = "" if out["model"] == "built-in tiny" else "_" + Path(out["model"]).name
+    greedy = "_greedy" if out.get("sampling") == "greedy" else ""
+    plen = "" if out.get("prompt_len", 64) == 64 else f"_p{out['prompt_len']}"
+    stem = f"scheduler{model}{greedy}{plen}{'_smoke' if out['smoke'] else ''}"
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
     paths["json"].write_text(json.dumps(out, indent=1))
     paths["md"].write_text(markdown(out) + "\n")
@@ -209,6 +220,10 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="decode steps measured per size (default 30, smoke 5)")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the built-in tiny model)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see docs/benchmarks.md)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence (default 64)")
+    p.add_argument("--greedy", action="store_true",
+                   help="greedy sampling (default: temperature 1 with a seed per sequence, the per-row path)")
+    p.add_argument("--budget-gib", type=float, default=0.25, help="cache budget (default 0.25 GiB)")
     p.add_argument("--smoke", action="store_true", help="8 and 32 sequences, 5 steps: seconds")
     p.add_argument("--out", default="bench/results")
 
@@ -221,8 +236,9 @@ def run(args) -> int:
         raise SystemExit(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
     steps = args.steps if args.steps is not None else (5 if args.smoke else 30)
     try:
-        out = run_scheduler(sizes, steps, args.smoke, args.model, args.threads)
-    except ValueError as e:
+        out = run_scheduler(sizes, steps, args.smoke, args.model, args.threads, args.budget_gib, args.greedy,
+                            args.prompt_len)
+    except (ValueError, RuntimeError) as e:
         raise SystemExit(str(e)) from e
     paths = write_results(out, Path(args.out))
     print(markdown(out))

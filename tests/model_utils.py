@@ -66,9 +66,11 @@ class PagedRunner:
     """Runs sequences through the model with their own scattered (non-contiguous) physical blocks."""
 
     def __init__(self, model, cfg: ModelConfig, kv_dtype: str = "fp32", max_tokens: int = 256, n_seqs: int = 1,
-                 seed: int = 0, block_size: int | None = None, swa_block_size: int | None = None):
+                 seed: int = 0, block_size: int | None = None, swa_block_size: int | None = None,
+                 hca_state: str = "raw"):
         self.model, self.cfg = model, cfg
-        self.spec = cache_spec(cfg, kv_dtype, block_size=block_size, swa_block_size=swa_block_size)
+        self.spec = cache_spec(cfg, kv_dtype, block_size=block_size, swa_block_size=swa_block_size,
+                               hca_state=hca_state)
         g = torch.Generator().manual_seed(seed)
         self.tables: list[dict[str, list[int]]] = [{} for _ in range(n_seqs)]
         nblocks = {}

@@ -36,3 +36,18 @@ def test_capacity_smoke_cli(tmp_path, capsys):
         assert pol["full"]["recompute_tokens"] == 0 and pol["recompute"]["swa_checkpoints_kept"] == 0
         assert res["dense_v32_tokens"] < res["physical_bound_tokens"]
     assert "physical bound" in capsys.readouterr().out
+
+
+def test_online_hca_state_frees_fixed_bytes_for_history(tmp_path):
+    """`--hca-state online` shrinks the per-running-request state, and the same allocator then holds more."""
+    assert main(["bench", "capacity", "--smoke", "--workload", "chat", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "capacity", "--smoke", "--workload", "chat", "--hca-state", "online",
+                 "--out", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "capacity_flash_chat_smoke.json").read_text())
+    on = json.loads((tmp_path / "capacity_flash_chat_hca_online_smoke.json").read_text())
+    assert on["hca_state"] == "online" and raw["hca_state"] == "raw"
+    assert on["slope_bytes_per_token"] == raw["slope_bytes_per_token"]
+    assert on["fixed_bytes_per_request"] < 0.5 * raw["fixed_bytes_per_request"]
+    r, o = raw["workloads"][0], on["workloads"][0]
+    assert o["physical_bound_tokens"] > r["physical_bound_tokens"]
+    assert o["policies"]["recompute"]["unique_tokens_held"] > r["policies"]["recompute"]["unique_tokens_held"]

@@ -93,3 +93,38 @@ def test_live_ranges():
 def test_bad_layouts_name_the_field(kwargs, needle):
     with pytest.raises(CacheConfigError, match=needle):
         CacheSpec.from_model(tiny(), **kwargs)
+
+
+def test_online_hca_state_pool_and_bytes():
+    """`hca_state="online"`: one 3·d fp32 row per open HCA group instead of hca_ratio raw 2·d rows."""
+    raw = CacheSpec.from_model(flash(), "fp8", index_dtype="fp4")
+    on = CacheSpec.from_model(flash(), "fp8", index_dtype="fp4", hca_state="online")
+    p = on.pools["hca_state"]
+    assert (p.tokens_per_block, p.rows_per_block, p.row_elems, p.dtype) == (128, 1, 3 * 512, "float32")
+    n_hca = len(flash().layers_of(HCA))
+    assert raw.state_bytes() - on.state_bytes() == n_hca * (128 * 2 * 512 * 4 - 3 * 512 * 4)
+    assert on.slope_bytes_per_token() == raw.slope_bytes_per_token()  # compressed history is unchanged
+    assert on.pools["csa_state"] == raw.pools["csa_state"]
+    with pytest.raises(CacheConfigError, match="hca_state must be one of"):
+        CacheSpec.from_model(flash(), hca_state="ring")
+
+
+def test_manager_runs_the_online_hca_state_pool():
+    """The allocator needs no special case: a block covers one HCA group, the open group stays live."""
+    from dsv4.runtime.cache.manager import CacheManager
+
+    spec = CacheSpec.from_model(tiny(), "bf16", hca_state="online")
+    m = CacheManager(spec, {p: 64 for p in spec.block_pools}, policy="checkpoint", checkpoint_every=1)
+    toks = list(range(3, 3 + 150))
+    assert m.start("a", toks).cached_tokens == 0
+    assert m.allocate("a", 37)
+    m.commit("a", toks, 37)
+    assert [b >= 0 for b in m.block_tables("a")["hca_state"]] == [False, False, True]  # group 2 of 16 is open
+    assert m.allocate("a", 150)
+    m.commit("a", toks, 150)
+    m.free("a")
+    m.check_invariants()
+    hit = m.start("b", toks)  # continues at a block boundary: no HCA state needed there
+    assert hit.cached_tokens == 128 and hit.recompute_from == 128
+    assert m.allocate("b", 150)
+    m.check_invariants()

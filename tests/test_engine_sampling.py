@@ -114,3 +114,14 @@ def test_text_without_stops_is_released_at_once():
         ts.push(tok, t)
         out += ts.release(final=False)
     assert out == "abcde"
+
+
+def test_batched_plain_rows_draw_what_multinomial_draws():
+    """The plain-row fast path (one exponential_ per row, one batched argmax) picks exactly the tokens
+    torch.multinomial(softmax(l / T), 1) picks from identically seeded generators."""
+    logits = torch.randn(32, 300, generator=torch.Generator().manual_seed(3)) * 3
+    temps = [0.5 + 0.05 * i for i in range(32)]
+    toks, _ = sample(logits.clone(), [row(SamplingParams(temperature=t), seed=100 + i) for i, t in enumerate(temps)])
+    want = [int(torch.multinomial(torch.softmax(logits[i] / t, -1), 1, generator=make_generator(100 + i)))
+            for i, t in enumerate(temps)]
+    assert toks == want

@@ -207,3 +207,24 @@ def test_tokenizer_roundtrip_and_chat_template(tiny_dir):
     assert prompt.startswith(BOS + "Be brief.<｜User｜>hi<｜Assistant｜>")
     ids = tok.encode(prompt)
     assert ids[0] == tok.bos_token_id and EOS not in tok.decode(ids)
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200)], ids=["whole-blocks", "ragged"])
+def test_dequantize_equals_the_format_definition(shape):
+    """W = q · s(block) (FP8, 128x128 blocks) and W = e2m1(code) · s(row, col // 32) (FP4, low nibble = even
+    column), element by element, for whole and ragged block grids and both scale encodings."""
+    from dsv4.runtime.checkpoint.quant import E2M1
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=g)
+    q, s = quantize_fp8(w)
+    want = q.float() * s[torch.arange(shape[0])[:, None] // 128, torch.arange(shape[1])[None, :] // 128]
+    for enc in (s, torch.log2(s).add(127).to(torch.uint8)):
+        assert torch.equal(dequantize(q, enc, shape, "w"), want)
+    cols = shape[1] // 32 * 32
+    p, s4 = quantize_fp4(w[:, :cols])
+    b = p.long()
+    codes = torch.stack([b & 15, b >> 4], dim=-1).reshape(shape[0], cols)
+    want4 = E2M1[codes] * s4[:, torch.arange(cols) // 32]
+    for enc in (s4, torch.log2(s4).add(127).to(torch.uint8)):
+        assert torch.equal(dequantize(p, enc, (shape[0], cols), "w"), want4)

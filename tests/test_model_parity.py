@@ -114,3 +114,26 @@ def test_recompute_until_rebuilds_state_without_rewriting_entries(twin):
     assert not {"csa", "idx", "hca"} & set(writes), f"{name}: compressed entries rewritten during recompute"
     nxt = r.step([(0, ids[n:], n)])
     assert torch.allclose(nxt[0], full[n], atol=1e-4)
+
+
+def test_topk_selection_matters(twin):
+    """The configs' top-k is smaller than the visible CSA entries, so the indexer really selects: keeping every
+    visible entry instead moves the logits far beyond the 1e-4 parity bound (the parity test would see a wrong
+    selection)."""
+    name, hf, model, cfg = twin
+    indexers = [m for m in model.modules() if hasattr(m, "weights_proj")]
+    if not indexers:
+        pytest.skip(f"{name}: no CSA layer, no indexer")
+    n = 3 * cfg.hca_ratio + 3  # as in test_prefill_logits_match_transformers
+    assert n // cfg.csa_ratio > cfg.index_topk, f"{name}: top-k {cfg.index_topk} keeps every visible entry"
+    ids = _ids(n, cfg.vocab_size, 1)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    try:
+        for m in indexers:
+            m.k = n  # every causally visible entry
+        dense = PagedRunner(model, cfg, max_tokens=n).step([(0, ids, 0)])
+    finally:
+        for m in indexers:
+            m.k = cfg.index_topk
+    assert (dense - ref).abs().max().item() > 1e-2, f"{name}: selection does not change the logits"

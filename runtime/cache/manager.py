@@ -84,17 +84,38 @@ class CacheStats:
 
 
 class _BlockPool:
-    """Free list + reference counts + written-token counts of one block-id space."""
+    """Free list + reference counts + written-token counts of one block-id space.
+
+    Lazy: ids never handed out are not materialised (`fresh` = the lowest never-used id), so sizing a pool of
+    millions of blocks costs nothing (the planner builds many candidate managers). The take order equals an
+    eager FIFO free list that starts as `0..n-1`: never-used ids first, in order, then released ids in the
+    order they were released. `ref` / `filled` hold entries for ids `< fresh` only (all others are 0).
+    """
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.free: deque[int] = deque(range(n))
-        self.ref = [0] * n
-        self.filled = [0] * n
+        self.fresh = 0
+        self.released: deque[int] = deque()
+        self.ref: list[int] = []
+        self.filled: list[int] = []
         self.evictions = 0
 
+    @property
+    def num_free(self) -> int:
+        return len(self.released) + self.n - self.fresh
+
+    def free_ids(self) -> list[int]:
+        """Every free id, in take order (tests; O(n))."""
+        return list(range(self.fresh, self.n)) + list(self.released)
+
     def take(self) -> int:
-        b = self.free.popleft()
+        if self.fresh < self.n:
+            b = self.fresh
+            self.fresh += 1
+            self.ref.append(1)
+            self.filled.append(0)
+            return b
+        b = self.released.popleft()  # IndexError on an empty pool, like an empty deque
         self.ref[b] = 1
         self.filled[b] = 0
         return b
@@ -108,7 +129,7 @@ class _BlockPool:
             raise CacheError(f"block {b} released more often than taken")
         if self.ref[b] == 0:
             self.filled[b] = 0
-            self.free.append(b)
+            self.released.append(b)
             if evicting:
                 self.evictions += 1
 
@@ -410,7 +431,7 @@ class CacheManager:
         for p, k in need.items():
             if k and not self._ensure(p, k):
                 return False
-        if any(len(self._bp[p].free) < k for p, k in need.items()):
+        if any(self._bp[p].num_free < k for p, k in need.items()):
             return False
         for p in self._comp:
             for _ in range(need[p]):
@@ -594,7 +615,7 @@ class CacheManager:
 
     def _ensure(self, pool: str, need: int) -> bool:
         bp = self._bp[pool]
-        while len(bp.free) < need:
+        while bp.num_free < need:
             if pool in self._tok:  # only checkpoints hold token-pool blocks in the cache
                 if not self._state_lru:
                     return False
@@ -612,7 +633,7 @@ class CacheManager:
         for name in s.pools:
             p = "csa" if name == "idx" else name
             bp = self._bp[p]
-            used = bp.n - len(bp.free)
+            used = bp.n - bp.num_free
             per = s.pools[name].bytes_per_block
             out[name] = PoolStats(bp.n, used, bp.n * per, used * per, sum(bp.filled),
                                   used / bp.n if bp.n else 0.0, bp.evictions)
@@ -628,7 +649,7 @@ class CacheManager:
             self._evict(self._entries[next(iter(self._comp_lru))])
 
     def num_free_blocks(self, pool: str) -> int:
-        return len(self._bp[pool].free)
+        return self._bp[pool].num_free
 
     def cached_prefix_tokens(self) -> int:
         """Tokens of compressed history held by registered blocks."""
@@ -665,9 +686,10 @@ class CacheManager:
             if e.parent is not None and (e.parent not in self._entries or h not in self._entries[e.parent].children):
                 raise CacheError(f"entry {e.index}: parent link broken")
         for p, bp in self._bp.items():
-            if bp.ref != want[p]:
-                bad = [b for b in range(bp.n) if bp.ref[b] != want[p][b]][:5]
+            ref = bp.ref + [0] * (bp.n - bp.fresh)
+            if ref != want[p]:
+                bad = [b for b in range(bp.n) if ref[b] != want[p][b]][:5]
                 raise CacheError(f"{p}: refcounts differ at blocks {bad}")
-            free = list(bp.free)
-            if len(set(free)) != len(free) or set(free) != {b for b in range(bp.n) if bp.ref[b] == 0}:
+            free = bp.free_ids()
+            if len(set(free)) != len(free) or set(free) != {b for b in range(bp.n) if ref[b] == 0}:
                 raise CacheError(f"{p}: free list does not match zero refcounts")

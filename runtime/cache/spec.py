@@ -11,6 +11,12 @@ its own rows for it:
 | `hca`       | HCA layers    | block_size       | block_size / hca_ratio  | compressed entry (like swa)      |
 | `csa_state` | CSA layers    | swa_block_size   | swa_block_size          | fp32 kv 2d, score 2d, ikv 2di, isc 2di |
 | `hca_state` | HCA layers    | swa_block_size   | swa_block_size          | fp32 [kv d | score d]             |
+| `hca_state` online (`hca_state="online"`) | HCA layers | hca_ratio | 1        | fp32 [max d | sum d | wsum d]    |
+
+`hca_state="online"` keeps one slot per open HCA group (an online-softmax state, `model/hca_online.py`)
+instead of one raw row per tail token: a block covers one group of hca_ratio positions and holds one
+3·d fp32 row, so a running request's HCA tail costs 3·d·4 B per HCA layer (6 KiB for d = 512) instead of
+hca_ratio·2·d·4 B (512 KiB).
 
 FP8 row (kv_dtype "fp8"): `round_up(nope + 2*rope + ceil(nope/64), 8)` bytes = 584 for 512/64
 (e4m3 nope values, one UE8M0 scale byte per 64 of them, bf16 rope dims).
@@ -34,6 +40,7 @@ TOKEN_POOLS = ("swa", "csa_state", "hca_state")  # token-granular: tokens_per_bl
 COMPRESSED_POOLS = ("csa", "idx", "hca")  # tokens_per_block = block_size; idx shares csa's block ids
 KV_DTYPES = ("fp32", "bf16", "fp8")
 INDEX_DTYPES = ("fp32", "bf16", "fp8", "fp4")
+HCA_STATES = ("raw", "online")  # raw tail rows, or the online-softmax single slot per open group
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "uint8": 1}
 _TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp8": "uint8"}
 
@@ -102,17 +109,20 @@ class CacheSpec:
     pools: dict[str, PoolSpec] = field(default_factory=dict)  # only pools with at least one layer
     index_dtype: str = "bf16"
     num_layers: int = 0
+    hca_state: str = "raw"
 
     # ---- construction ------------------------------------------------------------------------
     @staticmethod
     def from_model(cfg: ModelConfig, kv_dtype: str = "bf16", block_size: int | None = None,
                    swa_block_size: int | None = None, index_dtype: str | None = None,
-                   state_block_size: int | None = None) -> CacheSpec:
+                   state_block_size: int | None = None, hca_state: str = "raw") -> CacheSpec:
         """The layout for `cfg`. `state_block_size` (default: swa_block_size, the contract) sets the
         tokens per block of csa_state / hca_state alone: a checkpoint needs only the last csa_ratio
         state rows, so 4-token state blocks cut a checkpoint's fp32 state 16x against 64-token blocks."""
         if kv_dtype not in KV_DTYPES:
             raise CacheConfigError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        if hca_state not in HCA_STATES:
+            raise CacheConfigError(f"hca_state must be one of {HCA_STATES}, got {hca_state!r}")
         if index_dtype is None:
             index_dtype = kv_dtype
         if kv_dtype == "fp8":
@@ -149,10 +159,12 @@ class CacheSpec:
             PoolSpec("idx", csa_layers, bs, bs // csa, idx_dt, idx_elems),
             PoolSpec("hca", hca_layers, bs, bs // hca, kv_dt, kv_elems),
             PoolSpec("csa_state", csa_layers, stb, stb, "float32", 4 * d + 4 * di),
-            PoolSpec("hca_state", hca_layers, stb, stb, "float32", 2 * d),
+            PoolSpec("hca_state", hca_layers, stb, stb, "float32", 2 * d) if hca_state == "raw"
+            else PoolSpec("hca_state", hca_layers, hca, 1, "float32", 3 * d),
         ]
         pools = {p.name: p for p in cand if p.layers}
-        return CacheSpec(bs, sbs, cfg.sliding_window, csa, hca, kv_dtype, pools, index_dtype, cfg.num_hidden_layers)
+        return CacheSpec(bs, sbs, cfg.sliding_window, csa, hca, kv_dtype, pools, index_dtype, cfg.num_hidden_layers,
+                         hca_state)
 
     # ---- layout helpers ----------------------------------------------------------------------
     @property
@@ -203,14 +215,15 @@ class CacheSpec:
 
     def state_bytes(self) -> int:
         """Compressor tail state of one request as ring buffers: 2*csa_ratio slots per CSA layer
-        (overlapping pooling) and hca_ratio slots per HCA layer (vLLM's fp32 layout, design note §6)."""
+        (overlapping pooling) and hca_ratio slots per HCA layer (vLLM's fp32 layout, design note §6), or one
+        online-softmax slot per HCA layer with `hca_state="online"`."""
         total = 0
         if "csa_state" in self.pools:
             p = self.pools["csa_state"]
             total += 2 * self.csa_ratio * p.bytes_per_row * len(p.layers)
         if "hca_state" in self.pools:
             p = self.pools["hca_state"]
-            total += self.hca_ratio * p.bytes_per_row * len(p.layers)
+            total += (self.hca_ratio if self.hca_state == "raw" else 1) * p.bytes_per_row * len(p.layers)
         return total
 
     def fixed_bytes_per_request(self) -> int:

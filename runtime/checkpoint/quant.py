@@ -17,6 +17,7 @@ BLOCK = 128
 FP4_BLOCK = 32
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _FP4_DTYPES = ("I8", "U8", "F4", "F8_E4M3FN_X2")
+_E2M1_PAIRS = torch.stack([E2M1[torch.arange(256) & 0x0F], E2M1[torch.arange(256) >> 4]], dim=-1)  # byte -> (lo, hi)
 
 
 def logical_shape(meta: TensorMeta, scale: TensorMeta | None) -> tuple[int, ...]:
@@ -41,13 +42,19 @@ def dequantize(w: torch.Tensor, s: torch.Tensor, shape: tuple[int, ...], name: s
                                   f"match logical shape {list(shape)} (expected scale [{out_f}, "
                                   f"{math.ceil(in_f / FP4_BLOCK)}])")
         b = w.contiguous().view(torch.uint8)
-        codes = torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(out_f, in_f).long()
-        vals = E2M1[codes]
-        return vals * sf.repeat_interleave(FP4_BLOCK, dim=1)[:, :in_f]
+        # one gather per byte from a 256 x 2 table (low nibble = even column), scales broadcast per 32-block:
+        # ~6 B of temporaries per value instead of ~20 (int64 codes + expanded scales)
+        vals = _E2M1_PAIRS[b.int()].view(out_f, in_f)
+        if in_f % FP4_BLOCK == 0:
+            return vals.view(out_f, in_f // FP4_BLOCK, FP4_BLOCK).mul_(sf[..., None]).view(out_f, in_f)
+        return vals.mul_(sf.repeat_interleave(FP4_BLOCK, dim=1)[:, :in_f])
     if w.dtype == torch.float8_e4m3fn:
         want = (math.ceil(out_f / BLOCK), math.ceil(in_f / BLOCK))
         if tuple(sf.shape) != want:
             raise CheckpointError(f"FP8 tensor {name}: scale shape {list(sf.shape)}, expected {list(want)}")
+        if out_f % BLOCK == 0 and in_f % BLOCK == 0:  # broadcast the block scales, no expanded copy
+            bo, bi = want
+            return w.float().view(bo, BLOCK, bi, BLOCK).mul_(sf[:, None, :, None]).view(out_f, in_f)
         full = sf.repeat_interleave(BLOCK, dim=0)[:out_f].repeat_interleave(BLOCK, dim=1)[:, :in_f]
         return w.float() * full
     raise CheckpointError(f"tensor {name}: has a .scale but dtype {w.dtype} is neither FP8 e4m3 nor packed FP4")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from dsv4.kernels import dispatch
 from dsv4.runtime.config import CSA, HCA, SLIDING
+from dsv4.runtime.model import hca_online
 from dsv4.runtime.model.context import Emission, StepContext
 from dsv4.runtime.model.kv_pools import KVPools
 from dsv4.runtime.model.layers import RMSNorm, rms
@@ -67,6 +68,9 @@ def _run_compressor(comp: Compressor, x: torch.Tensor, ctx: StepContext, kind: s
     `Compressor.pool` + `KVPools.write`)."""
     kv, score = comp.project(x, ctx.pos)
     em: Emission = ctx.emissions[kind]
+    if kind == HCA and getattr(pools.spec, "hca_state", "raw") == "online":
+        _run_hca_online(comp, kv, score, ctx, em, pools, layer, state_pool, out_pool, inv_freq)
+        return
     fmt = "plain"
     if pools.is_fp8(out_pool):
         fmt = f"{pools.spec.index_dtype}_index" if out_pool == "idx" else "fp8_kv"
@@ -74,6 +78,20 @@ def _run_compressor(comp: Compressor, x: torch.Tensor, ctx: StepContext, kind: s
                              em.entry, em.dest, pools.tensor(out_pool, layer), comp.norm.weight, inv_freq,
                              ratio=comp.ratio, coff=comp.coff, eps=comp.norm.eps, col_offset=cols[0], out_format=fmt,
                              rope_dim=pools.rope_dim, compute_dtype=x.dtype)
+
+
+def _run_hca_online(comp: Compressor, kv: torch.Tensor, score: torch.Tensor, ctx: StepContext, em: Emission,
+                    pools: KVPools, layer: int, state_pool: str, out_pool: str, inv_freq: torch.Tensor) -> None:
+    """HCA with the online-softmax single-slot state (`cache_spec(..., hca_state="online")`): fold every token
+    into its group's slot, then RMSNorm + RoPE the completed groups' `a / s` into the HCA pool (torch only)."""
+    state = pools.tensor(state_pool, layer)
+    slot = ctx.state_slot[HCA]
+    hca_online.fold_rows(state, slot, ctx.pos, kv, score, comp.ratio)
+    if em.token.numel() == 0:
+        return
+    pooled = hca_online.pooled_rows(state, slot[em.token], comp.dim).to(kv.dtype)
+    c, s = cos_sin(em.entry * comp.ratio, inv_freq)
+    pools.write(out_pool, layer, em.dest, apply_rope(comp.norm(pooled), c, s))
 
 
 class Indexer(nn.Module):

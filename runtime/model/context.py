@@ -83,7 +83,9 @@ class StepContext:
                 continue
             r = cfg.compress_rates[kind]
             st = spec.pools[state_pool]
-            ctx.state_slot[kind] = lookup(tables[state_pool], seq, pos, st.tokens_per_block)
+            # rows_per_block < tokens_per_block: several positions share a row (the online HCA state: one
+            # row per group of hca_ratio positions, `cache/spec.py`)
+            ctx.state_slot[kind] = lookup(tables[state_pool], seq, pos, st.tokens_per_block, st.rows_per_block)
             cp = spec.pools[comp_pool]
             # emissions
             emit = ((pos + 1) % r == 0) & (pos >= ru)
@@ -92,7 +94,8 @@ class StepContext:
             coff = 2 if kind == CSA else 1
             start = j * r - (r if coff == 2 else 0)
             gpos = start[:, None] + torch.arange(coff * r, device=dev)[None, :]
-            srows = lookup(tables[state_pool], seq[tok][:, None].expand_as(gpos), gpos, st.tokens_per_block)
+            srows = lookup(tables[state_pool], seq[tok][:, None].expand_as(gpos), gpos, st.tokens_per_block,
+                           st.rows_per_block)
             dest = lookup(tables[comp_pool], seq[tok], j * r, cp.tokens_per_block, cp.rows_per_block)
             ctx.emissions[kind] = Emission(tok, j, srows, dest)
             # visible entries per query

@@ -100,14 +100,15 @@ class KVPools:
 
 
 def cache_spec(cfg: Any, kv_dtype: str = "fp32", block_size: int | None = None,
-               swa_block_size: int | None = None) -> Any:
+               swa_block_size: int | None = None, hca_state: str = "raw") -> Any:
     """`CacheSpec.from_model` (runtime/cache/spec.py). Until that module exists, an equivalent local spec built
     from the contract text (same pools, rows and row formats) so the model can be exercised on its own."""
     try:
         from dsv4.runtime.cache.spec import CacheSpec  # type: ignore[import-not-found]
     except ImportError:
         return _contract_spec(cfg, kv_dtype, block_size, swa_block_size)
-    return CacheSpec.from_model(cfg, kv_dtype=kv_dtype, block_size=block_size, swa_block_size=swa_block_size)
+    return CacheSpec.from_model(cfg, kv_dtype=kv_dtype, block_size=block_size, swa_block_size=swa_block_size,
+                                hca_state=hca_state)
 
 
 def _contract_spec(cfg: Any, kv_dtype: str, block_size: int | None, swa_block_size: int | None) -> Any:

@@ -43,6 +43,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = Field(None, description="Send a final chunk with token usage (default: true).")
+    continuous_usage_stats: bool | None = Field(
+        None, description="Sent by vLLM clients (guidellm): accepted; usage still comes once, in the final chunk.")
 
 
 class _Sampling(_Strict):
