@@ -26,9 +26,9 @@ def loaded():
     return model, cfg, tok
 
 
-def make_engine(loaded, policy="full", num_blocks=256, prefix=True, **sched) -> LLMEngine:
+def make_engine(loaded, policy="full", num_blocks=256, prefix=True, hca_state="raw", **sched) -> LLMEngine:
     model, cfg, tok = loaded
-    spec = CacheSpec.from_model(cfg, kv_dtype="fp32")
+    spec = CacheSpec.from_model(cfg, kv_dtype="fp32", hca_state=hca_state)
     cache = CacheManager(spec, {p: num_blocks for p in spec.block_pools}, policy=policy,
                          enable_prefix_caching=prefix)
     pools = KVPools.for_model(cfg, spec, cache.num_blocks)
@@ -80,6 +80,24 @@ def test_prefix_hit_gives_same_tokens(loaded, policy):
     assert second == first
     cold = run(make_engine(loaded, policy=policy, prefix=False), [Request("c", p, greedy())])[0]
     assert cold == first
+
+
+@pytest.mark.parametrize("policy", ["full", "checkpoint", "recompute"])
+def test_online_hca_state_serves_the_same_tokens(loaded, policy):
+    """`--hca-state online` (one online-softmax slot per open HCA group) gives the raw tail's greedy tokens on a
+    cold run, in small chunks, and after a prefix hit that ends inside an open HCA group."""
+    p = prompt(300, 5)
+    raw = run(make_engine(loaded, policy=policy, prefix=False), [Request("r", p, greedy(40))])[0]
+    eng = make_engine(loaded, policy=policy, hca_state="online")
+    assert eng.cache.spec.pools["hca_state"].rows_per_block == 1
+    assert run(eng, [Request("a", p, greedy(40))])[0] == raw
+    longer = p + prompt(70, 9)
+    hit = Request("b", longer, greedy(40))
+    out = run(eng, [hit])[0]
+    assert hit.sequences[0].cached_tokens >= 128
+    assert out == run(make_engine(loaded, policy=policy, prefix=False), [Request("c", longer, greedy(40))])[0]
+    chunked = make_engine(loaded, policy=policy, prefix=False, hca_state="online", max_num_batched_tokens=24)
+    assert run(chunked, [Request("d", p, greedy(40))])[0] == raw
 
 
 def test_preemption_recomputes_to_identical_output(loaded):

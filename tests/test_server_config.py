@@ -37,6 +37,7 @@ def test_precedence_profile_file_cli(tmp_path):
     ({"tp": 2, "device": "cuda:1"}, "pins one GPU"),
     ({"tp_timeout_s": 0}, "tp_timeout_s"),
     ({"kv_dtype": "int4"}, "kv_dtype"),
+    ({"hca_state": "lossy"}, "hca_state"),
     ({"num_blocks": 10, "cache_budget_gib": 1.0}, "not both"),
     ({"max_queue": 0}, "max_queue"),
     ({"bogus": 1}, "bogus"),
@@ -74,3 +75,10 @@ def test_metrics_doc_matches_catalog():
     assert doc == metrics_doc(), "regenerate: python -m dsv4.runtime.server.metrics > docs/metrics.md"
     for m in catalog.RUNTIME_METRICS:
         assert f"`{m.name}`" in doc
+
+
+def test_hca_state_choices_are_the_cache_specs():
+    from dsv4.runtime.cache.spec import HCA_STATES as SPEC_STATES
+    from dsv4.runtime.server.config import HCA_STATES
+
+    assert HCA_STATES == SPEC_STATES

@@ -106,7 +106,8 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     if kv_dtype == "auto":
         kv_dtype = "fp32" if device == "cpu" and str(mcfg.torch_dtype) in ("float32", "torch.float32") else "bf16"
     # FP8 KV keeps FP4 indexer keys, the layout the planner (operator/planner.py) and `dsv4 bench capacity` size
-    spec = CacheSpec.from_model(mcfg, kv_dtype=kv_dtype, index_dtype="fp4" if kv_dtype == "fp8" else None)
+    spec = CacheSpec.from_model(mcfg, kv_dtype=kv_dtype, index_dtype="fp4" if kv_dtype == "fp8" else None,
+                                hca_state=cfg.hca_state)
     context = None
     # on CPU every TP rank holds a full replica of the pools (docs/parallel.md): each gets 1/tp of the host
     host_share = host_available_bytes() // cfg.tp if device == "cpu" else 0

@@ -15,6 +15,7 @@ from typing import Any
 
 CACHE_POLICIES = ("full", "checkpoint", "recompute")
 KV_DTYPES = ("auto", "fp32", "bf16", "fp8")
+HCA_STATES = ("raw", "online")  # = dsv4.runtime.cache.spec.HCA_STATES (tests/test_server_config.py)
 MAX_TP = 64
 
 # Named workload profiles (the operator's PROFILE_NAMES): defaults they change.
@@ -59,6 +60,7 @@ class ServeConfig:
     checkpoint_every: int = 4
     enable_prefix_caching: bool = True
     kv_dtype: str = "auto"
+    hca_state: str = "raw"  # HCA compressor tail: raw rows, or one online-softmax slot per open group
     cache_budget_gib: float | None = None
     num_blocks: int | None = None  # blocks per pool (overrides the budget)
     expected_context: int | None = None  # context length the pool split is sized for (budget mode)
@@ -119,6 +121,8 @@ class ServeConfig:
         need(self.cache_policy in CACHE_POLICIES,
              f"cache_policy must be one of {list(CACHE_POLICIES)}, got {self.cache_policy!r}")
         need(self.kv_dtype in KV_DTYPES, f"kv_dtype must be one of {list(KV_DTYPES)}, got {self.kv_dtype!r}")
+        need(self.hca_state in HCA_STATES,
+             f"hca_state must be one of {list(HCA_STATES)}, got {self.hca_state!r}")
         need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         need(self.cache_budget_gib is None or self.cache_budget_gib > 0,
              f"cache_budget_gib must be > 0, got {self.cache_budget_gib}")

@@ -34,6 +34,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--cache-policy", {"help": "sliding-window cache policy: full, checkpoint, recompute"}),
     ("--checkpoint-every", {"type": int, "help": "checkpoint policy: keep window state every N blocks"}),
     ("--kv-dtype", {"help": "auto (default: fp32 on CPU for fp32 weights, else bf16), fp32, bf16, fp8"}),
+    ("--hca-state", {"help": "HCA compressor tail state: raw (default; up to ratio-1 rows per layer) or online "
+                             "(one online-softmax slot per open group: ~100x fewer state bytes)"}),
     ("--cache-budget-gib", {"type": float, "help": "bytes for all cache pools, GiB"}),
     ("--num-blocks", {"type": int, "help": "blocks per pool (instead of a budget)"}),
     ("--expected-context", {"type": int, "help": "context length the pool split is sized for"}),
