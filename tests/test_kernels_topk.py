@@ -50,14 +50,12 @@ def test_topk_triton_equals_reference(T, C, k, visible):
             assert bool((taken[:-1].int() >= taken[1:].int()).all())
 
 
-def test_topk_reference_equals_model_rule():
-    """The kernels' deterministic rule is the model's (`runtime/model/topk.py`)."""
-    topk = pytest.importorskip("dsv4.runtime.model.topk")
-    g = torch.Generator().manual_seed(9)
-    s, cand = _scores(g, 4, 90, [90, 60, 4, 90])
-    cand = cand.abs()  # the model's rule marks invisibility by -inf scores only
-    for k in (1, 5, 30):
-        assert torch.equal(reference.topk_from_scores(s, cand, k), topk.select_topk(s, cand, k))
+def test_model_selects_through_the_dispatch():
+    """The model has no top-k of its own: `runtime/model/topk.py` is the dispatch's (Triton on CUDA)."""
+    from dsv4.runtime.model import attention, topk
+
+    assert topk.select_topk is dispatch.select_topk
+    assert attention.select_topk is dispatch.select_topk
 
 
 def test_indexer_topk_end_to_end_and_fast_path():
