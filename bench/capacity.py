@@ -22,10 +22,11 @@ request, slope = compressed bytes per token) and the dense V3.2-style baseline `
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from dsv4.bench.results_io import write_triplet
 
 GB = 10**9
 GIB = 2**30
@@ -275,16 +276,10 @@ def plot(out: dict, path: Path) -> None:
 
 
 def write_results(out: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     sel = out.get("selected_workloads", ["agent", "chat"])
     part = f"_{sel[0]}" if len(sel) == 1 else ""  # `--workload chat` must not overwrite the full results
     part += "_hca_online" if out.get("hca_state") == "online" else ""
-    stem = f"capacity_{out['model']}{part}{'_smoke' if out['smoke'] else ''}"
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(out, indent=1))
-    paths["md"].write_text(markdown(out) + "\n")
-    plot(out, paths["png"])
-    return paths
+    return write_triplet(out, out_dir, f"capacity_{out['model']}{part}", markdown, plot)
 
 
 def add_arguments(p) -> None:

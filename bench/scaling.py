@@ -24,13 +24,14 @@ ours at 1K; our prefill cost per token grows <= 1.5x from 8K to 64K.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dsv4.bench.results_io import write_triplet
 
 FULL_CONTEXTS = (1024, 8192, 32768, 65536)
 FULL_BATCHES = (1, 16)
@@ -459,13 +460,7 @@ def plot(out: dict, path: Path) -> None:
 
 
 def write_results(out: dict, out_dir: Path, name: str = "scaling") -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}{'_smoke' if out['smoke'] else ''}"
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(out, indent=1))
-    paths["md"].write_text(markdown(out) + "\n")
-    plot(out, paths["png"])
-    return paths
+    return write_triplet(out, out_dir, name, markdown, plot)
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -16,13 +16,14 @@ fraction is a pessimistic bound for a real model on the same host.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from dsv4.bench.results_io import write_triplet
 
 PHASES = ("schedule", "batch", "forward", "commit", "sample", "observer")
 
@@ -203,16 +204,10 @@ def plot(out: dict, path: Path) -> None:
 
 
 def write_results(out: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = "" if out["model"] == "built-in tiny" else "_" + Path(out["model"]).name
     greedy = "_greedy" if out.get("sampling") == "greedy" else ""
     plen = "" if out.get("prompt_len", 64) == 64 else f"_p{out['prompt_len']}"
-    stem = f"scheduler{model}{greedy}{plen}{'_smoke' if out['smoke'] else ''}"
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(out, indent=1))
-    paths["md"].write_text(markdown(out) + "\n")
-    plot(out, paths["png"])
-    return paths
+    return write_triplet(out, out_dir, f"scheduler{model}{greedy}{plen}", markdown, plot)
 
 
 def add_arguments(p) -> None:

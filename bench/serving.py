@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dsv4.bench.results_io import write_triplet
+
 DEFAULT_MODEL = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4" / "models" / "tiny"
 
 
@@ -343,13 +345,7 @@ def plot(out: dict, path: Path) -> None:
 
 
 def write_results(out: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"serving{'_smoke' if out['smoke'] else ''}"
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(out, indent=1))
-    paths["md"].write_text(markdown(out) + "\n")
-    plot(out, paths["png"])
-    return paths
+    return write_triplet(out, out_dir, "serving", markdown, plot)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
