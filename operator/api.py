@@ -203,6 +203,8 @@ class Overrides(_Model):
     batching_delay_ms: float | None = Field(None, ge=0, le=1000, description="Scheduler batching delay, milliseconds.")
     cache_policy: Literal["full", "checkpoint", "recompute"] | None = Field(
         None, description="Sliding-window cache policy for prefix reuse: full, checkpoint, or recompute.")
+    hca_state: Literal["raw", "online"] | None = Field(
+        None, description="HCA compressor state: raw tail rows, or one online-softmax slot per open group.")
     max_num_batched_tokens: int | None = Field(None, ge=16, le=1 << 20,
                                                description="Token budget of one scheduler step.")
     max_model_len: int | None = Field(None, ge=16, le=1 << 21, description="Cap on context length per request.")
@@ -353,6 +355,7 @@ class PlanStatus(_Model):
     max_num_batched_tokens: int = Field(description="Token budget of one scheduler step.")
     chunked_prefill_size: int = Field(description="Largest prefill chunk of one request per step.")
     cache_policy: str = Field(description="Sliding-window cache policy.")
+    hca_state: str = Field("raw", description="HCA compressor state: raw or online.")
     pool_split: dict[str, float] = Field(description="Fraction of the cache budget per pool.")
     cache_bytes_per_gpu: int = Field(description="Bytes per GPU left for the KV cache after weights and overhead.")
     max_servable_context: int = Field(description="Longest context one request can have on one replica.")

@@ -46,6 +46,7 @@ CONFIG_KEYS: dict[str, str] = {
     "max_num_seqs": "most running sequences",
     "max_model_len": "longest context accepted (requests above it get HTTP 400)",
     "cache_policy": "full | checkpoint | recompute (sliding-window policy)",
+    "hca_state": "raw | online (HCA compressor state: raw tail rows or one online-softmax slot)",
     "kv_dtype": "fp8 | bf16 (KV row storage)",
     "cache_budget_gib": "KV-cache bytes per GPU (GiB) the planner left after weights and activations",
     "expected_context": "context length the pool split is sized for (profile p95 + output tokens)",
@@ -99,6 +100,7 @@ def runtime_config(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan) -> dict
         "max_num_seqs": plan.max_num_seqs,
         "max_model_len": plan.max_model_len,
         "cache_policy": plan.cache_policy,
+        "hca_state": plan.hca_state,
         "kv_dtype": plan.kv_dtype,
         # exact (bytes / 2**30 is exact in binary floating point): the runtime splits this budget with the same
         # CacheManager.from_budget, expected context and prefill chunk as the planner, so the pools match the

@@ -73,6 +73,7 @@ def format_plan(name: str, p) -> str:
         ("maxNumBatchedTokens", p.max_num_batched_tokens),
         ("chunkedPrefillSize", p.chunked_prefill_size),
         ("cachePolicy", p.cache_policy),
+        ("hcaState", p.hca_state),
         ("poolSplit", ", ".join(f"{k}={v:.3f}" for k, v in p.pool_split.items())),
         ("maxServableContext", p.max_servable_context),
         ("maxModelLen", p.max_model_len),

@@ -39,7 +39,7 @@ from dsv4.operator.api import DSV4EndpointSpec, PlanStatus
 from dsv4.operator.capacity import Capacity, capacity
 from dsv4.operator.hardware import MBU, MFU, Accelerator, accelerator
 from dsv4.operator.profiles import Workload, resolve
-from dsv4.runtime.cache.spec import CacheSpec
+from dsv4.runtime.cache.spec import HCA_STATES, CacheSpec
 from dsv4.runtime.config import CSA, HCA, ConfigError, ModelConfig, preset
 
 GPU_MEMORY_UTILIZATION = 0.90
@@ -69,6 +69,7 @@ class Plan:
     chunked_prefill_size: int
     max_num_seqs: int
     cache_policy: str
+    hca_state: str
     expected_context: int
     kv_dtype: str
     pool_split: dict[str, float]
@@ -92,7 +93,8 @@ class Plan:
         return PlanStatus(
             tensor_parallel_size=self.tensor_parallel_size, batching_delay_ms=self.batching_delay_ms,
             max_num_batched_tokens=self.max_num_batched_tokens, chunked_prefill_size=self.chunked_prefill_size,
-            cache_policy=self.cache_policy, pool_split={k: round(v, 4) for k, v in self.pool_split.items()},
+            cache_policy=self.cache_policy, hca_state=self.hca_state,
+            pool_split={k: round(v, 4) for k, v in self.pool_split.items()},
             cache_bytes_per_gpu=self.cache_bytes_per_gpu, max_servable_context=self.max_servable_context,
             max_model_len=self.max_model_len,
             sessions_per_replica=self.sessions_per_replica, initial_replicas=self.initial_replicas,
@@ -148,14 +150,38 @@ class _Candidate:
     sessions: int
     max_context: int
     rank: int  # sessions under the recompute policy (the most a group can hold): compares TP sizes fairly
+    hca_state: str = "raw"
+    hca_state_reason: str = ""
+
+
+def hca_state_choice(override: str | None, choices: dict[str, tuple[str, str, Capacity]], need_ctx: int,
+                     batch_limit: int) -> tuple[str, str, tuple[str, str, Capacity]]:
+    """raw or online HCA compressor state (same outputs, docs/cache.md). Online keeps one 6 KiB slot per HCA
+    layer and running request instead of up to 127 raw rows (512 KiB), so it holds more sessions and longer
+    requests; raw keeps the fused Triton compressor step on CUDA. Online is chosen only when the cache, not
+    the ITL batch or max_num_seqs (`batch_limit`), bounds what raw holds and online holds more."""
+    if override:
+        return override, "set by overrides.hcaState", choices[override]
+    raw, online = choices["raw"][2], choices["online"][2]
+    raw_fits = raw.max_request_tokens >= need_ctx
+    if raw_fits and raw.sessions >= batch_limit:
+        return "raw", (f"the cache holds {raw.sessions} sessions with the raw tail, at least the {batch_limit} "
+                       "the batch allows: raw keeps the fused compressor kernel"), choices["raw"]
+    online_fits = online.max_request_tokens >= need_ctx
+    if (online_fits and not raw_fits) or (online_fits == raw_fits and online.sessions > raw.sessions):
+        return "online", (f"one online-softmax slot per HCA layer instead of the raw tail: {online.sessions} "
+                          f"sessions (raw {raw.sessions}), longest request {online.max_request_tokens} "
+                          f"(raw {raw.max_request_tokens})"), choices["online"]
+    return "raw", (f"the online state holds no more ({online.sessions} vs {raw.sessions} sessions): raw keeps "
+                   "the fused compressor kernel"), choices["raw"]
 
 
 def _decode_step_s(cfg: ModelConfig, quant: str, acc: Accelerator, tp: int, batch: int, kv_read: int) -> float:
     return (W.decode_weight_bytes(cfg, quant, batch) / tp + batch * kv_read) / (acc.hbm_bytes_per_s * MBU)
 
 
-def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, cache: CacheSpec, acc: Accelerator, wl: Workload,
-              tp: int, wbytes: int) -> _Candidate | str:
+def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheSpec], acc: Accelerator,
+              wl: Workload, tp: int, wbytes: int) -> _Candidate | str:
     """A candidate at group size `tp`, or a string saying why it does not work."""
     ov = spec.overrides
     quant = spec.model.quantization
@@ -177,7 +203,7 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, cache: CacheSpec, acc: A
     if ov and ov.max_model_len:
         limit = min(limit, ov.max_model_len)
     expected = min(limit, wl.context_p95 + wl.output_tokens)
-    kv_read = kv_read_bytes(cfg, cache, wl.context_p95)
+    kv_read = kv_read_bytes(cfg, caches["raw"], wl.context_p95)
     step1 = _decode_step_s(cfg, quant, acc, tp, 1, kv_read)
     if step1 * 1000 > wl.itl_target_ms:
         return f"TP{tp}: one decode step takes ~{step1 * 1000:.1f} ms > ITL target {wl.itl_target_ms} ms"
@@ -186,23 +212,21 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, cache: CacheSpec, acc: A
         if _decode_step_s(cfg, quant, acc, tp, b, kv_read) * 1000 > wl.itl_target_ms:
             break
         itl_batch = b
-    def cap_for(policy: str) -> Capacity:
-        return capacity(cache, cache_bytes, expected_context=expected, policy=policy, max_context_limit=limit,
-                        prefill_chunk=chunk)
+    def cap_for(policy: str, state: str) -> Capacity:
+        return capacity(caches[state], cache_bytes, expected_context=expected, policy=policy,
+                        max_context_limit=limit, prefill_chunk=chunk)
 
     need_ctx = min(ov.max_model_len, wl.context_max) if ov and ov.max_model_len else wl.context_max
     want = min(wl.concurrency, itl_batch)
-    if ov and ov.cache_policy:
-        policy, why = ov.cache_policy, "set by overrides.cachePolicy"
-        cap = cap_for(policy)
-    elif wl.prefix_reuse_ratio < REUSE_FOR_PREFIX_CACHE:
-        policy = "recompute"
-        why = (f"prefix reuse {wl.prefix_reuse_ratio:.0%} < {REUSE_FOR_PREFIX_CACHE:.0%}: keep only the live "
-               "window, recompute it on the rare hit")
-        cap = cap_for(policy)
-    else:
+
+    def choose_policy(state: str) -> tuple[str, str, Capacity]:
+        if ov and ov.cache_policy:
+            return ov.cache_policy, "set by overrides.cachePolicy", cap_for(ov.cache_policy, state)
+        if wl.prefix_reuse_ratio < REUSE_FOR_PREFIX_CACHE:
+            return "recompute", (f"prefix reuse {wl.prefix_reuse_ratio:.0%} < {REUSE_FOR_PREFIX_CACHE:.0%}: keep "
+                                 "only the live window, recompute it on the rare hit"), cap_for("recompute", state)
         # most reuse first: full (every window row kept), checkpoint (a window every 4 blocks), recompute
-        caps = {p: cap_for(p) for p in ("full", "checkpoint", "recompute")}
+        caps = {p: cap_for(p, state) for p in ("full", "checkpoint", "recompute")}
         fits = [p for p, c in caps.items() if c.max_request_tokens >= need_ctx]
         enough = [p for p in fits if caps[p].sessions >= want]
         if enough:
@@ -211,10 +235,14 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, cache: CacheSpec, acc: A
             policy = max(fits, key=lambda p: caps[p].sessions)
         else:
             policy = "recompute"
-        cap = caps[policy]
         tried = ", ".join(f"{p}: {c.sessions} sessions, max {c.max_request_tokens}" for p, c in caps.items())
-        why = (f"prefix reuse {wl.prefix_reuse_ratio:.0%}: {policy} keeps the most reusable state that still "
-               f"holds {want} sessions of {expected} tokens and a {need_ctx}-token request ({tried})")
+        return policy, (f"prefix reuse {wl.prefix_reuse_ratio:.0%}: {policy} keeps the most reusable state that "
+                        f"still holds {want} sessions of {expected} tokens and a {need_ctx}-token request ({tried})"
+                        ), caps[policy]
+
+    state, state_why, (policy, why, cap) = hca_state_choice(
+        ov.hca_state if ov else None, {s: choose_policy(s) for s in HCA_STATES}, need_ctx,
+        min(itl_batch, MAX_NUM_SEQS))
     max_context = min(cap.max_request_tokens, limit)
     if max_context < need_ctx:
         return (f"TP{tp}: the longest servable context is {max_context} tokens < the profile's contextMax "
@@ -223,10 +251,10 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, cache: CacheSpec, acc: A
     if sessions < 1:
         return f"TP{tp}: not one session of {expected} tokens fits in {cache_bytes / 1e9:.1f} GB of cache"
     step_ms = _decode_step_s(cfg, quant, acc, tp, sessions, kv_read) * 1000
-    rank_cap = cap if policy == "recompute" else cap_for("recompute")
+    rank_cap = cap if policy == "recompute" else cap_for("recompute", state)
     rank = max(0, min(rank_cap.sessions, itl_batch, MAX_NUM_SEQS))
     return _Candidate(tp, cache_bytes, cap, policy, why, chunk, mnbt, prefill_rate, itl_batch, step_ms, sessions,
-                      max_context, rank)
+                      max_context, rank, state, state_why)
 
 
 def _tp_options(cfg: ModelConfig, gpus_per_node: int) -> list[int]:
@@ -265,8 +293,9 @@ def plan(spec: DSV4EndpointSpec) -> Plan:
     wl = resolve(spec.profile)
     acc = accelerator(spec.accelerator.type, spec.accelerator.memory_gi_b)
     quant = spec.model.quantization
-    cache = CacheSpec.from_model(cfg, kv_dtype=spec.model.kv_dtype,
-                                 index_dtype="fp4" if spec.model.kv_dtype == "fp8" else None)
+    caches = {s: CacheSpec.from_model(cfg, kv_dtype=spec.model.kv_dtype, hca_state=s,
+                                      index_dtype="fp4" if spec.model.kv_dtype == "fp8" else None)
+              for s in HCA_STATES}
     wbytes = W.weight_bytes(cfg, quant)
     ov = spec.overrides
     gpn = spec.accelerator.gpus_per_node
@@ -286,7 +315,7 @@ def plan(spec: DSV4EndpointSpec) -> Plan:
         raise PlanError("ContextDoesNotFit",
                         f"the profile's contextMax ({wl.context_max}) exceeds the model's max_position_embeddings "
                         f"({cfg.max_position_embeddings}); lower it or set overrides.maxModelLen")
-    results = {t: _evaluate(spec, cfg, cache, acc, wl, t, wbytes) for t in options}
+    results = {t: _evaluate(spec, cfg, caches, acc, wl, t, wbytes) for t in options}
     good = [c for c in results.values() if isinstance(c, _Candidate)]
     if not good:
         raise _infeasible(spec, cfg, acc, wl, wbytes, results)
@@ -343,6 +372,7 @@ def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Work
     reasons["maxNumBatchedTokens"] = ("set by overrides.maxNumBatchedTokens" if ov and ov.max_num_batched_tokens
                                       else f"one prefill chunk ({c.chunk}) + {MAX_NUM_SEQS} decode slots")
     reasons["cachePolicy"] = c.policy_reason
+    reasons["hcaState"] = c.hca_state_reason
     reasons["poolSplit"] = (f"budget split by the bytes one {c.cap.expected_context}-token sequence needs per pool "
                             "(CacheManager.from_budget)")
     reasons["maxServableContext"] = (f"largest request whose blocks fit every pool of {c.cache_bytes / 1e9:.1f} GB "
@@ -378,7 +408,7 @@ def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Work
     return Plan(
         model=spec.model.variant, accelerator=acc.name, profile=wl.name, tensor_parallel_size=c.tp,
         batching_delay_ms=float(delay), max_num_batched_tokens=c.mnbt, chunked_prefill_size=c.chunk,
-        max_num_seqs=min(MAX_NUM_SEQS, max(c.sessions, 1)), cache_policy=c.policy,
+        max_num_seqs=min(MAX_NUM_SEQS, max(c.sessions, 1)), cache_policy=c.policy, hca_state=c.hca_state,
         expected_context=c.cap.expected_context, kv_dtype=spec.model.kv_dtype,
         pool_split=dict(c.cap.pool_split), num_blocks=dict(c.cap.num_blocks), cache_bytes_per_gpu=c.cache_bytes,
         max_servable_context=c.max_context, max_model_len=max_model_len, sessions_per_replica=c.sessions,

@@ -151,22 +151,28 @@ def test_pod_monitor_only_when_asked_and_uses_the_catalog_relabelings() -> None:
     assert "PodMonitor" not in kinds(manifests.children(REF, off, p, with_pod_monitor=True))
 
 
-@pytest.mark.parametrize("example", ["short-chat.yaml", "long-context-agent.yaml"])
+def b200_chat() -> api.DSV4EndpointSpec:
+    """short-chat on one-GPU-per-node B200s: the cache bounds the raw tail, so the plan keeps the online HCA state."""
+    spec = load("short-chat.yaml")
+    return spec.model_copy(update={"accelerator": spec.accelerator.model_copy(
+        update={"type": "B200", "gpus_per_node": 1})})
+
+
+@pytest.mark.parametrize("example", ["short-chat.yaml", "long-context-agent.yaml", "b200-chat"])
 def test_server_sizes_the_pools_of_its_plan_block_for_block(example: str) -> None:
     """The pod's config file, read by the runtime's own sizing code, gives the planned number of blocks per pool
     (a rounded budget or a floored split would give a server a slightly different cache than its plan)."""
     from dsv4.operator.planner import model_config
-    from dsv4.runtime.cache.spec import CacheSpec
-    from dsv4.runtime.server.build import cache_for_budget, expected_context
+    from dsv4.runtime.server.build import cache_for_budget, cache_spec, expected_context
 
-    spec = load(example)
+    spec = b200_chat() if example == "b200-chat" else load(example)
     p = plan(spec)
     values = yaml.safe_load(kinds(manifests.children(REF, spec, p))["ConfigMap"]["data"]["config.yaml"])
     cfg = ServeConfig(**values)
+    assert cfg.hca_state == p.hca_state == ("online" if example == "b200-chat" else "raw")
     mcfg = model_config(spec)
-    kv = values["kv_dtype"]
-    cache_spec = CacheSpec.from_model(mcfg, kv_dtype=kv, index_dtype="fp4" if kv == "fp8" else None)
     budget = int(cfg.cache_budget_gib * 2**30)
     assert budget == p.cache_bytes_per_gpu
-    cache = cache_for_budget(cfg, cache_spec, budget, expected_context(cfg, int(mcfg.max_position_embeddings)))
+    cache = cache_for_budget(cfg, cache_spec(cfg, mcfg, values["kv_dtype"]), budget,
+                             expected_context(cfg, int(mcfg.max_position_embeddings)))
     assert dict(cache.num_blocks) == dict(p.num_blocks)

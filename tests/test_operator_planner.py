@@ -18,7 +18,7 @@ from dsv4.runtime.cache.spec import CacheSpec
 from dsv4.runtime.config import flash, pro
 
 REASON_KEYS = {"tensorParallelSize", "batchingDelayMs", "maxNumBatchedTokens", "chunkedPrefillSize", "cachePolicy",
-               "poolSplit", "maxServableContext", "maxModelLen", "sessionsPerReplica", "initialReplicas"}
+               "hcaState", "poolSplit", "maxServableContext", "maxModelLen", "sessionsPerReplica", "initialReplicas"}
 
 
 def spec(variant: str = "flash", gpu: str = "H200", profile: str | dict = "short-chat", **extra: Any
@@ -84,6 +84,7 @@ def test_plan_table(variant: str, gpu: str, profile: str) -> None:
         assert p.cache_policy == "recompute"
     assert sum(p.pool_split.values()) == pytest.approx(1.0)
     assert set(p.pool_split) == set(CacheSpec.from_model(cfg, "fp8", index_dtype="fp4").block_pools)
+    assert p.hca_state in ("raw", "online")
     assert REASON_KEYS <= set(p.reasons) and all(p.reasons[k].strip() for k in REASON_KEYS)
     st = p.to_status().wire()
     assert st["tensorParallelSize"] == tp and st["reasons"]["cachePolicy"] == p.reasons["cachePolicy"]
@@ -115,6 +116,22 @@ def test_overrides_are_respected_and_explained() -> None:
         (4, 7.5, "checkpoint", 4096)
     for k in ("tensorParallelSize", "batchingDelayMs", "cachePolicy", "maxNumBatchedTokens"):
         assert "overrides" in p.reasons[k]
+
+
+def test_hca_state_is_online_only_when_the_cache_bounds_the_raw_layout() -> None:
+    # Flash short-chat on H200 without window reuse: the raw layout holds more sessions than the batch allows
+    h200 = plan(spec("flash", "H200", "short-chat", overrides={"cachePolicy": "recompute"}))
+    assert h200.hca_state == "raw" and "raw keeps the fused compressor kernel" in h200.reasons["hcaState"]
+    # on B200 TP1 the cache bounds the sessions: online holds more, and more than the raw layout forced
+    b200 = plan(spec("flash", "B200", "short-chat"))
+    raw = plan(spec("flash", "B200", "short-chat", overrides={"hcaState": "raw", "tensorParallelSize":
+                                                            b200.tensor_parallel_size}))
+    assert b200.hca_state == "online" and raw.hca_state == "raw"
+    assert b200.sessions_per_replica > raw.sessions_per_replica
+    assert f"{b200.sessions_per_replica} sessions (raw {raw.sessions_per_replica})" in b200.reasons["hcaState"]
+    assert b200.to_status().wire()["hcaState"] == "online"
+    forced = plan(spec("flash", "H200", "short-chat", overrides={"cachePolicy": "recompute", "hcaState": "online"}))
+    assert forced.hca_state == "online" and "overrides.hcaState" in forced.reasons["hcaState"]
 
 
 def test_tp_override_too_small_for_the_weights() -> None:
@@ -194,8 +211,9 @@ def test_planned_sessions_really_fit_in_the_runtime_allocator() -> None:
                                          "accelerator": {"type": "custom", "memoryGiB": 90, "gpusPerNode": 2}})
     p = plan(s)
     assert "bound by cache" in p.reasons["sessionsPerReplica"]
-    mgr = CacheManager(CacheSpec.from_model(model_config(s), kv_dtype="fp8", index_dtype="fp4"), p.num_blocks,
-                       policy=p.cache_policy)
+    assert p.hca_state == "online"  # cache-bound: the online HCA slot holds more (test_hca_state_choice)
+    mgr = CacheManager(CacheSpec.from_model(model_config(s), kv_dtype="fp8", index_dtype="fp4", hca_state="online"),
+                       p.num_blocks, policy=p.cache_policy)
 
     def prefill(i: int) -> bool:
         toks = [(i * 7919 + j) % 120_000 for j in range(p.expected_context)]

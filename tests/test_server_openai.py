@@ -201,6 +201,8 @@ def test_disconnect_mid_stream_frees_cache(server, model):
     ({"prompt": "x", "max_tokens": 1, "logprobs": 21}, 400, "logprobs"),
     ({"prompt": [], "max_tokens": 1}, 400, "prompt"),
     ({"prompt": [99999], "max_tokens": 1}, 400, "token ids"),
+    ({"prompt": [2**70], "max_tokens": 1, "echo": True}, 400, "token ids"),
+    ({"prompt": [[1, 2], [99999]], "max_tokens": 1, "echo": True, "logprobs": 1}, 400, "token ids"),
     ({"max_tokens": 1}, 400, "prompt"),
     ({"prompt": "x", "max_tokens": 1, "model": "gpt-9"}, 404, "gpt-9"),
     ({"prompt": "x", "max_tokens": 1, "n": 2, "best_of": 3}, 400, "best_of"),

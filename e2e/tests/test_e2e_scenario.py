@@ -228,7 +228,7 @@ def test_examples_are_planned_ready_and_serve(local_cluster, examples_ns):
             # the planner's choices are what the runtime is configured with
             assert cfg["tp"] == plan["tensorParallelSize"]
             assert cfg["batching_delay_ms"] == plan["batchingDelayMs"]
-            assert cfg["cache_policy"] == plan["cachePolicy"]
+            assert cfg["cache_policy"] == plan["cachePolicy"] and cfg["hca_state"] == plan["hcaState"]
             assert cfg["max_model_len"] == plan["maxModelLen"] and cfg["device"] == "cpu"
             dep = apps.read_namespaced_deployment(name, ns)
             c0 = dep.spec.template.spec.containers[0]

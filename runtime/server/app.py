@@ -357,9 +357,9 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
         want_prompt_lp = body.echo and body.logprobs is not None
         params = body.sampling(body.max_tokens or 16, body.logprobs, body.logprobs if want_prompt_lp else None)
-        prompt_texts = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for ids in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        gens = start(prompts, params, rid, body.priority)
+        gens = start(prompts, params, rid, body.priority)  # validates the token ids before echo decodes them
+        prompt_texts = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for ids in prompts]
         n = body.n
         created = int(time.time())
 

@@ -61,6 +61,15 @@ def expected_context(cfg: ServeConfig, max_position_embeddings: int) -> int:
     return cfg.expected_context or min(max_position_embeddings, cfg.max_model_len or 8192)
 
 
+def cache_spec(cfg: ServeConfig, model_config: Any, kv_dtype: str) -> Any:
+    """The pools' layout: FP8 KV keeps FP4 indexer keys, the layout the planner (operator/planner.py) and
+    `dsv4 bench capacity` size; `hca_state` as configured (the planner writes its choice)."""
+    from dsv4.runtime.cache.spec import CacheSpec
+
+    return CacheSpec.from_model(model_config, kv_dtype=kv_dtype, index_dtype="fp4" if kv_dtype == "fp8" else None,
+                                hca_state=cfg.hca_state)
+
+
 def cache_for_budget(cfg: ServeConfig, spec: Any, budget_bytes: int, context: int) -> Any:
     """Split `budget_bytes` over the pools exactly as the operator's planner does (operator/capacity.py calls
     the same `CacheManager.from_budget` with the same expected context and prefill chunk), so a pod's pools
@@ -77,7 +86,6 @@ def cache_for_budget(cfg: ServeConfig, spec: Any, budget_bytes: int, context: in
 def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     import torch
     from dsv4.runtime.cache.manager import CacheManager
-    from dsv4.runtime.cache.spec import CacheSpec
     from dsv4.runtime.engine.engine import AsyncEngine, EngineConfig, LLMEngine
     from dsv4.runtime.engine.scheduler import SchedulerConfig
     from dsv4.runtime.model import KVPools, load_model
@@ -105,9 +113,7 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     kv_dtype = cfg.kv_dtype
     if kv_dtype == "auto":
         kv_dtype = "fp32" if device == "cpu" and str(mcfg.torch_dtype) in ("float32", "torch.float32") else "bf16"
-    # FP8 KV keeps FP4 indexer keys, the layout the planner (operator/planner.py) and `dsv4 bench capacity` size
-    spec = CacheSpec.from_model(mcfg, kv_dtype=kv_dtype, index_dtype="fp4" if kv_dtype == "fp8" else None,
-                                hca_state=cfg.hca_state)
+    spec = cache_spec(cfg, mcfg, kv_dtype)
     context = None
     # on CPU every TP rank holds a full replica of the pools (docs/parallel.md): each gets 1/tp of the host
     host_share = host_available_bytes() // cfg.tp if device == "cpu" else 0
