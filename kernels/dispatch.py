@@ -4,7 +4,9 @@ interpreter), the torch reference otherwise.
 Dispatch rule (`choose_backend`, evaluated at every call, nothing cached at import):
 
 1. `backend=` argument, else env `DSV4_KERNEL_BACKEND` (read at call time), else "auto".
-2. "torch": the reference in `reference.py`.
+2. "torch": the references in `reference.py`, except that indexer scores and sparse attention go through
+   `prefix_gemm.py` (the same math with one GEMM per run of a sequence's prefill rows) and top-k through
+   `topk_torch.py` (the same selection in fewer passes).
 3. "triton": the Triton kernel; compiled for CUDA tensors, interpreted for CPU tensors (slow: tests only).
 4. "auto": triton not importable -> torch; Triton interpreter on (env `TRITON_INTERPRET` truthy or
    `triton.knobs.runtime.interpret`, read now) -> interpreted Triton; CUDA tensors -> compiled Triton;
@@ -75,7 +77,9 @@ def sparse_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale: float, 
     _check_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, sink)
     which = choose_backend(q, swa_kv, backend=backend)
     if which == "torch":
-        return reference.sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim)
+        from dsv4.kernels.prefix_gemm import sparse_attention_shared
+
+        return sparse_attention_shared(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim)
     from dsv4.kernels import triton_ops
 
     return triton_ops.sparse_attention_triton(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim,
@@ -106,8 +110,10 @@ def indexer_scores(q, weights, keys, cand_idx, *, index_format: str | None = Non
     if cand_idx.dim() != 2 or cand_idx.shape[0] != q.shape[0]:
         raise ValueError(f"cand_idx must be [T={q.shape[0]}, C], got {tuple(cand_idx.shape)}")
     which = choose_backend(q, keys, backend=backend)
-    if which == "torch":
-        return reference.indexer_scores_ref(q, weights, keys, cand_idx, index_format=index_format)
+    if which == "torch":  # one GEMM per run of a sequence's prefill rows, the reference's gather otherwise
+        from dsv4.kernels.prefix_gemm import indexer_scores_shared
+
+        return indexer_scores_shared(q, weights, keys, cand_idx, index_format=index_format)
     from dsv4.kernels import triton_ops
 
     return triton_ops.indexer_scores_triton(q, weights, keys, cand_idx, interpret=which == "interpret",
@@ -140,8 +146,10 @@ def select_topk(scores, cand_idx, k: int, *, backend: str | None = None) -> torc
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     which = choose_backend(scores, backend=backend)
-    if which == "torch":
-        return reference.topk_from_scores(scores, cand_idx, k)
+    if which == "torch":  # the reference's result; ties at the k-th value take the reference itself
+        from dsv4.kernels.topk_torch import topk_from_scores_fast
+
+        return topk_from_scores_fast(scores, cand_idx, k)
     from dsv4.kernels import triton_ops
 
     return triton_ops.topk_triton(scores, cand_idx, k, interpret=which == "interpret")

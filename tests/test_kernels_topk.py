@@ -50,6 +50,28 @@ def test_topk_triton_equals_reference(T, C, k, visible):
             assert bool((taken[:-1].int() >= taken[1:].int()).all())
 
 
+@pytest.mark.parametrize("case", range(8))
+def test_fast_torch_topk_equals_reference(case):
+    """`topk_torch.py` (the CPU dispatch) = the reference on tie-heavy rows, float rows, -1 candidates with
+    finite scores, +inf / NaN scores and rows with fewer than k finite scores."""
+    from dsv4.kernels.topk_torch import topk_from_scores_fast
+
+    g = torch.Generator().manual_seed(case)
+    T, C, k = 6, 97, [1, 5, 16, 33][case % 4]
+    if case < 4:
+        s, cand = _scores(g, T, C, [C, C - 3, k + 1, k, 3, 0])
+    else:
+        s = torch.randn(T, C, generator=g)
+        cand = torch.randperm(10 * C, generator=g)[: T * C].reshape(T, C)
+        cand[1, 5] = -1  # invisible but with a high finite score
+        s[1, 5] = 100.0
+        s[2, 7], s[3, 9], s[4, :C - 2] = float("inf"), float("nan"), float("-inf")
+        s[5, 11] = s[5, 12] = s[5].max() + 1  # tie at the top
+    ref = reference.topk_from_scores(s, cand, k)
+    assert torch.equal(topk_from_scores_fast(s, cand, k), ref)
+    assert torch.equal(dispatch.select_topk(s, cand, k, backend="torch"), ref)
+
+
 def test_model_selects_through_the_dispatch():
     """The model has no top-k of its own: `runtime/model/topk.py` is the dispatch's (Triton on CUDA)."""
     from dsv4.runtime.model import attention, topk

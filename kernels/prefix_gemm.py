@@ -1,0 +1,144 @@
+"""The torch path's indexer scores and compressed attention without a copy of the rows per query.
+
+The references (`reference.py`, the test oracles) gather a [T, C, D] tensor: every query gets its own copy
+of its candidate rows, ~1 GB per 512-token chunk per CSA layer for the indexer at 64K context. In a prefill
+chunk the queries of one sequence see nested prefixes of the same compressed entries (query t sees entries
+[0, n_t) with n_t non-decreasing), so the chunk needs the rows once and one GEMM serves all its queries:
+
+    K       = rows of the run's last (longest) candidate row                  [C, D]
+    indexer:   I[t, c] = Σ_h w[t,h] · ReLU(q[t,h] · K[c])                     [(t·h), D] @ [D, C]
+    attention: o[t,h]  = (Σ_w p[t,h,w] v_w + Σ_c p[t,h,c] K[c]) ,  p = softmax over window ∪ K ∪ sink
+    -inf logits / scores where the candidate is -1
+
+HCA layers always have this shape (every visible entry is attended); CSA layers have it while a sequence
+has at most top-k entries. Runs come from the index rows alone: consecutive rows whose visible columns hold
+the same rows as the next row's (`cand[t] < 0 or cand[t] == cand[t+1]`, column by column), so the rule
+holds for any batch layout, prefix hits and holes included. Rows outside runs of RUN_MIN or more (decode
+tokens) take the reference path, except in the indexer when they share all but a few candidates with their
+longest row (sequences decoding after the same prompt): one GEMM against that row's keys plus the few other
+entries. Results equal the reference's up to fp32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from dsv4.kernels.reference import _gather_kv, indexer_scores_ref, sparse_attention_ref
+
+RUN_MIN = 4  # shorter runs gain nothing over the batched gather
+BLOCK_ELEMS = 1 << 22  # fp32 [rows, heads, C] per GEMM block (16 MiB: 8-32 rows measured fastest on CPU)
+
+
+def prefix_runs(cand_idx: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) row ranges of at least RUN_MIN rows in which each row's candidates are a masked prefix of
+    the last row's."""
+    T = cand_idx.shape[0]
+    if T < RUN_MIN or cand_idx.shape[1] == 0:
+        return []
+    cur, nxt = cand_idx[:-1], cand_idx[1:]
+    extends = ((cur == nxt) | (cur < 0)).all(dim=1)  # row t's visible candidates are row t+1's, same columns
+    ends = torch.nonzero(~extends).flatten().tolist() + [T - 1]  # inclusive last row of each run
+    runs, start = [], 0
+    for last in ends:
+        if last + 1 - start >= RUN_MIN:
+            runs.append((start, last + 1))
+        start = last + 1
+    return runs
+
+
+def _run_keys(keys: torch.Tensor, row: torch.Tensor, dim: int, index_format: str | None) -> torch.Tensor:
+    safe = torch.where(row >= 0, row, torch.zeros_like(row)).long()
+    picked = keys.index_select(0, safe)
+    if index_format is None:
+        return picked.float()
+    from dsv4.kernels.index_quant import dequantize_index_rows
+
+    return dequantize_index_rows(picked, dim, index_format)
+
+
+def _scores_against(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Σ_h w[t,h] · ReLU(q[t,h] · k[c]) for every row t and every key c: [T, C] fp32, blocked GEMMs."""
+    T, H, Di = q.shape
+    C = k.shape[0]
+    out = torch.empty((T, C), dtype=torch.float32, device=q.device)
+    k_t = k.t()
+    block = max(1, BLOCK_ELEMS // max(1, H * C))
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        scores = torch.relu_((q[s:e].float().reshape(-1, Di) @ k_t).view(e - s, H, C))
+        out[s:e] = torch.bmm(weights[s:e].float().unsqueeze(1), scores).squeeze(1)
+    return out
+
+
+def _scores_beside_a_base_row(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, cand_idx: torch.Tensor,
+                              index_format: str | None) -> torch.Tensor:
+    """Rows outside runs. When they hold the same rows as their longest row at all but at most C entries
+    (decode tokens of sequences that share a prompt: a prefix hit), one GEMM against that row's keys and the
+    few other entries one by one; otherwise the reference's gather."""
+    T, C = cand_idx.shape
+    if T > 1 and C:
+        base = cand_idx[int((cand_idx >= 0).sum(dim=1).argmax())]
+        t_i, c_i = torch.nonzero((cand_idx != base) & (cand_idx >= 0), as_tuple=True)
+        if t_i.numel() <= C:
+            di = q.shape[2]
+            out = _scores_against(q, weights, _run_keys(keys, base, di, index_format))
+            if t_i.numel():
+                own = _run_keys(keys, cand_idx[t_i, c_i], di, index_format)  # [P, Di]
+                out[t_i, c_i] = (torch.relu_(torch.einsum("phd,pd->ph", q[t_i].float(), own))
+                                 * weights[t_i].float()).sum(dim=-1)
+            return out
+    return indexer_scores_ref(q, weights, keys, cand_idx, index_format=index_format)
+
+
+def indexer_scores_shared(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, cand_idx: torch.Tensor, *,
+                          index_format: str | None = None) -> torch.Tensor:
+    """Same contract as `reference.indexer_scores_ref`: [T, C] fp32, -inf where the candidate is -1."""
+    T, C = cand_idx.shape
+    out = torch.empty((T, C), dtype=torch.float32, device=q.device)
+    covered = torch.zeros(T, dtype=torch.bool, device=q.device)
+    for start, end in prefix_runs(cand_idx):
+        k = _run_keys(keys, cand_idx[end - 1], q.shape[2], index_format)
+        out[start:end] = _scores_against(q[start:end], weights[start:end], k)
+        covered[start:end] = True
+    rest = torch.nonzero(~covered).flatten()
+    if rest.numel() == T:
+        out = _scores_beside_a_base_row(q, weights, keys, cand_idx, index_format)
+    elif rest.numel():
+        out[rest] = _scores_beside_a_base_row(q[rest], weights[rest], keys, cand_idx[rest], index_format)
+    return out.masked_fill_(cand_idx < 0, float("-inf"))
+
+
+def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torch.Tensor,
+                            comp_kv: torch.Tensor | None, comp_idx: torch.Tensor | None, sink: torch.Tensor,
+                            scale: float, *, rope_dim: int | None = None) -> torch.Tensor:
+    """Same contract as `reference.sparse_attention_ref` ([T, H, D] fp32); the compressed rows of each run
+    are read once and multiplied as one GEMM, the window rows are gathered per query as there."""
+    runs = prefix_runs(comp_idx) if comp_idx is not None and comp_kv is not None else []
+    if not runs:
+        return sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim)
+    T, H, D = q.shape
+    C = comp_idx.shape[1]
+    out = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
+    covered = torch.zeros(T, dtype=torch.bool, device=q.device)
+    block = max(1, BLOCK_ELEMS // max(1, H * C))
+    sink_logit = sink.float()[None, :]
+    for start, end in runs:
+        comp, _ = _gather_kv(comp_kv, comp_idx[end - 1:end], D, rope_dim)
+        comp = comp[0]  # [C, D]
+        for s in range(start, end, block):
+            e = min(end, s + block)
+            qs = q[s:e].float()
+            win, win_ok = _gather_kv(swa_kv, swa_idx[s:e], D, rope_dim)  # [t, W, D]
+            lw = (torch.einsum("thd,twd->thw", qs, win) * scale).masked_fill_(~win_ok[:, None, :], float("-inf"))
+            lc = ((qs.reshape(-1, D) @ comp.t()).view(e - s, H, C) * scale).masked_fill_(
+                (comp_idx[s:e] < 0)[:, None, :], float("-inf"))
+            m = torch.maximum(torch.maximum(lw.amax(-1), lc.amax(-1)), sink_logit)  # [t, H], finite (sink)
+            pw, pc = torch.exp_(lw - m[..., None]), torch.exp_(lc - m[..., None])
+            den = pw.sum(-1) + pc.sum(-1) + torch.exp(sink_logit - m)
+            o = torch.einsum("thw,twd->thd", pw, win) + (pc.reshape(-1, C) @ comp).view(e - s, H, D)
+            out[s:e] = o / den[..., None]
+        covered[start:end] = True
+    rest = torch.nonzero(~covered).flatten()
+    if rest.numel():
+        out[rest] = sparse_attention_ref(q[rest], swa_kv, swa_idx[rest], comp_kv, comp_idx[rest], sink, scale,
+                                         rope_dim=rope_dim)
+    return out
