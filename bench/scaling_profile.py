@@ -25,7 +25,7 @@ from typing import Any
 
 # (label, file suffix, function name): cumulative time of these functions, as a share of the profiled total
 PARTS = (
-    ("sparse attention (torch reference: gather rows, einsum)", "kernels/dispatch.py", "sparse_attention"),
+    ("sparse attention (torch path: gathered rows or one GEMM per run)", "kernels/dispatch.py", "sparse_attention"),
     ("indexer scores", "kernels/dispatch.py", "indexer_scores"),
     ("mHC mixing (hc_pre: RMS, Sinkhorn x20)", "runtime/model/layers.py", "hc_pre"),
     ("mHC combine (hc_post)", "runtime/model/layers.py", "hc_post"),

@@ -22,7 +22,7 @@ entries. Results equal the reference's up to fp32 summation order.
 from __future__ import annotations
 
 import torch
-from dsv4.kernels.reference import _gather_kv, indexer_scores_ref, sparse_attention_ref
+from dsv4.kernels.reference import _gather_kv, indexer_scores_ref
 
 RUN_MIN = 4  # shorter runs gain nothing over the batched gather
 BLOCK_ELEMS = 1 << 22  # fp32 [rows, heads, C] per GEMM block (16 MiB: 8-32 rows measured fastest on CPU)
@@ -107,38 +107,71 @@ def indexer_scores_shared(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
     return out.masked_fill_(cand_idx < 0, float("-inf"))
 
 
+def _window(qs: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torch.Tensor, scale: float,
+            rope_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's window rows [t, W, D] and their logits [t, H, W] (-inf where the row is -1)."""
+    rows, ok = _gather_kv(swa_kv, swa_idx, qs.shape[-1], rope_dim)
+    logits = torch.einsum("thd,twd->thw", qs, rows).mul_(scale).masked_fill_(~ok[:, None, :], float("-inf"))
+    return rows, logits
+
+
+def _softmax_with_sink(logits: list[torch.Tensor], sink: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One softmax over the concatenation of `logits` (each [t, H, n]) and the sink, without concatenating:
+    the unnormalised probabilities of each part (in place of its logits) and the common denominator [t, H]."""
+    sink_logit = sink.float()[None, :]
+    m = sink_logit.expand(logits[0].shape[0], -1)  # finite: fully masked rows stay finite
+    for lg in logits:
+        if lg.shape[-1]:
+            m = torch.maximum(m, lg.amax(dim=-1))
+    probs = [torch.exp_(lg.sub_(m[..., None])) for lg in logits]
+    den = torch.exp(sink_logit - m)
+    for p in probs:
+        den = den + p.sum(dim=-1)
+    return probs, den
+
+
 def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torch.Tensor,
                             comp_kv: torch.Tensor | None, comp_idx: torch.Tensor | None, sink: torch.Tensor,
                             scale: float, *, rope_dim: int | None = None) -> torch.Tensor:
-    """Same contract as `reference.sparse_attention_ref` ([T, H, D] fp32); the compressed rows of each run
-    are read once and multiplied as one GEMM, the window rows are gathered per query as there."""
-    runs = prefix_runs(comp_idx) if comp_idx is not None and comp_kv is not None else []
-    if not runs:
-        return sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim)
+    """Same contract as `reference.sparse_attention_ref` ([T, H, D] fp32). The compressed rows of each run
+    are read once and multiplied as one GEMM; other rows are gathered per query as there. Window and
+    compressed logits share one softmax without being concatenated (nor their rows)."""
     T, H, D = q.shape
-    C = comp_idx.shape[1]
+    has_comp = comp_kv is not None and comp_idx is not None and comp_idx.shape[1] > 0
     out = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
     covered = torch.zeros(T, dtype=torch.bool, device=q.device)
-    block = max(1, BLOCK_ELEMS // max(1, H * C))
-    sink_logit = sink.float()[None, :]
-    for start, end in runs:
-        comp, _ = _gather_kv(comp_kv, comp_idx[end - 1:end], D, rope_dim)
-        comp = comp[0]  # [C, D]
-        for s in range(start, end, block):
-            e = min(end, s + block)
-            qs = q[s:e].float()
-            win, win_ok = _gather_kv(swa_kv, swa_idx[s:e], D, rope_dim)  # [t, W, D]
-            lw = (torch.einsum("thd,twd->thw", qs, win) * scale).masked_fill_(~win_ok[:, None, :], float("-inf"))
-            lc = ((qs.reshape(-1, D) @ comp.t()).view(e - s, H, C) * scale).masked_fill_(
-                (comp_idx[s:e] < 0)[:, None, :], float("-inf"))
-            m = torch.maximum(torch.maximum(lw.amax(-1), lc.amax(-1)), sink_logit)  # [t, H], finite (sink)
-            pw, pc = torch.exp_(lw - m[..., None]), torch.exp_(lc - m[..., None])
-            den = pw.sum(-1) + pc.sum(-1) + torch.exp(sink_logit - m)
-            o = torch.einsum("thw,twd->thd", pw, win) + (pc.reshape(-1, C) @ comp).view(e - s, H, D)
-            out[s:e] = o / den[..., None]
-        covered[start:end] = True
-    rest = torch.nonzero(~covered).flatten()
-    if rest.numel():
-        out[rest] = sparse_attention_ref(q[rest], swa_kv, swa_idx[rest], comp_kv, comp_idx[rest], sink, scale,
-                                         rope_dim=rope_dim)
+    if has_comp:
+        C = comp_idx.shape[1]
+        block = max(1, BLOCK_ELEMS // max(1, H * C))
+        for start, end in prefix_runs(comp_idx):
+            comp, _ = _gather_kv(comp_kv, comp_idx[end - 1:end], D, rope_dim)
+            comp = comp[0]  # [C, D]
+            for s in range(start, end, block):
+                e = min(end, s + block)
+                qs = q[s:e].float()
+                win, lw = _window(qs, swa_kv, swa_idx[s:e], scale, rope_dim)
+                lc = (qs.reshape(-1, D) @ comp.t()).view(e - s, H, C).mul_(scale).masked_fill_(
+                    (comp_idx[s:e] < 0)[:, None, :], float("-inf"))
+                (pw, pc), den = _softmax_with_sink([lw, lc], sink)
+                o = torch.einsum("thw,twd->thd", pw, win) + (pc.reshape(-1, C) @ comp).view(e - s, H, D)
+                out[s:e] = o.div_(den[..., None])
+            covered[start:end] = True
+    rest = None if not bool(covered.any()) else torch.nonzero(~covered).flatten()
+    if rest is not None and rest.numel() == 0:
+        return out
+    pick = (lambda x: x) if rest is None else (lambda x: x[rest])
+    qs = pick(q).float()
+    win, lw = _window(qs, swa_kv, pick(swa_idx), scale, rope_dim)
+    if has_comp:
+        rows, ok = _gather_kv(comp_kv, pick(comp_idx), D, rope_dim)  # [t, K, D]
+        lc = torch.einsum("thd,tkd->thk", qs, rows).mul_(scale).masked_fill_(~ok[:, None, :], float("-inf"))
+        (pw, pc), den = _softmax_with_sink([lw, lc], sink)
+        o = torch.einsum("thw,twd->thd", pw, win) + torch.einsum("thk,tkd->thd", pc, rows)
+    else:
+        (pw,), den = _softmax_with_sink([lw], sink)
+        o = torch.einsum("thw,twd->thd", pw, win)
+    o = o.div_(den[..., None])
+    if rest is None:
+        return o
+    out[rest] = o
     return out

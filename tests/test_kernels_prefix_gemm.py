@@ -104,15 +104,22 @@ def _window(T: int, W: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, torch.randn(3 * W, 32, generator=g)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(seqs=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 9), st.integers(0, 2)), min_size=1, max_size=4),
-       shared=st.integers(0, 5), holes=st.booleans(), seed=st.integers(0, 2**16))
-def test_sparse_attention_equals_the_reference(seqs, shared, holes, seed):
+       shared=st.integers(0, 5), holes=st.booleans(), comp=st.sampled_from(["rows", "none", "empty"]),
+       seed=st.integers(0, 2**16))
+def test_sparse_attention_equals_the_reference(seqs, shared, holes, comp, seed):
+    """Runs, per-query rows, sliding-window-only layers (no compressed rows) and an empty compressed list;
+    the window helper leaves some rows' windows fully masked (only the sink remains)."""
     comp_idx, _ = _batch(seqs, shared, holes, seed)
     T, H, D = comp_idx.shape[0], 4, 32
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(T, H, D, generator=g) * 2
     comp_kv = torch.randn(int(comp_idx.max()) + 1 if comp_idx.numel() else 1, D, generator=g)
+    if comp == "none":
+        comp_kv = comp_idx = None
+    elif comp == "empty":
+        comp_idx = comp_idx[:, :0]
     swa_idx, swa_kv = _window(T, 8, seed)
     sink = torch.randn(H, generator=g)
     out = sparse_attention_shared(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, D ** -0.5)
