@@ -18,7 +18,9 @@ process plays the kubelet for every pod bound to one of the managed nodes:
 4. **Status**: phase Running with podIP/hostIP once started; readiness mirrors the readinessProbe
    (httpGet, tcpSocket or exec; period, thresholds and delays honoured), Ready=true at once without
    a probe; a container that exits marks the pod Failed (Succeeded when all exited 0 and the
-   restartPolicy is not Always); there are no restarts. Liveness and startup probes are ignored.
+   restartPolicy is not Always); there are no restarts. Liveness and startup probes are ignored. Each
+   pod's status is resent every 10 s (a failed patch every second) until the pod is gone, as a kubelet
+   re-syncs: a change made during an API-server outage, or overwritten by the node controller, lands.
 5. **Deletion**: on a deletionTimestamp: preStop hooks (exec, httpGet, sleep), SIGTERM to each
    container's process group, SIGKILL after the grace period, then the pod object is deleted with
    grace 0 (as the kubelet does) and the namespace removed.
@@ -55,6 +57,8 @@ from pathlib import Path
 from dsv4.e2e import podnet, procs
 
 SMP = "application/strategic-merge-patch+json"
+PATCH_RETRY_S = 1.0  # resend a failed status patch after this long (the API server may be restarting)
+STATUS_RESYNC_S = 10.0  # and resend every pod's status this often, as the kubelet's status manager does
 _VAR_RE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)")
 
 
@@ -172,6 +176,7 @@ class PodEntry:
     terminating: bool = False
     transitions: dict[str, tuple[str, str]] = field(default_factory=dict)  # condition -> (status, time)
     last_patch: str = ""
+    sync_at: float | None = None  # when to resend the status (periodic re-sync; sooner after a failed patch)
 
     def record(self) -> dict:
         return {"namespace": self.namespace, "name": self.name, "node": self.node,
@@ -236,9 +241,12 @@ class PodRunner:
             return
         try:
             self.core.patch_namespaced_pod_status(e.name, e.namespace, {"status": status}, _content_type=SMP)
-            e.last_patch = key
-        except Exception as exc:  # noqa: BLE001 - the pod may be gone; the watch will tell
-            _log(f"{e.namespace}/{e.name}: status patch failed: {str(exc).splitlines()[0][:200]}")
+            e.last_patch, e.sync_at = key, time.monotonic() + STATUS_RESYNC_S
+        except Exception as exc:  # noqa: BLE001 - retried by tick() unless the pod is gone
+            gone = getattr(exc, "status", None) == 404
+            e.sync_at = None if gone else time.monotonic() + PATCH_RETRY_S
+            _log(f"{e.namespace}/{e.name}: status patch failed{'' if gone else ', will retry'}: "
+                 f"{str(exc).splitlines()[0][:200]}")
 
     def _condition(self, e: PodEntry, ctype: str, ok: bool) -> dict:
         s = "True" if ok else "False"
@@ -559,9 +567,17 @@ class PodRunner:
         return True  # grpc and unknown handlers: not supported, counted as success
 
     def tick(self) -> None:
-        """Check exits and run due readiness probes; patch status on any change."""
+        """Resend due statuses; check exits and run due readiness probes; patch status on any change.
+
+        Like the kubelet's status manager, every pod's status is resent periodically (and a failed patch
+        after a second): a Ready transition during an API-server outage is not lost, and a Ready=False the
+        node controller wrote while the node's heartbeats could not reach the API server is corrected."""
+        now = time.monotonic()
         with self.lock:
             entries = [e for e in self.pods.values() if e.phase == "Running" and not e.terminating]
+            due = [e for e in self.pods.values() if e.sync_at is not None and e.sync_at <= now and not e.terminating]
+        for e in due:
+            self._patch_status(e, force=True)
         for e in entries:
             changed = False
             for c in e.containers:

@@ -157,3 +157,48 @@ def test_certificates_and_kubeconfig(tmp_path):
                                          user="dsv4-admin"))
     assert kc["clusters"][0]["cluster"]["server"] == "https://127.0.0.1:1"
     assert kc["users"][0]["user"]["client-certificate-data"]
+
+
+def test_pod_runner_resends_a_status_patch_that_failed(tmp_path, monkeypatch):
+    """A status change made while the API server is down (a pod turning Ready mid-outage) reaches the API
+    server once it is back: the failed patch is resent by tick() after PATCH_RETRY_S, every status again
+    after STATUS_RESYNC_S (the node controller may have overwritten it); a pod that is gone (404) is not."""
+    import threading
+
+    from kubernetes.client.exceptions import ApiException
+
+    class FlakyCore:  # the API client's one call the runner makes here: down twice, then up
+        def __init__(self, failures: list[int]):
+            self.failures, self.sent = failures, []
+
+        def patch_namespaced_pod_status(self, name, namespace, body, **_kw):
+            if self.failures:
+                raise ApiException(status=self.failures.pop(0), reason="down")
+            self.sent.append((namespace, name, body["status"]["phase"]))
+
+    runner = object.__new__(podrunner.PodRunner)
+    runner.lock, runner.pods = threading.RLock(), {}
+    entry = podrunner.PodEntry("u1", "ns", "p", "n0", {"spec": {"containers": []}}, tmp_path, phase="Succeeded")
+    runner.pods["u1"] = entry
+    runner.core = FlakyCore([503, 503])
+    clock = [100.0]
+    monkeypatch.setattr(podrunner.time, "monotonic", lambda: clock[0])
+    runner._patch_status(entry)
+    assert runner.core.sent == [] and entry.sync_at == 100.0 + podrunner.PATCH_RETRY_S
+    runner.tick()  # not due yet
+    assert runner.core.sent == []
+    clock[0] += podrunner.PATCH_RETRY_S
+    runner.tick()  # due, fails again
+    assert runner.core.sent == [] and entry.sync_at is not None
+    clock[0] += podrunner.PATCH_RETRY_S
+    runner.tick()  # the API server is back
+    assert runner.core.sent == [("ns", "p", "Succeeded")]
+    assert entry.sync_at == clock[0] + podrunner.STATUS_RESYNC_S
+    runner.tick()
+    assert len(runner.core.sent) == 1  # the next re-sync is not due yet
+    clock[0] += podrunner.STATUS_RESYNC_S
+    runner.tick()
+    assert len(runner.core.sent) == 2  # re-synced although nothing changed here
+    runner.core = FlakyCore([404])
+    runner._patch_status(entry, force=True)
+    assert entry.sync_at is None  # the pod is gone: the watch will say so
