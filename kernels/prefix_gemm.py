@@ -22,9 +22,10 @@ entries. Results equal the reference's up to fp32 summation order.
 from __future__ import annotations
 
 import torch
-from dsv4.kernels.reference import _gather_kv, indexer_scores_ref
+from dsv4.kernels.reference import _gather_kv, indexer_scores_ref, sparse_attention_ref
 
 RUN_MIN = 4  # shorter runs gain nothing over the batched gather
+FEW_ROWS = 32  # below this many rows (and no run) the reference's attention is faster (~40-130 µs a call)
 BLOCK_ELEMS = 1 << 22  # fp32 [rows, heads, C] per GEMM block (16 MiB: 8-32 rows measured fastest on CPU)
 
 
@@ -159,6 +160,8 @@ def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torc
     rest = None if not bool(covered.any()) else torch.nonzero(~covered).flatten()
     if rest is not None and rest.numel() == 0:
         return out
+    if rest is None and T < FEW_ROWS:  # a small decode batch: the reference's fewer operators cost less
+        return sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim)
     pick = (lambda x: x) if rest is None else (lambda x: x[rest])
     qs = pick(q).float()
     win, lw = _window(qs, swa_kv, pick(swa_idx), scale, rope_dim)

@@ -122,9 +122,16 @@ def test_sparse_attention_equals_the_reference(seqs, shared, holes, comp, seed):
         comp_idx = comp_idx[:, :0]
     swa_idx, swa_kv = _window(T, 8, seed)
     sink = torch.randn(H, generator=g)
-    out = sparse_attention_shared(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, D ** -0.5)
     ref = reference.sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, D ** -0.5)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    import dsv4.kernels.prefix_gemm as mod
+
+    few = mod.FEW_ROWS
+    try:
+        for mod.FEW_ROWS in (0, few):  # 0: small batches too take the unconcatenated path
+            out = sparse_attention_shared(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, D ** -0.5)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        mod.FEW_ROWS = few
 
 
 def test_sparse_attention_fp8_rows_small_blocks_and_dispatch(monkeypatch):
