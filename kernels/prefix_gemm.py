@@ -25,6 +25,7 @@ import torch
 from dsv4.kernels.reference import _gather_kv, indexer_scores_ref, sparse_attention_ref
 
 RUN_MIN = 4  # shorter runs gain nothing over the batched gather
+MIN_RUN_COLS = 64  # attention looks for runs from this many compressed rows (fewer: the gather is as cheap)
 FEW_ROWS = 32  # below this many rows (and no run) the reference's attention is faster (~40-130 µs a call)
 BLOCK_ELEMS = 1 << 22  # fp32 [rows, heads, C] per GEMM block (16 MiB: 8-32 rows measured fastest on CPU)
 
@@ -141,7 +142,7 @@ def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torc
     has_comp = comp_kv is not None and comp_idx is not None and comp_idx.shape[1] > 0
     out = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
     covered = torch.zeros(T, dtype=torch.bool, device=q.device)
-    if has_comp:
+    if has_comp and comp_idx.shape[1] >= MIN_RUN_COLS:
         C = comp_idx.shape[1]
         block = max(1, BLOCK_ELEMS // max(1, H * C))
         for start, end in prefix_runs(comp_idx):

@@ -125,13 +125,13 @@ def test_sparse_attention_equals_the_reference(seqs, shared, holes, comp, seed):
     ref = reference.sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, D ** -0.5)
     import dsv4.kernels.prefix_gemm as mod
 
-    few = mod.FEW_ROWS
-    try:
-        for mod.FEW_ROWS in (0, few):  # 0: small batches too take the unconcatenated path
+    few, cols = mod.FEW_ROWS, mod.MIN_RUN_COLS
+    try:  # (0, 0): every run and every small batch takes the GEMM / unconcatenated paths
+        for mod.FEW_ROWS, mod.MIN_RUN_COLS in ((0, 0), (few, 0), (few, cols)):
             out = sparse_attention_shared(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, D ** -0.5)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     finally:
-        mod.FEW_ROWS = few
+        mod.FEW_ROWS, mod.MIN_RUN_COLS = few, cols
 
 
 def test_sparse_attention_fp8_rows_small_blocks_and_dispatch(monkeypatch):
@@ -146,6 +146,7 @@ def test_sparse_attention_fp8_rows_small_blocks_and_dispatch(monkeypatch):
     swa = quantize_kv_rows(torch.randn(24, D, generator=g), rope)
     sink = torch.randn(H, generator=g)
     monkeypatch.setattr(mod, "BLOCK_ELEMS", H * comp_idx.shape[1] * 3)  # 3 rows per GEMM block
+    monkeypatch.setattr(mod, "MIN_RUN_COLS", 0)
     ref = reference.sparse_attention_ref(q, swa, swa_idx, comp, comp_idx, sink, 0.1, rope_dim=rope)
     torch.testing.assert_close(sparse_attention_shared(q, swa, swa_idx, comp, comp_idx, sink, 0.1, rope_dim=rope),
                                ref, rtol=1e-5, atol=1e-5)
