@@ -26,7 +26,7 @@ from dsv4.kernels.reference import _gather_kv, indexer_scores_ref, sparse_attent
 
 RUN_MIN = 4  # shorter runs gain nothing over the batched gather
 MIN_RUN_COLS = 64  # attention looks for runs from this many compressed rows (fewer: the gather is as cheap)
-FEW_ROWS = 32  # below this many rows (and no run) the reference's attention is faster (~40-130 µs a call)
+FEW_ROWS = 32  # fewer rows (no run, <= 2x the window of compressed rows): the reference is faster (~30-120 µs)
 BLOCK_ELEMS = 1 << 22  # fp32 [rows, heads, C] per GEMM block (16 MiB: 8-32 rows measured fastest on CPU)
 
 
@@ -161,7 +161,9 @@ def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torc
     rest = None if not bool(covered.any()) else torch.nonzero(~covered).flatten()
     if rest is not None and rest.numel() == 0:
         return out
-    if rest is None and T < FEW_ROWS:  # a small decode batch: the reference's fewer operators cost less
+    n_comp = comp_idx.shape[1] if has_comp else 0
+    if rest is None and T < FEW_ROWS and n_comp <= 2 * swa_idx.shape[1]:  # few rows, short lists: the
+        # reference's fewer operators cost less than the concatenation they need
         return sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim)
     pick = (lambda x: x) if rest is None else (lambda x: x[rest])
     qs = pick(q).float()
