@@ -17,8 +17,6 @@ A second call finds the venv in place and returns in milliseconds. Run: ``python
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -26,8 +24,10 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+
+from dsv4.e2e import tools
 
 GUIDELLM_VERSION = "0.8.1"
 SHARED_PTH = "dsv4-shared-site.pth"
@@ -40,8 +40,7 @@ class GuidellmEnvError(RuntimeError):
 def venv_dir() -> Path:
     if os.environ.get("DSV4_GUIDELLM_VENV"):
         return Path(os.environ["DSV4_GUIDELLM_VENV"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dsv4" / "tools" / "guidellm-venv"
+    return tools.cache_dir() / "guidellm-venv"
 
 
 def guidellm_exe(venv: Path) -> Path:
@@ -61,17 +60,6 @@ def installed_version(venv: Path) -> str | None:
         return None
     words = r.stdout.strip().split()
     return words[-1] if words else None
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _base_python() -> str:
@@ -94,7 +82,7 @@ def ensure(say: Callable[[str], None] = print, share_site: bool = True) -> Path:
     venv = venv_dir()
     if installed_version(venv) == GUIDELLM_VERSION:
         return guidellm_exe(venv)
-    with _lock(venv.parent / ".guidellm-venv.lock"):
+    with tools.file_lock(venv.parent / ".guidellm-venv.lock"):
         found = installed_version(venv)
         if found == GUIDELLM_VERSION:
             return guidellm_exe(venv)

