@@ -22,7 +22,7 @@ entries. Results equal the reference's up to fp32 summation order.
 from __future__ import annotations
 
 import torch
-from dsv4.kernels.reference import _gather_kv, indexer_scores_ref, sparse_attention_ref
+from dsv4.kernels.reference import gather_index, gather_kv, indexer_scores_ref, sparse_attention_ref
 
 RUN_MIN = 4  # shorter runs gain nothing over the batched gather
 MIN_RUN_COLS = 64  # attention looks for runs from this many compressed rows (fewer: the gather is as cheap)
@@ -45,16 +45,6 @@ def prefix_runs(cand_idx: torch.Tensor) -> list[tuple[int, int]]:
             runs.append((start, last + 1))
         start = last + 1
     return runs
-
-
-def _run_keys(keys: torch.Tensor, row: torch.Tensor, dim: int, index_format: str | None) -> torch.Tensor:
-    safe = torch.where(row >= 0, row, torch.zeros_like(row)).long()
-    picked = keys.index_select(0, safe)
-    if index_format is None:
-        return picked.float()
-    from dsv4.kernels.index_quant import dequantize_index_rows
-
-    return dequantize_index_rows(picked, dim, index_format)
 
 
 def _scores_against(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -82,9 +72,9 @@ def _scores_beside_a_base_row(q: torch.Tensor, weights: torch.Tensor, keys: torc
         t_i, c_i = torch.nonzero((cand_idx != base) & (cand_idx >= 0), as_tuple=True)
         if t_i.numel() <= C:
             di = q.shape[2]
-            out = _scores_against(q, weights, _run_keys(keys, base, di, index_format))
+            out = _scores_against(q, weights, gather_index(keys, base, di, index_format)[0])
             if t_i.numel():
-                own = _run_keys(keys, cand_idx[t_i, c_i], di, index_format)  # [P, Di]
+                own = gather_index(keys, cand_idx[t_i, c_i], di, index_format)[0]  # [P, Di]
                 out[t_i, c_i] = (torch.relu_(torch.einsum("phd,pd->ph", q[t_i].float(), own))
                                  * weights[t_i].float()).sum(dim=-1)
             return out
@@ -98,7 +88,7 @@ def indexer_scores_shared(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
     out = torch.empty((T, C), dtype=torch.float32, device=q.device)
     covered = torch.zeros(T, dtype=torch.bool, device=q.device)
     for start, end in prefix_runs(cand_idx):
-        k = _run_keys(keys, cand_idx[end - 1], q.shape[2], index_format)
+        k = gather_index(keys, cand_idx[end - 1], q.shape[2], index_format)[0]
         out[start:end] = _scores_against(q[start:end], weights[start:end], k)
         covered[start:end] = True
     rest = torch.nonzero(~covered).flatten()
@@ -112,7 +102,7 @@ def indexer_scores_shared(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 def _window(qs: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torch.Tensor, scale: float,
             rope_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's window rows [t, W, D] and their logits [t, H, W] (-inf where the row is -1)."""
-    rows, ok = _gather_kv(swa_kv, swa_idx, qs.shape[-1], rope_dim)
+    rows, ok = gather_kv(swa_kv, swa_idx, qs.shape[-1], rope_dim)
     logits = torch.einsum("thd,twd->thw", qs, rows).mul_(scale).masked_fill_(~ok[:, None, :], float("-inf"))
     return rows, logits
 
@@ -146,7 +136,7 @@ def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torc
         C = comp_idx.shape[1]
         block = max(1, BLOCK_ELEMS // max(1, H * C))
         for start, end in prefix_runs(comp_idx):
-            comp, _ = _gather_kv(comp_kv, comp_idx[end - 1:end], D, rope_dim)
+            comp, _ = gather_kv(comp_kv, comp_idx[end - 1:end], D, rope_dim)
             comp = comp[0]  # [C, D]
             for s in range(start, end, block):
                 e = min(end, s + block)
@@ -158,18 +148,18 @@ def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torc
                 o = torch.einsum("thw,twd->thd", pw, win) + (pc.reshape(-1, C) @ comp).view(e - s, H, D)
                 out[s:e] = o.div_(den[..., None])
             covered[start:end] = True
-    rest = None if not bool(covered.any()) else torch.nonzero(~covered).flatten()
-    if rest is not None and rest.numel() == 0:
+    if bool(covered.all()):
         return out
+    whole = not bool(covered.any())  # no run: every row below, without copying
     n_comp = comp_idx.shape[1] if has_comp else 0
-    if rest is None and T < FEW_ROWS and n_comp <= 2 * swa_idx.shape[1]:  # few rows, short lists: the
-        # reference's fewer operators cost less than the concatenation they need
+    if whole and T < FEW_ROWS and n_comp <= 2 * swa_idx.shape[1]:  # few rows, short lists: the reference's
+        # fewer operators cost less than the concatenation they need
         return sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim)
-    pick = (lambda x: x) if rest is None else (lambda x: x[rest])
-    qs = pick(q).float()
-    win, lw = _window(qs, swa_kv, pick(swa_idx), scale, rope_dim)
+    rows_left = slice(None) if whole else torch.nonzero(~covered).flatten()
+    qs = q[rows_left].float()
+    win, lw = _window(qs, swa_kv, swa_idx[rows_left], scale, rope_dim)
     if has_comp:
-        rows, ok = _gather_kv(comp_kv, pick(comp_idx), D, rope_dim)  # [t, K, D]
+        rows, ok = gather_kv(comp_kv, comp_idx[rows_left], D, rope_dim)  # [t, K, D]
         lc = torch.einsum("thd,tkd->thk", qs, rows).mul_(scale).masked_fill_(~ok[:, None, :], float("-inf"))
         (pw, pc), den = _softmax_with_sink([lw, lc], sink)
         o = torch.einsum("thw,twd->thd", pw, win) + torch.einsum("thk,tkd->thd", pc, rows)
@@ -177,7 +167,7 @@ def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torc
         (pw,), den = _softmax_with_sink([lw], sink)
         o = torch.einsum("thw,twd->thd", pw, win)
     o = o.div_(den[..., None])
-    if rest is None:
+    if whole:
         return o
-    out[rest] = o
+    out[rows_left] = o
     return out

@@ -18,10 +18,11 @@ def _gather_rows(pool: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, t
     return rows, valid
 
 
-def _gather_kv(pool: torch.Tensor, idx: torch.Tensor, head_dim: int, rope_dim: int | None):
-    """Like `_gather_rows` in fp32, decoding FP8 (uint8) rows on the way."""
+def gather_kv(pool: torch.Tensor, idx: torch.Tensor, head_dim: int, rope_dim: int | None):
+    """Like `_gather_rows` in fp32 (only the gathered rows are converted), decoding FP8 (uint8) rows."""
     if pool.dtype != torch.uint8:
-        return _gather_rows(pool.float(), idx)
+        rows, valid = _gather_rows(pool, idx)
+        return rows.float(), valid
     if rope_dim is None:
         raise ValueError("rope_dim is required for fp8 (uint8) KV rows")
     raw, valid = _gather_rows(pool, idx)
@@ -50,9 +51,9 @@ def sparse_attention_ref(
     A pool given as uint8 holds FP8 rows (`fp8_kv.py` layout, head_dim = q.shape[-1]; `rope_dim`
     required); only the referenced rows are decoded.
     """
-    rows, valid = _gather_kv(swa_kv, swa_idx, q.shape[-1], rope_dim)
+    rows, valid = gather_kv(swa_kv, swa_idx, q.shape[-1], rope_dim)
     if comp_kv is not None and comp_idx is not None and comp_idx.shape[-1] > 0:
-        crow, cvalid = _gather_kv(comp_kv, comp_idx, q.shape[-1], rope_dim)
+        crow, cvalid = gather_kv(comp_kv, comp_idx, q.shape[-1], rope_dim)
         rows = torch.cat([rows, crow], dim=1)
         valid = torch.cat([valid, cvalid], dim=1)
     logits = torch.einsum("thd,tkd->thk", q.float(), rows) * scale  # [T, H, K]
@@ -61,6 +62,17 @@ def sparse_attention_ref(
     full = torch.cat([logits, sink_logit], dim=-1)
     probs = torch.softmax(full, dim=-1)[..., :-1]
     return torch.einsum("thk,tkd->thd", probs, rows)
+
+
+def gather_index(keys: torch.Tensor, idx: torch.Tensor, dim: int, index_format: str | None):
+    """Like `gather_kv` for indexer keys: fp32 [*idx.shape, dim], decoding fp8 / fp4 `index_quant` rows."""
+    raw, valid = _gather_rows(keys, idx)
+    if index_format is None:
+        return raw.float(), valid
+    from dsv4.kernels.index_quant import dequantize_index_rows
+
+    flat = dequantize_index_rows(raw.reshape(-1, keys.shape[1]), dim, index_format)
+    return flat.reshape(*idx.shape, dim), valid
 
 
 def indexer_scores_ref(
@@ -73,14 +85,7 @@ def indexer_scores_ref(
     `index_format` is "fp8" / "fp4" (only the referenced rows are decoded); cand_idx [T, C] (-1 = not
     visible). Returns [T, C] fp32 with -inf where the candidate is invalid.
     """
-    if index_format is None:
-        rows, valid = _gather_rows(keys.float(), cand_idx)  # [T, C, Di]
-    else:
-        from dsv4.kernels.index_quant import dequantize_index_rows
-
-        raw, valid = _gather_rows(keys, cand_idx)
-        flat = dequantize_index_rows(raw.reshape(-1, keys.shape[1]), q.shape[-1], index_format)
-        rows = flat.reshape(*cand_idx.shape, q.shape[-1])
+    rows, valid = gather_index(keys, cand_idx, q.shape[-1], index_format)  # [T, C, Di]
     s = torch.relu(torch.einsum("thd,tcd->thc", q.float(), rows))
     scores = torch.einsum("thc,th->tc", s, weights.float())
     return scores.masked_fill(~valid, float("-inf"))
