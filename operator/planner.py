@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -154,26 +155,30 @@ class _Candidate:
     hca_state_reason: str = ""
 
 
-def hca_state_choice(override: str | None, choices: dict[str, tuple[str, str, Capacity]], need_ctx: int,
+def hca_state_choice(override: str | None, choose: Callable[[str], tuple[str, str, Capacity]], need_ctx: int,
                      batch_limit: int) -> tuple[str, str, tuple[str, str, Capacity]]:
-    """raw or online HCA compressor state (same outputs, docs/cache.md). Online keeps one 6 KiB slot per HCA
-    layer and running request instead of up to 127 raw rows (512 KiB), so it holds more sessions and longer
-    requests; raw keeps the fused Triton compressor step on CUDA. Online is chosen only when the cache, not
-    the ITL batch or max_num_seqs (`batch_limit`), bounds what raw holds and online holds more."""
+    """raw or online HCA compressor state (same outputs, docs/cache.md), with the cache choice `choose(state)`
+    gives for it. Online keeps one 6 KiB slot per HCA layer and running request instead of up to 127 raw rows
+    (512 KiB), so it holds more sessions and longer requests; raw keeps the fused Triton compressor step on
+    CUDA. Online is chosen only when the cache, not the ITL batch or max_num_seqs (`batch_limit`), bounds what
+    raw holds and online holds more; it is sized only then."""
     if override:
-        return override, "set by overrides.hcaState", choices[override]
-    raw, online = choices["raw"][2], choices["online"][2]
+        return override, "set by overrides.hcaState", choose(override)
+    raw_choice = choose("raw")
+    raw = raw_choice[2]
     raw_fits = raw.max_request_tokens >= need_ctx
     if raw_fits and raw.sessions >= batch_limit:
         return "raw", (f"the cache holds {raw.sessions} sessions with the raw tail, at least the {batch_limit} "
-                       "the batch allows: raw keeps the fused compressor kernel"), choices["raw"]
+                       "the batch allows: raw keeps the fused compressor kernel"), raw_choice
+    online_choice = choose("online")
+    online = online_choice[2]
     online_fits = online.max_request_tokens >= need_ctx
     if (online_fits and not raw_fits) or (online_fits == raw_fits and online.sessions > raw.sessions):
         return "online", (f"one online-softmax slot per HCA layer instead of the raw tail: {online.sessions} "
                           f"sessions (raw {raw.sessions}), longest request {online.max_request_tokens} "
-                          f"(raw {raw.max_request_tokens})"), choices["online"]
+                          f"(raw {raw.max_request_tokens})"), online_choice
     return "raw", (f"the online state holds no more ({online.sessions} vs {raw.sessions} sessions): raw keeps "
-                   "the fused compressor kernel"), choices["raw"]
+                   "the fused compressor kernel"), raw_choice
 
 
 def _decode_step_s(cfg: ModelConfig, quant: str, acc: Accelerator, tp: int, batch: int, kv_read: int) -> float:
@@ -241,8 +246,7 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
                         ), caps[policy]
 
     state, state_why, (policy, why, cap) = hca_state_choice(
-        ov.hca_state if ov else None, {s: choose_policy(s) for s in HCA_STATES}, need_ctx,
-        min(itl_batch, MAX_NUM_SEQS))
+        ov.hca_state if ov else None, choose_policy, need_ctx, min(itl_batch, MAX_NUM_SEQS))
     max_context = min(cap.max_request_tokens, limit)
     if max_context < need_ctx:
         return (f"TP{tp}: the longest servable context is {max_context} tokens < the profile's contextMax "
