@@ -335,16 +335,23 @@ class _Bound:
 
     def __init__(self, collector: Any, bound: dict[str, str], free: list[str]) -> None:
         self._collector, self._bound, self._free = collector, bound, free
+        # the one child of a fully bound collector, looked up once (not per .inc()/.observe() on the hot path)
+        self._child = None if free else collector.labels(**bound)
+        self._children: dict[tuple[tuple[str, str], ...], Any] = {}
 
     def labels(self, *args: str, **kwargs: str) -> Any:
         if args:
             kwargs = {**dict(zip(self._free, args, strict=True)), **kwargs}
-        return self._collector.labels(**self._bound, **kwargs)
+        key = tuple(kwargs.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._collector.labels(**self._bound, **kwargs)
+        return child
 
     def __getattr__(self, item: str) -> Any:
-        if self._free:
+        if self._child is None:
             raise AttributeError(f"{item}: call .labels({', '.join(self._free)}) first")
-        return getattr(self._collector.labels(**self._bound), item)
+        return getattr(self._child, item)
 
 
 def runtime_scrape_relabelings(style: str = "prometheus") -> list[dict[str, Any]]:

@@ -192,6 +192,7 @@ class CacheManager:
         self._comp = tuple(p for p in ("csa", "hca") if p in spec.pools)
         self._tok = spec.token_pools
         self._tpb = {p: spec.pools[p].tokens_per_block for p in self._tok}
+        self._max_tokens: int | None = None  # max_request_tokens(), fixed by the block counts
         self._entries: dict[int, _Entry] = {}
         self._comp_lru: OrderedDict[int, None] = OrderedDict()  # unpinned entries, oldest first
         self._state_lru: OrderedDict[int, None] = OrderedDict()  # entries with a checkpoint, oldest first
@@ -292,14 +293,13 @@ class CacheManager:
 
     def max_request_tokens(self) -> int:
         """Largest context one request can ever hold (0 when a token pool cannot hold even one window)."""
-        s = self.spec
-        live_len = {"swa": s.window, "csa_state": 2 * s.csa_ratio, "hca_state": s.hca_ratio}
-        for p in self._tok:
-            t = self._tpb[p]
-            if self.num_blocks[p] < _cdiv(live_len[p] + 1, t) + 1:
-                return 0
-        lim = [self.num_blocks[p] * s.block_size for p in self._comp]
-        return min(lim) if lim else _UNLIMITED
+        if self._max_tokens is None:
+            s = self.spec
+            live_len = {"swa": s.window, "csa_state": 2 * s.csa_ratio, "hca_state": s.hca_ratio}
+            fits = all(self.num_blocks[p] >= _cdiv(live_len[p] + 1, self._tpb[p]) + 1 for p in self._tok)
+            lim = [self.num_blocks[p] * s.block_size for p in self._comp]
+            self._max_tokens = 0 if not fits else min(lim) if lim else _UNLIMITED
+        return self._max_tokens
 
     def capacity_report(self, context: int | None = None) -> dict:
         """Capacity for start-up logging: bytes and blocks per pool, tokens of compressed history, the
@@ -421,20 +421,32 @@ class CacheManager:
         if n > self.max_request_tokens():
             return False
         B = self.spec.block_size
-        need: dict[str, int] = {}
+        need: dict[str, int] = {}  # pool -> blocks to take (pools that need none are left out)
         for p in self._comp:
-            need[p] = max(0, _cdiv(n, B) - len(req.tables[p]))
+            k = _cdiv(n, B) - len(req.tables[p])
+            if k > 0:
+                need[p] = k
         start = req.num_computed
+        short = False  # a token-pool table must grow (with -1 entries at least)
         for p in self._tok:
             t, tab = self._tpb[p], req.tables[p]
-            need[p] = sum(1 for k in range(start // t, _cdiv(n, t)) if k >= len(tab) or tab[k] < 0)
+            end = _cdiv(n, t)
+            short = short or len(tab) < end
+            k = 0
+            for i in range(start // t, end):
+                if i >= len(tab) or tab[i] < 0:
+                    k += 1
+            if k:
+                need[p] = k
+        if not need and not short:  # the common decode step: every row already has a block
+            return True
         for p, k in need.items():
-            if k and not self._ensure(p, k):
+            if not self._ensure(p, k):
                 return False
         if any(self._bp[p].num_free < k for p, k in need.items()):
             return False
         for p in self._comp:
-            for _ in range(need[p]):
+            for _ in range(need.get(p, 0)):
                 req.tables[p].append(self._bp[p].take())
         for p in self._tok:
             t, tab = self._tpb[p], req.tables[p]
@@ -448,42 +460,61 @@ class CacheManager:
         req = self._req(req_id)
         return {p: list(t) for p, t in req.tables.items()}
 
+    def live_block_tables(self, req_id: str) -> dict[str, list[int]]:
+        """The request's block tables themselves, not copies (the model runner reads them once per step and
+        must not change them)."""
+        return self._req(req_id).tables
+
     def commit(self, req_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Record that the first `num_computed` tokens have rows in the pools. `token_ids` are the request's
+        tokens so far: those given to `start` / the last commit, possibly extended (a request's tokens only
+        grow). Frees rows that left the window and registers completed blocks for prefix reuse.
+        Called once per running request per step: plain loops over the few blocks [prev, n) touches."""
         req = self._req(req_id)
         n = int(num_computed)
-        if n < req.num_computed or n > len(token_ids):
-            raise CacheError(f"commit of {req_id!r}: num_computed {n} must be in [{req.num_computed}, "
+        prev = req.num_computed
+        if n < prev or n > len(token_ids):
+            raise CacheError(f"commit of {req_id!r}: num_computed {n} must be in [{prev}, "
                              f"len(token_ids)={len(token_ids)}]")
         B = self.spec.block_size
+        tables = req.tables
         for p in self._comp:
-            if len(req.tables[p]) * B < n:
-                raise CacheError(f"commit of {req_id!r}: {n} tokens but only {len(req.tables[p]) * B} allocated in {p}")
-        prev = req.num_computed
-        req.tokens = list(token_ids)
+            if len(tables[p]) * B < n:
+                raise CacheError(f"commit of {req_id!r}: {n} tokens but only {len(tables[p]) * B} allocated in {p}")
+        # a sequence's tokens only grow: copy what is new since the last commit (O(new), not O(context))
+        if len(req.tokens) < len(token_ids):
+            req.tokens.extend(token_ids[len(req.tokens):])
         # written-token accounting
         for p in self._comp:
-            tab, bp = req.tables[p], self._bp[p]
+            tab, filled = tables[p], self._bp[p].filled
             for i in range(prev // B, _cdiv(n, B)):
-                bp.filled[tab[i]] = max(bp.filled[tab[i]], min(B, n - i * B))
+                rows = min(B, n - i * B)
+                if filled[tab[i]] < rows:
+                    filled[tab[i]] = rows
         for p in self._tok:
-            t, tab, bp = self._tpb[p], req.tables[p], self._bp[p]
+            t, tab, filled = self._tpb[p], tables[p], self._bp[p].filled
             for k in range(prev // t, _cdiv(n, t)):
                 if k >= len(tab) or tab[k] < 0:
                     raise CacheError(f"commit of {req_id!r}: {p} block for positions {k * t}.. not allocated")
-                bp.filled[tab[k]] += min(n, (k + 1) * t) - max(prev, k * t)
+                filled[tab[k]] += min(n, (k + 1) * t) - max(prev, k * t)
         if self.enable_prefix_caching:
             self._register(req, prev, n)
         # out-of-window freeing
+        keep_swa_block = self.policy == "full" and self.enable_prefix_caching
         for p in self._tok:
-            t, tab, bp = self._tpb[p], req.tables[p], self._bp[p]
+            t, tab = self._tpb[p], tables[p]
             lo = self.spec.live_range(p, n)[0]
-            if p == "swa" and self.policy == "full" and self.enable_prefix_caching:
+            if p == "swa" and keep_swa_block:
                 lo = min(lo, (n // B) * B)  # keep the current block's rows: its entry will keep them all
-            for k in range(req.freed_upto[p], min(lo // t, len(tab))):
-                if tab[k] >= 0:
-                    bp.decref(tab[k])
-                    tab[k] = -1
-            req.freed_upto[p] = max(req.freed_upto[p], lo // t)
+            first, end = req.freed_upto[p], min(lo // t, len(tab))
+            if first < end:
+                bp = self._bp[p]
+                for k in range(first, end):
+                    if tab[k] >= 0:
+                        bp.decref(tab[k])
+                        tab[k] = -1
+            if lo // t > first:
+                req.freed_upto[p] = lo // t
         req.num_computed = n
 
     def _wants_ckpt(self, i: int) -> bool:

@@ -30,9 +30,12 @@ class TextState:
         full = tokenizer.decode(self.ids[self.prefix_offset:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return None
-        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
         self.text += full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if not self.stops:
+            return None
+        # a stop can only end in the new text: it starts at most (longest stop - 1) characters before it
+        start = max(0, len(self.text) - (len(full) - len(prefix)) - max(len(s) for s in self.stops) + 1)
         return self._find_stop(start)
 
     def _find_stop(self, start: int) -> str | None:

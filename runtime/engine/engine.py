@@ -186,7 +186,8 @@ class LLMEngine:
         if to_sample:
             rows = [self._row_spec(seq) for seq, _ in to_sample]
             idx = [r for _, r in to_sample]
-            tokens, lps = sample(result.logits[idx], rows)
+            logits = result.logits if idx == list(range(result.logits.shape[0])) else result.logits[idx]
+            tokens, lps = sample(logits, rows)
             now = time.monotonic()
             for (seq, _), tok, lp in zip(to_sample, tokens, lps, strict=True):
                 delta = self._append(seq, tok, lp, now)

@@ -114,7 +114,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV rows are in the pools
     recompute_until: int = 0  # positions below this only rebuild swa/state rows (prefix hit, recompute policy)
     cache_started: bool = False  # registered with the CacheManager
-    generator: Any = None  # torch.Generator for this choice
+    generator: Any = None  # random.Random: this choice's uniforms for sampling (sampling.make_generator)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_done: bool = False
@@ -128,10 +128,19 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     batching_wait: float | None = None  # how long the batching delay held this sequence back
+    _all_ids: list[int] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        """prompt_ids + output_ids as one list, extended by the tokens appended since the last call (O(new
+        tokens), not O(context) per step). The same list object every time: read it, never mutate it."""
+        known = self._all_ids
+        if not known:
+            known.extend(self.prompt_ids)
+        done = len(known) - len(self.prompt_ids)
+        if done < len(self.output_ids):
+            known.extend(self.output_ids[done:])
+        return known
 
     @property
     def num_tokens(self) -> int:

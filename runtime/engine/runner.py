@@ -55,9 +55,9 @@ class ModelRunner:
             elif sch.sample:
                 li.append(starts[-1] - 1)
             rows.append((first, len(li)))
-            bt = self.cache.block_tables(seq.seq_id)
+            bt = self.cache.live_block_tables(seq.seq_id)  # read only: padded copies are made below
             for p in self.table_pools:
-                tables[p].append(list(bt.get(p, [])))
+                tables[p].append(bt.get(p, []))
             ru.append(seq.recompute_until)
         dev = self.device
         padded = {}

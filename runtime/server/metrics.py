@@ -43,6 +43,9 @@ class EngineMetrics(EngineObserver):
         self._prev_queries = 0
         self._prev_hits = 0
         self._prev_evictions: dict[str, int] = {}
+        self._generation_tokens = self.c["vllm:generation_tokens_total"].labels()
+        self._ttft = self.c["vllm:time_to_first_token_seconds"].labels()
+        self._itl = self.c["vllm:inter_token_latency_seconds"].labels()
 
     # ---- helpers -------------------------------------------------------------------------------------
     def m(self, name: str) -> Any:
@@ -114,11 +117,12 @@ class EngineMetrics(EngineObserver):
         self.c["vllm:prompt_tokens_total"].inc(len(request.prompt_ids))
 
     def on_tokens(self, seq: Sequence, n: int, now: float, first: bool, itl: float | None) -> None:
-        self.c["vllm:generation_tokens_total"].inc(n)
+        # once per sequence per step: the three series are looked up once, in __init__
+        self._generation_tokens.inc(n)
         if first:
-            self.c["vllm:time_to_first_token_seconds"].observe(max(0.0, now - seq.request.arrival_time))
+            self._ttft.observe(max(0.0, now - seq.request.arrival_time))
         elif itl is not None:
-            self.c["vllm:inter_token_latency_seconds"].observe(max(0.0, itl))
+            self._itl.observe(max(0.0, itl))
 
     def on_finished(self, request: Request, e2e: float, reason: str) -> None:
         self.c["vllm:request_success_total"].labels(finished_reason=reason).inc()
