@@ -202,3 +202,45 @@ def test_flash_capacity_report_orders_policies():
             for p in ("full", "checkpoint", "recompute")}
     assert caps["recompute"]["token_capacity"] > caps["checkpoint"]["token_capacity"] > caps["full"]["token_capacity"]
     assert caps["recompute"]["token_capacity"] * spec.slope_bytes_per_token() <= budget
+
+
+@pytest.mark.parametrize("policy", ["full", "recompute"])
+def test_batch_block_tables_equal_the_padded_tables_step_by_step(policy):
+    """The runner's numpy tables (refreshed only from the first entry written since the last read) equal the
+    CacheManager's tables padded with -1 at every step: requests of different lengths, a prefix hit, a
+    request freed and another started in between, decode steps crossing small-block boundaries."""
+    import numpy as np
+
+    m = mgr(policy, n=128)
+    shared = list(range(1000, 1130))
+    run(m, "a", shared + [1, 2, 3])
+    run(m, "b", list(range(40)))
+    m.start("c", shared + [7])  # prefix hit on a's blocks
+    seqs = {"a": shared + [1, 2, 3], "b": list(range(40)), "c": shared + [7]}
+    pools = ["swa", "csa", "hca", "csa_state", "hca_state"]
+
+    def check(ids):
+        got = m.batch_block_tables(ids, pools)
+        for p in pools:
+            rows = [m.block_tables(r)[p] for r in ids]
+            width = max([1, *(len(r) for r in rows)])
+            want = np.array([r + [-1] * (width - len(r)) for r in rows], dtype=np.int64)
+            assert got[p].dtype == np.int64 and np.array_equal(got[p], want), (p, ids)
+
+    for step in range(60):
+        ids = sorted(seqs)
+        for rid in ids:
+            toks = seqs[rid]
+            done = m._reqs[rid].num_computed
+            n = min(len(toks), done + 37) if done < len(toks) else len(toks)
+            assert m.allocate(rid, n)
+            m.commit(rid, toks, n)
+            if n == len(toks):
+                toks.append(step)  # the next decode token
+        check(ids)
+        if step == 25:
+            m.free("b")
+            del seqs["b"]
+            m.start("d", list(range(500, 520)))
+            seqs["d"] = list(range(500, 520))
+    m.check_invariants()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from dsv4.runtime.cache.spec import CacheConfigError, CacheSpec
 
@@ -155,6 +156,18 @@ class _Req:
     freed_upto: dict[str, int] = field(default_factory=dict)  # token pool -> first small block not yet freed
     tail_ckpt: int | None = None
     hit: PrefixHit = PrefixHit(0, 0)
+    # numpy copies of `tables` for the model runner (`batch_block_tables`): `views[p]` is current unless p is in
+    # `dirty`, which holds the first entry written (or appended) since the copy was last read. Every write to
+    # a table goes through `_changed`, so a decode step copies O(1) entries per table instead of O(context).
+    mirror: dict[str, Any] = field(default_factory=dict)  # pool -> int64 buffer (capacity >= table length)
+    views: dict[str, Any] = field(default_factory=dict)  # pool -> mirror[:len(table)]
+    dirty: dict[str, int] = field(default_factory=dict)
+
+
+def _changed(req: _Req, pool: str, first: int) -> None:
+    """Entries >= first of req.tables[pool] are about to change (or be appended)."""
+    if first < req.dirty.get(pool, first + 1):
+        req.dirty[pool] = first
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -446,10 +459,12 @@ class CacheManager:
         if any(self._bp[p].num_free < k for p, k in need.items()):
             return False
         for p in self._comp:
+            _changed(req, p, len(req.tables[p]))
             for _ in range(need.get(p, 0)):
                 req.tables[p].append(self._bp[p].take())
         for p in self._tok:
             t, tab = self._tpb[p], req.tables[p]
+            _changed(req, p, min(start // t, len(tab)))
             tab.extend([-1] * (_cdiv(n, t) - len(tab)))
             for k in range(start // t, _cdiv(n, t)):
                 if tab[k] < 0:
@@ -460,10 +475,50 @@ class CacheManager:
         req = self._req(req_id)
         return {p: list(t) for p, t in req.tables.items()}
 
-    def live_block_tables(self, req_id: str) -> dict[str, list[int]]:
-        """The request's block tables themselves, not copies (the model runner reads them once per step and
-        must not change them)."""
-        return self._req(req_id).tables
+    def batch_block_tables(self, req_ids: list[str], pools: list[str]) -> dict[str, Any]:
+        """Per pool, the requests' block tables as one int64 numpy array [len(req_ids), widest (>= 1)], rows
+        padded with -1. Built from per-request numpy copies that are refreshed only from the first entry
+        written since the last call, so a decode step costs O(batch x widest) memcpy, not a Python list ->
+        tensor conversion of every entry (the token-pool tables grow by one entry per 16 tokens of context)."""
+        import numpy as np
+
+        reqs = [self._req(r) for r in req_ids]
+        out = {}
+        for p in pools:
+            rows = []
+            for req in reqs:
+                v = req.views.get(p)
+                rows.append(self._mirrored(req, p) if v is None or p in req.dirty else v)
+            widths = {len(r) for r in rows}
+            if len(widths) == 1 and 0 not in widths:  # the common decode batch: one memcpy of all rows
+                out[p] = np.concatenate(rows).reshape(len(rows), -1)
+                continue
+            table = np.full((len(rows), max(1, *widths)), -1, dtype=np.int64)
+            for i, r in enumerate(rows):
+                table[i, :len(r)] = r
+            out[p] = table
+        return out
+
+    @staticmethod
+    def _mirrored(req: _Req, pool: str) -> Any:
+        """req.tables[pool] as a numpy view, brought up to date from req.dirty[pool]."""
+        tab = req.tables.get(pool, ())
+        n = len(tab)
+        m = req.mirror.get(pool)
+        first = req.dirty.pop(pool, 0)
+        if m is None:
+            first = 0
+        if m is None or len(m) < n:
+            import numpy as np
+
+            grown = np.empty(max(n, 16, 0 if m is None else 2 * len(m)), dtype=np.int64)
+            if m is not None:
+                grown[:first] = m[:first]  # entries below `first` are current
+            m = req.mirror[pool] = grown
+        if first < n:
+            m[first:n] = tab[first:]
+        v = req.views[pool] = m[:n]
+        return v
 
     def commit(self, req_id: str, token_ids: list[int], num_computed: int) -> None:
         """Record that the first `num_computed` tokens have rows in the pools. `token_ids` are the request's
@@ -508,6 +563,7 @@ class CacheManager:
                 lo = min(lo, (n // B) * B)  # keep the current block's rows: its entry will keep them all
             first, end = req.freed_upto[p], min(lo // t, len(tab))
             if first < end:
+                _changed(req, p, first)
                 bp = self._bp[p]
                 for k in range(first, end):
                     if tab[k] >= 0:
@@ -694,6 +750,8 @@ class CacheManager:
                 for b in tab:
                     if b >= 0:
                         want[p][b] += 1
+                if self._mirrored(req, p).tolist() != tab:
+                    raise CacheError(f"the numpy copy of a {p} block table missed a write (a `_changed` call)")
             for h in req.chain:
                 if h not in self._entries:
                     raise CacheError("request pins an evicted block")

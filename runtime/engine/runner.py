@@ -42,7 +42,6 @@ class ModelRunner:
         starts = [0]
         li: list[int] = []
         rows: list[tuple[int, int]] = []
-        tables: dict[str, list[list[int]]] = {p: [] for p in self.table_pools}
         ru: list[int] = []
         for sch in scheduled:
             seq, a, n = sch.seq, sch.start, sch.num_tokens
@@ -55,15 +54,10 @@ class ModelRunner:
             elif sch.sample:
                 li.append(starts[-1] - 1)
             rows.append((first, len(li)))
-            bt = self.cache.live_block_tables(seq.seq_id)  # read only: padded copies are made below
-            for p in self.table_pools:
-                tables[p].append(bt.get(p, []))
             ru.append(seq.recompute_until)
         dev = self.device
-        padded = {}
-        for p, rs in tables.items():
-            width = max(1, max((len(r) for r in rs), default=1))
-            padded[p] = torch.tensor([r + [-1] * (width - len(r)) for r in rs], dtype=torch.long, device=dev)
+        tables = self.cache.batch_block_tables([sch.seq.seq_id for sch in scheduled], self.table_pools)
+        padded = {p: torch.from_numpy(t).to(dev) for p, t in tables.items()}
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(pos, dtype=torch.long, device=dev),
