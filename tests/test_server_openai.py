@@ -137,8 +137,9 @@ def test_seed_reproducibility_and_n(client, model):
     n2 = client.completions.create(seed=42, n=2, **kw)
     assert len(n2.choices) == 2 and n2.choices[0].text == a and n2.choices[1].text != a
     chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=6,
-                                          temperature=0.9, seed=5, n=3)
+                                          temperature=0.9, seed=5, n=3, extra_body={"ignore_eos": True})
     assert [ch.index for ch in chat.choices] == [0, 1, 2] and chat.usage.completion_tokens == 18
+    assert all(ch.finish_reason == "length" for ch in chat.choices)
 
 
 def test_64_concurrent_streams_equal_sequential(server, model):
