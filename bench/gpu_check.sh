@@ -8,8 +8,9 @@
 # bench_kernels.txt, kernels_cuda.{json,md}. Exit status: non-zero if either step failed.
 #
 # Usage:  bash bench/gpu_check.sh            (PYTHON=/path/to/python to choose the interpreter)
-# Needs torch with CUDA and triton; installs this checkout (`pip install -e . --no-deps`) if `dsv4`
-# is not importable.
+# Needs torch with CUDA, triton, numpy and pytest (the device image has them; nothing is fetched). When
+# `dsv4` is not importable it is put on PYTHONPATH as a tree of links to this checkout's folders, the same
+# mapping setup.py declares (no pip, so it works offline).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,26 @@ export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 unset TRITON_INTERPRET DSV4_KERNEL_BACKEND
 
 if ! "$PY" -c "import dsv4.kernels" 2>/dev/null; then
-  "$PY" -m pip install -q -e . --no-deps || { echo "cannot install dsv4 into $PY"; exit 2; }
+  tree=$(mktemp -d)
+  # setup.py's ROOTS ({"dsv4": "dsv4", "dsv4.runtime": "runtime", ...}) read, not repeated here
+  "$PY" - "$tree" <<'PYEOF' || { echo "cannot map the checkout's folders onto dsv4"; exit 2; }
+import ast, os, sys
+tree = sys.argv[1]
+mod = ast.parse(open("setup.py").read())
+roots = next(ast.literal_eval(n.value) for n in mod.body
+             if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "ROOTS")
+for name, folder in roots.items():
+    dest = os.path.join(tree, *name.split("."))
+    if name == "dsv4":
+        os.makedirs(dest)
+        for f in os.listdir(folder):
+            if f.endswith(".py"):
+                os.symlink(os.path.abspath(os.path.join(folder, f)), os.path.join(dest, f))
+    else:
+        os.symlink(os.path.abspath(folder), dest)
+PYEOF
+  export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" -c "import dsv4.kernels, dsv4.bench.kernels" || { echo "cannot import dsv4 from $tree"; exit 2; }
 fi
 "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" \
