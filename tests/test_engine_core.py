@@ -11,6 +11,7 @@ from dsv4.runtime.cache.manager import CacheManager
 from dsv4.runtime.cache.spec import CacheSpec
 from dsv4.runtime.engine.engine import EngineConfig, LLMEngine
 from dsv4.runtime.engine.request import Request, RequestError, SamplingParams
+from dsv4.runtime.engine.runner import StepLogits
 from dsv4.runtime.engine.scheduler import SchedulerConfig
 from dsv4.runtime.model import KVPools, load_model
 from dsv4.runtime.server.build import ensure_tiny_model
@@ -163,3 +164,36 @@ def test_prompt_logprobs_independent_of_chunking(loaded):
     assert [x.token_id for x in a[1:]] == p[1:]
     for x, y in zip(a[1:], b[1:], strict=True):
         assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def test_non_finite_logits_fail_that_request_alone(loaded):
+    """A forward that yields NaN logits for one sequence fails that request with a clear error; the other
+    requests of the same steps finish with the tokens they get without it, and no cache block leaks."""
+    eng = make_engine(loaded)
+    reqs = [Request(f"ok{i}", prompt(20, i), greedy(6)) for i in range(3)]
+    want = run(eng, [Request(f"ref{i}", prompt(20, i), greedy(6)) for i in range(3)])
+    victim = Request("victim", prompt(20, 9), SamplingParams(max_tokens=6, temperature=0.8, seed=1))
+    orig = eng.runner.execute
+
+    def poisoned(scheduled):
+        out = orig(scheduled)
+        logits = out.logits.clone()  # the runner's are inference tensors
+        for sch, (r0, r1) in zip(scheduled, out.rows, strict=True):
+            if sch.seq.request.request_id == "victim" and r1 > r0 and len(sch.seq.output_ids) == 2:
+                logits[r1 - 1, 5] = float("nan")
+        return StepLogits(logits, out.rows)
+
+    eng.runner.execute = poisoned
+    for r in [*reqs, victim]:
+        eng.add(r)
+    finals = {}
+    while eng.has_work:
+        for out in eng.step()[0]:
+            if out.finished:
+                finals[out.request_id] = out
+    assert "non-finite logits" in (finals["victim"].error or "")
+    assert len(victim.sequences[0].output_ids) == 2
+    assert all(finals[r.request_id].error is None for r in reqs)
+    assert [list(r.sequences[0].output_ids) for r in reqs] == want
+    eng.cache.check_invariants()
+    assert not eng.cache._reqs

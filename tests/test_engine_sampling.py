@@ -8,7 +8,7 @@ import pytest
 import torch
 from dsv4.runtime.engine.detok import TextState
 from dsv4.runtime.engine.request import RequestError, SamplingParams
-from dsv4.runtime.engine.sampling import RowSpec, filter_top_k_top_p, make_generator, sample
+from dsv4.runtime.engine.sampling import INVALID, RowSpec, filter_top_k_top_p, make_generator, sample
 
 
 def row(params: SamplingParams, seed: int | None = 0, counts=None, banned=None, lp=None) -> RowSpec:
@@ -153,8 +153,8 @@ def test_zero_probability_tokens_are_never_drawn_even_at_the_edges():
     assert draw_inverse_cdf(probs, [1.0 - 2 ** -53, 1.0 - 2 ** -53]) == [3, 2]
     assert draw_inverse_cdf(probs, [0.2999, 0.5]) == [1, 2]
     assert draw_inverse_cdf(probs, [0.3001, 0.5]) == [3, 2]
-    with pytest.raises(RuntimeError, match="NaN"):
-        draw_inverse_cdf(torch.tensor([[float("nan"), 1.0]]), [0.5])
+    bad = torch.tensor([[float("nan"), 1.0], [0.25, 0.75], [float("inf"), 1.0], [0.0, 0.0]])
+    assert draw_inverse_cdf(bad, [0.5] * 4) == [INVALID, 1, INVALID, INVALID]
     logits = torch.randn(4, 64)
     p = SamplingParams(temperature=5.0)
     ban = [0, 17, 63]
@@ -179,3 +179,19 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_the_batch():
     batched = [sample(logits.clone(), mates)[0][2] for _ in range(30)]
     assert solo == batched
     assert len(set(solo)) > 5
+
+
+def test_a_row_with_nan_logits_is_invalid_and_the_others_are_sampled():
+    """NaN logits in one row (greedy or sampled) mark that row INVALID; the other rows are sampled as usual."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    plain = [row(SamplingParams(temperature=0.0)), row(SamplingParams(temperature=1.0), seed=4),
+             row(SamplingParams(temperature=1.0), seed=5), row(SamplingParams(temperature=0.0))]
+    want = sample(logits.clone(), plain)[0]
+    broken = logits.clone()
+    broken[1, 7] = float("nan")
+    broken[3, 0] = float("nan")
+    rows = [row(SamplingParams(temperature=0.0), lp=2), row(SamplingParams(temperature=1.0), seed=4, lp=2),
+            row(SamplingParams(temperature=1.0), seed=5, lp=2), row(SamplingParams(temperature=0.0), lp=2)]
+    toks, lps = sample(broken, rows)
+    assert toks == [want[0], INVALID, want[2], INVALID]
+    assert lps[1] is None and lps[3] is None and lps[0].token_id == want[0]

@@ -30,7 +30,7 @@ from dsv4.runtime.engine.request import (
     TokenLogprob,
 )
 from dsv4.runtime.engine.runner import ModelRunner
-from dsv4.runtime.engine.sampling import RowSpec, make_generator, sample, token_logprob
+from dsv4.runtime.engine.sampling import INVALID, RowSpec, make_generator, sample, token_logprob
 from dsv4.runtime.engine.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger("dsv4.engine")
@@ -175,6 +175,7 @@ class LLMEngine:
             return [o for o in outs if o is not None], None
         # commit computed tokens, gather prompt logprobs, collect rows to sample
         to_sample: list[tuple[Sequence, int]] = []
+        fails: list[RequestOutput] = []
         for sch, (r0, r1) in zip(sched.scheduled, result.rows, strict=True):
             seq = sch.seq
             seq.num_computed = sch.start + sch.num_tokens
@@ -189,9 +190,20 @@ class LLMEngine:
             logits = result.logits if idx == list(range(result.logits.shape[0])) else result.logits[idx]
             tokens, lps = sample(logits, rows)
             now = time.monotonic()
+            broken: set[str] = set()
             for (seq, _), tok, lp in zip(to_sample, tokens, lps, strict=True):
+                if tok == INVALID:
+                    broken.add(seq.request.request_id)
+                    continue
                 delta = self._append(seq, tok, lp, now)
                 outputs.setdefault(seq.request.request_id, []).append(delta)
+            for rid in broken:  # this request alone fails; the rest of the batch goes on
+                log.error("request %s: the model's logits are not finite (NaN/inf); failing it", rid)
+                outputs.pop(rid, None)
+                failed_out = self._fail(rid, "sampling failed: the model produced non-finite logits (NaN/inf) "
+                                             "for this request")
+                if failed_out is not None:
+                    fails.append(failed_out)
         t3 = time.monotonic()
         outs = []
         for rid, deltas in outputs.items():
@@ -206,6 +218,7 @@ class LLMEngine:
                 outs.append(self._final(req, deltas))
             else:
                 outs.append(RequestOutput(rid, deltas))
+        outs += fails
         info = StepInfo({"schedule": t1 - t0, "forward": t2 - t1, "sample": t3 - t2, "total": t3 - t0},
                         sched.num_tokens, sched.num_prefill_tokens, len(sched.preempted),
                         self.num_running_requests(), self.num_waiting_requests())

@@ -74,16 +74,23 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return out
 
 
+INVALID = -1  # the token `sample` returns for a row whose probabilities are NaN / inf (non-finite logits)
+
+
 def sample(logits: torch.Tensor, rows: list[RowSpec]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Sample one token per row of `logits` [N, V]. Returns token ids and (where asked) their logprobs."""
+    """Sample one token per row of `logits` [N, V]. Returns token ids and (where asked) their logprobs.
+    A sampled row whose distribution is not finite gets INVALID (and no logprobs): the engine fails that
+    request alone instead of the whole step."""
     logits = apply_penalties(logits.float().clone(), rows)
     tokens = [0] * len(rows)
     vocab = logits.shape[-1]
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
-        for i, t in zip(greedy, torch.argmax(_take(logits, greedy), dim=-1).tolist(), strict=True):
-            tokens[i] = t
+        g = _take(logits, greedy)
+        nan_rows = torch.isnan(g).any(dim=-1).tolist()
+        for i, t, bad in zip(greedy, torch.argmax(g, dim=-1).tolist(), nan_rows, strict=True):
+            tokens[i] = INVALID if bad else t
     if drawn:
         temps = torch.tensor([rows[i].params.temperature for i in drawn], dtype=logits.dtype)
         scaled = _take(logits, drawn) / temps[:, None]
@@ -95,7 +102,7 @@ def sample(logits: torch.Tensor, rows: list[RowSpec]) -> tuple[list[int], list[T
         for j, t in enumerate(draw_inverse_cdf(torch.softmax(scaled, dim=-1), uniforms)):
             tokens[drawn[j]] = t
     lps: list[TokenLogprob | None] = [None] * len(rows)
-    need = [i for i, r in enumerate(rows) if r.num_logprobs is not None]
+    need = [i for i, r in enumerate(rows) if r.num_logprobs is not None and tokens[i] != INVALID]
     if need:
         logp = torch.log_softmax(logits[need], dim=-1)
         for j, i in enumerate(need):
@@ -116,18 +123,19 @@ def _uniform(row: RowSpec) -> float:
 
 def draw_inverse_cdf(probs: torch.Tensor, uniforms: list[float]) -> list[int]:
     """Row i's token: the first j with cumsum(probs[i])_j > u_i * sum(probs[i]). `probs` must be non-negative
-    (a softmax); it need not be normalised, and zero-probability tokens are never drawn."""
+    (a softmax); it need not be normalised, and zero-probability tokens are never drawn. A row with a NaN or
+    inf, or no mass at all, gets INVALID."""
     cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
     total = cdf[:, -1:]
-    # a NaN or inf anywhere in a row makes its total NaN or inf: one check of N numbers instead of N x V
-    if not bool(torch.isfinite(total).all()):
-        raise RuntimeError("sampling probabilities contain NaN or inf (non-finite logits)")
-    if bool((total <= 0).any()):
-        raise RuntimeError("sampling probabilities of a row sum to zero")
     u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device)[:, None]
     # u < 1, but u * total may round up to total: stay strictly below it so the last positive token is the max
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).tolist()
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).tolist()
+    # a NaN or inf anywhere in a row makes its total NaN or inf: one check of N numbers instead of N x V
+    ok = torch.isfinite(total) & (total > 0)
+    if not bool(ok.all()):
+        tokens = [t if good else INVALID for t, good in zip(tokens, ok.squeeze(1).tolist(), strict=True)]
+    return tokens
 
 
 def token_logprob(logp_row: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
