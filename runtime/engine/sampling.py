@@ -87,9 +87,8 @@ def sample(logits: torch.Tensor, rows: list[RowSpec]) -> tuple[list[int], list[T
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
-        g = _take(logits, greedy)
-        nan_rows = torch.isnan(g).any(dim=-1).tolist()
-        for i, t, bad in zip(greedy, torch.argmax(g, dim=-1).tolist(), nan_rows, strict=True):
+        best, best_ids = torch.max(_take(logits, greedy), dim=-1)  # max propagates NaN: one pass finds both
+        for i, t, bad in zip(greedy, best_ids.tolist(), torch.isnan(best).tolist(), strict=True):
             tokens[i] = INVALID if bad else t
     if drawn:
         temps = torch.tensor([rows[i].params.temperature for i in drawn], dtype=logits.dtype)
