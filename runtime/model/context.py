@@ -98,11 +98,15 @@ class StepContext:
                            st.rows_per_block)
             dest = lookup(tables[comp_pool], seq[tok], j * r, cp.tokens_per_block, cp.rows_per_block)
             ctx.emissions[kind] = Emission(tok, j, srows, dest)
-            # visible entries per query
+            # visible entries per query: entry j's row depends on the sequence only, so it is looked up once
+            # per sequence ([S, maxvis]) and gathered per query, then cut at the query's own count (a
+            # [T, maxvis] table is O(context) per token: three passes over it, not a lookup's dozen)
             nvis = torch.div(pos + 1, r, rounding_mode="floor")
             maxvis = int(nvis.max().item()) if T else 0
-            jj = torch.arange(maxvis, device=dev)[None, :].expand(T, maxvis)
-            rows = lookup(tables[comp_pool], seq[:, None].expand(T, maxvis), jj * r, cp.tokens_per_block,
-                          cp.rows_per_block)
-            ctx.visible[kind] = torch.where(jj < nvis[:, None], rows, torch.full_like(rows, -1))
+            S = batch.num_seqs
+            jr = (torch.arange(maxvis, device=dev) * r)[None, :].expand(S, maxvis)
+            seq_rows = lookup(tables[comp_pool], torch.arange(S, device=dev)[:, None].expand(S, maxvis), jr,
+                              cp.tokens_per_block, cp.rows_per_block)
+            rows = seq_rows[seq]
+            ctx.visible[kind] = rows.masked_fill_(torch.arange(maxvis, device=dev)[None, :] >= nvis[:, None], -1)
         return ctx
