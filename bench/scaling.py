@@ -283,6 +283,9 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+    from dsv4.runtime.malloc_tuning import keep_freed_memory
+
+    malloc_keeps_freed = keep_freed_memory()  # as `dsv4 serve` on CPU does; ours and the reference alike
     for c in contexts:
         if c < 2:
             raise ValueError(f"--contexts entries must be >= 2, got {c}")
@@ -341,7 +344,7 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
         "contexts": list(contexts), "batches": list(batches), "chunk": chunk, "decode_steps": decode_steps,
         "ref_limit_s": ref_limit_s, "cache_budget_bytes": budget, "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
-        "load_average": list(os.getloadavg()),
+        "load_average": list(os.getloadavg()), "malloc_keeps_freed_memory": malloc_keeps_freed,
         "parity": parity, "rows": [asdict(r) for r in rows],
     }
     out["targets"] = targets(out)

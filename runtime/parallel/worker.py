@@ -45,6 +45,10 @@ def _run(rank: int, world: int, conf: dict) -> int:
     cfg = ServeConfig(**conf)
     device = rank_device(os.environ.get("DSV4_TP_DEVICE", "cpu"), rank)
     _set_threads(world, device)
+    if device == "cpu":
+        from dsv4.runtime.malloc_tuning import keep_freed_memory
+
+        keep_freed_memory()
     info = init_group(rank, world, os.environ[ENV_ADDR], int(os.environ[ENV_PORT]), device, float(cfg.tp_timeout_s))
     model, mcfg, _ = load_model(str(cfg.model_dir), device=device, progress=False)
     shard_model(model.eval(), mcfg, rank, world, info.pg)

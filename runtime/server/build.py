@@ -95,6 +95,10 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     if cfg.model is None:
         ensure_tiny_model(model_dir, say)
     device = resolve_device(cfg.device)
+    if device == "cpu":
+        from dsv4.runtime.malloc_tuning import keep_freed_memory
+
+        keep_freed_memory()  # per-step temporaries reuse freed heap instead of faulting fresh pages in
     group = None
     if cfg.tp > 1:  # spawn ranks 1..tp-1 first: they load the checkpoint while this process does
         from dsv4.runtime.parallel.leader import start_for_serving
