@@ -63,6 +63,9 @@ def run_profile(context: int, chunk: int, steps: int, smoke: bool = False, batch
     if not 1 <= batch <= 256:
         raise ValueError(f"--batch must be in [1, 256], got {batch}")
     torch.set_num_threads(1)
+    from dsv4.runtime.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()  # as `dsv4 serve` and `dsv4 bench scaling` on CPU
     hidden = 64 if smoke else 256  # the checkpoints of `dsv4 bench scaling [--smoke]`
     cfg = scaling_config(hidden, smoke)
     path = ensure_checkpoint(checkpoint_dir(hidden, smoke), cfg)
