@@ -335,9 +335,8 @@ class _Bound:
 
     def __init__(self, collector: Any, bound: dict[str, str], free: list[str]) -> None:
         self._collector, self._bound, self._free = collector, bound, free
-        # the one child of a fully bound collector, looked up once (not per .inc()/.observe() on the hot path)
-        self._child = None if free else collector.labels(**bound)
-        self._children: dict[tuple[tuple[str, str], ...], Any] = {}
+        # children looked up once each (not per .inc()/.observe() on the hot path); () is a fully bound one's
+        self._children: dict[tuple[tuple[str, str], ...], Any] = {} if free else {(): collector.labels(**bound)}
 
     def labels(self, *args: str, **kwargs: str) -> Any:
         if args:
@@ -349,9 +348,9 @@ class _Bound:
         return child
 
     def __getattr__(self, item: str) -> Any:
-        if self._child is None:
+        if self._free:
             raise AttributeError(f"{item}: call .labels({', '.join(self._free)}) first")
-        return getattr(self._child, item)
+        return getattr(self._children[()], item)
 
 
 def runtime_scrape_relabelings(style: str = "prometheus") -> list[dict[str, Any]]:

@@ -459,12 +459,14 @@ class CacheManager:
         if any(self._bp[p].num_free < k for p, k in need.items()):
             return False
         for p in self._comp:
-            _changed(req, p, len(req.tables[p]))
-            for _ in range(need.get(p, 0)):
-                req.tables[p].append(self._bp[p].take())
+            if p in need:
+                _changed(req, p, len(req.tables[p]))
+                for _ in range(need[p]):
+                    req.tables[p].append(self._bp[p].take())
         for p in self._tok:
             t, tab = self._tpb[p], req.tables[p]
-            _changed(req, p, min(start // t, len(tab)))
+            if p in need or len(tab) < _cdiv(n, t):
+                _changed(req, p, min(start // t, len(tab)))
             tab.extend([-1] * (_cdiv(n, t) - len(tab)))
             for k in range(start // t, _cdiv(n, t)):
                 if tab[k] < 0:

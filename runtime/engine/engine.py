@@ -30,7 +30,7 @@ from dsv4.runtime.engine.request import (
     TokenLogprob,
 )
 from dsv4.runtime.engine.runner import ModelRunner
-from dsv4.runtime.engine.sampling import INVALID, RowSpec, make_generator, sample, token_logprob
+from dsv4.runtime.engine.sampling import INVALID, RowSpec, make_generator, sample, take_rows, token_logprob
 from dsv4.runtime.engine.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger("dsv4.engine")
@@ -187,8 +187,7 @@ class LLMEngine:
         if to_sample:
             rows = [self._row_spec(seq) for seq, _ in to_sample]
             idx = [r for _, r in to_sample]
-            logits = result.logits if idx == list(range(result.logits.shape[0])) else result.logits[idx]
-            tokens, lps = sample(logits, rows)
+            tokens, lps = sample(take_rows(result.logits, idx), rows)
             now = time.monotonic()
             broken: set[str] = set()
             for (seq, _), tok, lp in zip(to_sample, tokens, lps, strict=True):

@@ -87,12 +87,12 @@ def sample(logits: torch.Tensor, rows: list[RowSpec]) -> tuple[list[int], list[T
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
-        best, best_ids = torch.max(_take(logits, greedy), dim=-1)  # max propagates NaN: one pass finds both
+        best, best_ids = torch.max(take_rows(logits, greedy), dim=-1)  # max propagates NaN: one pass finds both
         for i, t, bad in zip(greedy, best_ids.tolist(), torch.isnan(best).tolist(), strict=True):
             tokens[i] = INVALID if bad else t
     if drawn:
         temps = torch.tensor([rows[i].params.temperature for i in drawn], dtype=logits.dtype)
-        scaled = _take(logits, drawn) / temps[:, None]
+        scaled = take_rows(logits, drawn) / temps[:, None]
         for j, i in enumerate(drawn):  # top-k / top-p rows are masked one by one; the rest need nothing
             p = rows[i].params
             if 0 < p.top_k < vocab or p.top_p < 1.0:
@@ -109,8 +109,9 @@ def sample(logits: torch.Tensor, rows: list[RowSpec]) -> tuple[list[int], list[T
     return tokens, lps
 
 
-def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """x[rows] (a copy), or x itself when `rows` is every row in order (the common all-sampled batch)."""
+def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] (a copy), or x itself when `rows` (increasing, as every caller builds them) is every row: the
+    common batch where all rows sample."""
     return x if len(rows) == x.shape[0] else x[rows]
 
 
