@@ -17,8 +17,9 @@ import yaml
 from dsv4.operator import api
 from dsv4.operator.api import DSV4EndpointSpec
 from dsv4.operator.planner import Plan
-from dsv4.runtime import metrics_catalog as mc
 from dsv4.runtime.server.config import ServeConfig
+
+from dsv4 import metrics_catalog as mc
 
 FIELD_MANAGER = "dsv4-operator"
 DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:latest"  # when neither spec.image nor the operator's DSV4_RUNTIME_IMAGE is set

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from dsv4.runtime import metrics_catalog as catalog
 from dsv4.runtime.server.config import ServeConfig, ServeConfigError, load_file, read_api_key
 from dsv4.runtime.server.metrics import metrics_doc
 from dsv4.runtime.server.serve_cli import cli_flags
 
+from dsv4 import metrics_catalog as catalog
 from dsv4.settings_enums import CACHE_POLICIES, HCA_STATES, PROFILE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
