@@ -171,7 +171,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     print(f"  chat endpoint:       http://{ip}:8000/v1  (metrics: http://{ip}:8000/metrics)")
     print(f"  operator metrics:    {records['operator_metrics']}")
     if "prometheus_url" in records:
-        print(f"  Prometheus:          {records['prometheus_url']}  (try: dsv4:cache_pool_occupancy_ratio, "
+        print(f"  Prometheus:          {records['prometheus_url']}  (try: dsv4_cache_pool_occupancy_ratio, "
               f"vllm:num_requests_running; alert rules loaded)")
     print(f"  Grafana dashboards:  {REPO / 'helm/dsv4-operator/dashboards'}/*.json, and as ConfigMaps labelled "
           f"grafana_dashboard=1 in namespace {install.namespace} (import into any Grafana on the Prometheus above)")

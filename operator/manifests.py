@@ -235,7 +235,7 @@ def keda_queries(ref: EndpointRef) -> dict[str, str]:
     """PromQL of the ScaledObject: the sum over pods of each signal (KEDA AverageValue divides by the target)."""
     sel = f'namespace="{ref.namespace}",{mc.ENDPOINT_LABEL}="{ref.name}"'
     return {
-        "occupancy": f"sum(max by (pod) (dsv4:cache_pool_occupancy_ratio{{{sel}}}))",
+        "occupancy": f"sum(max by (pod) (dsv4_cache_pool_occupancy_ratio{{{sel}}}))",
         "queue": f"sum(vllm:num_requests_waiting{{{sel}}})",
     }
 
