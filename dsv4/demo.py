@@ -159,8 +159,9 @@ def run_cluster(args: argparse.Namespace) -> int:
         try:
             prom = Prometheus.for_cluster(c, c.state_dir / "prometheus", operator_target=records[
                 "operator_metrics"].removeprefix("http://").removesuffix("/metrics"),
-                rules_text=alerts.rules_file_text(), interval="5s", follow_pods=False).start()
+                rules_text=alerts.rules_file_text(), interval="5s").start()
             records["prometheus"] = prom.rec.to_dict()
+            records["prometheus-pod-sd"] = prom.sd_rec.to_dict()
             records["prometheus_url"] = prom.url
             _record_file().write_text(json.dumps(records))
         except Exception as e:  # noqa: BLE001 - the demo works without it
@@ -186,7 +187,7 @@ def run_down() -> int:
     f = _record_file()
     if f.exists():
         records = json.loads(f.read_text())
-        for name in ("prometheus", "operator"):
+        for name in ("prometheus", "prometheus-pod-sd", "operator"):
             if name in records and procs.stop(procs.ProcRecord.from_dict(records[name]), grace_s=10.0):
                 say(f"{name} stopped")
         f.unlink()

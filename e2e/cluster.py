@@ -36,9 +36,12 @@ from dsv4.e2e import build, certs, podnet, procs
 
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"
-POD_CIDR_PREFIX = "10.244"  # node i gets 10.244.<first_subnet + i>.0/24; 10.244.0.1 is the host-side gateway
+POD_CIDR_PREFIX = podnet.POD_RANGE.rsplit(".", 2)[0]  # node i gets 10.244.<first_subnet + i>.0/24
+NODE_IP = "127.0.0.1"  # nodes' InternalIP: whatever the API server dials for a node (logs) stays on loopback
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
+
+POD_RANGE_LOCK = "pod-range"  # serialises installing/removing the pod-range route across clusters
 
 # Order matters: started in this order, stopped in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "podrunner")
@@ -92,7 +95,7 @@ class NodeSpec:
         res = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods), "ephemeral-storage": "10Ti",
                GPU_RESOURCE: str(self.gpus)}
         return {"capacity": dict(res), "allocatable": dict(res),
-                "addresses": [{"type": "InternalIP", "address": podnet.GATEWAY},
+                "addresses": [{"type": "InternalIP", "address": NODE_IP},
                               {"type": "Hostname", "address": self.name}]}
 
 
@@ -271,6 +274,8 @@ def apiserver_argv(bin_dir: Path, pki: certs.CertPaths, etcd_port: int, port: in
             f"--proxy-client-cert-file={pki.crt('front-proxy-client')}",
             f"--proxy-client-key-file={pki.key('front-proxy-client')}",
             "--enable-aggregator-routing=true",
+            # node names (dsv4-gpu-0) resolve nowhere: dial the InternalIP, which is loopback
+            "--kubelet-preferred-address-types=InternalIP",
             "--profiling=false", "--v=1"]
 
 
@@ -294,7 +299,7 @@ def scheduler_argv(bin_dir: Path, kubeconfig: Path, port: int) -> list[str]:
 def kwok_argv(bin_dir: Path, stages: Path, kubeconfig: Path, port: int) -> list[str]:
     return [str(bin_dir / "kwok"), f"--kubeconfig={kubeconfig}", f"--config={stages}",
             "--manage-all-nodes=false", f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-            f"--server-address=127.0.0.1:{port}", f"--node-ip={podnet.GATEWAY}",
+            f"--server-address=127.0.0.1:{port}", f"--node-ip={NODE_IP}",
             "--node-lease-duration-seconds=40"]
 
 
@@ -326,6 +331,11 @@ def up(name: str = "default", *, nodes: list[NodeSpec] | None = None, pod_runner
         if pod_runner and (why := podnet.available()):
             raise ClusterError(f"pod runner unavailable: {why} (pass pod_runner=False to run without it)")
         bin_dir = build.ensure_built()
+        if pod_runner:
+            with _locked(POD_RANGE_LOCK):
+                route = podnet.ensure_range_route()
+            _log(f"pod range {podnet.POD_RANGE}: {route.type} on the host "
+                 f"({'installed by us' if route.ours else 'already there'})")
         t0 = time.monotonic()
         state_dir = state_root() / name
         if state_dir.exists():
@@ -412,6 +422,23 @@ def _wait_ready(cluster: Cluster, nodes: list[NodeSpec], timeout_s: float) -> No
             _wait("the pod runner", ready_file.exists, cluster.procs["podrunner"], timeout_s)
 
 
+def live_clusters(exclude: str | None = None) -> list[str]:
+    """Names of recorded clusters with at least one live process."""
+    root = state_root()
+    names = sorted(d.name for d in root.iterdir() if (d / "state.json").is_file()) if root.is_dir() else []
+    return [n for n in names if n != exclude and (c := Cluster.load(n)) is not None and any(c.alive().values())]
+
+
+def _release_range_route(name: str) -> None:
+    """The last of our clusters to go takes the pod-range route with it (only a route we installed)."""
+    with _locked(POD_RANGE_LOCK):
+        others = live_clusters(exclude=name)
+        if others:
+            _log(f"pod range route kept: cluster(s) {', '.join(others)} still up")
+        elif podnet.available() is None and podnet.remove_range_route():
+            _log(f"pod range route removed (unreachable {podnet.POD_RANGE})")
+
+
 def _down_locked(cluster: Cluster, *, keep_state: bool = False) -> list[str]:
     stopped = []
     for comp in reversed(COMPONENTS):
@@ -422,6 +449,7 @@ def _down_locked(cluster: Cluster, *, keep_state: bool = False) -> list[str]:
     from dsv4.e2e import podrunner
 
     podrunner.cleanup_recorded(cluster.state_dir / "pods")
+    _release_range_route(cluster.name)
     if not keep_state and cluster.state_dir.exists():
         shutil.rmtree(cluster.state_dir, ignore_errors=True)
     return stopped

@@ -4,9 +4,11 @@ real pod IP, readiness mirrored from its probe, deletion kills it, a dying proce
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
+import socket
 import sys
 import time
 import urllib.request
@@ -153,6 +155,20 @@ def test_deployment_pod_is_a_real_process_at_its_pod_ip(local_cluster, namespace
         wait_for("the pod's network namespace gone",
                  lambda: not os.path.exists(f"{podnet.NETNS_DIR}/{podnet.names_for(pod['metadata']['uid'])[0]}"),
                  timeout=10)
+        assert_dialling_fails_on_the_host(ip, 8080)
+
+
+def assert_dialling_fails_on_the_host(ip: str, port: int) -> None:
+    """A deleted pod's IP is unroutable here: the kernel refuses it at once, no packet takes the default route."""
+    route = podnet.range_route()
+    assert route is not None and route.unroutable, route
+    lookup = podnet.route_get(ip)
+    assert lookup.startswith("RTNETLINK answers: No route to host"), lookup  # not "via <default gateway>"
+    with socket.socket() as s:
+        s.settimeout(5)
+        t0 = time.monotonic()
+        assert s.connect_ex((ip, port)) in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+        assert time.monotonic() - t0 < 1.0  # failed locally, not after a timeout
 
 
 def test_readiness_follows_the_probe(local_cluster, namespace):
