@@ -446,9 +446,9 @@ def _down_locked(cluster: Cluster, *, keep_state: bool = False) -> list[str]:
         if rec is not None and procs.stop(rec, grace_s=15.0 if comp == "podrunner" else 10.0):
             stopped.append(comp)
     # Anything the pod runner could not clean (it was killed, or crashed): its state file names it.
-    from dsv4.e2e import podrunner
+    from dsv4.e2e.podrunner.state import cleanup_recorded
 
-    podrunner.cleanup_recorded(cluster.state_dir / "pods")
+    cleanup_recorded(cluster.state_dir / "pods")
     _release_range_route(cluster.name)
     if not keep_state and cluster.state_dir.exists():
         shutil.rmtree(cluster.state_dir, ignore_errors=True)
