@@ -70,7 +70,7 @@ class NodeSpec:
         if not self.name or len(self.name) > 63:
             raise ValueError(f"NodeSpec.name={self.name!r}: must be 1..63 characters")
 
-    def manifest(self) -> dict:
+    def manifest(self, kubelet_port: int = 0) -> dict:
         labels = {
             "kubernetes.io/hostname": self.name,
             "kubernetes.io/os": "linux",
@@ -88,15 +88,19 @@ class NodeSpec:
             "kind": "Node",
             "metadata": {"name": self.name, "labels": labels, "annotations": {KWOK_ANNOTATION: "fake"}},
             "spec": {"podCIDR": self.pod_cidr, "podCIDRs": [self.pod_cidr]},
-            "status": self.status(),
+            "status": self.status(kubelet_port),
         }
 
-    def status(self) -> dict:
+    def status(self, kubelet_port: int = 0) -> dict:
+        """Capacity, addresses and (with a port) the kubelet endpoint the API server dials for logs."""
         res = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods), "ephemeral-storage": "10Ti",
                GPU_RESOURCE: str(self.gpus)}
-        return {"capacity": dict(res), "allocatable": dict(res),
-                "addresses": [{"type": "InternalIP", "address": NODE_IP},
-                              {"type": "Hostname", "address": self.name}]}
+        out = {"capacity": dict(res), "allocatable": dict(res),
+               "addresses": [{"type": "InternalIP", "address": NODE_IP},
+                             {"type": "Hostname", "address": self.name}]}
+        if kubelet_port:
+            out["daemonEndpoints"] = {"kubeletEndpoint": {"Port": kubelet_port}}
+        return out
 
 
 def first_subnet(name: str) -> int:
@@ -303,9 +307,13 @@ def kwok_argv(bin_dir: Path, stages: Path, kubeconfig: Path, port: int) -> list[
             "--node-lease-duration-seconds=40"]
 
 
-def podrunner_argv(state_dir: Path, kubeconfig: Path, nodes: list[NodeSpec]) -> list[str]:
+def podrunner_argv(state_dir: Path, kubeconfig: Path, nodes: list[NodeSpec], pki: certs.CertPaths,
+                   kubelet_port: int, backoff_base_s: float | None = None) -> list[str]:
     argv = [sys.executable, "-m", "dsv4.e2e.podrunner", "--kubeconfig", str(kubeconfig),
-            "--work-dir", str(state_dir / "pods")]
+            "--work-dir", str(state_dir / "pods"), "--kubelet-port", str(kubelet_port),
+            "--tls-cert", str(pki.crt("kubelet")), "--tls-key", str(pki.key("kubelet"))]
+    if backoff_base_s is not None:
+        argv += ["--backoff-base-s", str(backoff_base_s)]
     for n in nodes:
         argv += ["--node", f"{n.name}={n.pod_cidr}"]
     return argv
@@ -316,8 +324,9 @@ def podrunner_argv(state_dir: Path, kubeconfig: Path, nodes: list[NodeSpec]) -> 
 
 
 def up(name: str = "default", *, nodes: list[NodeSpec] | None = None, pod_runner: bool = True,
-       timeout_s: float = 120.0) -> Cluster:
-    """Bring the cluster up (building the binaries first if needed); idempotent when it already runs."""
+       timeout_s: float = 120.0, backoff_base_s: float | None = None) -> Cluster:
+    """Bring the cluster up (building the binaries first if needed); idempotent when it already runs.
+    BACKOFF_BASE_S: the pod runner's first container-restart back-off (default 10 s, as the kubelet)."""
     nodes = nodes if nodes is not None else default_nodes(name=name)
     with _locked(name):
         existing = Cluster.load(name)
@@ -343,7 +352,7 @@ def up(name: str = "default", *, nodes: list[NodeSpec] | None = None, pod_runner
         state_dir.mkdir(parents=True)
         pki = certs.generate(state_dir / "pki", service_ip=SERVICE_IP)
         ports = {k: free_port() for k in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager",
-                                          "kube-scheduler", "kwok")}
+                                          "kube-scheduler", "kwok", "kubelet")}
         server = f"https://127.0.0.1:{ports['kube-apiserver']}"
         kcfg = state_dir / "kubeconfig"
         kcfg.write_text(certs.kubeconfig(server, pki.crt("ca"), pki.crt("admin"), pki.key("admin"), user="dsv4-admin"))
@@ -374,7 +383,7 @@ def up(name: str = "default", *, nodes: list[NodeSpec] | None = None, pod_runner
             start("kube-scheduler", scheduler_argv(bin_dir, comp_cfg["scheduler"], ports["kube-scheduler"]))
             start("kwok", kwok_argv(bin_dir, build.kwok_stages_file(), kcfg, ports["kwok"]))
             if pod_runner:
-                start("podrunner", podrunner_argv(state_dir, kcfg, nodes))
+                start("podrunner", podrunner_argv(state_dir, kcfg, nodes, pki, ports["kubelet"], backoff_base_s))
             _create_nodes(cluster, nodes)
             _wait_ready(cluster, nodes, timeout_s)
         except BaseException:
@@ -391,10 +400,14 @@ def _create_nodes(cluster: Cluster, nodes: list[NodeSpec]) -> None:
     with cluster.api_client() as api:
         core = client.CoreV1Api(api)
         for n in nodes:
-            core.create_node(n.manifest())
+            core.create_node(n.manifest(cluster.ports["kubelet"]))
             # Status on create is kept for nodes today; patch it too so capacity never depends on that.
-            core.patch_node_status(n.name, {"status": n.status()},
-                                  _content_type="application/strategic-merge-patch+json")
+            _patch_node_status(core, cluster, n)
+
+
+def _patch_node_status(core, cluster: Cluster, n: NodeSpec) -> None:
+    core.patch_node_status(n.name, {"status": n.status(cluster.ports["kubelet"])},
+                           _content_type="application/strategic-merge-patch+json")
 
 
 def _wait_ready(cluster: Cluster, nodes: list[NodeSpec], timeout_s: float) -> None:
@@ -414,6 +427,8 @@ def _wait_ready(cluster: Cluster, nodes: list[NodeSpec], timeout_s: float) -> No
 
         _wait("kwok nodes Ready with GPU capacity and no not-ready taints", nodes_ready, cluster.procs.get("kwok"),
               timeout_s)
+        for n in nodes:  # kwok's initialising stage has rewritten the status: make sure the kubelet port stays
+            _patch_node_status(core, cluster, n)
         # Pods need the namespace's default ServiceAccount, which the controller-manager creates.
         _wait("the default ServiceAccount", lambda: core.read_namespaced_service_account("default", "default"),
               cluster.procs.get("kube-controller-manager"), timeout_s)

@@ -10,8 +10,10 @@ package plays the kubelet for every pod bound to one of the managed nodes. One f
     volumes.py    configMap / secret / projected / downwardAPI / emptyDir / hostPath volumes as files
     objects.py    reading ConfigMaps and Secrets from the API server
     env.py        env / envFrom / fieldRef / resourceFieldRef, `$(VAR)` expansion, the command line
-    probes.py     readiness probes (httpGet, tcpSocket, exec)
+    probes.py     readiness / liveness / startup probes (httpGet, tcpSocket, exec) and their thresholds
+    restarts.py   restartPolicy, the kubelet's back-off, the last exit (`lastState.terminated` + last log line)
     status.py     the pod status a kubelet would report (phase, conditions, container statuses)
+    kubelet_api.py  the kubelet's `/containerLogs` over HTTPS on loopback, for `kubectl logs [-f]`
 
 Run: ``python -m dsv4.e2e.podrunner --kubeconfig K --work-dir D --node NAME=CIDR ...`` (the cluster
 starts it); docs/local-cluster.md describes the behaviour.

@@ -22,9 +22,15 @@ def log(msg: str) -> None:
     print(f"[podrunner {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def spawn(e: PodEntry, c: dict, vols: dict[str, str], objects: ObjectReader,
-          venv_bin: str) -> tuple[subprocess.Popen, procs.ProcRecord]:
-    """Start container C of pod E; its output goes to <pod dir>/logs/<container>.log."""
+def log_path(e: PodEntry, container: str, *, previous: bool = False) -> Path:
+    """Where a container's output goes: <pod dir>/logs/<container>.log (the run before: .previous.log)."""
+    return e.dir / "logs" / f"{container}{'.previous' if previous else ''}.log"
+
+
+def spawn(e: PodEntry, c: dict, vols: dict[str, str], objects: ObjectReader, venv_bin: str, *,
+          rotate_log: bool = False) -> tuple[subprocess.Popen, procs.ProcRecord]:
+    """Start container C of pod E with its output in `log_path`; ROTATE_LOG (a restart) first moves the
+    previous run's log aside."""
     mounts = container_mounts(c, vols)
     env = container_env(e, c, mounts, objects, venv_bin)
     argv = container_argv(c, env, mounts)
@@ -33,7 +39,9 @@ def spawn(e: PodEntry, c: dict, vols: dict[str, str], objects: ObjectReader,
         wd = Path(rewrite_paths(c["workingDir"], mounts))
         cwd = wd if wd.is_dir() else e.dir
     assert e.net is not None
-    log_file = e.dir / "logs" / f"{c['name']}.log"
+    log_file = log_path(e, c["name"])
+    if rotate_log and log_file.exists():
+        log_file.replace(log_path(e, c["name"], previous=True))
     log(f"{e.namespace}/{e.name}[{c['name']}] at {e.net.ip}: {' '.join(argv)[:300]}")
     return procs.spawn(f"{e.namespace}/{e.name}/{c['name']}", podnet.enter_argv(e.net) + argv, log_file, env=env,
                        cwd=cwd)

@@ -9,12 +9,15 @@ Mounts = list[tuple[str, str]]  # (container mountPath, local directory)
 
 
 def rewrite_paths(text: str, mounts: Mounts) -> str:
-    """Replace each container mountPath (longest first) in TEXT with its local directory."""
-    for mount_path, local in sorted(mounts, key=lambda m: -len(m[0])):
-        mp = mount_path.rstrip("/") or "/"
-        pattern = r"(?<![\w.\-/])" + re.escape(mp) + r"(?=/|$|[^\w.\-])"
-        text = re.sub(pattern, lambda _m, loc=local: loc, text)
-    return text
+    """Replace each container mountPath in TEXT with its local directory, in one pass: the longest mountPath
+    that matches at a position wins, and a replacement is never rewritten again (a pod directory under /tmp
+    stays intact when /tmp is also a mountPath)."""
+    if not mounts:
+        return text
+    local_of = {(mp.rstrip("/") or "/"): local for mp, local in mounts}
+    alternatives = "|".join(re.escape(mp) for mp in sorted(local_of, key=len, reverse=True))
+    pattern = r"(?<![\w.\-/])(?:" + alternatives + r")(?=/|$|[^\w.\-])"
+    return re.sub(pattern, lambda m: local_of[m.group(0)], text)
 
 
 def container_mounts(container: dict, vols: dict[str, str], *, strict: bool = True) -> Mounts:

@@ -1,4 +1,5 @@
-"""Readiness probes as the kubelet runs them: httpGet, tcpSocket, exec (inside the pod's network namespace)."""
+"""Probes as the kubelet runs them (readiness, liveness, startup): httpGet, tcpSocket, exec, with period,
+initial delay, timeout and success/failure thresholds."""
 
 from __future__ import annotations
 
@@ -16,10 +17,32 @@ from dsv4.e2e import podnet
 @dataclass
 class ProbeState:
     spec: dict | None
-    ready: bool = False
+    ready: bool = False   # readiness: the container is Ready; startup: the container has started
     successes: int = 0
     failures: int = 0
     next_at: float = 0.0
+
+    @classmethod
+    def start(cls, spec: dict | None, now: float) -> ProbeState:
+        """State of a probe for a container that starts now (no probe: passed at once)."""
+        return cls(spec=spec, ready=spec is None, next_at=now + float((spec or {}).get("initialDelaySeconds", 0)))
+
+    def due(self, now: float) -> bool:
+        return self.spec is not None and now >= self.next_at
+
+    def observe(self, ok: bool, now: float) -> None:
+        """Count one result; the next probe is due one period later."""
+        spec = self.spec or {}
+        self.next_at = now + float(spec.get("periodSeconds", 10))
+        self.successes, self.failures = (self.successes + 1, 0) if ok else (0, self.failures + 1)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.successes >= int((self.spec or {}).get("successThreshold", 1))
+
+    @property
+    def failed(self) -> bool:
+        return self.failures >= int((self.spec or {}).get("failureThreshold", 3))
 
 
 def probe_port(probe_port_value, container: dict) -> int:

@@ -8,12 +8,14 @@
    container's `command` + `args` runs inside the namespace via `nsenter`, with the host environment
    overlaid by the container's env/envFrom. The image is not used; a container without a `command`
    fails the pod with a clear reason.
-4. **Status** (`status.py`, `probes.py`): phase Running with podIP/hostIP once started; readiness
-   mirrors the readinessProbe, Ready=true at once without a probe; a container that exits marks the
-   pod Failed (Succeeded when all exited 0 and the restartPolicy is not Always); there are no restarts.
-   Liveness and startup probes are ignored. Each pod's status is resent every 10 s (a failed patch
-   every second) until the pod is gone, as a kubelet re-syncs: a change made during an API-server
-   outage, or overwritten by the node controller, lands.
+4. **Status** (`status.py`, `probes.py`, `restarts.py`): phase Running with podIP/hostIP once started;
+   readiness mirrors the readinessProbe (Ready at once without one); a startupProbe gates the others; a
+   failed startup or liveness probe stops the container. An exited container restarts per restartPolicy
+   with the kubelet's back-off (CrashLoopBackOff, restartCount, lastState.terminated with the last log
+   line); one that is not restarted ends the pod (Failed, or Succeeded when all exited 0 under
+   Never/OnFailure). Each pod's status is resent every 10 s (a failed patch every second) until the pod
+   is gone, as a kubelet re-syncs: a change made during an API-server outage, or overwritten by the node
+   controller, lands. `kubelet_api.py` serves the containers' logs to kube-apiserver (`kubectl logs`).
 5. **Deletion**: on a deletionTimestamp: preStop hooks, SIGTERM to each container's process group,
    SIGKILL after the grace period, then the pod object is deleted with grace 0 (as the kubelet does)
    and the namespace removed.
@@ -35,7 +37,8 @@ import time
 from pathlib import Path
 
 from dsv4.e2e import podnet, procs
-from dsv4.e2e.podrunner import lifecycle, volumes
+from dsv4.e2e.podrunner import lifecycle, restarts, volumes
+from dsv4.e2e.podrunner.kubelet_api import KubeletAPI, LogSource
 from dsv4.e2e.podrunner.lifecycle import log as _log
 from dsv4.e2e.podrunner.objects import ObjectReader
 from dsv4.e2e.podrunner.probes import ProbeState, probe_once
@@ -61,7 +64,8 @@ def allocate_ip(cidr: str, used: set[str]) -> str:
 
 
 class PodRunner:
-    def __init__(self, kubeconfig: str, work_dir: Path, node_cidrs: dict[str, str]):
+    def __init__(self, kubeconfig: str, work_dir: Path, node_cidrs: dict[str, str],
+                 backoff: restarts.Backoff | None = None):
         from kubernetes import client, config
 
         self.work_dir = Path(work_dir)
@@ -77,6 +81,7 @@ class PodRunner:
         self.lock = threading.RLock()
         self.stop_flag = threading.Event()
         self.venv_bin = str(Path(sys.executable).parent)
+        self.backoff = backoff or restarts.Backoff()
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
@@ -127,18 +132,18 @@ class PodRunner:
                 rc = proc.wait()
                 if rc != 0:
                     raise RuntimeError(f"init container {ic['name']!r} exited with {rc}")
+            e.vols = vols
             for c in e.pod["spec"]["containers"]:
                 if e.terminating:
                     return
                 proc, rec = lifecycle.spawn(e, c, vols, self.objects, self.venv_bin)
-                probe = ProbeState(spec=c.get("readinessProbe"))
-                if probe.spec is None:
-                    probe.ready = True
-                else:
-                    probe.next_at = time.monotonic() + float(probe.spec.get("initialDelaySeconds", 0))
+                now = time.monotonic()
                 with self.lock:
-                    e.containers.append(Container(name=c["name"], spec=c, rec=rec, proc=proc, started_at=now_rfc3339(),
-                                                  probe=probe))
+                    e.containers.append(Container(
+                        name=c["name"], spec=c, rec=rec, proc=proc, started_at=now_rfc3339(), started_mono=now,
+                        readiness=ProbeState.start(c.get("readinessProbe"), now),
+                        liveness=ProbeState.start(c.get("livenessProbe"), now),
+                        startup=ProbeState.start(c.get("startupProbe"), now)))
                 self._save()
             with self.lock:
                 if e.phase == "Pending":
@@ -154,7 +159,8 @@ class PodRunner:
     # -- probes and exits -----------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Resend due statuses; check exits and run due readiness probes; patch status on any change.
+        """Resend due statuses; for each running pod: notice exits (restart per restartPolicy with back-off, or
+        end the pod), start containers whose back-off is over, run due probes; patch status on any change.
 
         Like the kubelet's status manager, every pod's status is resent periodically (and a failed patch
         after a second): a Ready transition during an API-server outage is not lost, and a Ready=False the
@@ -168,44 +174,115 @@ class PodRunner:
         for e in entries:
             changed = False
             for c in e.containers:
-                if c.exit_code is not None:
-                    continue
-                # poll() before anything else reaps the child, so the real exit status is kept
-                rc = c.proc.poll() if c.proc is not None else (None if procs.is_alive(c.rec) else 137)
-                if rc is not None:
-                    c.exit_code = 128 - rc if rc < 0 else rc  # killed by signal N: 128+N, as the kubelet reports
-                    c.finished_at = now_rfc3339()
-                    c.probe.ready = False
-                    changed = True
-                    _log(f"{e.namespace}/{e.name}[{c.name}] exited with {c.exit_code}; log {c.rec.log}")
-            if any(c.exit_code is not None for c in e.containers):
-                others = [c for c in e.containers if c.exit_code is None]
-                lifecycle.kill(e, grace_s=2.0)
-                for c in others:
-                    c.exit_code, c.finished_at = 137, now_rfc3339()
-                with self.lock:
-                    e.phase = phase_after_exit([c.exit_code or 0 for c in e.containers],
-                                               e.pod["spec"].get("restartPolicy", "Always"))
-                self._patch_status(e)
-                self._release_net(e)
+                if c.backing_off:
+                    if time.monotonic() >= c.restart_at:
+                        self._restart(e, c)
+                        changed = True
+                elif c.running:
+                    changed |= self._check_exit(e, c)
+            if any(c.done for c in e.containers):
+                self._end_pod(e)
                 continue
-            now = time.monotonic()
             for c in e.containers:
-                spec = c.probe.spec
-                if spec is None or now < c.probe.next_at:
-                    continue
-                c.probe.next_at = now + float(spec.get("periodSeconds", 10))
-                ok = probe_once(spec, c.spec, e.net, e.dir)
-                if ok:
-                    c.probe.successes, c.probe.failures = c.probe.successes + 1, 0
-                    if not c.probe.ready and c.probe.successes >= int(spec.get("successThreshold", 1)):
-                        c.probe.ready, changed = True, True
-                else:
-                    c.probe.successes, c.probe.failures = 0, c.probe.failures + 1
-                    if c.probe.ready and c.probe.failures >= int(spec.get("failureThreshold", 3)):
-                        c.probe.ready, changed = False, True
+                if c.running and not c.killing:
+                    changed |= self._probe(e, c)
             if changed:
                 self._patch_status(e)
+
+    def _check_exit(self, e: PodEntry, c: Container) -> bool:
+        """True when C's process has exited: records the exit and schedules a restart if the policy says so."""
+        # poll() before anything else reaps the child, so the real exit status is kept
+        rc = c.proc.poll() if c.proc is not None else (None if procs.is_alive(c.rec) else 137)
+        if rc is None:
+            return False
+        code = 128 - rc if rc < 0 else rc  # killed by signal N: 128+N, as the kubelet reports
+        c.exit_code, c.finished_at = code, now_rfc3339()
+        c.terminated = restarts.terminated_state(code, c.started_at, c.finished_at, restarts.last_log_line(c.rec.log))
+        c.readiness.ready = False
+        why = f" ({c.killing})" if c.killing else ""
+        if restarts.should_restart(e.pod["spec"].get("restartPolicy", "Always"), code):
+            ran_s = time.monotonic() - c.started_mono
+            c.crashes_in_a_row = 1 if ran_s >= restarts.BACKOFF_RESET_AFTER_S else c.crashes_in_a_row + 1
+            c.backoff_s = self.backoff.delay(c.crashes_in_a_row)
+            c.restart_at = time.monotonic() + c.backoff_s
+            _log(f"{e.namespace}/{e.name}[{c.name}] exited with {code}{why}; restart in {c.backoff_s:g} s; "
+                 f"log {c.rec.log}")
+        else:
+            _log(f"{e.namespace}/{e.name}[{c.name}] exited with {code}{why}; log {c.rec.log}")
+        return True
+
+    def _restart(self, e: PodEntry, c: Container) -> None:
+        """Start C again (same spec and volumes); the previous run's log is kept for `logs --previous`."""
+        try:
+            proc, rec = lifecycle.spawn(e, c.spec, e.vols, self.objects, self.venv_bin, rotate_log=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. a ConfigMap gone: back off again, as the kubelet does
+            c.crashes_in_a_row += 1
+            c.backoff_s = self.backoff.delay(c.crashes_in_a_row)
+            c.restart_at = time.monotonic() + c.backoff_s
+            c.terminated = {**(c.terminated or {}), "message": f"restart failed: {exc}"[:restarts.MESSAGE_MAX_CHARS]}
+            _log(f"{e.namespace}/{e.name}[{c.name}] restart failed: {exc}")
+            return
+        now = time.monotonic()
+        with self.lock:
+            c.proc, c.rec, c.started_at, c.started_mono = proc, rec, now_rfc3339(), now
+            c.exit_code = c.finished_at = c.restart_at = c.killing = None
+            c.restart_count += 1
+            c.readiness = ProbeState.start(c.spec.get("readinessProbe"), now)
+            c.liveness = ProbeState.start(c.spec.get("livenessProbe"), now)
+            c.startup = ProbeState.start(c.spec.get("startupProbe"), now)
+        self._save()
+
+    def _end_pod(self, e: PodEntry) -> None:
+        """A container exited for good: stop the others and end the pod (Failed, or Succeeded when all exited 0
+        under restartPolicy Never/OnFailure)."""
+        others = [c for c in e.containers if not c.done]
+        lifecycle.kill(e, grace_s=2.0)
+        for c in others:
+            c.exit_code, c.finished_at, c.restart_at = 137, now_rfc3339(), None
+            c.terminated = restarts.terminated_state(137, c.started_at, c.finished_at,
+                                                     restarts.last_log_line(c.rec.log))
+        with self.lock:
+            e.phase = phase_after_exit([c.exit_code or 0 for c in e.containers],
+                                       e.pod["spec"].get("restartPolicy", "Always"))
+        self._patch_status(e)
+        self._release_net(e)
+
+    def _probe(self, e: PodEntry, c: Container) -> bool:
+        """Run C's due probes: startup first (liveness and readiness wait for it), then liveness, readiness.
+        A failed startup or liveness probe stops the container (it restarts per restartPolicy). True when
+        C's status changed."""
+        now = time.monotonic()
+        if not c.startup.ready:
+            if c.startup.due(now):
+                c.startup.observe(probe_once(c.startup.spec, c.spec, e.net, e.dir), now)
+                if c.startup.succeeded:
+                    c.startup.ready = True
+                    return True
+                if c.startup.failed:
+                    self._stop_container(e, c, "startup probe failed")
+            return False
+        if c.liveness.due(now):
+            c.liveness.observe(probe_once(c.liveness.spec, c.spec, e.net, e.dir), now)
+            if c.liveness.failed:
+                self._stop_container(e, c, "liveness probe failed")
+                return False
+        if c.readiness.due(now):
+            c.readiness.observe(probe_once(c.readiness.spec, c.spec, e.net, e.dir), now)
+            if not c.readiness.ready and c.readiness.succeeded:
+                c.readiness.ready = True
+                return True
+            if c.readiness.ready and c.readiness.failed:
+                c.readiness.ready = False
+                return True
+        return False
+
+    def _stop_container(self, e: PodEntry, c: Container, why: str) -> None:
+        """Stop C in the background (SIGTERM, SIGKILL after the pod's grace period); tick() sees the exit."""
+        c.killing = why
+        grace = float(e.pod["spec"].get("terminationGracePeriodSeconds", 30))
+        _log(f"{e.namespace}/{e.name}[{c.name}] {why}: stopping it (grace {grace:g} s)")
+        threading.Thread(target=procs.stop, args=(c.rec,), kwargs={"grace_s": grace}, daemon=True,
+                         name=f"kill-{e.name}-{c.name}").start()
 
     # -- termination ----------------------------------------------------------------------------------
 
@@ -309,6 +386,17 @@ class PodRunner:
                     time.sleep(1)
                 rv = None
 
+    def log_source(self, namespace: str, pod: str, container: str, previous: bool) -> LogSource | None:
+        """The log `kubectl logs` asks for (the kubelet API's lookup)."""
+        with self.lock:
+            e = next((x for x in self.pods.values() if x.namespace == namespace and x.name == pod), None)
+            c = next((x for x in e.containers if x.name == container), None) if e else None
+        if e is None or c is None:
+            return None
+        rec = c.rec
+        return LogSource(lifecycle.log_path(e, container, previous=previous),
+                         running=lambda: not previous and procs.is_alive(rec))
+
     def run(self) -> None:
         cleanup_recorded(self.work_dir)
         threading.Thread(target=self._watch, name="watch", daemon=True).start()
@@ -354,14 +442,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kubeconfig", required=True)
     p.add_argument("--work-dir", required=True, type=Path)
     p.add_argument("--node", action="append", default=[], help="NAME=POD_CIDR of a node to serve (repeatable)")
+    p.add_argument("--backoff-base-s", type=float, default=restarts.BACKOFF_BASE_S,
+                   help="first restart back-off; doubles per crash up to the cap (kubelet: 10 s)")
+    p.add_argument("--kubelet-port", type=int, default=0, help="serve the kubelet API (logs) on 127.0.0.1:PORT")
+    p.add_argument("--tls-cert", type=Path, help="serving certificate of the kubelet API")
+    p.add_argument("--tls-key", type=Path, help="its key")
     args = p.parse_args(argv)
     if why := podnet.available():
         print(f"podrunner: {why}", file=sys.stderr)
         return 2
-    runner = PodRunner(args.kubeconfig, args.work_dir, parse_nodes(args.node))
+    runner = PodRunner(args.kubeconfig, args.work_dir, parse_nodes(args.node),
+                       backoff=restarts.Backoff(base_s=args.backoff_base_s))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: runner.stop_flag.set())
+    api = None
+    if args.kubelet_port:
+        if not (args.tls_cert and args.tls_key):
+            p.error("--kubelet-port needs --tls-cert and --tls-key")
+        api = KubeletAPI(args.kubelet_port, args.tls_cert, args.tls_key, runner.log_source).start()
+        _log(f"kubelet API (container logs) on https://127.0.0.1:{args.kubelet_port}")
     runner.run()
+    if api is not None:
+        api.stop()
     shutil.rmtree(args.work_dir / "gone", ignore_errors=True)
     return 0
 

@@ -18,14 +18,38 @@ def now_rfc3339() -> str:
 
 @dataclass
 class Container:
+    """One container's current run, its probes and its restart history."""
+
     name: str
     spec: dict
     rec: procs.ProcRecord
     proc: subprocess.Popen | None
     started_at: str
-    probe: ProbeState
-    exit_code: int | None = None
+    readiness: ProbeState
+    liveness: ProbeState
+    startup: ProbeState            # .ready: the container has started (no startup probe: at once)
+    started_mono: float = 0.0      # monotonic start time of the current run
+    exit_code: int | None = None   # the current run has ended
     finished_at: str | None = None
+    terminated: dict | None = None       # `terminated` block of the run that ended last (exit code, log line)
+    restart_count: int = 0
+    crashes_in_a_row: int = 0
+    restart_at: float | None = None      # backing off: monotonic time of the next start
+    backoff_s: float = 0.0
+    killing: str | None = None           # why we are stopping it (liveness/startup probe failed)
+
+    @property
+    def running(self) -> bool:
+        return self.exit_code is None
+
+    @property
+    def backing_off(self) -> bool:
+        return self.restart_at is not None
+
+    @property
+    def done(self) -> bool:
+        """Exited and will not be started again."""
+        return self.exit_code is not None and self.restart_at is None
 
 
 @dataclass
@@ -42,6 +66,7 @@ class PodEntry:
     reason: str | None = None
     message: str | None = None
     start_time: str = field(default_factory=now_rfc3339)
+    vols: dict[str, str] = field(default_factory=dict)  # volume name -> local directory (for restarts)
     terminating: bool = False
     transitions: dict[str, tuple[str, str]] = field(default_factory=dict)  # condition -> (status, time)
     last_patch: str = ""

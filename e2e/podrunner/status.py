@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dsv4.e2e import podnet
-from dsv4.e2e.podrunner.state import PodEntry, now_rfc3339
+from dsv4.e2e.podrunner.restarts import backoff_message
+from dsv4.e2e.podrunner.state import Container, PodEntry, now_rfc3339
 
 
 def phase_after_exit(exit_codes: list[int], restart_policy: str) -> str:
@@ -21,24 +22,32 @@ def _condition(e: PodEntry, ctype: str, ok: bool) -> dict:
     return {"type": ctype, "status": s, "lastTransitionTime": e.transitions[ctype][1], "lastProbeTime": None}
 
 
+def container_status(e: PodEntry, spec: dict, c: Container | None) -> dict:
+    """One entry of `containerStatuses`: state running / waiting (ContainerCreating, CrashLoopBackOff) /
+    terminated, `lastState.terminated` of the previous run once restarted, restartCount, ready, started."""
+    st: dict = {"name": spec["name"], "image": spec.get("image", ""), "imageID": "", "restartCount": 0,
+                "ready": False, "started": False, "lastState": {}}
+    if c is None:
+        st["state"] = {"waiting": {"reason": e.reason or "ContainerCreating", "message": e.message or ""}}
+        return st
+    st.update(containerID=f"dsv4://{c.rec.pid}", restartCount=c.restart_count)
+    if c.backing_off:
+        st["state"] = {"waiting": {"reason": "CrashLoopBackOff",
+                                   "message": backoff_message(c.backoff_s, c.name, e.name, e.namespace, e.uid)}}
+        st["lastState"] = {"terminated": c.terminated}
+    elif c.running:
+        st.update(ready=c.readiness.ready and c.startup.ready, started=c.startup.ready,
+                  state={"running": {"startedAt": c.started_at}})
+        if c.restart_count and c.terminated:
+            st["lastState"] = {"terminated": c.terminated}
+    else:
+        st["state"] = {"terminated": c.terminated}
+    return st
+
+
 def pod_status(e: PodEntry) -> dict:
-    spec_containers = e.pod["spec"]["containers"]
     by_name = {c.name: c for c in e.containers}
-    statuses = []
-    for sc in spec_containers:
-        c = by_name.get(sc["name"])
-        st: dict = {"name": sc["name"], "image": sc.get("image", ""), "imageID": "", "restartCount": 0,
-                    "ready": False, "started": False}
-        if c is None:
-            st["state"] = {"waiting": {"reason": e.reason or "ContainerCreating", "message": e.message or ""}}
-        elif c.exit_code is None:
-            st.update(ready=c.probe.ready, started=True, containerID=f"dsv4://{c.rec.pid}",
-                      state={"running": {"startedAt": c.started_at}})
-        else:
-            st.update(containerID=f"dsv4://{c.rec.pid}", state={"terminated": {
-                "exitCode": c.exit_code, "reason": "Completed" if c.exit_code == 0 else "Error",
-                "startedAt": c.started_at, "finishedAt": c.finished_at}})
-        statuses.append(st)
+    statuses = [container_status(e, sc, by_name.get(sc["name"])) for sc in e.pod["spec"]["containers"]]
     running = e.phase == "Running"
     all_ready = running and bool(statuses) and all(s["ready"] for s in statuses)
     status: dict = {
