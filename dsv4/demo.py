@@ -108,7 +108,8 @@ def run_cluster(args: argparse.Namespace) -> int:
     say(f"cluster up ({time.monotonic() - t0:.0f} s): {c.server}, nodes {', '.join(c.nodes)}")
     t = tools.ensure_kubectl_helm()
     install = opproc.install_chart(c.kubeconfig)
-    say(f"helm install {install.release} helm/dsv4-operator -n {install.namespace}: done")
+    say(f"helm install {install.release} helm/dsv4-operator -n {install.namespace}: done (its Deployment "
+        f"{install.deployment} is scaled to 0: here the operator runs as a local process, started next)")
     _wait("the DSV4Endpoint API", lambda: opproc.kubectl(["get", "dsv4ep", "-A"], c.kubeconfig, check=False)
           .returncode == 0, 60)
 
@@ -181,6 +182,24 @@ def run_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def failure_hints() -> list[str]:
+    """Where to look after a failure: the endpoint's pod logs (with their last line), the components' logs."""
+    from dsv4.e2e import cluster
+
+    state = cluster.state_root() / CLUSTER
+    logs = sorted((state / "pods").glob(f"{NAMESPACE}_chat-*/logs/*.log"), key=lambda p: -p.stat().st_mtime)
+    out = []
+    for log in logs[:3]:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        out.append(f"pod log {log}" + (f": last line {lines[-1].strip()[:300]!r}" if lines else " (empty)"))
+    if logs:
+        out.append(f"or: KUBECONFIG={state / 'kubeconfig'} kubectl logs -n {NAMESPACE} deploy/chat")
+    else:
+        out.append(f"no pod of the endpoint has started (pod logs: {state / 'pods'}/<ns>_<pod>_<uid>/logs/)")
+    out.append(f"operator and control-plane logs: {state / 'logs'}; `make demo-down` cleans up")
+    return out
+
+
 def run_down() -> int:
     from dsv4.e2e import cluster, procs
 
@@ -216,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_cluster(args)
     except Exception as e:
         say(f"failed: {type(e).__name__}: {e}")
-        say("logs are under ~/.cache/dsv4/cluster/demo/logs; `make demo-down` cleans up")
+        for line in failure_hints():
+            say(line)
         return 1
 
 

@@ -437,11 +437,24 @@ def _wait_ready(cluster: Cluster, nodes: list[NodeSpec], timeout_s: float) -> No
             _wait("the pod runner", ready_file.exists, cluster.procs["podrunner"], timeout_s)
 
 
-def live_clusters(exclude: str | None = None) -> list[str]:
-    """Names of recorded clusters with at least one live process."""
+def recorded_clusters() -> list[str]:
+    """Names of clusters with a state directory, the most recently written state first."""
     root = state_root()
-    names = sorted(d.name for d in root.iterdir() if (d / "state.json").is_file()) if root.is_dir() else []
-    return [n for n in names if n != exclude and (c := Cluster.load(n)) is not None and any(c.alive().values())]
+    states = [d / "state.json" for d in root.iterdir()] if root.is_dir() else []
+    return [f.parent.name for f in sorted((f for f in states if f.is_file()), key=lambda f: -f.stat().st_mtime)]
+
+
+def live_clusters(exclude: str | None = None) -> list[str]:
+    """Names of recorded clusters with at least one live process (most recent first)."""
+    return [n for n in recorded_clusters()
+            if n != exclude and (c := Cluster.load(n)) is not None and any(c.alive().values())]
+
+
+def last_cluster() -> str | None:
+    """The cluster a command without --name means: the only or most recent live one, else the most recent."""
+    live = live_clusters()
+    recorded = recorded_clusters()
+    return live[0] if live else (recorded[0] if recorded else None)
 
 
 def _release_range_route(name: str) -> None:

@@ -203,3 +203,26 @@ def test_pod_runner_resends_a_status_patch_that_failed(tmp_path, monkeypatch):
     pr.core = FlakyCore([404])
     pr._patch_status(entry, force=True)
     assert entry.sync_at is None  # the pod is gone: the watch will say so
+
+
+def test_status_defaults_to_the_only_or_latest_running_cluster(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cluster.last_cluster() is None
+
+    def record(name: str, alive: bool, mtime: float) -> None:
+        d = cluster.state_root() / name
+        d.mkdir(parents=True)
+        me = procs.ProcRecord("x", os.getpid(), procs.start_ticks(os.getpid()), "python", "/dev/null")
+        c = cluster.Cluster(name=name, state_dir=d, server="https://127.0.0.1:1", kubeconfig=d / "kubeconfig",
+                            ports={}, procs={"etcd": me} if alive else {})
+        c.save()
+        os.utime(d / "state.json", (mtime, mtime))
+
+    record("demo", alive=True, mtime=1000)
+    assert cluster.last_cluster() == "demo"
+    record("stale", alive=False, mtime=2000)  # newer but nothing runs
+    assert cluster.last_cluster() == "demo" and cluster.recorded_clusters() == ["stale", "demo"]
+    record("e2e", alive=True, mtime=3000)
+    assert cluster.last_cluster() == "e2e" and cluster.live_clusters(exclude="e2e") == ["demo"]
