@@ -103,7 +103,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         return 1
     if build.missing():
         say("building the control plane once (kube-apiserver, controller-manager, scheduler, etcd, kwok from Go "
-            "modules; ~6 min cold, cached in ~/.cache/dsv4/k8s) ...")
+            f"modules, cached in {build.k8s_dir()}; {build.COLD_BUILD_ESTIMATE}) ...")
     c = cluster.up(CLUSTER)
     say(f"cluster up ({time.monotonic() - t0:.0f} s): {c.server}, nodes {', '.join(c.nodes)}")
     t = tools.ensure_kubectl_helm()

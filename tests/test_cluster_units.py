@@ -226,3 +226,15 @@ def test_status_defaults_to_the_only_or_latest_running_cluster(monkeypatch, tmp_
     assert cluster.last_cluster() == "demo" and cluster.recorded_clusters() == ["stale", "demo"]
     record("e2e", alive=True, mtime=3000)
     assert cluster.last_cluster() == "e2e" and cluster.live_clusters(exclude="e2e") == ["demo"]
+
+
+def test_build_progress_has_a_total_elapsed_time_and_an_eta(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(build.time, "monotonic", lambda: clock[0])
+    p = build.Progress("kubernetes", total=2000, t0=1000.0)
+    clock[0] += 300
+    p.done = 500
+    assert p.line("k8s.io/api/core/v1") == ("kubernetes: 500/2000 packages compiled, 5 min elapsed, about 15 min "
+                                            "left at this rate (latest k8s.io/api/core/v1)")
+    p.done = 2000
+    assert p.line() == "kubernetes: 2000/2000 packages compiled, 5 min elapsed"
