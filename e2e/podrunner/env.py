@@ -83,20 +83,15 @@ def container_env(e: PodEntry, c: dict, mounts: Mounts, objects: ObjectReader, v
         vf = item["valueFrom"]
         if "fieldRef" in vf:
             declared[name] = field_value(e, vf["fieldRef"]["fieldPath"])
-        elif "configMapKeyRef" in vf:
-            ref = vf["configMapKeyRef"]
-            data = objects.configmap_data(e.namespace, {"name": ref["name"], "optional": ref.get("optional")})
+        elif "configMapKeyRef" in vf or "secretKeyRef" in vf:
+            kind = "configMap" if "configMapKeyRef" in vf else "secret"
+            ref = vf[f"{kind}KeyRef"]
+            data = (objects.configmap_data(e.namespace, {"name": ref["name"], "optional": ref.get("optional")})
+                    if kind == "configMap" else objects.secret_data(e.namespace, ref["name"], ref.get("optional")))
             if ref["key"] in data:
                 declared[name] = data[ref["key"]].decode(errors="replace")
             elif not ref.get("optional"):
-                raise RuntimeError(f"env {name}: key {ref['key']!r} missing from configMap {ref['name']!r}")
-        elif "secretKeyRef" in vf:
-            ref = vf["secretKeyRef"]
-            data = objects.secret_data(e.namespace, ref["name"], ref.get("optional"))
-            if ref["key"] in data:
-                declared[name] = data[ref["key"]].decode(errors="replace")
-            elif not ref.get("optional"):
-                raise RuntimeError(f"env {name}: key {ref['key']!r} missing from secret {ref['name']!r}")
+                raise RuntimeError(f"env {name}: key {ref['key']!r} missing from {kind} {ref['name']!r}")
         elif "resourceFieldRef" in vf:
             ref = vf["resourceFieldRef"]
             declared[name] = resource_value(c, ref["resource"], ref.get("divisor"))
