@@ -213,6 +213,8 @@ class PodRunner:
 
     def _restart(self, e: PodEntry, c: Container) -> None:
         """Start C again (same spec and volumes); the previous run's log is kept for `logs --previous`."""
+        if e.terminating:
+            return
         try:
             proc, rec = lifecycle.spawn(e, c.spec, e.vols, self.objects, self.venv_bin, rotate_log=True)
         except Exception as exc:  # noqa: BLE001 - e.g. a ConfigMap gone: back off again, as the kubelet does
@@ -224,6 +226,9 @@ class PodRunner:
             return
         now = time.monotonic()
         with self.lock:
+            if e.terminating:  # deleted while we were starting it: _terminate may have looked already
+                threading.Thread(target=procs.stop, args=(rec,), kwargs={"grace_s": 1.0}, daemon=True).start()
+                return
             c.proc, c.rec, c.started_at, c.started_mono = proc, rec, now_rfc3339(), now
             c.exit_code = c.finished_at = c.restart_at = c.killing = None
             c.restart_count += 1
