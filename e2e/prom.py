@@ -85,7 +85,7 @@ def file_sd_targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def scrape_config(targets_file: Path, operator_target: str | None, rules_file: Path | None,
                   interval: str = "1s") -> dict[str, Any]:
     """prometheus.yml for the local cluster (pure: tested without a cluster)."""
-    from dsv4.runtime import metrics_catalog as mc
+    from dsv4 import metrics_catalog as mc
 
     runtime_job = {
         "job_name": RUNTIME_JOB,

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from dsv4.settings_enums import CachePolicy, HcaState, ProfileName
+
 GROUP = "serving.dsv4.dev"
 VERSION = "v1alpha1"
 KIND = "DSV4Endpoint"
@@ -24,7 +26,6 @@ SINGULAR = "dsv4endpoint"
 SHORT_NAMES = ["dsv4ep"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
-PROFILE_NAMES = ("long-context-agent", "coding-agent", "short-chat", "batch")
 MAX_SCALING_HISTORY = 5
 
 # Shapes of names the children inherit (Kubernetes' own validation of those objects, checked up front so a bad
@@ -165,7 +166,7 @@ class ProfileSpec(_Model):
         _cel("(self.name == 'custom') == has(self.custom)",
              "profile.custom must be set exactly when profile.name is custom"),
     ]})
-    name: Literal["long-context-agent", "coding-agent", "short-chat", "batch", "custom"] = Field(
+    name: Literal[ProfileName, "custom"] = Field(
         description="Workload profile: a named preset, or custom (then profile.custom describes the workload).")
     custom: CustomProfile | None = Field(None, description="The workload, when name is custom.")
     concurrency: int | None = Field(None, ge=1, le=1_000_000,
@@ -201,9 +202,9 @@ class AcceleratorSpec(_Model):
 class Overrides(_Model):
     tensor_parallel_size: int | None = Field(None, ge=1, le=64, description="GPUs per replica (TP group size).")
     batching_delay_ms: float | None = Field(None, ge=0, le=1000, description="Scheduler batching delay, milliseconds.")
-    cache_policy: Literal["full", "checkpoint", "recompute"] | None = Field(
+    cache_policy: CachePolicy | None = Field(
         None, description="Sliding-window cache policy for prefix reuse: full, checkpoint, or recompute.")
-    hca_state: Literal["raw", "online"] | None = Field(
+    hca_state: HcaState | None = Field(
         None, description="HCA compressor state: raw tail rows, or one online-softmax slot per open group.")
     max_num_batched_tokens: int | None = Field(None, ge=16, le=1 << 20,
                                                description="Token budget of one scheduler step.")

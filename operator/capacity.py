@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from dsv4.runtime.cache.sizing import CacheSizing
 from dsv4.runtime.cache.spec import CacheConfigError, CacheSpec
 
-POLICIES = ("full", "checkpoint", "recompute")
+from dsv4.settings_enums import CACHE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class Capacity:
 def capacity(spec: CacheSpec, budget_bytes: int, *, expected_context: int, policy: str, max_context_limit: int,
              prefill_chunk: int | None = None) -> Capacity:
     """Size the pools of `budget_bytes` for requests of `expected_context` tokens under `policy`."""
-    if policy not in POLICIES:
-        raise ValueError(f"cache policy must be one of {POLICIES}, got {policy!r}")
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"cache policy must be one of {CACHE_POLICIES}, got {policy!r}")
     try:
         mgr = CacheSizing.from_budget(spec, int(budget_bytes), expected_context=int(expected_context),
                                       policy=policy, prefill_chunk=prefill_chunk)

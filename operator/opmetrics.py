@@ -1,11 +1,11 @@
-"""The operator's own Prometheus metrics (names and labels from dsv4.runtime.metrics_catalog)."""
+"""The operator's own Prometheus metrics (names and labels from dsv4.metrics_catalog)."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-from dsv4.runtime import metrics_catalog as mc
+from dsv4 import metrics_catalog as mc
 
 _COLLECTORS: dict[str, Any] | None = None
 _LOCK = threading.Lock()  # kopf runs sync handlers in worker threads: create the collectors once

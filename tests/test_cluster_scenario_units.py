@@ -39,7 +39,7 @@ def test_file_sd_targets_carry_kubernetes_sd_meta_labels():
 
 
 def test_scrape_config_uses_the_documented_relabelings(tmp_path):
-    from dsv4.runtime import metrics_catalog as mc
+    from dsv4 import metrics_catalog as mc
 
     cfg = prom.scrape_config(tmp_path / "t.json", "127.0.0.1:8080", tmp_path / "r.yaml", interval="2s")
     runtime, op = cfg["scrape_configs"]

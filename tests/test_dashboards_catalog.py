@@ -4,8 +4,9 @@ collectors that expose exactly the catalogued series."""
 from __future__ import annotations
 
 import pytest
-from dsv4.runtime import metrics_catalog as mc
 from prometheus_client.parser import text_string_to_metric_families
+
+from dsv4 import metrics_catalog as mc
 
 
 def test_names_unique_and_prefixed():
