@@ -2,7 +2,8 @@
 
 `reconcile(...)` turns (spec, previous status, observed children) into the child objects to apply,
 the status to write and the Events to post. `autoscale(...)` runs the autoscaler for one timer tick.
-The kopf handlers (`handlers.py`) only read the cluster, call these, and write the results back.
+The kopf handlers (`handlers.py`) and the ticker (`ticker.py`) only read the cluster (`kube.py`), call these,
+and write the results back.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dsv4.operator import api, manifests
 from dsv4.operator.api import DSV4EndpointSpec, DSV4EndpointStatus
 from dsv4.operator.autoscaler import Decision, Sample, ScalerConfig, ScalerState, decide
 from dsv4.operator.planner import Plan, PlanError, plan_cached
-from dsv4.operator.writer import foreign_scale_event
+from dsv4.operator.replica_owner import foreign_scale_event
 from pydantic import ValidationError
 
 READY, PROGRESSING, DEGRADED, PLAN_VALID = "Ready", "Progressing", "Degraded", "PlanValid"

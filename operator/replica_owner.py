@@ -1,4 +1,4 @@
-"""One writer for replicas: who owns `Deployment.spec.replicas`, and what happens when someone else writes it.
+"""Who owns the replica count (`Deployment.spec.replicas`), and what happens when someone else writes it (pure).
 
 - builtin autoscaling: the operator's autoscaler owns them (`status.desiredReplicas`); a
   `kubectl scale deployment/<ep>` is reverted on the next reconcile, with a Warning event `ReplicasReverted`.
