@@ -10,6 +10,7 @@ operator reject the same objects when the CRD is old or CEL is off).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 PROFILE_NAMES = ("long-context-agent", "coding-agent", "short-chat", "batch")
 MAX_SCALING_HISTORY = 5
+MAX_PLAN_HISTORY = 5
 
 # Shapes of names the children inherit (Kubernetes' own validation of those objects, checked up front so a bad
 # value is rejected by the API server when the DSV4Endpoint is applied, not later when a child is).
@@ -374,11 +376,47 @@ class ScalingDecision(_Model):
     reason: str = Field(description="Why.")
 
 
+def rfc3339(t: float, ms: bool = False) -> str:
+    """A unix time as RFC 3339 UTC, whole seconds (conditions, history) or with milliseconds (autoscaler state,
+    read back by `parse_rfc3339`)."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds" if ms else "seconds").replace(
+        "+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class Recommendation(_Model):
+    time: str = Field(description="When the autoscaler recommended it (RFC 3339).")
+    replicas: int = Field(description="Recommended replicas.")
+
+
 class AutoscalerState(_Model):
-    recommendations: list[list[float]] = Field(
-        default_factory=list, description="Recent [unix time, desired replicas] pairs for scale-down stabilization.",
-        json_schema_extra={"items": {"type": "array", "items": {"type": "number"}}})
-    panic_until: float | None = Field(None, description="Unix time the panic mode ends.")
+    recommendations: list[Recommendation] = Field(
+        default_factory=list, description="Recent recommendations, kept for scale-down stabilization.")
+    panic_until: str | None = Field(None, description="When the panic mode ends (RFC 3339).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_epoch(cls, data: Any) -> Any:
+        """Status written by older operators kept unix times ([time, replicas] pairs, a float panicUntil)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        recs = data.get("recommendations") or []
+        data["recommendations"] = [{"time": rfc3339(float(r[0]), ms=True), "replicas": int(r[1])}
+                                   if isinstance(r, list | tuple) else r for r in recs]
+        key = "panicUntil" if "panicUntil" in data else "panic_until"
+        if isinstance(data.get(key), int | float):
+            data[key] = rfc3339(float(data[key]), ms=True)
+        return data
+
+
+class PlanChange(_Model):
+    time: str = Field(description="When the plan changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="metadata.generation that caused the replan.")
+    changes: list[str] = Field(description="Each changed choice as `name: old -> new`.")
 
 
 class DSV4EndpointStatus(_Model):
@@ -396,6 +434,8 @@ class DSV4EndpointStatus(_Model):
     queue_depth: float | None = Field(None, description="Mean waiting requests per ready pod.")
     scaling_history: list[ScalingDecision] = Field(default_factory=list, max_length=MAX_SCALING_HISTORY,
                                                    description="The last five scaling decisions.")
+    plan_history: list[PlanChange] = Field(default_factory=list, max_length=MAX_PLAN_HISTORY,
+                                           description="The last five replans, old -> new per changed choice.")
     autoscaler: AutoscalerState | None = Field(None, description="Autoscaler memory kept across operator restarts.")
 
 

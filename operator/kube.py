@@ -116,15 +116,25 @@ def prune(name: str, namespace: str, uid: str, objs: list[dict[str, Any]]) -> No
 
 
 def observe(name: str, namespace: str) -> tuple[Observed, list[dict[str, Any]]]:
-    """The endpoint's Deployment and pods; returns (Observed, ready pod objects)."""
+    """The endpoint's Deployment, pods, ReplicaSets (and their Warning events when one is short of pods);
+    returns (Observed, ready pod objects)."""
     from kubernetes.dynamic.exceptions import NotFoundError
 
     try:
         dep = _resource("apps/v1", "Deployment").get(name=name, namespace=namespace).to_dict()
     except NotFoundError:
         dep = None
-    pods = _resource("v1", "Pod").get(namespace=namespace,
-                                      label_selector=manifests.selector_string(name)).to_dict()["items"]
+    selector = manifests.selector_string(name)
+    pods = _resource("v1", "Pod").get(namespace=namespace, label_selector=selector).to_dict()["items"]
+    replica_sets = _resource("apps/v1", "ReplicaSet").get(namespace=namespace,
+                                                          label_selector=selector).to_dict()["items"]
+    events = []
+    if any(int((rs.get("spec") or {}).get("replicas") or 0) > int((rs.get("status") or {}).get("replicas") or 0)
+           for rs in replica_sets):  # a ReplicaSet short of pods: its FailedCreate events say why
+        events = _resource("v1", "Event").get(
+            namespace=namespace, field_selector="involvedObject.kind=ReplicaSet,type=Warning").to_dict()["items"]
+        names = {(rs.get("metadata") or {}).get("name") for rs in replica_sets}
+        events = [e for e in events if (e.get("involvedObject") or {}).get("name") in names]
     ready, pending = [], 0
     for pod in pods:
         if (pod.get("metadata") or {}).get("deletionTimestamp"):
@@ -134,7 +144,8 @@ def observe(name: str, namespace: str) -> tuple[Observed, list[dict[str, Any]]]:
             ready.append(pod)
         else:
             pending += 1
-    obs = Observed(deployment=dep, ready_pods=[p["metadata"]["name"] for p in ready], pending_pods=pending,
+    obs = Observed(deployment=dep, pods=pods, replica_sets=replica_sets, events=events,
+                   ready_pods=[p["metadata"]["name"] for p in ready], pending_pods=pending,
                    has_pod_monitor_crd=pod_monitors_allowed() and crd_exists("monitoring.coreos.com/v1", "PodMonitor"),
                    keda_available=keda_allowed() and crd_exists("keda.sh/v1alpha1", "ScaledObject"),
                    default_image=os.environ.get("DSV4_RUNTIME_IMAGE") or manifests.DEFAULT_IMAGE)

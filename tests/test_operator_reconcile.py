@@ -74,7 +74,9 @@ def test_valid_spec_lifecycle_conditions() -> None:
     # the Deployment gives up
     bad = reconcile("agents", "ns", "uid", 2, spec, done.status, Observed(deployment=deployment(2, 1, failed=True)),
                     30.0)
-    assert cond(bad.status, "Degraded")["reason"] == "DeploymentFailed"
+    degraded = cond(bad.status, "Degraded")  # the Deployment's own reason, not a generic one
+    assert (degraded["status"], degraded["reason"]) == ("True", "ProgressDeadlineExceeded")
+    assert degraded["message"].startswith("Deployment ")
     # status validates against the model that generates the CRD
     api.DSV4EndpointStatus.model_validate(bad.status)
 
