@@ -50,6 +50,23 @@ NAME_RULES = [
 ]
 
 
+# The `/scale` subresource reads `.spec.replicas`, so the operator keeps it present in every mode (see
+# replica_owner.py). With autoscaling on, it mirrors the autoscaler's decision (status.desiredReplicas); anyone
+# else changing it (`kubectl scale`, an HPA, a PUT on /scale) is refused here. `optionalOldSelf`: the rule also
+# runs on create (oldSelf empty, status not stored yet), so replicas together with autoscaling is refused there.
+SCALE_MESSAGE = ("autoscaling.enabled is true: the autoscaler owns replicas (spec.replicas mirrors "
+                 "status.desiredReplicas); change autoscaling.minReplicas/maxReplicas, or set autoscaling.enabled: "
+                 "false to set replicas by hand")
+SCALE_RULES = [
+    {"rule": "!has(self.spec.autoscaling) || !self.spec.autoscaling.enabled || !has(self.spec.replicas) "
+             "|| (oldSelf.hasValue() && has(oldSelf.value().spec.replicas) "
+             "&& self.spec.replicas == oldSelf.value().spec.replicas) "
+             "|| (has(self.status) && has(self.status.desiredReplicas) "
+             "&& self.spec.replicas == self.status.desiredReplicas)",
+     "message": SCALE_MESSAGE, "fieldPath": ".spec.replicas", "optionalOldSelf": True},
+]
+
+
 def name_problem(name: str) -> str | None:
     """The pydantic-side twin of NAME_RULES: the message of the first rule `name` breaks, else None."""
     if len(name) > MAX_NAME_LEN:
@@ -289,9 +306,6 @@ class MonitoringSpec(_Model):
 
 class DSV4EndpointSpec(_Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        _cel("!has(self.replicas) || !has(self.autoscaling) || !self.autoscaling.enabled "
-             "|| self.autoscaling.mode != 'builtin'",
-             "replicas and autoscaling.enabled (builtin) are exclusive: replicas has one writer"),
         _cel("!has(self.overrides) || !has(self.overrides.tensorParallelSize) "
              "|| self.overrides.tensorParallelSize <= self.accelerator.gpusPerNode",
              "overrides.tensorParallelSize must be <= accelerator.gpusPerNode (one pod per replica)"),
@@ -302,7 +316,10 @@ class DSV4EndpointSpec(_Model):
                                        json_schema_extra={"default": AcceleratorSpec().wire()})
     overrides: Overrides | None = Field(None, description="Settings that replace the planner's choices.")
     replicas: int | None = Field(None, ge=0, le=1000,
-                                 description="Replicas when the built-in autoscaler is off (also the /scale target).")
+                                 description="Replicas (the /scale target). Without autoscaling: set by you, "
+                                             "`kubectl scale` or an HPA (absent: the plan's count, written here by "
+                                             "the operator). With autoscaling: the autoscaler's decision, mirrored "
+                                             "by the operator; other changes are refused.")
     autoscaling: AutoscalingSpec | None = Field(None, description="Autoscaling on cache occupancy and queue depth.")
     placement: PlacementSpec | None = Field(None, description="Where the pods may run.")
     image: str | None = Field(None, min_length=1, max_length=1024, pattern=r"^\S+$",
@@ -321,9 +338,6 @@ class DSV4EndpointSpec(_Model):
 
     @model_validator(mode="after")
     def _rules(self) -> DSV4EndpointSpec:
-        a = self.autoscaling
-        if self.replicas is not None and a is not None and a.enabled and a.mode == "builtin":
-            raise ValueError("replicas and autoscaling.enabled (builtin) are exclusive: replicas has one writer")
         tp = self.overrides.tensor_parallel_size if self.overrides else None
         if tp is not None and tp > self.accelerator.gpus_per_node:
             raise ValueError(f"overrides.tensorParallelSize ({tp}) must be <= accelerator.gpusPerNode "

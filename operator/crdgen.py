@@ -106,7 +106,7 @@ def openapi_schema() -> dict[str, Any]:
                        "the operator plans TP, batching and cache policy from the workload profile, "
                        "runs the pods and scales them on per-pool cache occupancy and queue depth.",
         "required": ["spec"],
-        "x-kubernetes-validations": copy.deepcopy(api.NAME_RULES),
+        "x-kubernetes-validations": copy.deepcopy(api.NAME_RULES + api.SCALE_RULES),
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object (serving.dsv4.dev/v1alpha1)."},
             "kind": {"type": "string", "description": "Kind of this object (DSV4Endpoint)."},

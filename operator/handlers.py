@@ -22,7 +22,7 @@ from typing import Any
 import kopf
 from dsv4.operator import api, kube, telemetry
 from dsv4.operator.reconcile import PLAN_VALID
-from dsv4.operator.sync import reconcile_and_apply
+from dsv4.operator.sync import publish, reconcile_and_apply
 from dsv4.operator.ticker import Ticker
 
 METRICS_PORT = int(os.environ.get("DSV4_OPERATOR_METRICS_PORT", "8080"))
@@ -40,7 +40,7 @@ def _change(handler: str, body: Any, name: str, namespace: str, uid: str, meta: 
             raise kopf.TemporaryError(f"{handler}: API server: {type(e).__name__}: {e}",
                                       delay=kube.backoff_s(retry)) from e
         raise kopf.PermanentError(f"{handler}: {type(e).__name__}: {e}") from e
-    kube.write_status(namespace, name, res.status)
+    publish(namespace, name, res.status, res.scale_replicas)
     for ev in res.events:
         kube.post_event(body, ev)
     if res.error:  # PlanValid=False is already in the status; no retries until the spec changes

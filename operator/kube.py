@@ -194,3 +194,12 @@ def write_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     client.CustomObjectsApi(_api_client()).patch_namespaced_custom_object_status(
         api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status},
         _content_type="application/merge-patch+json")
+
+
+def write_scale(namespace: str, name: str, replicas: int) -> None:
+    """Set `spec.replicas` through the endpoint's `/scale` subresource (field manager dsv4-operator)."""
+    from kubernetes import client
+
+    client.CustomObjectsApi(_api_client()).patch_namespaced_custom_object_scale(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"spec": {"replicas": int(replicas)}},
+        field_manager=manifests.FIELD_MANAGER, _content_type="application/merge-patch+json")

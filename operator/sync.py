@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from dsv4.operator import kube, telemetry
 from dsv4.operator.reconcile import Observed, Result, reconcile
+
+log = logging.getLogger("dsv4.operator")
 
 
 def reconcile_and_apply(handler: str, name: str, namespace: str, uid: str, generation: int | None,
@@ -30,3 +33,16 @@ def reconcile_and_apply(handler: str, name: str, namespace: str, uid: str, gener
             outcome.result = "error"
         telemetry.endpoint_status(namespace, name, res.status)
         return res
+
+
+def publish(namespace: str, name: str, status: dict[str, Any] | None, scale_replicas: int | None) -> None:
+    """Write the status (None: unchanged), then `spec.replicas` through /scale: in that order, because under
+    autoscaling the CRD admits a new spec.replicas only when it equals status.desiredReplicas."""
+    if status is not None:
+        kube.write_status(namespace, name, status)
+    if scale_replicas is not None:
+        try:
+            kube.write_scale(namespace, name, scale_replicas)
+        except Exception as e:  # noqa: BLE001 - /scale is a mirror: the next reconcile writes it again
+            log.warning("%s/%s: spec.replicas not set to %d through /scale: %s: %s", namespace, name,
+                        scale_replicas, type(e).__name__, e)

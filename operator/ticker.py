@@ -22,7 +22,7 @@ from dsv4.operator import api, kube, manifests, scrape, telemetry
 from dsv4.operator.autoscaler import Sample
 from dsv4.operator.reconcile import autoscale, occupancy_fields
 from dsv4.operator.replica_owner import autoscaler_current
-from dsv4.operator.sync import reconcile_and_apply
+from dsv4.operator.sync import publish, reconcile_and_apply
 
 TICK_INTERVAL_S = float(os.environ.get("DSV4_OPERATOR_TIMER_INTERVAL", "15"))
 MAX_SAMPLES = 4096
@@ -158,8 +158,8 @@ class Ticker:
         res = reconcile_and_apply("timer", name, namespace, uid, meta.get("generation"), spec, status,
                                   autoscaler_replicas, observed=obs)
         final = {**status, **res.status}
-        if final != (obj.get("status") or {}):  # unchanged (e.g. a steady invalid plan): no write, no watch event
-            kube.write_status(namespace, name, final)
+        # unchanged (e.g. a steady invalid plan): no write, no watch event
+        publish(namespace, name, final if final != (obj.get("status") or {}) else None, res.scale_replicas)
         if uid in self.endpoints:  # our own write: the next tick starts from it even before the watch event arrives
             self.endpoints[uid] = {**self.endpoints[uid], "status": final}
         for ev in events + res.events:

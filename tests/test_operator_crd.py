@@ -142,8 +142,6 @@ def test_examples_pass_schema_and_cel(path: Path) -> None:
 
 
 BAD_CASES = {
-    "replicas-and-autoscaler": (lambda s: s.update(replicas=2, autoscaling={"enabled": True}),
-                                "replicas and autoscaling.enabled (builtin) are exclusive"),
     "min-above-max": (lambda s: s.update(autoscaling={"enabled": True, "minReplicas": 5, "maxReplicas": 2}),
                       "must be <= autoscaling.maxReplicas"),
     "both-weight-sources": (lambda s: s["model"]["weights"].update(hostPath={"path": "/m"}),

@@ -34,6 +34,7 @@ class Cluster:
         self.applied: list[dict[str, Any]] = []
         self.status: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
+        self.scale: list[int] = []                 # spec.replicas written through /scale
         self.fail_observe: Exception | None = None
 
     def install(self, mp: pytest.MonkeyPatch) -> Cluster:
@@ -47,6 +48,7 @@ class Cluster:
         mp.setattr(kube, "prune", lambda *a: None)
         mp.setattr(kube, "post_event", lambda obj, ev: self.events.append(ev))
         mp.setattr(kube, "write_status", lambda ns, name, st: self.status.append(copy.deepcopy(st)))
+        mp.setattr(kube, "write_scale", lambda ns, name, n: self.scale.append(n))
         mp.setattr(ticker_mod, "scrape_pods", lambda *a: [])
         return self
 
@@ -178,7 +180,7 @@ def test_tick_skips_invalid_specs_and_writes_nothing(monkeypatch: pytest.MonkeyP
     c = Cluster().install(monkeypatch)
     t = Ticker()
     obj = example("short-chat.yaml")
-    obj["spec"]["replicas"] = 2  # and builtin autoscaling: two writers
+    obj["spec"]["autoscaling"]["minReplicas"] = 99  # > maxReplicas
     t.tick(obj)
     assert c.status == [] and c.applied == [] and c.events == []
 
@@ -189,3 +191,19 @@ def test_tick_survives_api_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     c.fail_observe = ConnectionRefusedError("api server down")
     t.tick_safe(example("short-chat.yaml"))  # logged, not raised
     assert c.status == []
+
+
+def test_spec_replicas_is_written_through_scale_after_the_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /scale needs spec.replicas: the create handler fills it (after the status, whose desiredReplicas the
+    CRD's rule compares it with); the ticker mirrors the autoscaler's decision the same way."""
+    c = Cluster().install(monkeypatch)
+    order: list[str] = []
+    monkeypatch.setattr(kube, "write_status", lambda ns, name, st: order.append("status") or c.status.append(st))
+    monkeypatch.setattr(kube, "write_scale", lambda ns, name, n: order.append("scale") or c.scale.append(n))
+    obj = example("short-chat.yaml")  # builtin autoscaling
+    obj["status"] = dict(change(obj, c))
+    assert order == ["status", "scale"] and c.scale == [obj["status"]["desiredReplicas"]]
+    obj["spec"]["replicas"] = c.scale[-1]  # the watch brings the mirror back: nothing more to write
+    c.scale.clear()
+    Ticker().tick(obj)
+    assert c.scale == []
