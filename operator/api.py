@@ -442,6 +442,10 @@ class DSV4EndpointStatus(_Model):
     desired_replicas: int | None = Field(None, description="Replicas the operator wants.")
     selector: str | None = Field(None, description="Label selector of the pods (the /scale selector).")
     endpoint: str | None = Field(None, description="In-cluster URL of the OpenAI-compatible API.")
+    replica_counts: str | None = Field(None, description="Ready / desired replicas, e.g. 1/2 (a printer column).")
+    reason: str | None = Field(None, description="Why the endpoint is degraded or its plan invalid (the condition's "
+                                                 "reason); empty when healthy.")
+    plan_summary: str | None = Field(None, description="The plan in one line (TP, cache policy, sessions, context).")
     plan: PlanStatus | None = Field(None, description="What the planner chose, with reasons.")
     pool_occupancy: dict[str, float] | None = Field(None, description="Mean occupancy per cache pool over ready pods.")
     max_cache_occupancy: str | None = Field(None, description="Fullest pool and its occupancy, e.g. csa=0.72.")

@@ -117,7 +117,8 @@ def reconcile(name: str, namespace: str, uid: str, generation: int | None, raw_s
                               generation)
         conds = set_condition(conds, PROGRESSING, "False", "PlanInvalid", "nothing to roll out", now, generation)
         conds = set_condition(conds, DEGRADED, "True", reason, msg, now, generation)
-        status = status.model_copy(update={"conditions": [api.Condition.model_validate(c) for c in conds]})
+        status = status.model_copy(update={"conditions": [api.Condition.model_validate(c) for c in conds],
+                                           "reason": reason, "plan_summary": ""})
         return Result([], status.wire(), events, None, msg)
     assert spec is not None
 
@@ -183,6 +184,8 @@ def reconcile(name: str, namespace: str, uid: str, generation: int | None, raw_s
         "conditions": [api.Condition.model_validate(c) for c in conds],
         "replicas": replicas, "ready_replicas": ready, "desired_replicas": desired,
         "endpoint": manifests.endpoint_url(ref, spec), "plan": p.to_status(),
+        "replica_counts": f"{ready}/{desired}", "plan_summary": plan_msg,
+        "reason": next((c["reason"] for c in conds if c.get("type") == DEGRADED and c.get("status") == "True"), ""),
         "plan_history": plan_history[-api.MAX_PLAN_HISTORY:],
     })
     return Result(objs, status.wire(), events, p, scale_replicas=spec_replicas_to_write(spec, desired))
