@@ -23,7 +23,7 @@ A hit of `m` blocks (`c = m*B` tokens of compressed history) continues from the 
 `j*B <= c`, or from scratch; the tokens `[r, c)` are re-run with `recompute_until = c`, where
 `r = max(j*B, c - L*max(W, 2*csa_ratio))`. The second term is the *exact* rebuild span: a token's
 layer-l row depends on the layer-(l-1) rows of the W tokens before it, so rebuilding the last W
-rows of the top layer needs about `L*(W-1)` tokens re-run (design note §10: "window x layers").
+rows of the top layer needs about `L*(W-1)` tokens re-run (docs/cache.md, "Reuse, policies, eviction").
 
 Eviction: unpinned entries sit on a compressed LRU (evicting one frees its compressed blocks, its
 checkpoint and its whole subtree, which is unreachable afterwards); entries with a checkpoint also
