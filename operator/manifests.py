@@ -180,6 +180,8 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
                            "failureThreshold": 2, "timeoutSeconds": 3},
         # let endpoints drop the pod before SIGTERM; the runtime then drains (503 to new requests)
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
+        # a crash without a termination message gets the log's tail there: the operator's Degraded names it
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "allowPrivilegeEscalation": False,
                             "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
     }

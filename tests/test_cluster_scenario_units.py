@@ -108,7 +108,7 @@ def test_demo_failure_names_the_real_pod_log_and_its_last_line(monkeypatch, tmp_
 
 
 def test_operator_discovery_lookups_are_serialised(monkeypatch):
-    from dsv4.operator import handlers
+    from dsv4.operator import kube
 
     active, peak = [0], [0]
 
@@ -123,8 +123,8 @@ def test_operator_discovery_lookups_are_serialised(monkeypatch):
     class Dyn:
         resources = Resources()
 
-    monkeypatch.setattr(handlers, "_dyn", lambda: Dyn())
-    threads = [threading.Thread(target=handlers._resource, args=("v1", f"K{i}")) for i in range(8)]
+    monkeypatch.setattr(kube, "_dyn", lambda: Dyn())
+    threads = [threading.Thread(target=kube._resource, args=("v1", f"K{i}")) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
