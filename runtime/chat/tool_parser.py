@@ -86,7 +86,7 @@ class ToolCallParser:
         self._call_id = call_id
         self._buf = ""  # text received and not yet consumed
         self._state = "content"  # content | between | invoke_head | params | param_head | param_value | plain
-        self._uncommitted = ""  # block text consumed since the last emitted call header (content if malformed)
+        self._uncommitted = ""  # tag text consumed but not yet turned into output (content if malformed)
         self._block_calls = 0
         self._calls = 0
         self._params = 0  # parameters of the open call
@@ -179,8 +179,9 @@ class ToolCallParser:
             if not possible:
                 self._malformed()
             return False
-        self._consume(self._buf.index(tag) + len(tag))
+        consumed = self._consume(self._buf.index(tag) + len(tag))
         if tag == PARAMETER_OPEN:
+            self._uncommitted = consumed
             self._state = "param_head"
         else:
             self._args("}" if self._params else "{}")
@@ -194,6 +195,7 @@ class ToolCallParser:
                 self._malformed()
             return False
         self._consume(m.end())
+        self._uncommitted = ""
         self._string_value = m.group(2) == "true"
         self._args(("{" if self._params == 0 else ", ") + to_json(m.group(1)) + ": "
                    + ('"' if self._string_value else ""))
