@@ -335,6 +335,8 @@ def test_request_response_format_goes_to_the_first_system_message():
     ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}], "not valid JSON"),
     ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}], "JSON object"),
     ([{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}], "function name"),
+    ([{"role": "assistant", "tool_calls": ["f"]}], "function` object"),
+    (["hello"], "not an object"),
 ])
 def test_invalid_messages_are_value_errors(messages, match):
     with pytest.raises(ValueError, match=match):
