@@ -22,7 +22,6 @@ vLLM's `vllm/tokenizers/deepseek_v4_encoding.py` also follows) builds it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,8 +139,8 @@ def render_tools(tools: Sequence[Mapping[str, Any]]) -> str:
     return TOOLS_PROMPT.replace("{schemas}", schemas)
 
 
-def _with_request_fields(messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
-                         response_format: Any) -> list[dict[str, Any]]:
+def _with_request_fields(messages: list[Any], tools: Sequence[Mapping[str, Any]] | None,
+                         response_format: Any) -> list[Any]:
     """Request-level tools / response_format go onto a leading system or developer message (replacing what it
     carried), or onto a new empty system message put first."""
     extra: dict[str, Any] = {}
@@ -151,15 +150,17 @@ def _with_request_fields(messages: list[dict[str, Any]], tools: Sequence[Mapping
         extra["response_format"] = response_format
     if not extra:
         return messages
-    if messages and messages[0].get("role") in ("system", "developer"):
+    if messages and isinstance(messages[0], Mapping) and messages[0].get("role") in ("system", "developer"):
         return [{**messages[0], **extra}] + messages[1:]
     return [{"role": "system", **extra}] + messages
 
 
-def _turns(messages: list[dict[str, Any]]) -> list[_Turn]:
+def _turns(messages: list[Any]) -> list[_Turn]:
     """Validate messages and merge tool results (and user text that follows them) into user turns."""
     turns: list[_Turn] = []
     for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"messages[{i}] is not an object")
         role = m.get("role")
         if role not in ROLES:
             raise ValueError(f"messages[{i}]: unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -179,6 +180,8 @@ def _turns(messages: list[dict[str, Any]]) -> list[_Turn]:
             reasoning = m.get("reasoning_content", m.get("reasoning"))
             turn.reasoning = reasoning if isinstance(reasoning, str) else ""
             turn.tool_calls = list(m.get("tool_calls") or [])
+            if not all(isinstance(tc, Mapping) and isinstance(tc.get("function"), Mapping) for tc in turn.tool_calls):
+                raise ValueError(f"messages[{i}]: each tool call needs a `function` object")
         turns.append(turn)
     _order_tool_results(turns)
     return turns
@@ -233,7 +236,7 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], options: ChatOptions 
     not pass the request's response_format here; the reference renders it when a message carries one).
     add_generation_prompt=False leaves out the `<｜Assistant｜>` opening after a final user turn.
     ValueError for messages the encoding cannot express."""
-    msgs = _with_request_fields([dict(copy.deepcopy(m)) for m in messages], tools, response_format)
+    msgs = _with_request_fields(list(messages), tools, response_format)
     turns = _turns(msgs)
     drop = options.drop_thinking and not any(t.tools for t in turns)
     if options.thinking and drop:
