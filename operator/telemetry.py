@@ -11,6 +11,7 @@ from typing import Any
 
 from dsv4.operator.api import AutoscalingSpec
 from dsv4.operator.autoscaler import Decision
+
 from dsv4 import metrics_catalog as mc
 
 _COLLECTORS: dict[str, Any] | None = None
