@@ -53,9 +53,17 @@ def test_init_random_deterministic_and_if_missing(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
     assert (tmp_path / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
     before = (tmp_path / "model.safetensors").stat().st_mtime_ns
-    assert cli(["model", "init-random", "--out", str(tmp_path), "--seed", "4", "--if-missing"]) == 0
+    assert cli(["model", "init-random", "--out", str(tmp_path), "--seed", "3", "--if-missing"]) == 0
     assert (tmp_path / "model.safetensors").stat().st_mtime_ns == before
     assert "nothing to do" in capsys.readouterr().out
+    # a checkpoint from an older generator revision (stale stamp) or other settings is rewritten, not kept
+    (tmp_path / "dsv4-generator.json").write_text('{"fingerprint": "an older revision"}')
+    assert cli(["model", "init-random", "--out", str(tmp_path), "--seed", "3", "--if-missing"]) == 0
+    assert "rewriting it" in capsys.readouterr().out
+    assert (tmp_path / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+    assert cli(["model", "init-random", "--out", str(tmp_path), "--seed", "4", "--if-missing"]) == 0
+    assert "rewriting it" in capsys.readouterr().out
+    assert (tmp_path / "model.safetensors").read_bytes() != (tiny_dir / "model.safetensors").read_bytes()
     assert cli(["model", "info", str(tmp_path)]) == 0
     assert "1 sliding, 3 CSA, 2 HCA" in capsys.readouterr().out
 
