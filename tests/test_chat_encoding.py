@@ -337,6 +337,7 @@ def test_request_response_format_goes_to_the_first_system_message():
     ([{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}], "function name"),
     ([{"role": "assistant", "tool_calls": ["f"]}], "function` object"),
     (["hello"], "not an object"),
+    ([{"role": "system", "content": "s", "tools": ["f"]}], "each tool must be an object"),
 ])
 def test_invalid_messages_are_value_errors(messages, match):
     with pytest.raises(ValueError, match=match):
