@@ -71,7 +71,9 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     for k, v in info.items():
-        print(f"{k:>24}: {v}")
+        if k in ("bytes per dtype", "weight bytes per GPU (TP)"):
+            v = ", ".join(f"{d}: {n / 1e9:.3f} GB" if isinstance(n, int) else f"{d}: {n}" for d, n in v.items())
+        print(f"{k:>26}: {v}")
     return 0
 
 

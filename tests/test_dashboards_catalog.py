@@ -4,8 +4,9 @@ collectors that expose exactly the catalogued series."""
 from __future__ import annotations
 
 import pytest
-from dsv4.runtime import metrics_catalog as mc
 from prometheus_client.parser import text_string_to_metric_families
+
+from dsv4 import metrics_catalog as mc
 
 
 def test_names_unique_and_prefixed():
@@ -25,9 +26,9 @@ def test_issue_5_vllm_names_are_present():
 
 
 def test_pools_match_the_cache_spec():
-    from dsv4.runtime.cache import spec
+    from dsv4.runtime.cache import pools
 
-    assert mc.POOLS == tuple(spec.POOLS)
+    assert mc.POOLS == tuple(pools.POOLS)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ import yaml
 from dsv4.e2e import tools
 from dsv4.operator.observability import alerts, dashboards, generate, validate
 from dsv4.operator.observability.promql import metric_names, substitute_variables
-from dsv4.runtime import metrics_catalog as mc
+
+from dsv4 import metrics_catalog as mc
 
 CHART = generate.CHART_DIR
 

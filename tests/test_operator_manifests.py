@@ -12,8 +12,9 @@ import yaml
 from dsv4.operator import api, manifests
 from dsv4.operator.manifests import EndpointRef
 from dsv4.operator.planner import plan
-from dsv4.runtime import metrics_catalog as mc
 from dsv4.runtime.server.config import ServeConfig, normalise_keys
+
+from dsv4 import metrics_catalog as mc
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = EndpointRef("chat", "team-a", "0b7c6f4e-1111-2222-3333-444455556666")

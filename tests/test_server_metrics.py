@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from dsv4.runtime import metrics_catalog as catalog
 from dsv4.runtime.server.launch import start_server
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+
+from dsv4 import metrics_catalog as catalog
 
 
 @pytest.fixture(scope="module")

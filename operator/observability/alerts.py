@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import yaml
-from dsv4.runtime import metrics_catalog as mc
+
+from dsv4 import metrics_catalog as mc
 
 from .promql import BY_ENDPOINT, OP_BY_ENDPOINT
 

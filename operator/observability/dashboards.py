@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsv4.runtime import metrics_catalog as mc
+from dsv4 import metrics_catalog as mc
 
 from .promql import BY_ENDPOINT, OP_BY_ENDPOINT, OPERATOR_SEL, quantile, rate, sel
 

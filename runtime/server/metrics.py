@@ -1,4 +1,4 @@
-"""The Prometheus exporter of `dsv4 serve`, built from `dsv4.runtime.metrics_catalog` (names, types, labels,
+"""The Prometheus exporter of `dsv4 serve`, built from `dsv4.metrics_catalog` (names, types, labels,
 help and buckets all come from there; nothing is declared here).
 
 `EngineMetrics` is the engine's observer: it is called from the engine thread after each step (gauges,
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsv4.runtime import metrics_catalog as catalog
 from dsv4.runtime.engine.engine import EngineObserver, StepInfo
 from dsv4.runtime.engine.request import Request, Sequence
+
+from dsv4 import metrics_catalog as catalog
 
 ERROR_CODES = (400, 401, 404, 408, 413, 429, 500, 503)
 
@@ -149,9 +150,9 @@ def metrics_doc() -> str:
     """The text of docs/metrics.md, generated from the catalog (`python -m dsv4.runtime.server.metrics`)."""
     head = (
         "# Metrics\n\n"
-        "<!-- Generated from runtime/metrics_catalog.py by `python -m dsv4.runtime.server.metrics > docs/metrics.md`;"
-        " tests/test_server_docs.py fails when this file and the catalog differ. -->\n\n"
-        "Every metric dsv4 exports, from the single catalog `dsv4.runtime.metrics_catalog`. Runtime metrics are "
+        "<!-- Generated from dsv4/metrics_catalog.py by `python -m dsv4.runtime.server.metrics > docs/metrics.md`;"
+        " tests/test_server_config.py fails when this file and the catalog differ. -->\n\n"
+        "Every metric dsv4 exports, from the single catalog `dsv4.metrics_catalog`. Runtime metrics are "
         "served by `dsv4 serve` at `/metrics`; names that routers, KEDA recipes and dashboards already know keep "
         "vLLM's names (`vllm:` prefix), the per-pool cache and scheduler metrics that no other engine has use "
         "`dsv4:`. Every runtime series carries `model_name` and `engine` (always `\"0\"`).\n\n"

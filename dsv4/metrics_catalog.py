@@ -1,4 +1,5 @@
-"""The single source of truth for every Prometheus metric dsv4 exports.
+"""The single source of truth for every Prometheus metric dsv4 exports, runtime and operator alike (so it lives
+in the top-level `dsv4` package, which both components import, not inside either).
 
 Plain data: one `MetricSpec` per metric (name, type, labels, help text, buckets, enumerated label
 values). The runtime's exporter (`dsv4 serve` `/metrics`), the operator's exporter, the Grafana
@@ -39,7 +40,7 @@ RUNTIME = "runtime"
 OPERATOR = "operator"
 COMPONENTS = (RUNTIME, OPERATOR)
 
-# Cache pools (identical to dsv4.runtime.cache.spec.POOLS; a test keeps them equal).
+# Cache pools (identical to dsv4.runtime.cache.pools.POOLS; a test keeps them equal).
 POOLS = ("swa", "csa", "idx", "hca", "csa_state", "hca_state")
 # Stages timed inside one engine step; "total" is the whole step (so its _count is the step rate).
 STEP_PHASES = ("schedule", "forward", "sample", "total")
@@ -263,7 +264,7 @@ def get(name: str) -> MetricSpec:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise KeyError(f"metric {name!r} is not in dsv4.runtime.metrics_catalog") from None
+        raise KeyError(f"metric {name!r} is not in dsv4.metrics_catalog") from None
 
 
 def of_component(component: str) -> tuple[MetricSpec, ...]:
