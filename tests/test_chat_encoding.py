@@ -337,6 +337,7 @@ def test_request_response_format_goes_to_the_first_system_message():
     ([{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}], "function name"),
     ([{"role": "assistant", "tool_calls": ["f"]}], "function` object"),
     (["hello"], "not an object"),
+    ([{"role": "system", "content": "s", "tools": ["f"]}], "each tool must be an object"),
 ])
 def test_invalid_messages_are_value_errors(messages, match):
     with pytest.raises(ValueError, match=match):
@@ -351,7 +352,9 @@ def test_chat_format_choice(tmp_path, tiny_tokenizer):
     (tmp_path / "chat_template.jinja").write_text("JINJA{{ messages[0]['content'] }}{{ tools[0].x }}")
     assert Tokenizer.from_dir(tmp_path).apply_chat_template(hello, tools=[{"x": 1}]) == "JINJAhi1"
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekV4ForCausalLM"]}))
-    assert Tokenizer.from_dir(tmp_path).uses_v4_encoding
+    v4 = Tokenizer.from_dir(tmp_path)
+    assert v4.uses_v4_encoding and v4.thinking() and not v4.thinking({"thinking": False})
+    assert not v4.thinking(None, "none") and v4.thinking({"enable_thinking": True}, "low")
     v4_prompt = Tokenizer.from_dir(tmp_path).apply_chat_template(hello, reasoning_effort="low")
     assert v4_prompt == BOS + U + "hi" + A + "<think>"
     override = Tokenizer.from_dir(tmp_path, chat_template=load_chat_template("OVR{{ messages|length }}"))

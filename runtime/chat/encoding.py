@@ -174,6 +174,8 @@ def _turns(messages: list[Any]) -> list[_Turn]:
             continue
         turn = _Turn(role, content_text(m.get("content")), tools=list(m.get("tools") or []),
                      response_format=m.get("response_format"))
+        if not all(isinstance(t, Mapping) for t in turn.tools):
+            raise ValueError(f"messages[{i}]: each tool must be an object")
         if role == "developer" and not turn.content:
             raise ValueError(f"messages[{i}]: a developer message needs content")
         if role == "assistant":
@@ -242,10 +244,9 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], options: ChatOptions 
     if options.thinking and drop:
         turns = _drop_earlier_reasoning(turns)
     last_user = _last_user_index(turns)
-    think_open = options.thinking
 
     parts = [BOS]
-    if think_open and turns and options.reasoning_effort is not None:
+    if options.thinking and turns and options.reasoning_effort is not None:
         parts.append(EFFORT_PROMPTS[options.reasoning_effort])
     for i, t in enumerate(turns):
         if t.role == "system":
@@ -257,12 +258,12 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], options: ChatOptions 
         elif t.role == "latest_reminder":
             parts.append(LATEST_REMINDER + t.content)
         else:  # assistant
-            keeps_reasoning = think_open and (not drop or i > last_user)
+            keeps_reasoning = options.thinking and (not drop or i > last_user)
             parts.append((t.reasoning + THINK_END if keeps_reasoning else "") + t.content
                          + (render_tool_calls(t.tool_calls) if t.tool_calls else "") + EOS)
         nxt = turns[i + 1].role if i + 1 < len(turns) else None
         if t.role in _USER_ROLES and nxt in ("assistant", "latest_reminder", None):
             if nxt is None and not add_generation_prompt:
                 continue
-            parts.append(ASSISTANT + (THINK_START if think_open and (not drop or i >= last_user) else THINK_END))
+            parts.append(ASSISTANT + (THINK_START if options.thinking and (not drop or i >= last_user) else THINK_END))
     return "".join(parts)
