@@ -113,7 +113,7 @@ def replay(spec, budget: int, policy: str, w: Workload, checkpoint_every: int = 
                 step = w.chunk if n < len(toks) else w.decode_step
                 n2 = min(n + step, len(toks)) if n < len(toks) else min(target[s], n + step)
                 if not m.allocate(f"s{s}", n2):
-                    m.preempt(f"s{s}")  # requeue: the turn is retried in a later round
+                    m.free(f"s{s}")  # preempt and requeue: the turn is retried in a later round
                     alive.discard(s)
                     preempted += 1
                     continue

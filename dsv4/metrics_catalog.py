@@ -41,7 +41,7 @@ RUNTIME = "runtime"
 OPERATOR = "operator"
 COMPONENTS = (RUNTIME, OPERATOR)
 
-# Cache pools (identical to dsv4.runtime.cache.spec.POOLS; a test keeps them equal).
+# Cache pools (identical to dsv4.runtime.cache.pools.POOLS; a test keeps them equal).
 POOLS = ("swa", "csa", "idx", "hca", "csa_state", "hca_state")
 # Stages timed inside one engine step; "total" is the whole step (so its _count is the step rate).
 STEP_PHASES = ("schedule", "forward", "sample", "total")

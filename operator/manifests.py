@@ -85,7 +85,8 @@ def runtime_config(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan) -> dict
         "kv_dtype": plan.kv_dtype,
         # exact (bytes / 2**30 is exact in binary floating point): the runtime splits this budget with the same
         # CacheManager.from_budget, expected context and prefill chunk as the planner, so the pools match the
-        # plan block for block (tests/test_plan_server_agree.py); no pool_split is written for that reason
+        # plan block for block (test_server_sizes_the_pools_of_its_plan_block_for_block in
+        # tests/test_operator_manifests.py); no pool_split is written for that reason
         "cache_budget_gib": plan.cache_bytes_per_gpu / 2**30,
         "expected_context": plan.expected_context,
         "host": "0.0.0.0",
@@ -179,6 +180,8 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
                            "failureThreshold": 2, "timeoutSeconds": 3},
         # let endpoints drop the pod before SIGTERM; the runtime then drains (503 to new requests)
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
+        # a crash without a termination message gets the log's tail there: the operator's Degraded names it
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "allowPrivilegeEscalation": False,
                             "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
     }

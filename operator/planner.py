@@ -276,6 +276,8 @@ def plan_cached(spec: DSV4EndpointSpec) -> Plan:
     """`plan(spec)` memoised on the spec's JSON (plans are pure). The operator re-plans on every timer
     tick; sizing a large budget for a small model (the tiny model on an H200: millions of blocks) takes
     tens of seconds, which must not block every tick. Errors are memoised and re-raised too."""
+    if spec.autoscaling and spec.autoscaling.enabled:  # spec.replicas mirrors the autoscaler: not a plan input
+        spec = spec.model_copy(update={"replicas": None})
     key = spec.model_dump_json()
     hit = _PLAN_CACHE.get(key)
     if hit is None:
@@ -396,7 +398,7 @@ def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Work
                                      f"allows batch {c.itl_batch}, cap {MAX_NUM_SEQS}): bound by {bound}")
     a = spec.autoscaling
     wanted = max(1, math.ceil(wl.concurrency / c.sessions))
-    if spec.replicas is not None:
+    if spec.replicas is not None and not (a and a.enabled):  # under autoscaling spec.replicas is an output
         replicas = spec.replicas
         reasons["initialReplicas"] = "set by spec.replicas"
     elif a and a.enabled:

@@ -26,9 +26,9 @@ def test_issue_5_vllm_names_are_present():
 
 
 def test_pools_match_the_cache_spec():
-    from dsv4.runtime.cache import spec
+    from dsv4.runtime.cache import pools
 
-    assert mc.POOLS == tuple(spec.POOLS)
+    assert mc.POOLS == tuple(pools.POOLS)
 
 
 @pytest.mark.parametrize(

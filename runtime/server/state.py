@@ -1,0 +1,31 @@
+"""What the HTTP layer shares across requests: the engine, the tokenizer, limits, drain state."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsv4.runtime.engine.engine import AsyncEngine
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    metrics: Any = None  # EngineMetrics
+    api_key: str | None = None
+    default_max_tokens: int | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    ready: bool = True
+    draining: bool = False
+    in_flight: int = 0  # /v1 HTTP requests being served (streams included)
+    max_body_bytes: int = 16 * 2**20  # larger /v1 request bodies get 413
+    body_timeout_s: float = 30.0  # a /v1 request body that takes longer to arrive gets 408
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+    def count_error(self, code: int) -> None:
+        if self.metrics is not None:
+            self.metrics.request_error(code)
