@@ -93,10 +93,13 @@ def test_metrics_doc_matches_catalog():
     assert "## Changelog" in doc and all(f"`dsv4:{old}` → `dsv4_{old}`" in doc for old in RENAMED_FROM_COLON)
 
 
-def test_hca_state_choices_are_the_cache_specs():
+def test_cache_choices_are_the_shared_enums():
+    """The cache's policy registry and HCA states are the settings' choices (one list each, in dsv4.settings_enums)."""
+    from dsv4.runtime.cache.policies import POLICIES
     from dsv4.runtime.cache.spec import HCA_STATES as SPEC_STATES
 
     assert HCA_STATES == SPEC_STATES
+    assert POLICIES == CACHE_POLICIES
 
 
 def test_cli_flags_are_generated_from_serve_config():

@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from dsv4.runtime.cache.pools import COMPRESSED_POOLS, TABLE_POOLS, TOKEN_POOLS, id_space
 from dsv4.runtime.config import CSA, HCA, ModelConfig
 
+from dsv4.settings_enums import HCA_STATES
+
 KV_DTYPES = ("fp32", "bf16", "fp8")
 INDEX_DTYPES = ("fp32", "bf16", "fp8", "fp4")
-HCA_STATES = ("raw", "online")  # raw tail rows, or the online-softmax single slot per open group
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "uint8": 1}
 _TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp8": "uint8"}
 
