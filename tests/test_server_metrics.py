@@ -136,8 +136,8 @@ def test_promtool_finds_nothing_but_the_vllm_names(server):
 
 def test_promtool_finds_nothing_in_the_operator_metrics():
     import prometheus_client as pc
-    from dsv4.operator import opmetrics
+    from dsv4.operator import telemetry
 
     registry = pc.CollectorRegistry()
-    opmetrics.collectors(registry)
+    telemetry.collectors(registry)
     assert promtool_findings(pc.generate_latest(registry).decode()) == []
