@@ -162,14 +162,15 @@ class Progress:
     """`go build -v` progress: packages compiled out of those `go list` says need compiling, elapsed, ETA."""
 
     what: str
-    total: int
+    total: int | None  # None: not known beforehand (`go install pkg@version` cannot be listed first)
     done: int = 0
     t0: float = field(default_factory=time.monotonic)
 
     def line(self, latest: str = "") -> str:
         elapsed = time.monotonic() - self.t0
-        text = f"{self.what}: {self.done}/{self.total} packages compiled, {_minutes(elapsed)} elapsed"
-        if 0 < self.done < self.total:
+        of = "" if self.total is None else f"/{self.total}"
+        text = f"{self.what}: {self.done}{of} packages compiled, {_minutes(elapsed)} elapsed"
+        if self.total is not None and 0 < self.done < self.total:
             text += f", about {_minutes(elapsed / self.done * (self.total - self.done))} left at this rate"
         return text + (f" (latest {latest[:70]})" if latest else "")
 
@@ -185,15 +186,17 @@ def _count_to_compile(pkgs: list[str], cwd: Path, low_priority: bool) -> int:
     return sum(1 for line in out.splitlines() if line.strip())
 
 
-def _go(args: list[str], cwd: Path, *, low_priority: bool, progress: Progress | None = None) -> str:
-    """Run `go ARGS` in CWD; with PROGRESS, count the packages `go build -v` reports as it compiles."""
+def _go(args: list[str], cwd: Path, *, low_priority: bool, progress: Progress | None = None,
+        env: dict[str, str] | None = None) -> str:
+    """Run `go ARGS` in CWD (ENV overrides the Go environment); with PROGRESS, count the packages
+    `go build -v` reports as it compiles."""
     go = shutil.which("go") or "/usr/local/go/bin/go"
     if not Path(go).exists():
         raise BuildError("the Go toolchain is not installed (need go >= 1.26 on PATH)")
     cmd = (["nice", "-n", "19"] if low_priority and shutil.which("nice") else []) + [go, *args]
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=_go_env(low_priority), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        cmd, cwd=cwd, env={**_go_env(low_priority), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
     assert proc.stdout is not None
     lines: list[str] = []
     last = time.monotonic()
@@ -291,16 +294,10 @@ def _build_etcd(versions: Versions, low_priority: bool) -> None:
 def _build_kwok(versions: Versions, low_priority: bool) -> None:
     out = bin_dir(versions)
     out.mkdir(parents=True, exist_ok=True)
-    _log(f"kwok {versions.kwok}: go install")
-    go = shutil.which("go") or "/usr/local/go/bin/go"
-    env = _go_env(low_priority)
-    env["GOBIN"] = str(out)
-    env["GOFLAGS"] = "-buildvcs=false"  # `go install pkg@version` refuses -mod=mod
-    cmd = (["nice", "-n", "19"] if low_priority else []) + [go, "install", "-v", "-trimpath",
-                                                             f"sigs.k8s.io/kwok/cmd/kwok@{versions.kwok}"]
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError(f"`{' '.join(cmd)}` failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    _log(f"kwok {versions.kwok}: go install (progress every 30 s)")
+    # `go install pkg@version` refuses -mod=mod
+    _go(["install", "-v", "-trimpath", f"sigs.k8s.io/kwok/cmd/kwok@{versions.kwok}"], out, low_priority=low_priority,
+        progress=Progress("kwok", None), env={"GOBIN": str(out), "GOFLAGS": "-buildvcs=false"})
     # The node Stages kwok ships (initialize + heartbeat with lease): the standalone controller needs
     # them in its config. No pod stages: the pod runner (dsv4.e2e.podrunner) owns pod status.
     info = json.loads(_go(["mod", "download", "-json", f"sigs.k8s.io/kwok@{versions.kwok}"], out,
