@@ -238,3 +238,4 @@ def test_build_progress_has_a_total_elapsed_time_and_an_eta(monkeypatch):
                                             "left at this rate (latest k8s.io/api/core/v1)")
     p.done = 2000
     assert p.line() == "kubernetes: 2000/2000 packages compiled, 5 min elapsed"
+    assert build.Progress("kwok", None, done=7, t0=clock[0]).line() == "kwok: 7 packages compiled, 0 s elapsed"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -59,6 +61,22 @@ def kill(e: PodEntry, grace_s: float) -> None:
         if c.proc is not None:
             with contextlib.suppress(Exception):
                 c.proc.wait(timeout=0.1)
+
+
+def stop_run(proc: subprocess.Popen | None, rec: procs.ProcRecord, grace_s: float) -> None:
+    """SIGTERM one container's process group, SIGKILL after GRACE_S. Waits through Popen, so the exit status
+    stays with PROC for the tick that reports it (procs.stop would reap it and poll() would then say 0)."""
+    if proc is None:
+        procs.stop(rec, grace_s=grace_s)
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def pre_stop(e: PodEntry, deadline: float) -> None:

@@ -286,7 +286,7 @@ class PodRunner:
         c.killing = why
         grace = float(e.pod["spec"].get("terminationGracePeriodSeconds", 30))
         _log(f"{e.namespace}/{e.name}[{c.name}] {why}: stopping it (grace {grace:g} s)")
-        threading.Thread(target=procs.stop, args=(c.rec,), kwargs={"grace_s": grace}, daemon=True,
+        threading.Thread(target=lifecycle.stop_run, args=(c.proc, c.rec, grace), daemon=True,
                          name=f"kill-{e.name}-{c.name}").start()
 
     # -- termination ----------------------------------------------------------------------------------
