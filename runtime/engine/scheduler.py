@@ -130,9 +130,10 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------------------
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_uncomputed, budget)
+        left = seq.num_uncomputed
+        n = min(left, budget)
         cap = self.config.chunked_prefill_size
-        if cap is not None and seq.num_uncomputed > 1:
+        if cap is not None and left > 1:
             n = min(n, cap)
         return n
 
@@ -146,7 +147,8 @@ class Scheduler:
         return 0
 
     def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
-        return ScheduledSeq(seq, seq.num_computed, n, sample=seq.num_computed + n == seq.num_tokens,
+        start = seq.num_computed
+        return ScheduledSeq(seq, start, n, sample=start + n == seq.num_tokens,
                             prompt_logprobs=seq.wants_prompt_logprobs, recompute_until=seq.recompute_until)
 
     def _start(self, seq: Sequence) -> None:
