@@ -36,13 +36,13 @@ def capacity(spec: CacheSpec, budget_bytes: int, *, expected_context: int, polic
     if policy not in CACHE_POLICIES:
         raise ValueError(f"cache policy must be one of {CACHE_POLICIES}, got {policy!r}")
     try:
-        mgr = CacheSizing.from_budget(spec, int(budget_bytes), expected_context=int(expected_context),
-                                      policy=policy, prefill_chunk=prefill_chunk)
+        sizing = CacheSizing.from_budget(spec, int(budget_bytes), expected_context=int(expected_context),
+                                         policy=policy, prefill_chunk=prefill_chunk)
     except CacheConfigError as e:
         return Capacity(int(budget_bytes), policy, expected_context, {}, {}, 0, 0, str(e))
-    nb = dict(mgr.num_blocks)
+    nb = dict(sizing.num_blocks)
     by_pool = {p: n * spec.block_bytes(p) for p, n in nb.items()}
     total = sum(by_pool.values()) or 1
-    report = mgr.capacity_report(expected_context)
+    report = sizing.capacity_report(expected_context)
     return Capacity(int(budget_bytes), policy, expected_context, nb, {p: b / total for p, b in by_pool.items()},
-                    int(report["concurrent_sequences"]), min(int(max_context_limit), mgr.max_request_tokens()))
+                    int(report["concurrent_sequences"]), min(int(max_context_limit), sizing.max_request_tokens()))

@@ -96,6 +96,25 @@ def test_no_prefix_caching_means_no_hits():
     assert all(v.blocks_used == 0 for v in m.stats().pools.values())
 
 
+def test_start_without_prefix_lookup_still_registers_its_blocks():
+    m = mgr("full")
+    toks = list(range(200))
+    run(m, "a", toks)
+    m.free("a")
+    assert m.peek(toks).cached_tokens == 192
+    assert m.start("b", toks, use_prefix=False) == PrefixHit(0, 0)  # no lookup for this request alone
+    assert m.request("b").num_computed == 0 and m.enable_prefix_caching
+    assert m.allocate("b", 200)
+    m.commit("b", toks, 200)
+    assert m.request("b").num_computed == 200
+    m.free("b")
+    assert m.start("c", toks).cached_tokens == 192  # b's blocks were registered (they match a's)
+    m.free("c")
+    m.check_invariants()
+    with pytest.raises(CacheError, match="unknown request"):
+        m.request("c")
+
+
 def test_swa_eviction_tombstones_and_keeps_compressed():
     m = mgr("full", n=40)
     run(m, "a", list(range(64 * 5)))  # 5 blocks: 20 swa blocks kept by entries

@@ -197,3 +197,36 @@ def test_non_finite_logits_fail_that_request_alone(loaded):
     assert [list(r.sequences[0].output_ids) for r in reqs] == want
     eng.cache.check_invariants()
     assert eng.cache.stats().running_requests == 0
+
+
+def test_async_engine_drain_and_abort_all(loaded):
+    import asyncio
+
+    from dsv4.runtime.engine.engine import AsyncEngine, Draining
+
+    eng = AsyncEngine(make_engine(loaded))
+    eng.start()
+
+    async def scenario() -> list:
+        streams = eng.generate_many([prompt(8, 1), prompt(8, 2)], greedy(max_tokens=2000))
+        assert eng.in_flight == 2 and not eng.draining
+        eng.begin_drain()
+        assert eng.draining
+        with pytest.raises(Draining):
+            eng.generate(prompt(8, 3), greedy())
+        assert eng.in_flight == 2  # a drain lets requests in flight go on
+        eng.abort_all()
+        finals = []
+        for st in streams:
+            async for out in st:
+                if out.finished:
+                    finals.append(out)
+        return finals
+
+    try:
+        finals = asyncio.run(scenario())
+        assert len(finals) == 2 and eng.in_flight == 0
+        assert all(out.completion_tokens < 2000 for out in finals)  # aborted, not run to the end
+        assert eng.call(lambda e: e.cache.stats().running_requests) == 0
+    finally:
+        eng.shutdown()

@@ -1,5 +1,6 @@
-"""Scheduler decisions against the real CacheManager (tiny model layout; no model forward: each step commits
-what was scheduled and appends a fixed token, as the engine does)."""
+"""Scheduler decisions against the real CacheManager (tiny model layout; no model forward: each step appends a
+fixed token to the sequences that sample and hands the step back to the scheduler's own `update_from_output`,
+as the engine does)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ def req(rid: str, n_prompt: int, max_tokens: int = 4, priority: int = 0, t: floa
 
 def step(sched: Scheduler, cache: CacheManager, now: float = 0.0):
     out = sched.schedule(now)
+    finished = []
     for s in out.scheduled:
-        seq = s.seq
-        seq.num_computed = s.start + s.num_tokens
-        cache.commit(seq.seq_id, seq.tokens, seq.num_computed)
         if s.sample:
-            seq.output_ids.append(7)
-            if len(seq.output_ids) >= seq.request.params.max_tokens:
-                sched.remove(seq)
+            s.seq.output_ids.append(7)
+            if len(s.seq.output_ids) >= s.seq.request.params.max_tokens:
+                finished.append(s.seq)
+    sched.update_from_output(out, finished)
+    for s in out.scheduled:
+        assert s.seq.num_computed == (0 if s.seq in finished else s.start + s.num_tokens)
     cache.check_invariants()
     return out
 
@@ -138,7 +140,7 @@ def test_prefix_hit_skips_cached_tokens():
     assert b.sequences[0].cached_tokens == 128
     assert s.start == 128  # full policy: the checkpoint at 128 holds the window, nothing is re-run
     assert s.start + s.num_tokens == 130
-    assert b.sequences[0].recompute_until == 128
+    assert s.recompute_until == 128
     assert cache.stats().prefix_hit_tokens == 128
 
 
@@ -150,7 +152,6 @@ def test_recompute_policy_reruns_window_span():
     sched.add(b.sequences[0])
     out = step(sched, cache)
     s = out.scheduled[0]
-    seq = b.sequences[0]
-    assert seq.recompute_until == 192
+    assert s.recompute_until == 192
     assert 0 <= s.start < 192  # tokens [start, 192) only rebuild window/state rows
     assert s.start + s.num_tokens == 200

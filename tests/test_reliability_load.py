@@ -113,9 +113,9 @@ def test_1000_requests_with_20_percent_disconnects_no_leak():
         assert not wrong, f"{len(wrong)} completed responses differ from the greedy reference, e.g. #{wrong[:5]}"
 
         deadline = time.monotonic() + 30
-        while srv.engine.num_in_flight and time.monotonic() < deadline:
+        while srv.engine.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert srv.engine.num_in_flight == 0
+        assert srv.engine.in_flight == 0
         after = srv.engine.call(engine_snapshot)
         assert (after["requests"], after["running"], after["waiting"], after["cache_requests"]) == (0, 0, 0, 0), after
         # blocks still used now belong to the prefix cache only: dropping it returns every pool to the baseline

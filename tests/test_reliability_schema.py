@@ -87,7 +87,7 @@ def test_schema_run_left_the_engine_clean(live):
     import time
 
     deadline = time.monotonic() + 30
-    while live.engine.num_in_flight and time.monotonic() < deadline:
+    while live.engine.in_flight and time.monotonic() < deadline:
         time.sleep(0.05)
 
     def check(eng):

@@ -23,8 +23,9 @@ class CompressedPoolManager:
 
     def count_needed(self, req: CacheRequest, n: int, need: dict[str, int]) -> None:
         """Add the blocks each pool must take so that `req` holds positions [0, n)."""
+        blocks, tables = cdiv(n, self.block_size), req.tables
         for p in self.names:
-            k = cdiv(n, self.block_size) - len(req.tables[p])
+            k = blocks - len(tables[p])
             if k > 0:
                 need[p] = k
 

@@ -79,7 +79,11 @@ def batch_arrays(reqs: list[CacheRequest], pools: list[str]) -> dict[str, np.nda
 
     out = {}
     for p in pools:
-        rows = [req.mirror.current(p, req.tables.get(p, [])) for req in reqs]
+        rows = []
+        for req in reqs:  # the current view without a call when nothing changed (most rows of a decode step)
+            m = req.mirror
+            v = m.views.get(p)
+            rows.append(v if v is not None and p not in m.dirty else m.current(p, req.tables.get(p, [])))
         widths = {len(r) for r in rows}
         if len(widths) == 1 and 0 not in widths:  # the common decode batch: one memcpy of all rows
             out[p] = np.concatenate(rows).reshape(len(rows), -1)

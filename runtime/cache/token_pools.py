@@ -24,6 +24,7 @@ class TokenPoolManager:
         self.pools = pools
         self.tree = tree
         self.policy = policy
+        self.keeps_rows = {p: policy.keeps_block_rows(p) for p in self.names}  # read per commit: look up, no call
 
     def count_needed(self, req: CacheRequest, n: int, need: dict[str, int]) -> bool:
         """Add the blocks each pool must take so that `req` holds positions [num_computed, n); True when a table
@@ -88,7 +89,7 @@ class TokenPoolManager:
         for p in self.names:
             t, tab = self.tpb[p], req.tables[p]
             lo = self.spec.live_range(p, n)[0]
-            if registering and self.policy.keeps_block_rows(p):
+            if registering and self.keeps_rows[p]:
                 lo = min(lo, (n // B) * B)
             first, end = req.freed_upto[p], min(lo // t, len(tab))
             if first < end:
@@ -114,7 +115,7 @@ class TokenPoolManager:
             ks = set(range(lo // t, cdiv(hi, t))) if hi > lo else set()
             if any(k >= len(tab) or tab[k] < 0 for k in ks):
                 return None
-            if self.policy.keeps_block_rows(p):
+            if self.keeps_rows[p]:
                 ks |= {k for k in range(e.index * B // t, c // t) if k < len(tab) and tab[k] >= 0}
             pairs: list[int] = []
             for k in sorted(ks):

@@ -16,9 +16,12 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dsv4.runtime.cache.manager import CacheManager
+from dsv4.runtime.cache.stats import CacheStats
 from dsv4.runtime.engine.detok import TextState
 from dsv4.runtime.engine.request import (
     Request,
@@ -32,6 +35,12 @@ from dsv4.runtime.engine.request import (
 from dsv4.runtime.engine.runner import ModelRunner
 from dsv4.runtime.engine.sampling import INVALID, RowSpec, make_generator, sample, take_rows, token_logprob
 from dsv4.runtime.engine.scheduler import Scheduler, SchedulerConfig
+from dsv4.runtime.engine.seams import Detokenizer, ForwardModel
+
+if TYPE_CHECKING:
+    import torch
+    from dsv4.runtime.config import ModelConfig
+    from dsv4.runtime.model.kv_pools import KVPools
 
 log = logging.getLogger("dsv4.engine")
 
@@ -70,8 +79,8 @@ class StepInfo:
 class EngineObserver:
     """Metric hooks called from the engine thread (no-ops here; the server's exporter overrides them)."""
 
-    def on_step(self, info: StepInfo, cache_stats: Any) -> None: ...
-    def on_idle(self, num_running: int, num_waiting: int, cache_stats: Any) -> None: ...
+    def on_step(self, info: StepInfo, cache_stats: CacheStats) -> None: ...
+    def on_idle(self, num_running: int, num_waiting: int, cache_stats: CacheStats) -> None: ...
     def on_admitted(self, seq: Sequence, queue_time: float, batching_wait: float | None) -> None: ...
     def on_prompt(self, request: Request) -> None: ...
     def on_tokens(self, seq: Sequence, n: int, now: float, first: bool, itl: float | None) -> None: ...
@@ -81,8 +90,9 @@ class EngineObserver:
 class LLMEngine:
     """The synchronous core. Not thread-safe: one thread calls `add`, `abort` and `step`."""
 
-    def __init__(self, model: Any, model_config: Any, tokenizer: Any, cache: Any, pools: Any,
-                 config: EngineConfig | None = None, device: Any = "cpu", observer: EngineObserver | None = None):
+    def __init__(self, model: ForwardModel, model_config: ModelConfig, tokenizer: Detokenizer, cache: CacheManager,
+                 pools: KVPools, config: EngineConfig | None = None, device: torch.device | str = "cpu",
+                 observer: EngineObserver | None = None):
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.cache = cache
@@ -173,36 +183,37 @@ class LLMEngine:
             reqs = {s.seq.request.request_id for s in sched.scheduled}
             outs = [self._fail(rid, failed) for rid in reqs]
             return [o for o in outs if o is not None], None
-        # commit computed tokens, gather prompt logprobs, collect rows to sample
+        # gather prompt logprobs, collect rows to sample
         to_sample: list[tuple[Sequence, int]] = []
-        fails: list[RequestOutput] = []
         for sch, (r0, r1) in zip(sched.scheduled, result.rows, strict=True):
-            seq = sch.seq
-            seq.num_computed = sch.start + sch.num_tokens
-            self.cache.commit(seq.seq_id, seq.tokens, seq.num_computed)
             if sch.prompt_logprobs:
-                self._prompt_logprobs(seq, sch.start, result.logits[r0:r1])
+                self._prompt_logprobs(sch.seq, sch.start, result.logits[r0:r1])
             if sch.sample:
-                to_sample.append((seq, r1 - 1))
+                to_sample.append((sch.seq, r1 - 1))
+        broken: set[str] = set()
+        finished: list[Sequence] = []
         if to_sample:
             rows = [self._row_spec(seq) for seq, _ in to_sample]
             idx = [r for _, r in to_sample]
             tokens, lps = sample(take_rows(result.logits, idx), rows)
             now = time.monotonic()
-            broken: set[str] = set()
             for (seq, _), tok, lp in zip(to_sample, tokens, lps, strict=True):
                 if tok == INVALID:
                     broken.add(seq.request.request_id)
                     continue
                 delta = self._append(seq, tok, lp, now)
+                if delta.finish_reason is not None:
+                    finished.append(seq)
                 outputs.setdefault(seq.request.request_id, []).append(delta)
-            for rid in broken:  # this request alone fails; the rest of the batch goes on
-                log.error("request %s: the model's logits are not finite (NaN/inf); failing it", rid)
-                outputs.pop(rid, None)
-                failed_out = self._fail(rid, "sampling failed: the model produced non-finite logits (NaN/inf) "
-                                             "for this request")
-                if failed_out is not None:
-                    fails.append(failed_out)
+        self.scheduler.update_from_output(sched, finished)  # commit the step, free the finished
+        fails: list[RequestOutput] = []
+        for rid in broken:  # this request alone fails; the rest of the batch goes on
+            log.error("request %s: the model's logits are not finite (NaN/inf); failing it", rid)
+            outputs.pop(rid, None)
+            failed_out = self._fail(rid, "sampling failed: the model produced non-finite logits (NaN/inf) "
+                                         "for this request")
+            if failed_out is not None:
+                fails.append(failed_out)
         t3 = time.monotonic()
         outs = []
         for rid, deltas in outputs.items():
@@ -231,7 +242,7 @@ class LLMEngine:
             banned = sorted(set(self.eos_ids) | set(p.stop_token_ids))
         return RowSpec(p, seq.generator, seq.token_counts, banned, p.logprobs)
 
-    def _prompt_logprobs(self, seq: Sequence, start: int, logits: Any) -> None:
+    def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         n_prompt = len(seq.prompt_ids)
         top_n = seq.request.params.prompt_logprobs or 0
         if start == 0:
@@ -271,9 +282,8 @@ class LLMEngine:
                 reason, stop_reason = "stop", hit
         if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len):
             reason = "length"
-        if reason is not None:
+        if reason is not None:  # the scheduler frees it after committing the step (update_from_output)
             seq.finish_reason, seq.stop_reason = reason, stop_reason
-            self.scheduler.remove(seq)
         text = ts.release(final=reason is not None)
         return SeqDelta(seq.index, [tok], text, [lp] if lp is not None else [], reason, stop_reason)
 
@@ -291,7 +301,11 @@ class LLMEngine:
             out.error = message
         return out
 
-    def stats_snapshot(self) -> Any:
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Abort every request with `message` as its error (the step itself failed)."""
+        return [o for rid in list(self.requests) if (o := self._fail(rid, message)) is not None]
+
+    def stats_snapshot(self) -> CacheStats:
         return self.cache.stats()
 
 
@@ -314,7 +328,7 @@ class RequestStream:
         out: RequestOutput = await self._queue.get()
         if out.finished:
             self.done = True
-            self.engine._streams.pop(self.request_id, None)
+            self.engine.forget(self.request_id)
         return out
 
     async def aclose(self) -> None:
@@ -324,7 +338,7 @@ class RequestStream:
         if self.closed:
             return
         self.closed = True
-        self.engine._streams.pop(self.request_id, None)
+        self.engine.forget(self.request_id)
         if not self.done:
             self.engine.abort(self.request_id)
 
@@ -340,10 +354,10 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.draining = False
+        self._draining = False
         self.num_running = 0
         self.num_waiting = 0
-        self.cache_stats: Any = None
+        self.cache_stats: CacheStats | None = None
         self._ids = itertools.count()
         self.error: BaseException | None = None
 
@@ -367,8 +381,26 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive()
 
     @property
-    def num_in_flight(self) -> int:
+    def in_flight(self) -> int:
+        """Requests queued or running whose stream has not delivered its final output (and was not closed)."""
         return len(self._streams)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (`admit` raises Draining); requests in flight go on."""
+        self._draining = True
+
+    def abort_all(self) -> None:
+        """Abort every request in flight (each stream gets its final output)."""
+        for rid in list(self._streams):
+            self.abort(rid)
+
+    def forget(self, request_id: str) -> None:
+        """Stop delivering outputs of a request to its stream (the stream ended or was closed)."""
+        self._streams.pop(request_id, None)
 
     # ---- requests ----------------------------------------------------------------------------------
     def admit(self, prompt_ids: list[int], params: SamplingParams, count: int = 1) -> None:
@@ -379,7 +411,7 @@ class AsyncEngine:
         term needs nothing from the engine thread (a burst is counted at once), the second counts requests
         the cache cannot place yet. Submission happens in the same synchronous call as admission (`generate`),
         so concurrent bursts cannot overshoot: at most max_num_seqs + max_queue requests are ever in flight."""
-        if self.draining:
+        if self._draining:
             raise Draining("server is shutting down; not accepting new requests")
         self.engine.check(prompt_ids, params)
         cfg = self.engine.config
@@ -420,7 +452,7 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit("abort", request_id)
 
-    def call(self, fn: Any, timeout: float = 30.0) -> Any:
+    def call(self, fn: Callable[[LLMEngine], Any], timeout: float = 30.0) -> Any:
         """Run `fn(llm_engine)` on the engine thread between steps and return its result (tests, admin: the
         cache manager and scheduler may only be touched there). Raises TimeoutError if the thread is stuck."""
         done = threading.Event()
@@ -494,7 +526,7 @@ class AsyncEngine:
                 except BaseException as e:  # keep serving other requests; fail what was running
                     log.exception("engine step failed")
                     self.error = e
-                    outs = [o for rid in list(eng.requests) if (o := eng._fail(rid, f"engine error: {e}"))]
+                    outs = eng.fail_all(f"engine error: {e}")
                 for out in outs:
                     self._deliver(out)
                 if wake_at is None and not outs and eng.has_work and not eng.scheduler.running:

@@ -2,7 +2,8 @@
 
 A `Request` is what a client asked for: prompt token ids + `SamplingParams`. It owns `n` `Sequence`s
 (choice i samples with seed `seed + i`). A sequence's tokens are `prompt_ids + output_ids`;
-`num_computed` of them have their KV rows in the cache pools. The scheduler computes
+`num_computed` of them have their KV rows in the cache pools (read from the cache's record of the sequence,
+which is the one owner of that count). The scheduler computes
 `tokens[num_computed:]` in chunks; when a chunk reaches the end of the known tokens, the model's
 logits for the last row are sampled and the new token is appended (its KV is computed in the next step).
 """
@@ -10,9 +11,12 @@ logits for the last row are sampled and the new token is appended (its KV is com
 from __future__ import annotations
 
 import enum
+import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+
+from dsv4.runtime.cache.tables import CacheRequest
+from dsv4.runtime.engine.detok import TextState
 
 MAX_LOGPROBS = 20
 SAMPLING_EPS = 1e-5  # temperatures below this sample greedily
@@ -111,10 +115,8 @@ class Sequence:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
-    num_computed: int = 0  # tokens whose KV rows are in the pools
-    recompute_until: int = 0  # positions below this only rebuild swa/state rows (prefix hit, recompute policy)
-    cache_started: bool = False  # registered with the CacheManager
-    generator: Any = None  # random.Random: this choice's uniforms for sampling (sampling.make_generator)
+    cache_state: CacheRequest | None = None  # the CacheManager's record while this sequence holds blocks
+    generator: random.Random | None = None  # this choice's uniforms for sampling (sampling.make_generator)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_done: bool = False
@@ -122,7 +124,7 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     cached_tokens: int = 0  # prefix-cache hit of the first admission
-    text_state: Any = None  # detok.TextState (engine thread)
+    text_state: TextState | None = None  # engine thread
     token_counts: dict[int, int] = field(default_factory=dict)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -145,6 +147,16 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose KV rows are in the pools (0 while the sequence holds no cache)."""
+        return self.cache_state.num_computed if self.cache_state is not None else 0
+
+    @property
+    def recompute_until(self) -> int:
+        """Positions below this only rebuild swa/state rows (the prefix hit of the current admission)."""
+        return self.cache_state.hit.cached_tokens if self.cache_state is not None else 0
 
     @property
     def num_uncomputed(self) -> int:

@@ -12,10 +12,16 @@ For scheduled sequence s computing positions [a_s, a_s + n_s):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+from dsv4.runtime.cache.manager import CacheManager
 from dsv4.runtime.engine.scheduler import ScheduledSeq
+from dsv4.runtime.engine.seams import ForwardModel
+
+if TYPE_CHECKING:
+    from dsv4.runtime.model.batch import ForwardBatch
+    from dsv4.runtime.model.kv_pools import KVPools
 
 
 @dataclass
@@ -25,14 +31,14 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, pools: Any, cache: Any, device: torch.device | str = "cpu"):
+    def __init__(self, model: ForwardModel, pools: KVPools, cache: CacheManager, device: torch.device | str = "cpu"):
         self.model = model
         self.pools = pools
         self.cache = cache
         self.device = torch.device(device)
         self.table_pools = list(cache.spec.block_pools)
 
-    def build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[Any, list[tuple[int, int]]]:
+    def build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
         from dsv4.runtime.model.batch import ForwardBatch
 
         ids: list[int] = []
@@ -52,7 +58,7 @@ class ModelRunner:
             elif sch.sample:
                 li.append(starts[-1] - 1)
             rows.append((first, len(li)))
-            ru.append(seq.recompute_until)
+            ru.append(sch.recompute_until)
         dev = self.device
         tables = self.cache.batch_block_tables([sch.seq.seq_id for sch in scheduled], self.table_pools)
         padded = {p: torch.from_numpy(t).to(dev) for p, t in tables.items()}

@@ -16,13 +16,18 @@ is (priority, arrival time, choice index): lower priority values first, then fir
 Batching delay D: a fresh request (never scheduled) is held back while it has waited less than D and the
 fresh prefill work pending is below the budget, so that short bursts are prefilled together; running
 decodes continue meanwhile. `SchedulerOutput.wake_at` tells the engine when the hold expires.
+
+The scheduler owns every cache call of a step: `start` / `allocate` / `free` (preemption) while scheduling,
+and, after the forward, `update_from_output`: commit what each sequence computed, then free the sequences
+that finished.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+from dsv4.runtime.cache.manager import CacheManager
 from dsv4.runtime.engine.request import SeqStatus, Sequence
 
 
@@ -51,6 +56,7 @@ class ScheduledSeq:
     num_tokens: int
     sample: bool  # the chunk reaches the last known token: sample the next one
     prompt_logprobs: bool  # return logits of every row of this chunk (echo + logprobs)
+    recompute_until: int = 0  # positions below this only rebuild swa/state rows (the admission's prefix hit)
 
 
 @dataclass
@@ -80,9 +86,9 @@ def service_key(seq: Sequence) -> tuple[int, float, str, int]:
 
 
 class Scheduler:
-    """Holds the waiting and running sequences; all cache bookkeeping goes through `cache` (a CacheManager)."""
+    """Holds the waiting and running sequences; all cache bookkeeping of a step goes through here."""
 
-    def __init__(self, config: SchedulerConfig, cache: Any):
+    def __init__(self, config: SchedulerConfig, cache: CacheManager):
         config.validate()
         self.config = config
         self.cache = cache
@@ -101,17 +107,17 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        if seq.cache_started:
-            self.cache.free(seq.seq_id)
-            seq.cache_started = False
+        self._release(seq)
         seq.status = SeqStatus.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.cache_state is not None:
+            self.cache.free(seq.seq_id)
+            seq.cache_state = None
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.cache.free(seq.seq_id)
-        seq.cache_started = False
-        seq.num_computed = 0
-        seq.recompute_until = 0
+        self._release(seq)  # computed from scratch (or a prefix hit) when admitted again
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -124,9 +130,10 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------------------
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_uncomputed, budget)
+        left = seq.num_uncomputed
+        n = min(left, budget)
         cap = self.config.chunked_prefill_size
-        if cap is not None and seq.num_uncomputed > 1:
+        if cap is not None and left > 1:
             n = min(n, cap)
         return n
 
@@ -140,19 +147,18 @@ class Scheduler:
         return 0
 
     def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
-        return ScheduledSeq(seq, seq.num_computed, n, sample=seq.num_computed + n == seq.num_tokens,
-                            prompt_logprobs=seq.wants_prompt_logprobs)
+        start = seq.num_computed
+        return ScheduledSeq(seq, start, n, sample=start + n == seq.num_tokens,
+                            prompt_logprobs=seq.wants_prompt_logprobs, recompute_until=seq.recompute_until)
 
-    def _start(self, seq: Sequence) -> Any:
-        """Register with the CacheManager. Prompt logprobs need logits of every prompt row, so such a
-        sequence is started without a prefix lookup (its blocks are still registered for others)."""
-        if not seq.wants_prompt_logprobs or not getattr(self.cache, "enable_prefix_caching", False):
-            return self.cache.start(seq.seq_id, seq.tokens)
-        self.cache.enable_prefix_caching = False
-        try:
-            return self.cache.start(seq.seq_id, seq.tokens)
-        finally:
-            self.cache.enable_prefix_caching = True
+    def _start(self, seq: Sequence) -> None:
+        """Register with the CacheManager; computation starts where the prefix hit lets it. Prompt logprobs need
+        logits of every prompt row, so such a sequence is started without a prefix lookup (its blocks are
+        still registered for others)."""
+        hit = self.cache.start(seq.seq_id, seq.tokens, use_prefix=not seq.wants_prompt_logprobs)
+        seq.cache_state = self.cache.request(seq.seq_id)
+        if seq.first_scheduled_time is None:
+            seq.cached_tokens = hit.cached_tokens
 
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -198,15 +204,8 @@ class Scheduler:
                     return
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.cache_started:
-                hit = self._start(seq)
-                seq.cache_started = True
-                cached = min(int(hit.cached_tokens), seq.num_tokens)
-                # the last known token is always computed: its logits are needed
-                seq.num_computed = min(int(hit.recompute_from), seq.num_tokens - 1)
-                seq.recompute_until = cached
-                if seq.first_scheduled_time is None:
-                    seq.cached_tokens = cached
+            if seq.cache_state is None:
+                self._start(seq)  # a hit never covers the last known token: its logits are needed
             n = self._allocate(seq, self._chunk(seq, budget))
             if not n:
                 break  # not enough free blocks now; retried next step (it stays registered)
@@ -219,3 +218,13 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(self._scheduled(seq, n))
             budget -= n
+
+    # ---- after the forward ---------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, finished: Iterable[Sequence] = ()) -> None:
+        """Record the step in the cache: every scheduled sequence computed its chunk (commit: registers full
+        blocks, frees rows that left the window), then the sequences that finished release their blocks."""
+        for sch in out.scheduled:
+            seq = sch.seq
+            self.cache.commit(seq.seq_id, seq.tokens, sch.start + sch.num_tokens)
+        for seq in finished:
+            self.remove(seq)

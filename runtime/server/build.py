@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsv4.runtime.cache.pools import blocks_of
 from dsv4.runtime.server.config import ServeConfig, ServeConfigError
 from dsv4.runtime.server.memory_guard import check_cpu_blocks, clamp_cpu_budget, host_available_bytes, pools_bytes
+
+if TYPE_CHECKING:
+    from dsv4.runtime.cache.manager import CacheManager
+    from dsv4.runtime.cache.spec import CacheSpec
+    from dsv4.runtime.config import ModelConfig
+    from dsv4.runtime.engine.engine import AsyncEngine
 
 log = logging.getLogger("dsv4.serve")
 
@@ -21,15 +27,15 @@ GPU_MEMORY_FRACTION = 0.85  # of the free memory after the weights are loaded
 
 @dataclass
 class Built:
-    engine: Any  # AsyncEngine (not started)
+    engine: AsyncEngine  # not started
     tokenizer: Any
     model_name: str
     max_model_len: int
     metrics: Any  # EngineMetrics
     report: list[str]  # capacity report lines
-    cache: Any
-    spec: Any
-    model_config: Any
+    cache: CacheManager
+    spec: CacheSpec
+    model_config: ModelConfig
     group: Any = None  # dsv4.runtime.parallel.leader.Leader when tp > 1 (close it after the engine stops)
 
 
@@ -62,7 +68,7 @@ def expected_context(cfg: ServeConfig, max_position_embeddings: int) -> int:
     return cfg.expected_context or min(max_position_embeddings, cfg.max_model_len or 8192)
 
 
-def cache_spec(cfg: ServeConfig, model_config: Any, kv_dtype: str) -> Any:
+def cache_spec(cfg: ServeConfig, model_config: ModelConfig, kv_dtype: str) -> CacheSpec:
     """The pools' layout: FP8 KV keeps FP4 indexer keys, the layout the planner (operator/planner.py) and
     `dsv4 bench capacity` size; `hca_state` as configured (the planner writes its choice)."""
     from dsv4.runtime.cache.spec import CacheSpec
@@ -71,7 +77,7 @@ def cache_spec(cfg: ServeConfig, model_config: Any, kv_dtype: str) -> Any:
                                 hca_state=cfg.hca_state)
 
 
-def cache_for_budget(cfg: ServeConfig, spec: Any, budget_bytes: int, context: int) -> Any:
+def cache_for_budget(cfg: ServeConfig, spec: CacheSpec, budget_bytes: int, context: int) -> CacheManager:
     """Split `budget_bytes` over the pools exactly as the operator's planner does (operator/capacity.py calls
     the same `CacheManager.from_budget` with the same expected context and prefill chunk), so a pod's pools
     match its plan block for block."""
@@ -176,7 +182,7 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     return Built(AsyncEngine(llm), tok, name, max_len, metrics, report, cache, spec, mcfg, group)
 
 
-def capacity_report(spec: Any, cache: Any, num_blocks: dict[str, int], max_len: int, kv_dtype: str,
+def capacity_report(spec: CacheSpec, cache: CacheManager, num_blocks: dict[str, int], max_len: int, kv_dtype: str,
                     cfg: ServeConfig) -> list[str]:
     lines = [f"cache: kv_dtype {kv_dtype}, block_size {spec.block_size} tokens (swa blocks {spec.swa_block_size}), "
              f"window {spec.window}, policy {cfg.cache_policy}, prefix caching "
@@ -191,8 +197,7 @@ def capacity_report(spec: Any, cache: Any, num_blocks: dict[str, int], max_len: 
                      f"token positions")
     lines.append(f"  total {total / 2**20:.2f} MiB; largest request {cache.max_request_tokens()} tokens; "
                  f"max_model_len {max_len}")
-    if hasattr(cache, "format_capacity_report"):
-        lines.append(cache.format_capacity_report())
+    lines.append(cache.format_capacity_report())
     lines.append(f"scheduler: max_num_batched_tokens {cfg.max_num_batched_tokens}, max_num_seqs {cfg.max_num_seqs}, "
                  f"batching delay {cfg.batching_delay_ms:g} ms, max_queue {cfg.max_queue}")
     return lines

@@ -43,7 +43,7 @@ def _server_class() -> Any:
                 self.force_exit = st.draining
                 return
             st.draining = True
-            st.engine.draining = True
+            st.engine.begin_drain()
             log.info("received %s: draining (readiness off, new requests 503, grace %.0f s, %d in flight)",
                      signal.Signals(sig).name, self.grace_s, st.in_flight)
             self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain()))
@@ -51,12 +51,11 @@ def _server_class() -> Any:
         async def _drain(self) -> None:
             st = self.dsv4_state
             deadline = time.monotonic() + self.grace_s
-            while (st.in_flight > 0 or st.engine.num_in_flight > 0) and time.monotonic() < deadline:
+            while (st.in_flight > 0 or st.engine.in_flight > 0) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if st.in_flight > 0 or st.engine.num_in_flight > 0:
-                log.warning("grace period over: aborting %d request(s)", st.engine.num_in_flight)
-                for rid in list(st.engine._streams):
-                    st.engine.abort(rid)
+            if st.in_flight > 0 or st.engine.in_flight > 0:
+                log.warning("grace period over: aborting %d request(s)", st.engine.in_flight)
+                st.engine.abort_all()
                 await asyncio.sleep(0.2)
             log.info("drained; shutting down")
             self.should_exit = True
