@@ -285,7 +285,12 @@ class PlacementSpec(_Model):
                                             json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
                                             description="PriorityClass of the pods.")
-    resources: ResourceRequirements | None = Field(None, description="Extra cpu/memory requests and limits.")
+    resources: ResourceRequirements | None = Field(
+        None, description="cpu/memory requests and limits replacing the planned ones key by key.")
+    topology_spread_constraints: list[dict[str, Any]] | None = Field(
+        None, description="Pod topologySpreadConstraints (core/v1 objects) replacing the default spread of "
+                          "multi-replica endpoints over nodes and zones; [] turns spreading off.",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
 
 
 class ServiceSpec(_Model):

@@ -17,10 +17,14 @@ import yaml
 from dsv4.operator import api
 from dsv4.operator.api import DSV4EndpointSpec
 from dsv4.operator.planner import Plan
+from dsv4.operator.pod_resources import SHM_GIB, pod_resources
 from dsv4.runtime import metrics_catalog as mc
 
+from dsv4.version import VERSION
+
 FIELD_MANAGER = "dsv4-operator"
-DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:latest"  # when neither spec.image nor the operator's DSV4_RUNTIME_IMAGE is set
+# when neither spec.image nor the operator's DSV4_RUNTIME_IMAGE is set: the runtime of the operator's own release
+DEFAULT_IMAGE = f"ghcr.io/dsv4/dsv4:{VERSION}"
 CONFIG_DIR = "/etc/dsv4"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 API_KEY_ENV = "DSV4_API_KEY"  # read by dsv4.runtime.server.config.read_api_key when api_key_file is unset
@@ -132,6 +136,21 @@ def _config_hash(cm: dict[str, Any]) -> str:
     return hashlib.sha256(cm["data"]["config.yaml"].encode()).hexdigest()[:16]
 
 
+def spread_constraints(name: str, spec: DSV4EndpointSpec, replicas: int | None) -> list[dict[str, Any]]:
+    """Replicas spread over nodes and zones (soft: `ScheduleAnyway`, so a scale-up never waits for a free
+    node or zone), per rollout revision; none for a single-replica endpoint; `placement` may replace them."""
+    place = spec.placement
+    if place is not None and place.topology_spread_constraints is not None:
+        return list(place.topology_spread_constraints)
+    a = spec.autoscaling
+    most = a.max_replicas if a is not None and a.enabled else (replicas or 1)
+    if most <= 1:
+        return []
+    return [{"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": selector_labels(name)}, "matchLabelKeys": ["pod-template-hash"]}
+            for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")]
+
+
 def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: int | None,
                config_hash: str, default_image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     """One pod per replica holding the TP group's GPUs. `replicas=None` omits spec.replicas (another
@@ -142,20 +161,18 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
                   "serving.dsv4.dev/profile": plan.profile, "serving.dsv4.dev/model": spec.model.variant}
     gpu = spec.accelerator.resource_name
     place = spec.placement
-    extra_req = dict(place.resources.requests or {}) if place and place.resources else {}
-    extra_lim = dict(place.resources.limits or {}) if place and place.resources else {}
+    sized = pod_resources(spec, plan)
     if spec.accelerator.type == "cpu":
-        resources = {"requests": extra_req, "limits": extra_lim}
+        resources = {"requests": sized.requests, "limits": sized.limits}
     else:
-        resources = {"requests": {**extra_req, gpu: str(tp)}, "limits": {**extra_lim, gpu: str(tp)}}
-    resources = {k: v for k, v in resources.items() if v}
+        resources = {"requests": {**sized.requests, gpu: str(tp)}, "limits": {**sized.limits, gpu: str(tp)}}
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "tmp", "mountPath": "/tmp"},
               {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": f"{ref.name}-config"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GIB}Gi"}},
     ]
     w = spec.model.weights
     if w is not None:
@@ -222,6 +239,9 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
             pod_spec["affinity"] = dict(place.affinity)
         if place.priority_class_name:
             pod_spec["priorityClassName"] = place.priority_class_name
+    spread = spread_constraints(ref.name, spec, replicas)
+    if spread:
+        pod_spec["topologySpreadConstraints"] = spread
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_labels(ref.name)},
         # surge, never take a serving pod away first (a surge pod may wait for GPUs; traffic stays up)
@@ -243,7 +263,9 @@ def service(ref: EndpointRef, spec: DSV4EndpointSpec) -> dict[str, Any]:
 
 def pod_disruption_budget(ref: EndpointRef) -> dict[str, Any]:
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(ref, ref.name),
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ref.name)}}}
+            # an unready pod (a startup probe runs up to ~20 min) must not block node drains
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ref.name)},
+                     "unhealthyPodEvictionPolicy": "AlwaysAllow"}}
 
 
 def pod_monitor(ref: EndpointRef) -> dict[str, Any]:
