@@ -309,6 +309,17 @@ class MonitoringSpec(_Model):
     pod_monitor: bool = Field(True, description="Create a PodMonitor when the monitoring.coreos.com CRDs exist.")
 
 
+class NetworkPolicySpec(_Model):
+    enabled: bool | None = Field(
+        None, description="Create a NetworkPolicy that admits to the runtime's port only the endpoint's namespace, "
+                          "Prometheus and the operator (plus ingressFrom); unset: the operator's default (the "
+                          "chart's networkPolicy.enabled).")
+    ingress_from: list[dict[str, Any]] | None = Field(
+        None, description="More allowed peers (core NetworkPolicyPeer objects: podSelector, namespaceSelector, "
+                          "ipBlock), e.g. a gateway's namespace.",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+
+
 class DSV4EndpointSpec(_Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         _cel("!has(self.overrides) || !has(self.overrides.tensorParallelSize) "
@@ -337,6 +348,7 @@ class DSV4EndpointSpec(_Model):
     api_key_secret: SecretKeyRef | None = Field(None, description="Secret holding the API key clients must send.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Prometheus Operator integration.",
                                       json_schema_extra={"default": MonitoringSpec().wire()})
+    network_policy: NetworkPolicySpec | None = Field(None, description="Opt-in NetworkPolicy for the runtime's API.")
     termination_grace_period_seconds: int = Field(
         120, ge=20, le=3600, description="Time a pod gets to drain running requests before it is killed "
                                          "(covers the 10 s preStop pause; at least 20).")

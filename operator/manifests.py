@@ -268,6 +268,34 @@ def pod_disruption_budget(ref: EndpointRef) -> dict[str, Any]:
                      "unhealthyPodEvictionPolicy": "AlwaysAllow"}}
 
 
+@dataclass(frozen=True)
+class NetworkPolicyDefaults:
+    """What the operator knows for NetworkPolicies: the chart's default, and who else must reach the pods."""
+
+    enabled: bool = False
+    operator_namespace: str | None = None      # it scrapes the pods' /metrics (metricsSource: pods)
+    prometheus_namespace: str | None = None
+
+
+def network_policy_wanted(spec: DSV4EndpointSpec, defaults: NetworkPolicyDefaults) -> bool:
+    np = spec.network_policy
+    return defaults.enabled if np is None or np.enabled is None else np.enabled
+
+
+def network_policy(ref: EndpointRef, spec: DSV4EndpointSpec, defaults: NetworkPolicyDefaults) -> dict[str, Any]:
+    """Only the endpoint's namespace, Prometheus and the operator (and spec.networkPolicy.ingressFrom) reach the
+    runtime's port; nothing else of the pods is restricted (egress stays open: weights, Secrets are mounted)."""
+    peers: list[dict[str, Any]] = [{"podSelector": {}}]  # any pod of the endpoint's own namespace
+    for ns in dict.fromkeys(n for n in (defaults.prometheus_namespace, defaults.operator_namespace) if n):
+        if ns != ref.namespace:
+            peers.append({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}})
+    if spec.network_policy and spec.network_policy.ingress_from:
+        peers += list(spec.network_policy.ingress_from)
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(ref, ref.name),
+            "spec": {"podSelector": {"matchLabels": selector_labels(ref.name)}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": PORT}]}]}}
+
+
 def pod_monitor(ref: EndpointRef) -> dict[str, Any]:
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": _meta(ref, ref.name),
             "spec": {"selector": {"matchLabels": selector_labels(ref.name)},
@@ -321,7 +349,8 @@ def deployment_replicas(spec: DSV4EndpointSpec, plan: Plan, autoscaler_replicas:
 
 
 def children(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, *, autoscaler_replicas: int | None = None,
-             with_pod_monitor: bool = False, default_image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
+             with_pod_monitor: bool = False, default_image: str = DEFAULT_IMAGE,
+             network: NetworkPolicyDefaults = NetworkPolicyDefaults()) -> list[dict[str, Any]]:
     """Every child object the endpoint should have, in apply order."""
     cm = config_map(ref, spec, plan)
     replicas = deployment_replicas(spec, plan, autoscaler_replicas)
@@ -331,6 +360,8 @@ def children(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, *, autoscaler
         objs.append(pod_monitor(ref))
     if spec.keda_autoscaling:
         objs.append(scaled_object(ref, spec))
+    if network_policy_wanted(spec, network):
+        objs.append(network_policy(ref, spec, network))
     return objs
 
 

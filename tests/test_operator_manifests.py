@@ -229,3 +229,28 @@ def test_pdb_lets_unhealthy_pods_be_evicted_and_the_image_is_pinned() -> None:
     objs = kinds(manifests.children(REF, spec, plan(spec)))
     assert objs["PodDisruptionBudget"]["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     assert manifests.DEFAULT_IMAGE == f"ghcr.io/dsv4/dsv4:{VERSION}" and not manifests.DEFAULT_IMAGE.endswith("latest")
+
+
+def test_network_policy_is_opt_in_and_admits_the_namespace_prometheus_and_the_operator() -> None:
+    from dsv4.operator.manifests import NetworkPolicyDefaults
+
+    spec = load("short-chat.yaml")
+    p = plan(spec)
+    assert "NetworkPolicy" not in kinds(manifests.children(REF, spec, p))  # off by default
+    chart = NetworkPolicyDefaults(enabled=True, operator_namespace="dsv4-system", prometheus_namespace="monitoring")
+    np = kinds(manifests.children(REF, spec, p, network=chart))["NetworkPolicy"]
+    kubernetes_validate.validate(np, K8S, strict=True)
+    assert np["spec"]["podSelector"]["matchLabels"] == manifests.selector_labels("chat")
+    (rule,) = np["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": manifests.PORT}]
+    assert rule["from"] == [{"podSelector": {}},
+                            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+                            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "dsv4-system"}}}]
+    raw = spec.model_dump(by_alias=True, exclude_none=True)
+    # the endpoint's own field wins over the chart's default, both ways; extra peers are appended
+    off = api.parse_spec({**raw, "networkPolicy": {"enabled": False}})
+    assert "NetworkPolicy" not in kinds(manifests.children(REF, off, p, network=chart))
+    gw = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
+    on = api.parse_spec({**raw, "networkPolicy": {"enabled": True, "ingressFrom": [gw]}})
+    np = kinds(manifests.children(REF, on, p))["NetworkPolicy"]
+    assert np["spec"]["ingress"][0]["from"] == [{"podSelector": {}}, gw]
