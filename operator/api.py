@@ -286,7 +286,12 @@ class PlacementSpec(_Model):
                                             json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
                                             description="PriorityClass of the pods.")
-    resources: ResourceRequirements | None = Field(None, description="Extra cpu/memory requests and limits.")
+    resources: ResourceRequirements | None = Field(
+        None, description="cpu/memory requests and limits replacing the planned ones key by key.")
+    topology_spread_constraints: list[dict[str, Any]] | None = Field(
+        None, description="Pod topologySpreadConstraints (core/v1 objects) replacing the default spread of "
+                          "multi-replica endpoints over nodes and zones; [] turns spreading off.",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
 
 
 class ServiceSpec(_Model):
@@ -303,6 +308,17 @@ class SecretKeyRef(_Model):
 
 class MonitoringSpec(_Model):
     pod_monitor: bool = Field(True, description="Create a PodMonitor when the monitoring.coreos.com CRDs exist.")
+
+
+class NetworkPolicySpec(_Model):
+    enabled: bool | None = Field(
+        None, description="Create a NetworkPolicy that admits to the runtime's port only the endpoint's namespace, "
+                          "Prometheus and the operator (plus ingressFrom); unset: the operator's default (the "
+                          "chart's networkPolicy.enabled).")
+    ingress_from: list[dict[str, Any]] | None = Field(
+        None, description="More allowed peers (core NetworkPolicyPeer objects: podSelector, namespaceSelector, "
+                          "ipBlock), e.g. a gateway's namespace.",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
 
 
 class DSV4EndpointSpec(_Model):
@@ -333,6 +349,7 @@ class DSV4EndpointSpec(_Model):
     api_key_secret: SecretKeyRef | None = Field(None, description="Secret holding the API key clients must send.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Prometheus Operator integration.",
                                       json_schema_extra={"default": MonitoringSpec().wire()})
+    network_policy: NetworkPolicySpec | None = Field(None, description="Opt-in NetworkPolicy for the runtime's API.")
     termination_grace_period_seconds: int = Field(
         120, ge=20, le=3600, description="Time a pod gets to drain running requests before it is killed "
                                          "(covers the 10 s preStop pause; at least 20).")

@@ -94,12 +94,21 @@ def apply(objs: list[dict[str, Any]]) -> None:
                               field_manager=manifests.FIELD_MANAGER, force_conflicts=True)
 
 
+def network_policy_defaults() -> manifests.NetworkPolicyDefaults:
+    """The chart's networkPolicy values, passed to the operator as environment variables."""
+    return manifests.NetworkPolicyDefaults(
+        enabled=_env_flag("DSV4_OPERATOR_NETWORK_POLICY", default=False),
+        operator_namespace=os.environ.get("POD_NAMESPACE") or None,
+        prometheus_namespace=os.environ.get("DSV4_OPERATOR_PROMETHEUS_NAMESPACE") or None)
+
+
 OPTIONAL_KINDS = (("monitoring.coreos.com/v1", "PodMonitor", pod_monitors_allowed),
-                  ("keda.sh/v1alpha1", "ScaledObject", keda_allowed))
+                  ("keda.sh/v1alpha1", "ScaledObject", keda_allowed),
+                  ("networking.k8s.io/v1", "NetworkPolicy", lambda: True))
 
 
 def prune(name: str, namespace: str, uid: str, objs: list[dict[str, Any]]) -> None:
-    """Delete optional children (PodMonitor, ScaledObject) this endpoint owns but no longer wants."""
+    """Delete optional children (PodMonitor, ScaledObject, NetworkPolicy) this endpoint owns but no longer wants."""
     from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError, ResourceNotFoundError
 
     wanted = {(o["apiVersion"], o["kind"]) for o in objs}
@@ -148,7 +157,8 @@ def observe(name: str, namespace: str) -> tuple[Observed, list[dict[str, Any]]]:
                    ready_pods=[p["metadata"]["name"] for p in ready], pending_pods=pending,
                    has_pod_monitor_crd=pod_monitors_allowed() and crd_exists("monitoring.coreos.com/v1", "PodMonitor"),
                    keda_available=keda_allowed() and crd_exists("keda.sh/v1alpha1", "ScaledObject"),
-                   default_image=os.environ.get("DSV4_RUNTIME_IMAGE") or manifests.DEFAULT_IMAGE)
+                   default_image=os.environ.get("DSV4_RUNTIME_IMAGE") or manifests.DEFAULT_IMAGE,
+                   network=network_policy_defaults())
     return obs, ready
 
 

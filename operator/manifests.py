@@ -17,12 +17,15 @@ import yaml
 from dsv4.operator import api
 from dsv4.operator.api import DSV4EndpointSpec
 from dsv4.operator.planner import Plan
+from dsv4.operator.pod_resources import SHM_GIB, pod_resources
 from dsv4.runtime.server.config import ServeConfig
 
 from dsv4 import metrics_catalog as mc
+from dsv4.version import VERSION
 
 FIELD_MANAGER = "dsv4-operator"
-DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:latest"  # when neither spec.image nor the operator's DSV4_RUNTIME_IMAGE is set
+# when neither spec.image nor the operator's DSV4_RUNTIME_IMAGE is set: the runtime of the operator's own release
+DEFAULT_IMAGE = f"ghcr.io/dsv4/dsv4:{VERSION}"
 CONFIG_DIR = "/etc/dsv4"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 API_KEY_ENV = "DSV4_API_KEY"  # read by dsv4.runtime.server.config.read_api_key when api_key_file is unset
@@ -113,6 +116,21 @@ def _config_hash(cm: dict[str, Any]) -> str:
     return hashlib.sha256(cm["data"]["config.yaml"].encode()).hexdigest()[:16]
 
 
+def spread_constraints(name: str, spec: DSV4EndpointSpec, replicas: int | None) -> list[dict[str, Any]]:
+    """Replicas spread over nodes and zones (soft: `ScheduleAnyway`, so a scale-up never waits for a free
+    node or zone), per rollout revision; none for a single-replica endpoint; `placement` may replace them."""
+    place = spec.placement
+    if place is not None and place.topology_spread_constraints is not None:
+        return list(place.topology_spread_constraints)
+    a = spec.autoscaling
+    most = a.max_replicas if a is not None and a.enabled else (replicas or 1)
+    if most <= 1:
+        return []
+    return [{"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": selector_labels(name)}, "matchLabelKeys": ["pod-template-hash"]}
+            for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")]
+
+
 def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: int | None,
                config_hash: str, default_image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     """One pod per replica holding the TP group's GPUs. `replicas=None` omits spec.replicas (another
@@ -123,20 +141,18 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
                   "serving.dsv4.dev/profile": plan.profile, "serving.dsv4.dev/model": spec.model.variant}
     gpu = spec.accelerator.resource_name
     place = spec.placement
-    extra_req = dict(place.resources.requests or {}) if place and place.resources else {}
-    extra_lim = dict(place.resources.limits or {}) if place and place.resources else {}
+    sized = pod_resources(spec, plan)
     if spec.accelerator.type == "cpu":
-        resources = {"requests": extra_req, "limits": extra_lim}
+        resources = {"requests": sized.requests, "limits": sized.limits}
     else:
-        resources = {"requests": {**extra_req, gpu: str(tp)}, "limits": {**extra_lim, gpu: str(tp)}}
-    resources = {k: v for k, v in resources.items() if v}
+        resources = {"requests": {**sized.requests, gpu: str(tp)}, "limits": {**sized.limits, gpu: str(tp)}}
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "tmp", "mountPath": "/tmp"},
               {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": f"{ref.name}-config"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GIB}Gi"}},
     ]
     w = spec.model.weights
     if w is not None:
@@ -203,6 +219,9 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
             pod_spec["affinity"] = dict(place.affinity)
         if place.priority_class_name:
             pod_spec["priorityClassName"] = place.priority_class_name
+    spread = spread_constraints(ref.name, spec, replicas)
+    if spread:
+        pod_spec["topologySpreadConstraints"] = spread
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_labels(ref.name)},
         # surge, never take a serving pod away first (a surge pod may wait for GPUs; traffic stays up)
@@ -224,7 +243,37 @@ def service(ref: EndpointRef, spec: DSV4EndpointSpec) -> dict[str, Any]:
 
 def pod_disruption_budget(ref: EndpointRef) -> dict[str, Any]:
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(ref, ref.name),
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ref.name)}}}
+            # an unready pod (a startup probe runs up to ~20 min) must not block node drains
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ref.name)},
+                     "unhealthyPodEvictionPolicy": "AlwaysAllow"}}
+
+
+@dataclass(frozen=True)
+class NetworkPolicyDefaults:
+    """What the operator knows for NetworkPolicies: the chart's default, and who else must reach the pods."""
+
+    enabled: bool = False
+    operator_namespace: str | None = None      # it scrapes the pods' /metrics (metricsSource: pods)
+    prometheus_namespace: str | None = None
+
+
+def network_policy_wanted(spec: DSV4EndpointSpec, defaults: NetworkPolicyDefaults) -> bool:
+    np = spec.network_policy
+    return defaults.enabled if np is None or np.enabled is None else np.enabled
+
+
+def network_policy(ref: EndpointRef, spec: DSV4EndpointSpec, defaults: NetworkPolicyDefaults) -> dict[str, Any]:
+    """Only the endpoint's namespace, Prometheus and the operator (and spec.networkPolicy.ingressFrom) reach the
+    runtime's port; nothing else of the pods is restricted (egress stays open: weights, Secrets are mounted)."""
+    peers: list[dict[str, Any]] = [{"podSelector": {}}]  # any pod of the endpoint's own namespace
+    for ns in dict.fromkeys(n for n in (defaults.prometheus_namespace, defaults.operator_namespace) if n):
+        if ns != ref.namespace:
+            peers.append({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}})
+    if spec.network_policy and spec.network_policy.ingress_from:
+        peers += list(spec.network_policy.ingress_from)
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(ref, ref.name),
+            "spec": {"podSelector": {"matchLabels": selector_labels(ref.name)}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": PORT}]}]}}
 
 
 def pod_monitor(ref: EndpointRef) -> dict[str, Any]:
@@ -280,7 +329,8 @@ def deployment_replicas(spec: DSV4EndpointSpec, plan: Plan, autoscaler_replicas:
 
 
 def children(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, *, autoscaler_replicas: int | None = None,
-             with_pod_monitor: bool = False, default_image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
+             with_pod_monitor: bool = False, default_image: str = DEFAULT_IMAGE,
+             network: NetworkPolicyDefaults = NetworkPolicyDefaults()) -> list[dict[str, Any]]:
     """Every child object the endpoint should have, in apply order."""
     cm = config_map(ref, spec, plan)
     replicas = deployment_replicas(spec, plan, autoscaler_replicas)
@@ -290,6 +340,8 @@ def children(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, *, autoscaler
         objs.append(pod_monitor(ref))
     if spec.keda_autoscaling:
         objs.append(scaled_object(ref, spec))
+    if network_policy_wanted(spec, network):
+        objs.append(network_policy(ref, spec, network))
     return objs
 
 

@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
             ref = manifests.EndpointRef(name, args.namespace or meta.get("namespace", "default"), "<uid>")
             print(yaml.safe_dump_all(manifests.children(ref, spec, p), sort_keys=False), end="---\n")
         else:
-            print(format_plan(name, p))
+            from dsv4.operator.pod_resources import pod_resources
+
+            print(format_plan(name, p) + "\n" + format_resources(pod_resources(spec, p)))
     return rc
 
 
@@ -88,3 +90,14 @@ def format_plan(name: str, p) -> str:
         out.append(f"  {key:<20} {value!s:<24}" + (f" # {why}" if why else ""))
     out += [f"  warning: {w}" for w in p.warnings]
     return "\n".join(out)
+
+
+def format_resources(r) -> str:
+    """The pod's cpu/memory and QoS class, with why (dsv4.operator.pod_resources)."""
+    rows = [("requests", ", ".join(f"{k}={v}" for k, v in r.requests.items()), r.reasons.get("memory")),
+            ("limits", ", ".join(f"{k}={v}" for k, v in r.limits.items()), r.reasons.get("memoryLimit")),
+            ("cpu", r.requests.get("cpu", "-"), r.reasons.get("cpu")),
+            ("qosClass", r.qos, r.reasons.get("qos"))]
+    if "overrides" in r.reasons:
+        rows.append(("overrides", "placement.resources", r.reasons["overrides"]))
+    return "\n".join(f"  {k:<20} {v!s:<24} # {why}" for k, v, why in rows)

@@ -36,6 +36,7 @@ class Observed:
     keda_available: bool = True                # the keda.sh CRDs exist and the operator may write ScaledObjects
     apply_error: str = ""                      # the previous apply failed with this
     default_image: str = manifests.DEFAULT_IMAGE  # the operator's DSV4_RUNTIME_IMAGE
+    network: manifests.NetworkPolicyDefaults = field(default_factory=manifests.NetworkPolicyDefaults)
 
 
 @dataclass
@@ -125,7 +126,8 @@ def reconcile(name: str, namespace: str, uid: str, generation: int | None, raw_s
     if autoscaler_replicas is None and spec.builtin_autoscaling and prev.desired_replicas is not None:
         autoscaler_replicas = prev.desired_replicas  # keep the autoscaler's last decision across spec edits
     objs = manifests.children(ref, spec, p, autoscaler_replicas=autoscaler_replicas,
-                              with_pod_monitor=observed.has_pod_monitor_crd, default_image=observed.default_image)
+                              with_pod_monitor=observed.has_pod_monitor_crd, default_image=observed.default_image,
+                              network=observed.network)
     if spec.keda_autoscaling and not observed.keda_available:
         objs = [o for o in objs if o["kind"] != "ScaledObject"]
     desired = manifests.deployment_replicas(spec, p, autoscaler_replicas)

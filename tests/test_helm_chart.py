@@ -26,7 +26,8 @@ VALUE_SETS: dict[str, list[str]] = {
     "default": [],
     "everything-on": ["--set", "metrics.serviceMonitor.enabled=true", "--set", "prometheusRule.enabled=true",
                       "--set", "rbac.monitoring=true", "--set", "operator.verbose=true",
-                      "--set", "dashboards.namespace=monitoring", "--set", "metrics.serviceMonitor.labels.release=kps"],
+                      "--set", "dashboards.namespace=monitoring", "--set", "metrics.serviceMonitor.labels.release=kps",
+                      "--set", "networkPolicy.enabled=true"],
     "namespaced": ["--set", "operator.watchNamespaces={team-a,team-b}", "--set", "image.tag=1.2.3",
                    "--set", "operator.runtimeImage=registry.example/dsv4:gpu"],
     "keda": ["--set", "rbac.keda=true"],
@@ -139,6 +140,8 @@ def test_rbac_is_least_privilege(rendered, name):
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["DSV4_OPERATOR_POD_MONITORS"] == str(bool(monitoring)).lower()
     assert env["DSV4_OPERATOR_KEDA"] == str(bool(keda)).lower()
+    assert env["DSV4_OPERATOR_NETWORK_POLICY"] == str(name == "everything-on").lower()
+    assert ("networking.k8s.io", "networkpolicies", "create") in grants  # the opt-in is per endpoint too
     cluster = [r for o in by_kind(rendered[name], "ClusterRole") for r in o["rules"]]
     if name == "namespaced":  # cluster-wide: only read-only CRD discovery for kopf
         assert all(r["apiGroups"] == ["apiextensions.k8s.io"] and set(r["verbs"]) <= {"get", "list", "watch"}

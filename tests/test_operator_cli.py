@@ -25,6 +25,8 @@ def test_plan_prints_choices_with_reasons() -> None:
     assert res.returncode == 0, res.stderr
     for key in ("tensorParallelSize", "cachePolicy", "sessionsPerReplica", "initialReplicas", "# "):
         assert key in res.stdout
+    # the pod's resources and QoS class, explained
+    assert "qosClass             Burstable" in res.stdout and "/dev/shm" in res.stdout and "memory=" in res.stdout
 
 
 def test_plan_json_and_manifests() -> None:

@@ -106,7 +106,8 @@ def test_runtime_config_is_accepted_by_the_runtime() -> None:
     assert cfg.model is None and cfg.device == "cpu" and cfg.cache_policy == p.cache_policy
     assert cfg.batching_delay_ms == p.batching_delay_ms and cfg.expected_context == p.expected_context
     dep = kinds(manifests.children(REF, spec, p))["Deployment"]
-    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"] == {}  # no GPU on cpu
+    res = dep["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in res["requests"] and "nvidia.com/gpu" not in res["limits"]  # no GPU on cpu
 
 
 def test_config_change_rolls_the_pods() -> None:
@@ -178,3 +179,80 @@ def test_server_sizes_the_pools_of_its_plan_block_for_block(example: str) -> Non
     cache = cache_for_budget(cfg, cache_spec(cfg, mcfg, values["kv_dtype"]), budget,
                              expected_context(cfg, int(mcfg.max_position_embeddings)))
     assert dict(cache.num_blocks) == dict(p.num_blocks)
+
+
+def test_runtime_pods_get_planned_cpu_and_memory_and_are_burstable() -> None:
+    from dsv4.operator.pod_resources import SHM_GIB, pod_resources, qos_class
+
+    for name in ("short-chat.yaml", "long-context-agent.yaml"):
+        spec = load(name)
+        p = plan(spec)
+        dep = kinds(manifests.children(REF, spec, p))["Deployment"]
+        res = dep["spec"]["template"]["spec"]["containers"][0]["resources"]
+        mem = int(res["requests"]["memory"].removesuffix("Gi"))
+        # server + ranks + loader buffers; the limit adds the memory-backed /dev/shm; no CPU limit
+        assert mem >= 4 + 2 * (p.tensor_parallel_size - 1) and res["limits"]["memory"] == f"{mem + SHM_GIB}Gi"
+        assert int(res["requests"]["cpu"]) == 2 + p.tensor_parallel_size and "cpu" not in res["limits"]
+        assert qos_class(res["requests"], res["limits"]) == "Burstable" == pod_resources(spec, p).qos
+    # on cpu the weights and the KV cache live in host memory
+    spec = api.parse_spec({"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
+                           "accelerator": {"type": "cpu"}})
+    p = plan(spec)
+    assert int(pod_resources(spec, p).requests["memory"].removesuffix("Gi")) >= 4 + p.cache_bytes_per_gpu / 2**30
+    # placement.resources replaces key by key; equal requests and limits: Guaranteed
+    spec = api.parse_spec({**load("short-chat.yaml").model_dump(by_alias=True, exclude_none=True),
+                           "placement": {"resources": {"requests": {"cpu": "8", "memory": "64Gi"},
+                                                       "limits": {"cpu": "8", "memory": "64Gi"}}}})
+    r = pod_resources(spec, plan(spec))
+    assert r.requests["cpu"] == "8" and r.limits["memory"] == "64Gi" and r.qos == "Guaranteed"
+    assert qos_class({}, {}) == "BestEffort"
+
+
+def test_multi_replica_endpoints_spread_over_nodes_and_zones() -> None:
+    spec = load("short-chat.yaml")  # autoscaling up to several replicas
+    pod = kinds(manifests.children(REF, spec, plan(spec)))["Deployment"]["spec"]["template"]["spec"]
+    keys = [c["topologyKey"] for c in pod["topologySpreadConstraints"]]
+    assert keys == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in pod["topologySpreadConstraints"])
+    one = api.parse_spec({"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
+                          "accelerator": {"type": "cpu"}, "replicas": 1})
+    pod = kinds(manifests.children(REF, one, plan(one)))["Deployment"]["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in pod
+    raw = spec.model_dump(by_alias=True, exclude_none=True)
+    off = api.parse_spec({**raw, "placement": {"topologySpreadConstraints": []}})
+    assert "topologySpreadConstraints" not in kinds(manifests.children(REF, off, plan(off)))["Deployment"]["spec"][
+        "template"]["spec"]
+
+
+def test_pdb_lets_unhealthy_pods_be_evicted_and_the_image_is_pinned() -> None:
+    from dsv4.version import VERSION
+
+    spec = load("short-chat.yaml")
+    objs = kinds(manifests.children(REF, spec, plan(spec)))
+    assert objs["PodDisruptionBudget"]["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert manifests.DEFAULT_IMAGE == f"ghcr.io/dsv4/dsv4:{VERSION}" and not manifests.DEFAULT_IMAGE.endswith("latest")
+
+
+def test_network_policy_is_opt_in_and_admits_the_namespace_prometheus_and_the_operator() -> None:
+    from dsv4.operator.manifests import NetworkPolicyDefaults
+
+    spec = load("short-chat.yaml")
+    p = plan(spec)
+    assert "NetworkPolicy" not in kinds(manifests.children(REF, spec, p))  # off by default
+    chart = NetworkPolicyDefaults(enabled=True, operator_namespace="dsv4-system", prometheus_namespace="monitoring")
+    np = kinds(manifests.children(REF, spec, p, network=chart))["NetworkPolicy"]
+    kubernetes_validate.validate(np, K8S, strict=True)
+    assert np["spec"]["podSelector"]["matchLabels"] == manifests.selector_labels("chat")
+    (rule,) = np["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": manifests.PORT}]
+    assert rule["from"] == [{"podSelector": {}},
+                            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+                            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "dsv4-system"}}}]
+    raw = spec.model_dump(by_alias=True, exclude_none=True)
+    # the endpoint's own field wins over the chart's default, both ways; extra peers are appended
+    off = api.parse_spec({**raw, "networkPolicy": {"enabled": False}})
+    assert "NetworkPolicy" not in kinds(manifests.children(REF, off, p, network=chart))
+    gw = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
+    on = api.parse_spec({**raw, "networkPolicy": {"enabled": True, "ingressFrom": [gw]}})
+    np = kinds(manifests.children(REF, on, p))["NetworkPolicy"]
+    assert np["spec"]["ingress"][0]["from"] == [{"podSelector": {}}, gw]

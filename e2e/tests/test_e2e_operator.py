@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -121,3 +122,155 @@ def test_endpoint_children_serve_and_are_collected(local_cluster, namespace, ope
         wait_for("the runtime process gone", lambda: not pid_running(pid), timeout=10)
     assert procs.is_alive(operator_process), f"the operator died; see {operator_process.log}"
     assert os.path.exists(operator_process.log)
+
+
+# ---- issue 23: conditions that name the cause, /scale in every mode, printer columns ----------------------
+GROUP, VERSION, PLURAL = "serving.dsv4.dev", "v1alpha1", "dsv4endpoints"
+# An accelerator no node has: the pods stay Pending (no runtime process), the planner is instant.
+ABSENT_GPU = {"type": "custom", "memoryGiB": 4, "gpusPerNode": 1, "resourceName": "dsv4.dev/absent-gpu"}
+
+
+def _kubectl(cluster, *args: str, check: bool = True):
+    from dsv4.e2e import opproc
+
+    return opproc.kubectl(list(args), cluster.kubeconfig, check=check)
+
+
+def _create(co, namespace: str, name: str, spec: dict) -> None:
+    co.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "DSV4Endpoint", "metadata": {"name": name}, "spec": spec})
+
+
+def _ep(co, namespace: str, name: str) -> dict:
+    return co.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def _condition(ep: dict, ctype: str) -> dict:
+    return next((c for c in (ep.get("status") or {}).get("conditions", []) if c["type"] == ctype), {})
+
+
+def test_crash_looping_endpoint_is_degraded_with_the_last_log_line(local_cluster, namespace, operator_process,
+                                                                    tmp_path):
+    """A runtime that exits at start (a custom model whose weights folder is empty) shows Degraded=True,
+    reason CrashLoopBackOff, with the container's exit code and last log line, within 60 s."""
+    from dsv4.runtime.config import tiny
+    from kubernetes import client
+
+    weights = tmp_path / "empty-weights"
+    weights.mkdir()
+    spec = {"model": {"variant": "custom", "config": tiny().to_dict(), "weights": {"hostPath": {"path": str(weights)}}},
+            "profile": {"name": "short-chat"}, "accelerator": {"type": "cpu"}}
+    with local_cluster.api_client() as api:
+        co = client.CustomObjectsApi(api)
+        t0 = time.monotonic()
+        _create(co, namespace, "crashy", spec)
+        deg = wait_for("Degraded=True CrashLoopBackOff", lambda: (c := _condition(_ep(co, namespace, "crashy"),
+                                                                                  "Degraded")).get("reason")
+                       == "CrashLoopBackOff" and c, timeout=60, interval=1)
+        took = time.monotonic() - t0
+        print(f"\n[crash-loop] Degraded=CrashLoopBackOff {took:.1f} s after create: {deg['message']}")
+        assert deg["status"] == "True" and "container dsv4" in deg["message"] and "last exit code" in deg["message"]
+        assert "last log line: " in deg["message"] and deg["message"].split("last log line: ")[1].strip()
+        ready = _condition(_ep(co, namespace, "crashy"), "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "CrashLoopBackOff")
+        events = json.loads(_kubectl(local_cluster, "get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+        ours = [e for e in events
+                if e["reason"] == "CrashLoopBackOff" and e["involvedObject"]["kind"] == "DSV4Endpoint"]
+        assert ours and ours[0]["type"] == "Warning" and ours[0]["source"]["component"] == "dsv4-operator"
+        table = _kubectl(local_cluster, "get", "dsv4ep", "crashy", "-n", namespace).stdout
+        assert "CrashLoopBackOff" in table, table
+        co.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "crashy")
+
+
+def test_unschedulable_endpoint_names_the_schedulers_message(local_cluster, namespace, operator_process):
+    from kubernetes import client
+
+    with local_cluster.api_client() as api:
+        co = client.CustomObjectsApi(api)
+        _create(co, namespace, "nogpu", {"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
+                                         "accelerator": ABSENT_GPU, "replicas": 1})
+        deg = wait_for("Degraded=True Unschedulable", lambda: (c := _condition(_ep(co, namespace, "nogpu"),
+                                                                               "Degraded")).get("reason")
+                       == "Unschedulable" and c, timeout=60, interval=1)
+        print(f"\n[unschedulable] {deg['message']}")
+        assert "nodes are available" in deg["message"] and "dsv4.dev/absent-gpu" in deg["message"]
+
+
+def _scale(cluster, namespace: str, name: str) -> dict:
+    return json.loads(_kubectl(cluster, "get", "dsv4ep", name, "-n", namespace, "--subresource=scale",
+                               "-o", "json").stdout)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "builtin", "keda"])
+def test_scale_subresource_answers_in_every_mode(local_cluster, namespace, operator_process, mode):
+    """GET .../scale answers (spec.replicas is kept present); PUT scales in fixed mode and is refused by the
+    CRD's rule under autoscaling, naming the way out."""
+    from kubernetes import client
+
+    spec: dict = {"model": {"variant": "tiny"}, "profile": {"name": "short-chat"}, "accelerator": ABSENT_GPU}
+    if mode != "fixed":
+        spec["autoscaling"] = {"enabled": True, "mode": mode, "minReplicas": 1, "maxReplicas": 3}
+    name = f"scale-{mode}"
+    with local_cluster.api_client() as api:
+        co, apps = client.CustomObjectsApi(api), client.AppsV1Api(api)
+        _create(co, namespace, name, spec)
+        wait_for("spec.replicas written by the operator", lambda: "replicas" in _ep(co, namespace, name)["spec"],
+                 timeout=60, interval=0.5)
+        scale = _scale(local_cluster, namespace, name)
+        ep = _ep(co, namespace, name)
+        assert scale["spec"]["replicas"] == ep["spec"]["replicas"] == ep["status"]["desiredReplicas"]
+        assert scale["status"]["selector"] == ep["status"]["selector"]
+        want = scale["spec"]["replicas"] + 1
+        r = _kubectl(local_cluster, "scale", "dsv4ep", name, "-n", namespace, f"--replicas={want}", check=False)
+        if mode == "fixed":
+            assert r.returncode == 0, r.stderr
+            wait_for("the Deployment scaled through /scale", lambda: apps.read_namespaced_deployment(
+                name, namespace).spec.replicas == want, timeout=30, interval=0.5)
+            assert _scale(local_cluster, namespace, name)["spec"]["replicas"] == want
+        else:
+            assert r.returncode != 0 and "the autoscaler owns replicas" in r.stderr, r.stderr
+            assert _scale(local_cluster, namespace, name)["spec"]["replicas"] == want - 1
+
+
+def test_an_hpa_reads_the_endpoints_scale(local_cluster, namespace, operator_process):
+    from kubernetes import client
+
+    with local_cluster.api_client() as api:
+        co = client.CustomObjectsApi(api)
+        _create(co, namespace, "hpa-target", {"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
+                                              "accelerator": ABSENT_GPU, "replicas": 1})
+        client.AutoscalingV2Api(api).create_namespaced_horizontal_pod_autoscaler(namespace, {
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "hpa-target"},
+            "spec": {"scaleTargetRef": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DSV4Endpoint",
+                                        "name": "hpa-target"},
+                     "minReplicas": 1, "maxReplicas": 3,
+                     "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                         "type": "Utilization", "averageUtilization": 80}}}]}})
+
+        def able_to_scale() -> dict | None:
+            hpa = client.AutoscalingV2Api(api).read_namespaced_horizontal_pod_autoscaler("hpa-target", namespace)
+            conds = {c.type: c for c in (hpa.status.conditions or [])}
+            c = conds.get("AbleToScale")
+            return c if c and c.reason in ("SucceededGetScale", "FailedGetScale", "ReadyForNewScale",
+                                            "SucceededRescale") else None
+
+        c = wait_for("the HPA's AbleToScale condition", able_to_scale, timeout=90, interval=2)
+        print(f"\n[hpa] AbleToScale={c.status} {c.reason}: {c.message}")
+        assert c.status == "True" and c.reason != "FailedGetScale", c.message
+
+
+def test_printer_columns(local_cluster, namespace, operator_process):
+    from kubernetes import client
+
+    with local_cluster.api_client() as api:
+        co = client.CustomObjectsApi(api)
+        _create(co, namespace, "cols", {"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
+                                        "accelerator": ABSENT_GPU, "replicas": 1})
+        wait_for("status", lambda: (_ep(co, namespace, "cols").get("status") or {}).get("replicaCounts"),
+                 timeout=60, interval=0.5)
+    table = _kubectl(local_cluster, "get", "dsv4ep", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "URL", "REPLICAS", "TP", "MAXCACHE", "REASON", "AGE"], table
+    row = table[1].split()
+    assert row[:5] == ["cols", "False", f"http://cols.{namespace}.svc:8000/v1", "0/1", "1"], table
+    wide = _kubectl(local_cluster, "get", "dsv4ep", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[-4:] == ["AGE", "MODEL", "PROFILE", "PLAN"] and "TP1, " in wide[1], wide

@@ -73,6 +73,9 @@ KEDA ScaledObjects only with rbac.keda. No Secrets at all: the runtime pod refer
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
 # ReplicaSets and their events: why pods cannot be created (quota, a missing PriorityClass) for Degraded
 - apiGroups: ["apps"]
   resources: ["replicasets"]

@@ -1,0 +1,78 @@
+"""CPU and memory of a runtime pod, from its plan (pure): requests, a memory limit, and the QoS class they give.
+
+Host memory of one pod = the processes (the server with its tokenizer, and one process per TP rank: Python,
+torch, the CUDA context's host side) + the loader's peak (each rank stages its share of the checkpoint through
+host memory, a bounded buffer at a time) + on `cpu` the weights and the KV cache themselves (they live in host
+memory there). The memory-backed `/dev/shm` (NCCL, torch tensors shared between ranks) counts toward the
+container's memory limit, so the limit is the request plus its size.
+
+QoS: **Burstable** by design: a memory limit above the request (room for /dev/shm) and no CPU limit (a CPU
+limit throttles the scheduler and tokenizer threads in the middle of a step, which shows as latency spikes).
+`placement.resources` entries replace the computed ones key by key; equal cpu and memory requests and limits
+make the pod Guaranteed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dsv4.operator.api import DSV4EndpointSpec
+from dsv4.operator.planner import Plan
+
+GIB = 1 << 30
+SHM_GIB = 16                # the /dev/shm emptyDir's sizeLimit
+SERVER_GIB = 4              # the server process: Python, torch, the HTTP server, the tokenizer
+RANK_GIB = 2                # each further TP rank's process
+LOADER_BUFFER_GIB = 4       # what one rank holds in host memory while loading its share of the weights
+CPU_PER_RANK = 1
+CPU_SERVER = 2
+
+
+@dataclass(frozen=True)
+class PodResources:
+    requests: dict[str, str]
+    limits: dict[str, str]
+    qos: str                                   # Guaranteed, Burstable or BestEffort
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+def _gib(n: float) -> str:
+    return f"{math.ceil(n)}Gi"
+
+
+def qos_class(requests: dict[str, str], limits: dict[str, str]) -> str:
+    """The QoS class Kubernetes gives one container with these cpu/memory requests and limits."""
+    keys = ("cpu", "memory")
+    if not any(k in requests or k in limits for k in keys):
+        return "BestEffort"
+    guaranteed = all(k in limits and requests.get(k, limits[k]) == limits[k] for k in keys)
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+def pod_resources(spec: DSV4EndpointSpec, plan: Plan) -> PodResources:
+    tp = plan.tensor_parallel_size
+    on_cpu = spec.accelerator.type == "cpu"
+    processes = SERVER_GIB + RANK_GIB * (tp - 1)
+    loader = tp * min(LOADER_BUFFER_GIB, plan.weight_bytes / tp / GIB)
+    resident = (plan.weight_bytes + plan.cache_bytes_per_gpu) / GIB if on_cpu else 0.0
+    memory = processes + loader + resident
+    cpu = CPU_SERVER + CPU_PER_RANK * tp
+    reasons = {
+        "memory": (f"processes {processes} GiB (server + tokenizer {SERVER_GIB}, {tp - 1} more ranks x {RANK_GIB}) + "
+                   f"loader {loader:.1f} GiB ({tp} ranks x min({LOADER_BUFFER_GIB} GiB, their weight share))"
+                   + (f" + weights and KV cache in host memory {resident:.1f} GiB" if on_cpu else "")),
+        "memoryLimit": f"request + /dev/shm {SHM_GIB} GiB (a memory-backed emptyDir counts toward the limit)",
+        "cpu": f"{CPU_SERVER} for the server and tokenizer + {CPU_PER_RANK} per rank; no CPU limit (no throttling)",
+    }
+    requests = {"cpu": str(cpu), "memory": _gib(memory)}
+    limits = {"memory": _gib(memory + SHM_GIB)}
+    extra = spec.placement.resources if spec.placement and spec.placement.resources else None
+    if extra is not None:
+        requests.update(extra.requests or {})
+        limits.update(extra.limits or {})
+        reasons["overrides"] = "placement.resources replaces the computed values key by key"
+    qos = qos_class(requests, limits)
+    reasons["qos"] = (f"{qos}: " + ("requests equal limits" if qos == "Guaranteed" else
+                                    "memory limit above the request for /dev/shm, no CPU limit"))
+    return PodResources(requests, limits, qos, reasons)
