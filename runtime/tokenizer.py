@@ -1,43 +1,34 @@
-"""Tokenizer: `tokenizer.json` through the `tokenizers` library, chat template from `tokenizer_config.json`
-(jinja2), with DeepSeek's chat format as the fallback when no template ships.
+"""Tokenizer: `tokenizer.json` through the `tokenizers` library, and the chat format a checkpoint uses.
 
-`build_tokenizer(vocab_size)` trains a small deterministic byte-level BPE (used by `dsv4 model init-random`);
-`Tokenizer.from_dir(path)` loads any Hugging Face style tokenizer folder.
+Chat format, first match wins:
+1. an explicit template (`chat_template=` / `with_chat_template`, the server's `--chat-template FILE`);
+2. DeepSeek-V4's own encoding (`dsv4.runtime.chat.encoding`) when config.json says the checkpoint is a V4 model
+   (`model_type: deepseek_v4` or a `DeepseekV4*` architecture): V4 ships no jinja template;
+3. a bundled `chat_template.jinja`, then `tokenizer_config.json`'s `chat_template` (jinja2, sandboxed);
+4. DeepSeek-V4's encoding.
+
+`build_tokenizer(vocab_size)` trains a small deterministic byte-level BPE with V4's special tokens (used by
+`dsv4 model init-random`); `Tokenizer.from_dir(path)` loads any Hugging Face style tokenizer folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK, END_THINK = "<think>", "</think>"
-SPECIAL_TOKENS = [
-    BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK,
-    "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
-    "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
-    "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>",
-]
+from dsv4.runtime.chat.encoding import encode_messages
+from dsv4.runtime.chat.options import chat_options
+from dsv4.runtime.chat.special_tokens import BOS, CONTROL_TOKENS, EOS, PAD, TEXT_TOKENS
 
-# DeepSeek chat format (non-thinking mode): BOS, system text, then alternating user / assistant turns.
-DEEPSEEK_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for m in messages if m['role'] == 'system' %}{{ m['content'] }}{% endfor -%}"
-    "{%- for m in messages %}"
-    "{%- if m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
-    "{%- elif m['role'] == 'assistant' %}" + ASSISTANT + END_THINK + "{{ m['content'] }}" + EOS + ""
-    "{%- elif m['role'] == 'tool' %}<｜tool▁output▁begin｜>{{ m['content'] }}<｜tool▁output▁end｜>"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}" + ASSISTANT + END_THINK + "{% endif %}"
-)
+# Specials first, so BOS = id 0 and EOS = id 1.
+SPECIAL_TOKENS = list(CONTROL_TOKENS) + list(TEXT_TOKENS)
+__all__ = ["BOS", "EOS", "PAD", "SPECIAL_TOKENS", "Tokenizer", "build_tokenizer", "is_deepseek_v4_config",
+           "load_chat_template", "write_tokenizer"]
 
 _WORDS = (
     "the of and to in is you that it he was for on are as with his they at be this have from or one had by word "
@@ -89,16 +80,28 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> Any:
         tok.add_special_tokens([f"<｜reserved_{i}｜>" for i in range(missing)])
     if tok.get_vocab_size() != vocab_size:
         raise RuntimeError(f"trained tokenizer has {tok.get_vocab_size()} entries, expected {vocab_size}")
-    return tok
+    return _as_text_tokens(tok, TEXT_TOKENS)
 
 
-def tokenizer_config(chat_template: str = DEEPSEEK_CHAT_TEMPLATE) -> dict[str, Any]:
+def _as_text_tokens(tok: Any, contents: Sequence[str]) -> Any:
+    """The tokenizer with these added tokens marked non-special: decoding with special tokens skipped keeps
+    them (the reasoning / tool-call parsers read `</think>` and `｜DSML｜` from the text)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    data = json.loads(tok.to_str())
+    for entry in data["added_tokens"]:
+        if entry["content"] in contents:
+            entry["special"] = False
+    return HFTokenizer.from_str(json.dumps(data, ensure_ascii=False))
+
+
+def tokenizer_config() -> dict[str, Any]:
+    """Like DeepSeek-V4's published tokenizer_config.json: no chat template (the model's encoding is code)."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
         "add_bos_token": False, "add_eos_token": False,
         "model_max_length": 1048576,
-        "chat_template": chat_template,
     }
 
 
@@ -107,6 +110,38 @@ def write_tokenizer(out_dir: str | Path, vocab_size: int, seed: int = 0) -> None
     tok = build_tokenizer(vocab_size, seed)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
+
+
+def is_deepseek_v4_config(config: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's config.json describes a DeepSeek-V4 model (which uses V4's chat encoding)."""
+    if config.get("model_type") == "deepseek_v4":
+        return True
+    return any(str(a).startswith("DeepseekV4") for a in config.get("architectures") or [])
+
+
+def load_chat_template(source: str | Path) -> str:
+    """A jinja chat template from a file, or the template text itself when `source` is not a file but looks
+    like a template (as vLLM's --chat-template takes either). ValueError otherwise."""
+    path = Path(source)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:
+        pass
+    text = str(source)
+    if "{{" in text or "{%" in text:
+        return text
+    raise ValueError(f"chat template {text!r}: no such file")
+
+
+def _bundled_template(p: Path, cfg: Mapping[str, Any]) -> str | None:
+    jinja_file = p / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text()
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+    return template or None
 
 
 def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, **extra: Any) -> str:
@@ -119,21 +154,27 @@ def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt
         raise ValueError(f"chat template: {msg}")
 
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **extra)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template: {e}") from None
 
 
 @dataclass
 class Tokenizer:
-    """A loaded tokenizer: `encode`, `decode`, `apply_chat_template`, special token ids."""
+    """A loaded tokenizer: `encode`, `decode`, `apply_chat_template`, special token ids.
+    chat_template None = DeepSeek-V4's encoding; otherwise a jinja template."""
 
     tok: Any
-    chat_template: str = DEEPSEEK_CHAT_TEMPLATE
+    chat_template: str | None = None
     bos_token: str = BOS
     eos_token: str = EOS
     extra_eos: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
+    def from_dir(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
+        """chat_template: jinja text that overrides the checkpoint's chat format (see `load_chat_template`)."""
         from tokenizers import Tokenizer as HFTokenizer
 
         p = Path(path)
@@ -145,16 +186,26 @@ class Tokenizer:
         tc = p / "tokenizer_config.json"
         if tc.exists():
             cfg = json.loads(tc.read_text())
-        template = cfg.get("chat_template") or DEEPSEEK_CHAT_TEMPLATE
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        model_cfg: dict[str, Any] = {}
+        if (p / "config.json").is_file():
+            model_cfg = json.loads((p / "config.json").read_text())
+        if chat_template is None and not is_deepseek_v4_config(model_cfg):
+            chat_template = _bundled_template(p, cfg)
 
         def token_str(v: Any, default: str) -> str:
             if isinstance(v, dict):
                 return v.get("content", default)
             return v or default
 
-        return cls(tok, template, token_str(cfg.get("bos_token"), BOS), token_str(cfg.get("eos_token"), EOS))
+        return cls(tok, chat_template, token_str(cfg.get("bos_token"), BOS), token_str(cfg.get("eos_token"), EOS))
+
+    def with_chat_template(self, chat_template: str | None) -> Tokenizer:
+        """This tokenizer with another chat format (None = DeepSeek-V4's encoding)."""
+        return dataclasses.replace(self, chat_template=chat_template)
+
+    @property
+    def uses_v4_encoding(self) -> bool:
+        return self.chat_template is None
 
     @property
     def vocab_size(self) -> int:
@@ -182,13 +233,35 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **extra: Any) -> str:
-        return _render(self.chat_template, messages, add_generation_prompt,
-                       bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+    def thinking(self, chat_template_kwargs: Mapping[str, Any] | None = None,
+                 reasoning_effort: str | None = None) -> bool:
+        """Whether a request's prompt opens the reasoning (so its output starts with reasoning_content).
+        Jinja templates: only when the request asks for it explicitly with `thinking` / `enable_thinking`."""
+        if self.uses_v4_encoding:
+            return chat_options(chat_template_kwargs, reasoning_effort).thinking
+        kwargs = chat_template_kwargs or {}
+        return bool(kwargs.get("thinking")) or bool(kwargs.get("enable_thinking"))
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, *,
+                            tools: Sequence[Mapping[str, Any]] | None = None,
+                            chat_template_kwargs: Mapping[str, Any] | None = None,
+                            reasoning_effort: str | None = None, response_format: Any = None) -> str:
+        """The prompt text. V4 encoding: options mapped as vLLM maps them (`dsv4.runtime.chat.options`); a
+        jinja template gets messages, tools, reasoning_effort, bos/eos tokens and the chat_template_kwargs.
+        ValueError for messages the format cannot express."""
+        if self.uses_v4_encoding:
+            return encode_messages(messages, chat_options(chat_template_kwargs, reasoning_effort), tools=tools,
+                                   response_format=response_format, add_generation_prompt=add_generation_prompt)
+        reserved = ("messages", "add_generation_prompt")
+        extra = {k: v for k, v in (chat_template_kwargs or {}).items() if k not in reserved}
+        extra.update(bos_token=self.bos_token, eos_token=self.eos_token, tools=list(tools) if tools else None,
+                     reasoning_effort=reasoning_effort)
+        return _render(self.chat_template, [dict(m) for m in messages], add_generation_prompt, **extra)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    **chat: Any) -> list[int]:
+        """Token ids of `apply_chat_template(messages, add_generation_prompt, **chat)`."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **chat))
 
 
 class IncrementalDecoder:

@@ -203,8 +203,8 @@ def test_tokenizer_roundtrip_and_chat_template(tiny_dir):
     text = "Hello world, the model answers: 42 ünïcødé 🙂"
     assert tok.decode(tok.encode(text)) == text
     prompt = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                      {"role": "user", "content": "hi"}])
-    assert prompt.startswith(BOS + "Be brief.<｜User｜>hi<｜Assistant｜>")
+                                      {"role": "user", "content": "hi"}], chat_template_kwargs={"thinking": False})
+    assert prompt == BOS + "Be brief.<｜User｜>hi<｜Assistant｜></think>"
     ids = tok.encode(prompt)
     assert ids[0] == tok.bos_token_id and EOS not in tok.decode(ids)
 

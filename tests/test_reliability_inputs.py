@@ -15,7 +15,7 @@ import pytest
 from dsv4.runtime.server.config import ServeConfig
 from dsv4.runtime.server.inprocess import start_in_process
 
-MAX_LEN = 64
+MAX_LEN = 512  # room for the default V4 chat prompt (thinking mode, "high" effort prompt: 289 tiny tokens)
 MAX_QUEUE = 8
 BODY_LIMIT = 32 * 1024
 

@@ -22,7 +22,6 @@ vLLM's `vllm/tokenizers/deepseek_v4_encoding.py` also follows) builds it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,8 +139,8 @@ def render_tools(tools: Sequence[Mapping[str, Any]]) -> str:
     return TOOLS_PROMPT.replace("{schemas}", schemas)
 
 
-def _with_request_fields(messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
-                         response_format: Any) -> list[dict[str, Any]]:
+def _with_request_fields(messages: list[Any], tools: Sequence[Mapping[str, Any]] | None,
+                         response_format: Any) -> list[Any]:
     """Request-level tools / response_format go onto a leading system or developer message (replacing what it
     carried), or onto a new empty system message put first."""
     extra: dict[str, Any] = {}
@@ -151,15 +150,17 @@ def _with_request_fields(messages: list[dict[str, Any]], tools: Sequence[Mapping
         extra["response_format"] = response_format
     if not extra:
         return messages
-    if messages and messages[0].get("role") in ("system", "developer"):
+    if messages and isinstance(messages[0], Mapping) and messages[0].get("role") in ("system", "developer"):
         return [{**messages[0], **extra}] + messages[1:]
     return [{"role": "system", **extra}] + messages
 
 
-def _turns(messages: list[dict[str, Any]]) -> list[_Turn]:
+def _turns(messages: list[Any]) -> list[_Turn]:
     """Validate messages and merge tool results (and user text that follows them) into user turns."""
     turns: list[_Turn] = []
     for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"messages[{i}] is not an object")
         role = m.get("role")
         if role not in ROLES:
             raise ValueError(f"messages[{i}]: unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -173,12 +174,16 @@ def _turns(messages: list[dict[str, Any]]) -> list[_Turn]:
             continue
         turn = _Turn(role, content_text(m.get("content")), tools=list(m.get("tools") or []),
                      response_format=m.get("response_format"))
+        if not all(isinstance(t, Mapping) for t in turn.tools):
+            raise ValueError(f"messages[{i}]: each tool must be an object")
         if role == "developer" and not turn.content:
             raise ValueError(f"messages[{i}]: a developer message needs content")
         if role == "assistant":
             reasoning = m.get("reasoning_content", m.get("reasoning"))
             turn.reasoning = reasoning if isinstance(reasoning, str) else ""
             turn.tool_calls = list(m.get("tool_calls") or [])
+            if not all(isinstance(tc, Mapping) and isinstance(tc.get("function"), Mapping) for tc in turn.tool_calls):
+                raise ValueError(f"messages[{i}]: each tool call needs a `function` object")
         turns.append(turn)
     _order_tool_results(turns)
     return turns
@@ -233,16 +238,15 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], options: ChatOptions 
     not pass the request's response_format here; the reference renders it when a message carries one).
     add_generation_prompt=False leaves out the `<｜Assistant｜>` opening after a final user turn.
     ValueError for messages the encoding cannot express."""
-    msgs = _with_request_fields([dict(copy.deepcopy(m)) for m in messages], tools, response_format)
+    msgs = _with_request_fields(list(messages), tools, response_format)
     turns = _turns(msgs)
     drop = options.drop_thinking and not any(t.tools for t in turns)
     if options.thinking and drop:
         turns = _drop_earlier_reasoning(turns)
     last_user = _last_user_index(turns)
-    think_open = options.thinking
 
     parts = [BOS]
-    if think_open and turns and options.reasoning_effort is not None:
+    if options.thinking and turns and options.reasoning_effort is not None:
         parts.append(EFFORT_PROMPTS[options.reasoning_effort])
     for i, t in enumerate(turns):
         if t.role == "system":
@@ -254,12 +258,12 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], options: ChatOptions 
         elif t.role == "latest_reminder":
             parts.append(LATEST_REMINDER + t.content)
         else:  # assistant
-            keeps_reasoning = think_open and (not drop or i > last_user)
+            keeps_reasoning = options.thinking and (not drop or i > last_user)
             parts.append((t.reasoning + THINK_END if keeps_reasoning else "") + t.content
                          + (render_tool_calls(t.tool_calls) if t.tool_calls else "") + EOS)
         nxt = turns[i + 1].role if i + 1 < len(turns) else None
         if t.role in _USER_ROLES and nxt in ("assistant", "latest_reminder", None):
             if nxt is None and not add_generation_prompt:
                 continue
-            parts.append(ASSISTANT + (THINK_START if think_open and (not drop or i >= last_user) else THINK_END))
+            parts.append(ASSISTANT + (THINK_START if options.thinking and (not drop or i >= last_user) else THINK_END))
     return "".join(parts)

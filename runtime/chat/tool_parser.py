@@ -12,7 +12,6 @@ held back until the next chunk decides it.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import Callable, Iterable
@@ -86,7 +85,7 @@ class ToolCallParser:
         self._call_id = call_id
         self._buf = ""  # text received and not yet consumed
         self._state = "content"  # content | between | invoke_head | params | param_head | param_value | plain
-        self._uncommitted = ""  # block text consumed since the last emitted call header (content if malformed)
+        self._uncommitted = ""  # tag text consumed but not yet turned into output (content if malformed)
         self._block_calls = 0
         self._calls = 0
         self._params = 0  # parameters of the open call
@@ -144,28 +143,42 @@ class ToolCallParser:
         self._block_calls, self._state = 0, "between"
         return True
 
-    def _step_between(self) -> bool:
-        tag, possible = _tag_choice(self._buf, (INVOKE_OPEN, CALLS_CLOSE))
+    def _next_tag(self, tags: tuple[str, str]) -> tuple[str, str] | None:
+        """(tag, text consumed through it) when the buffer starts with one of `tags` after whitespace; None
+        while it may still become one (or after declaring the block malformed when it cannot)."""
+        tag, possible = _tag_choice(self._buf, tags)
         if tag is None:
             if not possible:
                 self._malformed()
+            return None
+        return tag, self._consume(self._buf.index(tag) + len(tag))
+
+    def _head(self, pattern: re.Pattern[str]) -> re.Match[str] | None:
+        """A complete tag head (`name="..." ...>`), consumed; None while incomplete or after malformed."""
+        m = pattern.match(self._buf)
+        if m is None:
+            if not _head_may_continue(self._buf):
+                self._malformed()
+            return None
+        self._consume(m.end())
+        self._uncommitted = ""
+        return m
+
+    def _step_between(self) -> bool:
+        found = self._next_tag((INVOKE_OPEN, CALLS_CLOSE))
+        if found is None:
             return False
-        consumed = self._consume(self._buf.index(tag) + len(tag))
-        if tag == INVOKE_OPEN:
-            self._uncommitted += consumed
+        if found[0] == INVOKE_OPEN:
+            self._uncommitted += found[1]
             self._state = "invoke_head"
         else:
             self._uncommitted, self._state, self._after_block = "", "content", True
         return True
 
     def _step_invoke_head(self) -> bool:
-        m = _INVOKE_HEAD.match(self._buf)
+        m = self._head(_INVOKE_HEAD)
         if m is None:
-            if not _head_may_continue(self._buf):
-                self._malformed()
             return False
-        self._consume(m.end())
-        self._uncommitted = ""
         self._calls += 1
         self._block_calls += 1
         self._params = 0
@@ -174,13 +187,11 @@ class ToolCallParser:
         return True
 
     def _step_params(self) -> bool:
-        tag, possible = _tag_choice(self._buf, (PARAMETER_OPEN, INVOKE_CLOSE))
-        if tag is None:
-            if not possible:
-                self._malformed()
+        found = self._next_tag((PARAMETER_OPEN, INVOKE_CLOSE))
+        if found is None:
             return False
-        self._consume(self._buf.index(tag) + len(tag))
-        if tag == PARAMETER_OPEN:
+        if found[0] == PARAMETER_OPEN:
+            self._uncommitted = found[1]
             self._state = "param_head"
         else:
             self._args("}" if self._params else "{}")
@@ -188,12 +199,9 @@ class ToolCallParser:
         return True
 
     def _step_param_head(self) -> bool:
-        m = _PARAM_HEAD.match(self._buf)
+        m = self._head(_PARAM_HEAD)
         if m is None:
-            if not _head_may_continue(self._buf):
-                self._malformed()
             return False
-        self._consume(m.end())
         self._string_value = m.group(2) == "true"
         self._args(("{" if self._params == 0 else ", ") + to_json(m.group(1)) + ": "
                    + ('"' if self._string_value else ""))
@@ -274,7 +282,3 @@ def parse_tool_calls(text: str, call_id: Callable[[], str] = new_call_id) -> tup
     parser = ToolCallParser(call_id)
     return merge_tool_deltas([parser.feed(text), parser.finish()])
 
-
-def arguments_object(call: ToolCall) -> dict:
-    """A parsed call's arguments decoded (they are always a JSON object)."""
-    return json.loads(call.arguments)
