@@ -52,6 +52,7 @@ class SamplingParams:
     n: int = 1
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    constraint: Any = None  # sampling.ConstraintSpec: which tokens each choice may sample (structured output)
 
     def validate(self, vocab_size: int | None = None) -> None:
         def need(cond: bool, msg: str, fld: str) -> None:
@@ -115,6 +116,7 @@ class Sequence:
     recompute_until: int = 0  # positions below this only rebuild swa/state rows (prefix hit, recompute policy)
     cache_started: bool = False  # registered with the CacheManager
     generator: Any = None  # random.Random: this choice's uniforms for sampling (sampling.make_generator)
+    constraint: Any = None  # sampling.TokenConstraint of this choice (from params.constraint), made when first sampled
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_done: bool = False
