@@ -82,3 +82,19 @@ def test_hca_state_choices_are_the_cache_specs():
     from dsv4.runtime.server.config import HCA_STATES
 
     assert HCA_STATES == SPEC_STATES
+
+
+def test_chat_template_flag_overrides_the_chat_format(tmp_path):
+    from dsv4.runtime.server.build import build_engine
+
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                   "{% if add_generation_prompt %}[assistant]{% endif %}")
+    built = build_engine(ServeConfig(chat_template=str(tpl), device="cpu"), say=lambda *_: None)
+    try:
+        tok = built.tokenizer
+        assert tok.decode(tok.encode_chat([{"role": "user", "content": "hi"}])) == "[user]hi[assistant]"
+    finally:
+        built.engine.shutdown()
+    with pytest.raises(ServeConfigError, match="chat_template"):
+        build_engine(ServeConfig(chat_template=str(tmp_path / "missing.jinja"), device="cpu"), say=lambda *_: None)

@@ -72,8 +72,14 @@ def apply_constraints(logits: torch.Tensor, rows: list[RowSpec]) -> list[int]:
         rows[i].constraint.fill_bitmask(bitmask, j)  # type: ignore[union-attr]
     shifts = torch.arange(32, dtype=torch.int32)
     allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(len(idx), -1)[:, :vocab].bool()
+    allowed = allowed.to(logits.device)
     rows_t = torch.tensor(idx, dtype=torch.long)
-    logits[rows_t] = logits[rows_t].masked_fill(~allowed.to(logits.device), float("-inf"))
+    masked = logits[rows_t].masked_fill(~allowed, float("-inf"))
+    # a ban (EOS before min_tokens) may remove the only tokens the grammar allows: the grammar wins
+    dead = ~torch.isfinite(masked).any(dim=-1)
+    if bool(dead.any()):
+        masked[dead] = torch.zeros_like(masked[dead]).masked_fill(~allowed[dead], float("-inf"))
+    logits[rows_t] = masked
     return idx
 
 

@@ -25,14 +25,13 @@ class ChatPrompt:
 
 def encode_chat(tok: Any, messages: Sequence[ChatMessage], tools: Sequence[Tool] | None,
                 chat_template_kwargs: dict[str, Any] | None, reasoning_effort: str | None,
-                add_generation_prompt: bool, parse_tools: bool = False,
-                response_format: dict[str, Any] | None = None) -> ChatPrompt:
-    """The prompt of a chat request; a conversation the chat format cannot express is a 400 naming messages."""
+                add_generation_prompt: bool, parse_tools: bool = False) -> ChatPrompt:
+    """The prompt of a chat request; a conversation the chat format cannot express is a 400 naming messages.
+    response_format is not rendered into the prompt (as vLLM maps requests): the grammar enforces it."""
     tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
     try:
         ids = tok.encode_chat([m.for_template() for m in messages], add_generation_prompt, tools=tool_dicts,
-                              chat_template_kwargs=chat_template_kwargs, reasoning_effort=reasoning_effort,
-                              response_format=response_format)
+                              chat_template_kwargs=chat_template_kwargs, reasoning_effort=reasoning_effort)
     except (ValueError, TypeError, LookupError) as e:  # the encoding's and a jinja template's refusals
         raise APIError(400, str(e), param="messages") from None
     thinking = add_generation_prompt and tok.thinking(chat_template_kwargs, reasoning_effort)

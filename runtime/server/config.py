@@ -69,6 +69,7 @@ class ServeConfig:
     grace_period_s: float = 30.0
     default_max_tokens: int | None = None  # chat default when max_tokens is absent (None: up to max_model_len)
     max_body_bytes: int = 16 * 2**20  # largest /v1 request body (HTTP 413 above it)
+    chat_template: str | None = None  # jinja chat template file overriding the checkpoint's chat format
     host_memory_fraction: float = 0.5  # CPU: the cache may use at most this share of available host RAM
     log_level: str = "info"
     config: str | None = None  # the file these values were read from

@@ -146,8 +146,7 @@ async def chat(body: ChatCompletionRequest, request: Request, state: State) -> R
         raise APIError(400, why, param="tool_choice")
     tok = state.tokenizer
     prompt = encode_chat(tok, body.messages, body.tools, body.chat_template_kwargs, body.reasoning_effort,
-                         body.add_generation_prompt, parse_tools=body.parses_tool_calls,
-                         response_format=body.response_format_dict)
+                         body.add_generation_prompt, parse_tools=body.parses_tool_calls)
     max_tokens = body.requested_max_tokens
     if max_tokens is None:
         room = max(1, state.max_model_len - len(prompt.ids))

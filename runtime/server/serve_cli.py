@@ -42,6 +42,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--api-key-file", {"help": "file holding the bearer API key (else env DSV4_API_KEY; none = no auth)"}),
     ("--grace-period-s", {"type": float, "help": "drain time on SIGTERM (default 30)"}),
     ("--default-max-tokens", {"type": int, "help": "chat max_tokens when a request gives none"}),
+    ("--chat-template", {"help": "jinja chat template file (or text) instead of the checkpoint's chat format "
+                                 "(default: DeepSeek-V4's encoding for V4 models, else the bundled template)"}),
     ("--max-body-bytes", {"type": int, "help": "largest /v1 request body in bytes; larger gets 413 (default 16 MiB)"}),
     ("--host-memory-fraction", {"type": float,
                                 "help": "CPU only: cap of the cache budget as a share of available RAM (0.5)"}),

@@ -40,7 +40,8 @@ def tool_calls_ebnf(tools: Sequence[dict[str, Any]], parallel: bool) -> str:
     rules = [f"value ::= [^<]{{0,{VALUE_CHARS}}}"]
     invokes = []
     for i, fn in enumerate(tools):
-        names = list(((fn.get("parameters") or {}).get("properties") or {}).keys())
+        props = (fn.get("parameters") or {}).get("properties")
+        names = [n for n in props if n] if isinstance(props, dict) else []
         pname = " | ".join(_lit(n) for n in names) if names else "[A-Za-z0-9_]{1,32}"
         head = _lit(INVOKE_OPEN + ' name="' + fn["name"] + '">\n')
         rules.append(f'param_{i} ::= {param_head} ({pname}) {type_head} ("true" | "false") {value_head} value '
@@ -52,6 +53,25 @@ def tool_calls_ebnf(tools: Sequence[dict[str, Any]], parallel: bool) -> str:
     return "\n".join([root, f"invoke ::= {' | '.join(invokes)}", *rules])
 
 
+def _bounded_strings_as_patterns(schema: Any) -> Any:
+    """The schema with each length-bounded string (minLength / maxLength, no pattern or format) expressed as a
+    pattern of JSON-safe characters: xgrammar 0.2.8's grammar for such strings admits control characters,
+    quotes and backslashes unescaped, i.e. invalid JSON."""
+    if isinstance(schema, list):
+        return [_bounded_strings_as_patterns(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _bounded_strings_as_patterns(v) for k, v in schema.items()}
+    lo, hi = out.get("minLength"), out.get("maxLength")
+    bounds_ok = all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in (lo, hi))
+    if (out.get("type") == "string" and (lo is not None or hi is not None) and bounds_ok
+            and "pattern" not in out and "format" not in out):
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
+        out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{lo or 0},{"" if hi is None else hi}}}$'
+    return out
+
+
 def _compile_error(e: Exception) -> str:
     return re.sub(r"^\[[^\]]*\] \S+: ", "", str(e).strip())
 
@@ -61,10 +81,14 @@ class GrammarRow:
     matcher: Any  # xgrammar.GrammarMatcher
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.matcher.is_terminated():  # the output is complete (and the stop token taken): ignore_eos goes on
+            bitmask[row].fill_(-1)
+        else:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_id: int) -> None:
-        self.matcher.accept_token(token_id)
+        if not self.matcher.is_terminated():
+            self.matcher.accept_token(token_id)
 
 
 @dataclass(frozen=True)
@@ -99,7 +123,7 @@ class GrammarCompiler:
         if kind == "json_object":
             grammar = xgr.Grammar.builtin_json_grammar()
         elif kind == "json_schema":
-            schema = response_format["json_schema"]["schema"]
+            schema = _bounded_strings_as_patterns(response_format["json_schema"]["schema"])
             try:
                 grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
             except (RuntimeError, ValueError, TypeError) as e:
@@ -113,7 +137,12 @@ class GrammarCompiler:
         """The grammar of tool_choice required (all `tools`) or a named function (`tools` = that one)."""
         import xgrammar as xgr
 
-        return self._finish(xgr.Grammar.from_ebnf(tool_calls_ebnf(tools, parallel)), thinking)
+        try:
+            grammar = xgr.Grammar.from_ebnf(tool_calls_ebnf(tools, parallel))
+        except RuntimeError as e:
+            raise APIError(400, f"tool_choice: cannot build a grammar for these tools: {_compile_error(e)}",
+                           param="tool_choice") from None
+        return self._finish(grammar, thinking)
 
     def _finish(self, grammar: Any, thinking: bool) -> GrammarSpec:
         import xgrammar as xgr
