@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 from dsv4.runtime.engine.request import MAX_LOGPROBS, SamplingParams
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 MAX_N = 16
 _Text = Annotated[str, Field(min_length=1)]
@@ -57,7 +57,9 @@ class _Sampling(_Strict):
     stop: _Text | Annotated[list[_Text], Field(max_length=8)] | None = Field(None, description="Up to 8 stop strings.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    # bounds exact in float64 (covering int64 and uint64; the sampler takes the seed mod 2**64): a client that
+    # writes a boundary it computed in floating point (-2**63 prints as -9223372036854776000) stays inside them
+    seed: int | None = Field(None, ge=-(10**19), le=2 * 10**19)
     user: str | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
         None, description="Not supported: must be empty.")
@@ -140,7 +142,7 @@ class ContentPart(_Strict):
 
 
 class FunctionCall(_Strict):
-    name: str
+    name: str = Field(min_length=1)
     arguments: str = Field(description="The arguments as JSON text (an object).")
 
 
@@ -225,7 +227,13 @@ class JsonSchemaFormat(_Strict):
     json_schema: JsonSchemaSpec
 
 
-ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+def _format_type(v: Any) -> Any:
+    return v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+
+
+# tagged by "type", so an error names the member's fields, not the union's members
+ResponseFormat = Annotated[Annotated[TextFormat, Tag("text")] | Annotated[JsonObjectFormat, Tag("json_object")]
+                           | Annotated[JsonSchemaFormat, Tag("json_schema")], Discriminator(_format_type)]
 
 
 class ChatCompletionRequest(_Sampling):
