@@ -24,7 +24,8 @@ $(BIN)/python:
 # Re-install only when the inputs change: a second `make setup` takes seconds.
 $(STAMP): $(SETUP_INPUTS) | $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q --upgrade "pip>=24" "setuptools>=77" wheel
-	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
+	@echo "installing dsv4 and its dependencies into $(VENV) (torch with its CUDA libraries: about 6 GB; pip shows each download)"
+	$(BIN)/pip install --disable-pip-version-check --progress-bar on -c constraints.txt -e ".[dev]"
 	@sha256sum $(SETUP_INPUTS) > $(STAMP)
 
 setup: $(STAMP)

@@ -28,10 +28,11 @@ from pathlib import Path
 
 from dsv4.bench.results_io import write_triplet
 
+from dsv4.settings_enums import CACHE_POLICIES, HCA_STATES
+
 GB = 10**9
 GIB = 2**30
 V32_BYTES_PER_TOKEN = 788 * 61  # MLA 656 B + FP8 indexer 132 B per layer, 61 layers
-POLICY_ORDER = ("full", "checkpoint", "recompute")
 
 
 @dataclass
@@ -112,7 +113,7 @@ def replay(spec, budget: int, policy: str, w: Workload, checkpoint_every: int = 
                 step = w.chunk if n < len(toks) else w.decode_step
                 n2 = min(n + step, len(toks)) if n < len(toks) else min(target[s], n + step)
                 if not m.allocate(f"s{s}", n2):
-                    m.preempt(f"s{s}")  # requeue: the turn is retried in a later round
+                    m.free(f"s{s}")  # preempt and requeue: the turn is retried in a later round
                     alive.discard(s)
                     preempted += 1
                     continue
@@ -202,7 +203,7 @@ def run_capacity(model: str = "flash", budget_gib: float | None = None, smoke: b
                "physical_bound_sessions": bound_tokens // w.length,
                "dense_v32_tokens": budget // V32_BYTES_PER_TOKEN,
                "dense_v32_sessions": budget // V32_BYTES_PER_TOKEN // w.length, "policies": {}}
-        for pol in POLICY_ORDER:
+        for pol in CACHE_POLICIES:
             r = replay(spec, rank_budget, pol, w, checkpoint_every)
             for k in ("context_tokens_held", "unique_tokens_held", "sessions_resident", "turns", "tokens_computed",
                       "recompute_tokens", "preemptions", "swa_checkpoints_kept", "bytes_used", "bytes_allocated",
@@ -210,7 +211,7 @@ def run_capacity(model: str = "flash", budget_gib: float | None = None, smoke: b
                 r[k] *= ranks
             r["fraction_of_bound"] = r["unique_tokens_held"] / bound_tokens
             res["policies"][pol] = r
-        best = max(POLICY_ORDER, key=lambda p: res["policies"][p]["unique_tokens_held"])
+        best = max(CACHE_POLICIES, key=lambda p: res["policies"][p]["unique_tokens_held"])
         full = res["policies"]["full"]["unique_tokens_held"] or 1
         res["best_policy"] = best
         res["best_vs_full"] = res["policies"][best]["unique_tokens_held"] / full
@@ -293,7 +294,7 @@ def add_arguments(p) -> None:
                    help="tokens per csa_state/hca_state block (the runtime default is swa_block_size = 64)")
     p.add_argument("--smoke", action="store_true", help="small budget and workloads; finishes in seconds")
     p.add_argument("--workload", choices=["agent", "chat", "all"], default="all")
-    p.add_argument("--hca-state", choices=["raw", "online"], default="raw",
+    p.add_argument("--hca-state", choices=HCA_STATES, default="raw",
                    help="HCA compressor tail: raw rows (default) or the online-softmax single slot per group")
     p.add_argument("--out", default="bench/results")
 

@@ -133,7 +133,7 @@ def write_checkpoints(cfg, root: Path, layouts: list[str], seed: int) -> dict[st
         write_config(root / "hf", d)
         out["hf"] = root / "hf"
     if "fp8" in layouts:
-        pub = {name: t for name, t, _ in to_published(tensors)}
+        pub = {name: t for name, t, _ in to_published(cfg, tensors)}
         del tensors
         write_safetensors(root / "fp8", pub, max_shard_bytes=shard)
         write_config(root / "fp8", d)

@@ -102,6 +102,7 @@ class Ours:
 
     def __init__(self, model_dir: Path, max_context: int, max_batch: int, chunk: int, decode_steps: int):
         from dsv4.runtime.cache.manager import CacheManager
+        from dsv4.runtime.cache.sizing import seq_blocks
         from dsv4.runtime.cache.spec import CacheSpec
         from dsv4.runtime.engine.engine import EngineConfig, LLMEngine
         from dsv4.runtime.engine.scheduler import SchedulerConfig
@@ -114,8 +115,8 @@ class Ours:
         total = max_context + self.extra + spec.block_size
         # pools sized explicitly: two full contexts (the prefilled prompt + slack for hits) and, per decoding
         # sequence, its own tail (last partial block, window, compressor state) plus a prefill chunk of headroom
-        full = CacheManager.seq_blocks(spec, total, "full")
-        tail = CacheManager.seq_blocks(spec, 2 * spec.block_size + self.extra, "full")
+        full = seq_blocks(spec, total, "full")
+        tail = seq_blocks(spec, 2 * spec.block_size + self.extra, "full")
         nb = {p: int(2 * full[p] + (max_batch + 1) * tail[p] + 2 * chunk // spec.block_size + 8) for p in full}
         cache = CacheManager(spec, nb, policy="full")
         self.cache = cache

@@ -103,12 +103,13 @@ def run_cluster(args: argparse.Namespace) -> int:
         return 1
     if build.missing():
         say("building the control plane once (kube-apiserver, controller-manager, scheduler, etcd, kwok from Go "
-            "modules; ~6 min cold, cached in ~/.cache/dsv4/k8s) ...")
+            f"modules, cached in {build.k8s_dir()}; {build.COLD_BUILD_ESTIMATE}) ...")
     c = cluster.up(CLUSTER)
     say(f"cluster up ({time.monotonic() - t0:.0f} s): {c.server}, nodes {', '.join(c.nodes)}")
     t = tools.ensure_kubectl_helm()
     install = opproc.install_chart(c.kubeconfig)
-    say(f"helm install {install.release} helm/dsv4-operator -n {install.namespace}: done")
+    say(f"helm install {install.release} helm/dsv4-operator -n {install.namespace}: done (its Deployment "
+        f"{install.deployment} is scaled to 0: here the operator runs as a local process, started next)")
     _wait("the DSV4Endpoint API", lambda: opproc.kubectl(["get", "dsv4ep", "-A"], c.kubeconfig, check=False)
           .returncode == 0, 60)
 
@@ -159,8 +160,9 @@ def run_cluster(args: argparse.Namespace) -> int:
         try:
             prom = Prometheus.for_cluster(c, c.state_dir / "prometheus", operator_target=records[
                 "operator_metrics"].removeprefix("http://").removesuffix("/metrics"),
-                rules_text=alerts.rules_file_text(), interval="5s", follow_pods=False).start()
+                rules_text=alerts.rules_file_text(), interval="5s").start()
             records["prometheus"] = prom.rec.to_dict()
+            records["prometheus-pod-sd"] = prom.sd_rec.to_dict()
             records["prometheus_url"] = prom.url
             _record_file().write_text(json.dumps(records))
         except Exception as e:  # noqa: BLE001 - the demo works without it
@@ -171,7 +173,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     print(f"  chat endpoint:       http://{ip}:8000/v1  (metrics: http://{ip}:8000/metrics)")
     print(f"  operator metrics:    {records['operator_metrics']}")
     if "prometheus_url" in records:
-        print(f"  Prometheus:          {records['prometheus_url']}  (try: dsv4:cache_pool_occupancy_ratio, "
+        print(f"  Prometheus:          {records['prometheus_url']}  (try: dsv4_cache_pool_occupancy_ratio, "
               f"vllm:num_requests_running; alert rules loaded)")
     print(f"  Grafana dashboards:  {REPO / 'helm/dsv4-operator/dashboards'}/*.json, and as ConfigMaps labelled "
           f"grafana_dashboard=1 in namespace {install.namespace} (import into any Grafana on the Prometheus above)")
@@ -180,13 +182,31 @@ def run_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def failure_hints() -> list[str]:
+    """Where to look after a failure: the endpoint's pod logs (with their last line), the components' logs."""
+    from dsv4.e2e import cluster
+
+    state = cluster.state_root() / CLUSTER
+    logs = sorted((state / "pods").glob(f"{NAMESPACE}_chat-*/logs/*.log"), key=lambda p: -p.stat().st_mtime)
+    out = []
+    for log in logs[:3]:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        out.append(f"pod log {log}" + (f": last line {lines[-1].strip()[:300]!r}" if lines else " (empty)"))
+    if logs:
+        out.append(f"or: KUBECONFIG={state / 'kubeconfig'} kubectl logs -n {NAMESPACE} deploy/chat")
+    else:
+        out.append(f"no pod of the endpoint has started (pod logs: {state / 'pods'}/<ns>_<pod>_<uid>/logs/)")
+    out.append(f"operator and control-plane logs: {state / 'logs'}; `make demo-down` cleans up")
+    return out
+
+
 def run_down() -> int:
     from dsv4.e2e import cluster, procs
 
     f = _record_file()
     if f.exists():
         records = json.loads(f.read_text())
-        for name in ("prometheus", "operator"):
+        for name in ("prometheus", "prometheus-pod-sd", "operator"):
             if name in records and procs.stop(procs.ProcRecord.from_dict(records[name]), grace_s=10.0):
                 say(f"{name} stopped")
         f.unlink()
@@ -215,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_cluster(args)
     except Exception as e:
         say(f"failed: {type(e).__name__}: {e}")
-        say("logs are under ~/.cache/dsv4/cluster/demo/logs; `make demo-down` cleans up")
+        for line in failure_hints():
+            say(line)
         return 1
 
 

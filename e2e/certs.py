@@ -95,6 +95,7 @@ def generate(d: Path, *, service_ip: str, extra_ips: tuple[str, ...] = ()) -> Ce
     _make_ca(d, "front-proxy-ca", "dsv4-front-proxy-ca")
     sans = [f"IP:{ip}" for ip in ("127.0.0.1", service_ip, *extra_ips)] + [f"DNS:{n}" for n in SERVER_DNS]
     _make_leaf(d, "ca", "apiserver", "kube-apiserver", None, server_sans=sans)
+    _make_leaf(d, "ca", "kubelet", "dsv4-kubelet", None, server_sans=["IP:127.0.0.1"])  # the pod runner's API
     for stem, (cn, org) in CLIENTS.items():
         _make_leaf(d, "ca", stem, cn, org)
     _make_leaf(d, "front-proxy-ca", "front-proxy-client", "front-proxy-client", None)

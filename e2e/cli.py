@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     down.add_argument("--name", default="default")
     down.add_argument("--keep-state", action="store_true", help="keep logs, certificates and etcd data")
     st = sub.add_parser("status", help="what runs, where, and whether /readyz answers")
-    st.add_argument("--name", default="default")
+    st.add_argument("--name", help="cluster name (default: the only or most recently started running cluster)")
     st.add_argument("--json", action="store_true")
     b = sub.add_parser("build", help="only build/check the cached binaries")
     b.add_argument("--force", action="store_true")
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
             stopped = cluster.down(args.name, keep_state=args.keep_state)
             print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
             return 0
+        args.name = args.name or cluster.last_cluster() or "default"
         st = cluster.status(args.name)
         if args.json:
             print(json.dumps(st, indent=2))

@@ -36,9 +36,12 @@ from dsv4.e2e import build, certs, podnet, procs
 
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"
-POD_CIDR_PREFIX = "10.244"  # node i gets 10.244.<first_subnet + i>.0/24; 10.244.0.1 is the host-side gateway
+POD_CIDR_PREFIX = podnet.POD_RANGE.rsplit(".", 2)[0]  # node i gets 10.244.<first_subnet + i>.0/24
+NODE_IP = "127.0.0.1"  # nodes' InternalIP: whatever the API server dials for a node (logs) stays on loopback
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
+
+POD_RANGE_LOCK = "pod-range"  # serialises installing/removing the pod-range route across clusters
 
 # Order matters: started in this order, stopped in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "podrunner")
@@ -67,7 +70,7 @@ class NodeSpec:
         if not self.name or len(self.name) > 63:
             raise ValueError(f"NodeSpec.name={self.name!r}: must be 1..63 characters")
 
-    def manifest(self) -> dict:
+    def manifest(self, kubelet_port: int = 0) -> dict:
         labels = {
             "kubernetes.io/hostname": self.name,
             "kubernetes.io/os": "linux",
@@ -85,15 +88,19 @@ class NodeSpec:
             "kind": "Node",
             "metadata": {"name": self.name, "labels": labels, "annotations": {KWOK_ANNOTATION: "fake"}},
             "spec": {"podCIDR": self.pod_cidr, "podCIDRs": [self.pod_cidr]},
-            "status": self.status(),
+            "status": self.status(kubelet_port),
         }
 
-    def status(self) -> dict:
+    def status(self, kubelet_port: int = 0) -> dict:
+        """Capacity, addresses and (with a port) the kubelet endpoint the API server dials for logs."""
         res = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods), "ephemeral-storage": "10Ti",
                GPU_RESOURCE: str(self.gpus)}
-        return {"capacity": dict(res), "allocatable": dict(res),
-                "addresses": [{"type": "InternalIP", "address": podnet.GATEWAY},
-                              {"type": "Hostname", "address": self.name}]}
+        out = {"capacity": dict(res), "allocatable": dict(res),
+               "addresses": [{"type": "InternalIP", "address": NODE_IP},
+                             {"type": "Hostname", "address": self.name}]}
+        if kubelet_port:
+            out["daemonEndpoints"] = {"kubeletEndpoint": {"Port": kubelet_port}}
+        return out
 
 
 def first_subnet(name: str) -> int:
@@ -271,6 +278,8 @@ def apiserver_argv(bin_dir: Path, pki: certs.CertPaths, etcd_port: int, port: in
             f"--proxy-client-cert-file={pki.crt('front-proxy-client')}",
             f"--proxy-client-key-file={pki.key('front-proxy-client')}",
             "--enable-aggregator-routing=true",
+            # node names (dsv4-gpu-0) resolve nowhere: dial the InternalIP, which is loopback
+            "--kubelet-preferred-address-types=InternalIP",
             "--profiling=false", "--v=1"]
 
 
@@ -294,13 +303,17 @@ def scheduler_argv(bin_dir: Path, kubeconfig: Path, port: int) -> list[str]:
 def kwok_argv(bin_dir: Path, stages: Path, kubeconfig: Path, port: int) -> list[str]:
     return [str(bin_dir / "kwok"), f"--kubeconfig={kubeconfig}", f"--config={stages}",
             "--manage-all-nodes=false", f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-            f"--server-address=127.0.0.1:{port}", f"--node-ip={podnet.GATEWAY}",
+            f"--server-address=127.0.0.1:{port}", f"--node-ip={NODE_IP}",
             "--node-lease-duration-seconds=40"]
 
 
-def podrunner_argv(state_dir: Path, kubeconfig: Path, nodes: list[NodeSpec]) -> list[str]:
+def podrunner_argv(state_dir: Path, kubeconfig: Path, nodes: list[NodeSpec], pki: certs.CertPaths,
+                   kubelet_port: int, backoff_base_s: float | None = None) -> list[str]:
     argv = [sys.executable, "-m", "dsv4.e2e.podrunner", "--kubeconfig", str(kubeconfig),
-            "--work-dir", str(state_dir / "pods")]
+            "--work-dir", str(state_dir / "pods"), "--kubelet-port", str(kubelet_port),
+            "--tls-cert", str(pki.crt("kubelet")), "--tls-key", str(pki.key("kubelet"))]
+    if backoff_base_s is not None:
+        argv += ["--backoff-base-s", str(backoff_base_s)]
     for n in nodes:
         argv += ["--node", f"{n.name}={n.pod_cidr}"]
     return argv
@@ -311,8 +324,9 @@ def podrunner_argv(state_dir: Path, kubeconfig: Path, nodes: list[NodeSpec]) -> 
 
 
 def up(name: str = "default", *, nodes: list[NodeSpec] | None = None, pod_runner: bool = True,
-       timeout_s: float = 120.0) -> Cluster:
-    """Bring the cluster up (building the binaries first if needed); idempotent when it already runs."""
+       timeout_s: float = 120.0, backoff_base_s: float | None = None) -> Cluster:
+    """Bring the cluster up (building the binaries first if needed); idempotent when it already runs.
+    BACKOFF_BASE_S: the pod runner's first container-restart back-off (default 10 s, as the kubelet)."""
     nodes = nodes if nodes is not None else default_nodes(name=name)
     with _locked(name):
         existing = Cluster.load(name)
@@ -326,6 +340,11 @@ def up(name: str = "default", *, nodes: list[NodeSpec] | None = None, pod_runner
         if pod_runner and (why := podnet.available()):
             raise ClusterError(f"pod runner unavailable: {why} (pass pod_runner=False to run without it)")
         bin_dir = build.ensure_built()
+        if pod_runner:
+            with _locked(POD_RANGE_LOCK):
+                route = podnet.ensure_range_route()
+            _log(f"pod range {podnet.POD_RANGE}: {route.type} on the host "
+                 f"({'installed by us' if route.ours else 'already there'})")
         t0 = time.monotonic()
         state_dir = state_root() / name
         if state_dir.exists():
@@ -333,7 +352,7 @@ def up(name: str = "default", *, nodes: list[NodeSpec] | None = None, pod_runner
         state_dir.mkdir(parents=True)
         pki = certs.generate(state_dir / "pki", service_ip=SERVICE_IP)
         ports = {k: free_port() for k in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager",
-                                          "kube-scheduler", "kwok")}
+                                          "kube-scheduler", "kwok", "kubelet")}
         server = f"https://127.0.0.1:{ports['kube-apiserver']}"
         kcfg = state_dir / "kubeconfig"
         kcfg.write_text(certs.kubeconfig(server, pki.crt("ca"), pki.crt("admin"), pki.key("admin"), user="dsv4-admin"))
@@ -364,7 +383,7 @@ def up(name: str = "default", *, nodes: list[NodeSpec] | None = None, pod_runner
             start("kube-scheduler", scheduler_argv(bin_dir, comp_cfg["scheduler"], ports["kube-scheduler"]))
             start("kwok", kwok_argv(bin_dir, build.kwok_stages_file(), kcfg, ports["kwok"]))
             if pod_runner:
-                start("podrunner", podrunner_argv(state_dir, kcfg, nodes))
+                start("podrunner", podrunner_argv(state_dir, kcfg, nodes, pki, ports["kubelet"], backoff_base_s))
             _create_nodes(cluster, nodes)
             _wait_ready(cluster, nodes, timeout_s)
         except BaseException:
@@ -381,10 +400,14 @@ def _create_nodes(cluster: Cluster, nodes: list[NodeSpec]) -> None:
     with cluster.api_client() as api:
         core = client.CoreV1Api(api)
         for n in nodes:
-            core.create_node(n.manifest())
+            core.create_node(n.manifest(cluster.ports["kubelet"]))
             # Status on create is kept for nodes today; patch it too so capacity never depends on that.
-            core.patch_node_status(n.name, {"status": n.status()},
-                                  _content_type="application/strategic-merge-patch+json")
+            _patch_node_status(core, cluster, n)
+
+
+def _patch_node_status(core, cluster: Cluster, n: NodeSpec) -> None:
+    core.patch_node_status(n.name, {"status": n.status(cluster.ports["kubelet"])},
+                           _content_type="application/strategic-merge-patch+json")
 
 
 def _wait_ready(cluster: Cluster, nodes: list[NodeSpec], timeout_s: float) -> None:
@@ -404,12 +427,44 @@ def _wait_ready(cluster: Cluster, nodes: list[NodeSpec], timeout_s: float) -> No
 
         _wait("kwok nodes Ready with GPU capacity and no not-ready taints", nodes_ready, cluster.procs.get("kwok"),
               timeout_s)
+        for n in nodes:  # kwok's initialising stage has rewritten the status: make sure the kubelet port stays
+            _patch_node_status(core, cluster, n)
         # Pods need the namespace's default ServiceAccount, which the controller-manager creates.
         _wait("the default ServiceAccount", lambda: core.read_namespaced_service_account("default", "default"),
               cluster.procs.get("kube-controller-manager"), timeout_s)
         if "podrunner" in cluster.procs:
             ready_file = cluster.state_dir / "pods" / "ready"
             _wait("the pod runner", ready_file.exists, cluster.procs["podrunner"], timeout_s)
+
+
+def recorded_clusters() -> list[str]:
+    """Names of clusters with a state directory, the most recently written state first."""
+    root = state_root()
+    states = [d / "state.json" for d in root.iterdir()] if root.is_dir() else []
+    return [f.parent.name for f in sorted((f for f in states if f.is_file()), key=lambda f: -f.stat().st_mtime)]
+
+
+def live_clusters(exclude: str | None = None) -> list[str]:
+    """Names of recorded clusters with at least one live process (most recent first)."""
+    return [n for n in recorded_clusters()
+            if n != exclude and (c := Cluster.load(n)) is not None and any(c.alive().values())]
+
+
+def last_cluster() -> str | None:
+    """The cluster a command without --name means: the only or most recent live one, else the most recent."""
+    live = live_clusters()
+    recorded = recorded_clusters()
+    return live[0] if live else (recorded[0] if recorded else None)
+
+
+def _release_range_route(name: str) -> None:
+    """The last of our clusters to go takes the pod-range route with it (only a route we installed)."""
+    with _locked(POD_RANGE_LOCK):
+        others = live_clusters(exclude=name)
+        if others:
+            _log(f"pod range route kept: cluster(s) {', '.join(others)} still up")
+        elif podnet.available() is None and podnet.remove_range_route():
+            _log(f"pod range route removed (unreachable {podnet.POD_RANGE})")
 
 
 def _down_locked(cluster: Cluster, *, keep_state: bool = False) -> list[str]:
@@ -419,9 +474,10 @@ def _down_locked(cluster: Cluster, *, keep_state: bool = False) -> list[str]:
         if rec is not None and procs.stop(rec, grace_s=15.0 if comp == "podrunner" else 10.0):
             stopped.append(comp)
     # Anything the pod runner could not clean (it was killed, or crashed): its state file names it.
-    from dsv4.e2e import podrunner
+    from dsv4.e2e.podrunner.state import cleanup_recorded
 
-    podrunner.cleanup_recorded(cluster.state_dir / "pods")
+    cleanup_recorded(cluster.state_dir / "pods")
+    _release_range_route(cluster.name)
     if not keep_state and cluster.state_dir.exists():
         shutil.rmtree(cluster.state_dir, ignore_errors=True)
     return stopped

@@ -2,9 +2,10 @@
 
 1. `install_chart()` runs `helm upgrade --install` of `helm/dsv4-operator` into the cluster: CRD,
    ServiceAccount, (Cluster)Roles and bindings, metrics Service, dashboard ConfigMaps, and the operator
-   Deployment. The Deployment's pod is kept Pending (a nodeSelector no node has): its process could not
-   reach the API server from a pod network namespace (the API server binds 127.0.0.1), and a second
-   operator would fight the local one.
+   Deployment, which is then scaled to 0 (and given a nodeSelector no node has, should anything scale it
+   up): its process could not reach the API server from a pod network namespace (the API server binds
+   127.0.0.1), and a second operator would fight the local one. Scaled to 0 rather than left Pending,
+   `kubectl rollout status` (the chart's NOTES) completes instead of waiting forever.
 2. `service_account_kubeconfig()` asks the TokenRequest API (`serviceaccounts/<sa>/token`) for a token
    of the chart's ServiceAccount and writes a kubeconfig with it: the operator then has exactly the
    chart's RBAC, which is what the e2e proves to be enough.
@@ -50,6 +51,7 @@ class ChartInstall:
     namespace: str
     service_account: str
     helm_output: str
+    deployment: str = ""  # the chart's operator Deployment (scaled to 0: the operator runs as a local process)
 
 
 def helm(args: list[str], kubeconfig: Path, timeout: float = 120) -> str:
@@ -86,11 +88,14 @@ def install_chart(kubeconfig: Path, *, release: str = "dsv4", namespace: str = "
                     "-f", fh.name], kubeconfig)
     finally:
         os.unlink(fh.name)
-    manifest = helm(["get", "manifest", release, "-n", namespace], kubeconfig)
-    sas = [d["metadata"]["name"] for d in yaml.safe_load_all(manifest) if d and d.get("kind") == "ServiceAccount"]
+    docs = [d for d in yaml.safe_load_all(helm(["get", "manifest", release, "-n", namespace], kubeconfig)) if d]
+    sas = [d["metadata"]["name"] for d in docs if d.get("kind") == "ServiceAccount"]
     if len(sas) != 1:
         raise OperatorError(f"the chart rendered {len(sas)} ServiceAccounts ({sas}); expected exactly one")
-    return ChartInstall(release, namespace, sas[0], out)
+    deployments = [d["metadata"]["name"] for d in docs if d.get("kind") == "Deployment"]
+    for name in deployments:
+        kubectl(["scale", "deployment", name, "-n", namespace, "--replicas=0"], kubeconfig)
+    return ChartInstall(release, namespace, sas[0], out, deployment=",".join(deployments))
 
 
 def uninstall_chart(kubeconfig: Path, install: ChartInstall) -> None:

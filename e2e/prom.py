@@ -1,8 +1,9 @@
 """A real Prometheus (Debian's `prometheus` package) scraping the local cluster's pods and the operator.
 
-Runtime pods are discovered the way `kubernetes_sd_configs` (role pod) would do it, but through a
-`file_sd` file: Debian builds Prometheus without the Kubernetes service discovery, so the harness lists
-the pods every second (admin credentials) and writes one target per container port with the same
+Runtime pods are discovered from the API server the way `kubernetes_sd_configs` (role pod) would do it,
+but through a `file_sd` file: Debian builds Prometheus without the Kubernetes service discovery, so a
+companion process (`dsv4.e2e.pod_sd`, started and stopped with Prometheus) watches the pods (admin
+credentials) and rewrites the file on every pod change, one target per container port with the same
 `__meta_kubernetes_*` labels. The relabelling is exactly the rules the project documents
 (`metrics_catalog.runtime_scrape_relabelings("prometheus")`: keep pods with the `dsv4.io/endpoint`
 label, copy it into `dsv4_endpoint`, add `namespace` and `pod`), plus a keep on ready pods and the
@@ -10,7 +11,7 @@ container port named `http`. Pod IPs are reachable from the host (docs/local-clu
 Prometheus scrapes the real `dsv4 serve` processes. The operator's metrics port is a static target. The shipped
 alert rules are loaded as a rules file, so Prometheus' own rule engine evaluates every alert expression.
 
-    p = Prometheus.for_cluster(cluster, work_dir, operator_target="127.0.0.1:PORT").start()
+    p = Prometheus.for_cluster(cluster, work_dir, operator_target="127.0.0.1:PORT").start()  # + pod_sd
     p.query('up{job="dsv4-runtime"}')   # -> list of {"metric": ..., "value": [t, "v"]}
     p.rules()                            # /api/v1/rules groups (health, lastError, state per rule)
     p.stop()
@@ -18,16 +19,14 @@ alert rules are loaded as a rules file, so Prometheus' own rule engine evaluates
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
-import threading
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,7 @@ def file_sd_targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def scrape_config(targets_file: Path, operator_target: str | None, rules_file: Path | None,
                   interval: str = "1s") -> dict[str, Any]:
     """prometheus.yml for the local cluster (pure: tested without a cluster)."""
-    from dsv4.runtime import metrics_catalog as mc
+    from dsv4 import metrics_catalog as mc
 
     runtime_job = {
         "job_name": RUNTIME_JOB,
@@ -114,50 +113,46 @@ def scrape_config(targets_file: Path, operator_target: str | None, rules_file: P
 @dataclass
 class Prometheus:
     work_dir: Path
-    list_pods: Callable[[], list[dict[str, Any]]]  # every pod of the cluster (as JSON dicts)
+    kubeconfig: Path                        # the pods are discovered with these credentials (pod_sd)
     operator_target: str | None = None
     rules_text: str | None = None           # a rules file (e.g. the shipped alerts) to evaluate
     interval: str = "1s"
-    follow_pods: bool = True                # re-sync the targets every second (False: once, at start)
     port: int = field(default_factory=free_port)
     rec: procs.ProcRecord | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _sync: threading.Thread | None = None
+    sd_rec: procs.ProcRecord | None = None  # the pod_sd process feeding targets_file
 
     @classmethod
     def for_cluster(cls, cluster, work_dir: Path, **kw) -> Prometheus:
-        def list_pods() -> list[dict[str, Any]]:
-            from kubernetes import client
-
-            with cluster.api_client() as api:
-                resp = client.CoreV1Api(api).list_pod_for_all_namespaces(_preload_content=False)
-                return json.loads(resp.data)["items"]
-
-        return cls(work_dir=work_dir, list_pods=list_pods, **kw)
+        return cls(work_dir=work_dir, kubeconfig=cluster.kubeconfig, **kw)
 
     @property
     def targets_file(self) -> Path:
         return self.work_dir / "targets" / "pods.json"
 
-    def sync_targets(self) -> int:
-        """Rewrite the file_sd file from the current pods (atomically); returns the number of targets."""
-        entries = file_sd_targets(self.list_pods())
-        self.targets_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.targets_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries))
-        tmp.replace(self.targets_file)
-        return len(entries)
-
-    def _sync_loop(self) -> None:
-        while not self._stop.wait(1.0):
-            with contextlib.suppress(Exception):  # API away for a moment: keep the last file
-                self.sync_targets()
+    def _start_discovery(self, timeout_s: float) -> None:
+        argv = [sys.executable, "-m", "dsv4.e2e.pod_sd", "--kubeconfig", str(self.kubeconfig),
+                "--out", str(self.targets_file)]
+        _, self.sd_rec = procs.spawn("prometheus-pod-sd", argv, self.work_dir / "pod_sd.log")
+        deadline = time.monotonic() + timeout_s
+        while not self.targets_file.exists():
+            if not procs.is_alive(self.sd_rec) or time.monotonic() > deadline:
+                raise PrometheusError(f"pod discovery did not write {self.targets_file}; log:\n"
+                                      f"{self.log_tail('pod_sd.log')}")
+            time.sleep(0.2)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> Prometheus:
+        """Start pod discovery, then Prometheus; wait for /-/ready. On failure both are stopped again."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> Prometheus:
         binary = ensure_prometheus()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         rules = None
@@ -165,7 +160,7 @@ class Prometheus:
             rules = self.work_dir / "rules.yaml"
             rules.write_text(self.rules_text)
         cfg_file = self.work_dir / "prometheus.yml"
-        self.sync_targets()
+        self._start_discovery(timeout_s)
         cfg_file.write_text(yaml.safe_dump(scrape_config(self.targets_file, self.operator_target, rules,
                                                          self.interval)))
         argv = [str(binary), f"--config.file={cfg_file}", f"--storage.tsdb.path={self.work_dir / 'data'}",
@@ -179,9 +174,6 @@ class Prometheus:
             try:
                 with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
                     if r.status == 200:
-                        if self.follow_pods:
-                            self._sync = threading.Thread(target=self._sync_loop, name="prom-sd", daemon=True)
-                            self._sync.start()
                         return self
             except OSError:
                 pass
@@ -189,14 +181,13 @@ class Prometheus:
         raise PrometheusError(f"prometheus not ready within {timeout_s:.0f} s; log:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._sync is not None:
-            self._sync.join(5)
         if self.rec is not None:
             procs.stop(self.rec, grace_s=10.0)
+        if self.sd_rec is not None:
+            procs.stop(self.sd_rec, grace_s=5.0)
 
-    def log_tail(self, n: int = 30) -> str:
-        p = self.work_dir / "prometheus.log"
+    def log_tail(self, log: str = "prometheus.log", n: int = 30) -> str:
+        p = self.work_dir / log
         return "\n".join(p.read_text(errors="replace").splitlines()[-n:]) if p.exists() else "(no log)"
 
     def _api(self, path: str, params: dict[str, str] | None = None) -> Any:

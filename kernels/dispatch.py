@@ -1,15 +1,16 @@
 """The only kernel entry points the model calls. Triton on CUDA tensors (or under the Triton
 interpreter), the torch reference otherwise.
 
-Dispatch rule (`choose_backend`, evaluated at every call, nothing cached at import):
+Dispatch rule (`choose_backend`, evaluated at every call; the environment is read once at start-up into
+`settings.current()`, and `settings.refresh()` re-reads it):
 
-1. `backend=` argument, else env `DSV4_KERNEL_BACKEND` (read at call time), else "auto".
+1. `backend=` argument, else env `DSV4_KERNEL_BACKEND`, else "auto".
 2. "torch": the references in `reference.py`, except that indexer scores and sparse attention go through
    `prefix_gemm.py` (the same math with one GEMM per run of a sequence's prefill rows) and top-k through
    `topk_torch.py` (the same selection in fewer passes).
 3. "triton": the Triton kernel; compiled for CUDA tensors, interpreted for CPU tensors (slow: tests only).
 4. "auto": triton not importable -> torch; Triton interpreter on (env `TRITON_INTERPRET` truthy or
-   `triton.knobs.runtime.interpret`, read now) -> interpreted Triton; CUDA tensors -> compiled Triton;
+   `triton.knobs.runtime.interpret`, the knob read now) -> interpreted Triton; CUDA tensors -> compiled Triton;
    otherwise (CPU tensors) -> torch.
 
 Kernel modules are built lazily on first use, per mode (`triton_loader.load`), so a test can run
@@ -19,22 +20,20 @@ process keeps the fast torch reference.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
-from dsv4.kernels import reference, triton_loader
+from dsv4.kernels import reference, settings, triton_loader
+from dsv4.kernels.settings import BACKEND_CHOICES, BACKEND_ENV
 
 Backend = Literal["torch", "triton", "interpret"]
-BACKEND_ENV = "DSV4_KERNEL_BACKEND"
-_CHOICES = ("auto", "torch", "triton")
 
 
 def choose_backend(*tensors: torch.Tensor | None, backend: str | None = None) -> Backend:
     """"torch" | "triton" (compiled, CUDA) | "interpret" (Triton interpreter) for these tensors."""
-    want = (backend or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
-    if want not in _CHOICES:
-        raise ValueError(f"kernel backend must be one of {_CHOICES} (argument or ${BACKEND_ENV}), got {want!r}")
+    want = backend.strip().lower() if backend else settings.current().backend
+    if want not in BACKEND_CHOICES:
+        raise ValueError(f"kernel backend must be one of {BACKEND_CHOICES} (argument or ${BACKEND_ENV}), got {want!r}")
     if want == "torch":
         return "torch"
     cuda = any(t is not None and t.is_cuda for t in tensors)

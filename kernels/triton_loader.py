@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-_TRUE = {"1", "true", "on", "yes"}
+from dsv4.kernels import settings
+
 _lock = threading.Lock()
 _cache: dict[tuple[str, bool], ModuleType] = {}
 
@@ -35,8 +35,9 @@ def triton_available() -> bool:
 
 
 def interpreter_on() -> bool:
-    """The Triton interpreter switch, read now: env TRITON_INTERPRET or `triton.knobs.runtime.interpret`."""
-    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE:
+    """The Triton interpreter switch: env TRITON_INTERPRET (as read at start-up: `settings`) or
+    `triton.knobs.runtime.interpret` (read now)."""
+    if settings.current().interpret:
         return True
     if "triton" not in sys.modules:
         return False

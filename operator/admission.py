@@ -59,8 +59,10 @@ def _node_at(obj: Any, path: str) -> Any:
     return obj
 
 
-def cel_errors(obj: dict[str, Any], root: dict[str, Any] | None = None) -> list[str]:
-    """Every CEL rule that `obj` (defaults applied by the caller) breaks, as `<path>: <message>`."""
+def cel_errors(obj: dict[str, Any], root: dict[str, Any] | None = None, old: dict[str, Any] | None = None) -> list[str]:
+    """Every CEL rule that `obj` (defaults applied by the caller) breaks, as `<path>: <message>`. Transition
+    rules (those reading `oldSelf`) run only for an update, i.e. when `old` (the stored object) is given, unless
+    they set `optionalOldSelf` (then on create too, with `oldSelf.hasValue()` false)."""
     import celpy
 
     env = celpy.Environment()
@@ -68,14 +70,23 @@ def cel_errors(obj: dict[str, Any], root: dict[str, Any] | None = None) -> list[
     for path, node in walk(root or schema()):
         for rule in node.get("x-kubernetes-validations", []):
             value = _node_at(obj, path)
-            if value is None:
+            text, transition = rule["rule"], "oldSelf" in rule["rule"]
+            old_value = _node_at(old, path) if old is not None else None
+            if value is None or (transition and old_value is None and not rule.get("optionalOldSelf")):
                 continue
+            bindings = {"self": celpy.json_to_cel(value)}
+            if rule.get("optionalOldSelf"):  # cel-python has no optionals: oldSelf.hasValue() becomes a boolean
+                text = text.replace("oldSelf.hasValue()", "oldSelfHasValue").replace("oldSelf.value()", "oldSelf")
+                bindings["oldSelfHasValue"] = celpy.json_to_cel(old_value is not None)
+            if transition:
+                bindings["oldSelf"] = celpy.json_to_cel(old_value if old_value is not None else {})
             try:
-                ok = bool(env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)}))
+                ok = bool(env.program(env.compile(text)).evaluate(bindings))
             except Exception as e:  # noqa: BLE001 - an evaluation error rejects the object, as in the API server
                 ok, rule = False, {**rule, "message": f"{rule['message']} (rule error: {e})"}
             if not ok:
-                out.append(f"{path.lstrip('.') or '<root>'}: {rule['message']}")
+                where = (path + rule["fieldPath"] if "fieldPath" in rule else path).lstrip(".")
+                out.append(f"{where or '<root>'}: {rule['message']}")
     return out
 
 
@@ -90,8 +101,9 @@ def openapi_errors(obj: dict[str, Any], root: dict[str, Any] | None = None) -> l
     return sorted(out)
 
 
-def admission_errors(obj: dict[str, Any]) -> list[str]:
-    """OpenAPI problems, else CEL problems (the API server runs CEL only on schema-valid objects)."""
+def admission_errors(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """OpenAPI problems, else CEL problems (the API server runs CEL only on schema-valid objects). `old`: the
+    stored object, for an update (transition rules)."""
     root = schema()
     full = with_defaults(obj, root)
-    return openapi_errors(full, root) or cel_errors(full, root)
+    return openapi_errors(full, root) or cel_errors(full, root, with_defaults(old, root) if old else None)

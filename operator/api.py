@@ -10,11 +10,14 @@ operator reject the same objects when the CRD is old or CEL is off).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from dsv4.settings_enums import CachePolicy, HcaState, ProfileName
 
 GROUP = "serving.dsv4.dev"
 VERSION = "v1alpha1"
@@ -24,8 +27,8 @@ SINGULAR = "dsv4endpoint"
 SHORT_NAMES = ["dsv4ep"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
-PROFILE_NAMES = ("long-context-agent", "coding-agent", "short-chat", "batch")
 MAX_SCALING_HISTORY = 5
+MAX_PLAN_HISTORY = 5
 
 # Shapes of names the children inherit (Kubernetes' own validation of those objects, checked up front so a bad
 # value is rejected by the API server when the DSV4Endpoint is applied, not later when a child is).
@@ -45,6 +48,23 @@ NAME_RULES = [
     {"rule": f"self.metadata.name.matches('{DNS_LABEL_1035}')",
      "message": "metadata.name must start with a lower-case letter and contain only a-z, 0-9 and '-' "
                 "(a DNS-1035 label: it names the endpoint's Service)"},
+]
+
+
+# The `/scale` subresource reads `.spec.replicas`, so the operator keeps it present in every mode (see
+# replica_owner.py). With autoscaling on, it mirrors the autoscaler's decision (status.desiredReplicas); anyone
+# else changing it (`kubectl scale`, an HPA, a PUT on /scale) is refused here. `optionalOldSelf`: the rule also
+# runs on create (oldSelf empty, status not stored yet), so replicas together with autoscaling is refused there.
+SCALE_MESSAGE = ("autoscaling.enabled is true: the autoscaler owns replicas (spec.replicas mirrors "
+                 "status.desiredReplicas); change autoscaling.minReplicas/maxReplicas, or set autoscaling.enabled: "
+                 "false to set replicas by hand")
+SCALE_RULES = [
+    {"rule": "!has(self.spec.autoscaling) || !self.spec.autoscaling.enabled || !has(self.spec.replicas) "
+             "|| (oldSelf.hasValue() && has(oldSelf.value().spec.replicas) "
+             "&& self.spec.replicas == oldSelf.value().spec.replicas) "
+             "|| (has(self.status) && has(self.status.desiredReplicas) "
+             "&& self.spec.replicas == self.status.desiredReplicas)",
+     "message": SCALE_MESSAGE, "fieldPath": ".spec.replicas", "optionalOldSelf": True},
 ]
 
 
@@ -165,7 +185,7 @@ class ProfileSpec(_Model):
         _cel("(self.name == 'custom') == has(self.custom)",
              "profile.custom must be set exactly when profile.name is custom"),
     ]})
-    name: Literal["long-context-agent", "coding-agent", "short-chat", "batch", "custom"] = Field(
+    name: Literal[ProfileName, "custom"] = Field(
         description="Workload profile: a named preset, or custom (then profile.custom describes the workload).")
     custom: CustomProfile | None = Field(None, description="The workload, when name is custom.")
     concurrency: int | None = Field(None, ge=1, le=1_000_000,
@@ -201,9 +221,9 @@ class AcceleratorSpec(_Model):
 class Overrides(_Model):
     tensor_parallel_size: int | None = Field(None, ge=1, le=64, description="GPUs per replica (TP group size).")
     batching_delay_ms: float | None = Field(None, ge=0, le=1000, description="Scheduler batching delay, milliseconds.")
-    cache_policy: Literal["full", "checkpoint", "recompute"] | None = Field(
+    cache_policy: CachePolicy | None = Field(
         None, description="Sliding-window cache policy for prefix reuse: full, checkpoint, or recompute.")
-    hca_state: Literal["raw", "online"] | None = Field(
+    hca_state: HcaState | None = Field(
         None, description="HCA compressor state: raw tail rows, or one online-softmax slot per open group.")
     max_num_batched_tokens: int | None = Field(None, ge=16, le=1 << 20,
                                                description="Token budget of one scheduler step.")
@@ -287,9 +307,6 @@ class MonitoringSpec(_Model):
 
 class DSV4EndpointSpec(_Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        _cel("!has(self.replicas) || !has(self.autoscaling) || !self.autoscaling.enabled "
-             "|| self.autoscaling.mode != 'builtin'",
-             "replicas and autoscaling.enabled (builtin) are exclusive: replicas has one writer"),
         _cel("!has(self.overrides) || !has(self.overrides.tensorParallelSize) "
              "|| self.overrides.tensorParallelSize <= self.accelerator.gpusPerNode",
              "overrides.tensorParallelSize must be <= accelerator.gpusPerNode (one pod per replica)"),
@@ -300,7 +317,10 @@ class DSV4EndpointSpec(_Model):
                                        json_schema_extra={"default": AcceleratorSpec().wire()})
     overrides: Overrides | None = Field(None, description="Settings that replace the planner's choices.")
     replicas: int | None = Field(None, ge=0, le=1000,
-                                 description="Replicas when the built-in autoscaler is off (also the /scale target).")
+                                 description="Replicas (the /scale target). Without autoscaling: set by you, "
+                                             "`kubectl scale` or an HPA (absent: the plan's count, written here by "
+                                             "the operator). With autoscaling: the autoscaler's decision, mirrored "
+                                             "by the operator; other changes are refused.")
     autoscaling: AutoscalingSpec | None = Field(None, description="Autoscaling on cache occupancy and queue depth.")
     placement: PlacementSpec | None = Field(None, description="Where the pods may run.")
     image: str | None = Field(None, min_length=1, max_length=1024, pattern=r"^\S+$",
@@ -319,9 +339,6 @@ class DSV4EndpointSpec(_Model):
 
     @model_validator(mode="after")
     def _rules(self) -> DSV4EndpointSpec:
-        a = self.autoscaling
-        if self.replicas is not None and a is not None and a.enabled and a.mode == "builtin":
-            raise ValueError("replicas and autoscaling.enabled (builtin) are exclusive: replicas has one writer")
         tp = self.overrides.tensor_parallel_size if self.overrides else None
         if tp is not None and tp > self.accelerator.gpus_per_node:
             raise ValueError(f"overrides.tensorParallelSize ({tp}) must be <= accelerator.gpusPerNode "
@@ -374,11 +391,47 @@ class ScalingDecision(_Model):
     reason: str = Field(description="Why.")
 
 
+def rfc3339(t: float, ms: bool = False) -> str:
+    """A unix time as RFC 3339 UTC, whole seconds (conditions, history) or with milliseconds (autoscaler state,
+    read back by `parse_rfc3339`)."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds" if ms else "seconds").replace(
+        "+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class Recommendation(_Model):
+    time: str = Field(description="When the autoscaler recommended it (RFC 3339).")
+    replicas: int = Field(description="Recommended replicas.")
+
+
 class AutoscalerState(_Model):
-    recommendations: list[list[float]] = Field(
-        default_factory=list, description="Recent [unix time, desired replicas] pairs for scale-down stabilization.",
-        json_schema_extra={"items": {"type": "array", "items": {"type": "number"}}})
-    panic_until: float | None = Field(None, description="Unix time the panic mode ends.")
+    recommendations: list[Recommendation] = Field(
+        default_factory=list, description="Recent recommendations, kept for scale-down stabilization.")
+    panic_until: str | None = Field(None, description="When the panic mode ends (RFC 3339).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_epoch(cls, data: Any) -> Any:
+        """Status written by older operators kept unix times ([time, replicas] pairs, a float panicUntil)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        recs = data.get("recommendations") or []
+        data["recommendations"] = [{"time": rfc3339(float(r[0]), ms=True), "replicas": int(r[1])}
+                                   if isinstance(r, list | tuple) else r for r in recs]
+        key = "panicUntil" if "panicUntil" in data else "panic_until"
+        if isinstance(data.get(key), int | float):
+            data[key] = rfc3339(float(data[key]), ms=True)
+        return data
+
+
+class PlanChange(_Model):
+    time: str = Field(description="When the plan changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="metadata.generation that caused the replan.")
+    changes: list[str] = Field(description="Each changed choice as `name: old -> new`.")
 
 
 class DSV4EndpointStatus(_Model):
@@ -390,12 +443,18 @@ class DSV4EndpointStatus(_Model):
     desired_replicas: int | None = Field(None, description="Replicas the operator wants.")
     selector: str | None = Field(None, description="Label selector of the pods (the /scale selector).")
     endpoint: str | None = Field(None, description="In-cluster URL of the OpenAI-compatible API.")
+    replica_counts: str | None = Field(None, description="Ready / desired replicas, e.g. 1/2 (a printer column).")
+    reason: str | None = Field(None, description="Why the endpoint is degraded or its plan invalid (the condition's "
+                                                 "reason); empty when healthy.")
+    plan_summary: str | None = Field(None, description="The plan in one line (TP, cache policy, sessions, context).")
     plan: PlanStatus | None = Field(None, description="What the planner chose, with reasons.")
     pool_occupancy: dict[str, float] | None = Field(None, description="Mean occupancy per cache pool over ready pods.")
     max_cache_occupancy: str | None = Field(None, description="Fullest pool and its occupancy, e.g. csa=0.72.")
     queue_depth: float | None = Field(None, description="Mean waiting requests per ready pod.")
     scaling_history: list[ScalingDecision] = Field(default_factory=list, max_length=MAX_SCALING_HISTORY,
                                                    description="The last five scaling decisions.")
+    plan_history: list[PlanChange] = Field(default_factory=list, max_length=MAX_PLAN_HISTORY,
+                                           description="The last five replans, old -> new per changed choice.")
     autoscaler: AutoscalerState | None = Field(None, description="Autoscaler memory kept across operator restarts.")
 
 

@@ -1,7 +1,7 @@
 """How many sessions and how long a context one replica's cache budget holds, pool by pool.
 
 No formula of its own: the planner sizes the cache with the runtime's allocator,
-`dsv4.runtime.cache.manager.CacheManager.from_budget` (metadata only, no tensors), so the plan and the
+`dsv4.runtime.cache.sizing.CacheSizing.from_budget` (metadata only, no tensors), so the plan and the
 server that later reads the same budget from its config file agree block for block. `from_budget`
 splits the budget over the block pools (swa, csa+idx, hca, csa_state, hca_state) in proportion to what
 one sequence of `expected_context` tokens needs under the cache policy; `max_request_tokens()` is the
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv4.runtime.cache.manager import CacheManager
+from dsv4.runtime.cache.sizing import CacheSizing
 from dsv4.runtime.cache.spec import CacheConfigError, CacheSpec
 
-POLICIES = ("full", "checkpoint", "recompute")
+from dsv4.settings_enums import CACHE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,11 @@ class Capacity:
 def capacity(spec: CacheSpec, budget_bytes: int, *, expected_context: int, policy: str, max_context_limit: int,
              prefill_chunk: int | None = None) -> Capacity:
     """Size the pools of `budget_bytes` for requests of `expected_context` tokens under `policy`."""
-    if policy not in POLICIES:
-        raise ValueError(f"cache policy must be one of {POLICIES}, got {policy!r}")
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"cache policy must be one of {CACHE_POLICIES}, got {policy!r}")
     try:
-        mgr = CacheManager.from_budget(spec, int(budget_bytes), expected_context=int(expected_context),
-                                       policy=policy, prefill_chunk=prefill_chunk)
+        mgr = CacheSizing.from_budget(spec, int(budget_bytes), expected_context=int(expected_context),
+                                      policy=policy, prefill_chunk=prefill_chunk)
     except CacheConfigError as e:
         return Capacity(int(budget_bytes), policy, expected_context, {}, {}, 0, 0, str(e))
     nb = dict(mgr.num_blocks)

@@ -27,15 +27,24 @@ CRD_PATH = ROOT / "crds" / CRD_FILE
 CHART_CRD_PATH = ROOT / "helm" / "dsv4-operator" / "crds" / CRD_FILE
 
 PRINTER_COLUMNS = [
-    {"name": "Model", "type": "string", "jsonPath": ".spec.model.variant", "description": "Model variant."},
-    {"name": "Profile", "type": "string", "jsonPath": ".spec.profile.name", "description": "Workload profile."},
+    {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status",
+     "description": "At least one replica serves."},
+    {"name": "URL", "type": "string", "jsonPath": ".status.endpoint", "description": "OpenAI-compatible API."},
+    {"name": "Replicas", "type": "string", "jsonPath": ".status.replicaCounts", "description": "Ready/desired."},
     {"name": "TP", "type": "integer", "jsonPath": ".status.plan.tensorParallelSize",
      "description": "GPUs per replica."},
-    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas", "description": "Pods."},
-    {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Ready pods."},
     {"name": "MaxCache", "type": "string", "jsonPath": ".status.maxCacheOccupancy",
      "description": "Fullest cache pool and its occupancy."},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason",
+     "description": "Why the endpoint is degraded or invalid."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # -o wide
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.variant", "description": "Model variant.",
+     "priority": 1},
+    {"name": "Profile", "type": "string", "jsonPath": ".spec.profile.name", "description": "Workload profile.",
+     "priority": 1},
+    {"name": "Plan", "type": "string", "jsonPath": ".status.planSummary", "description": "The plan in one line.",
+     "priority": 1},
 ]
 
 _DROP = {"title", "discriminator"}
@@ -106,7 +115,7 @@ def openapi_schema() -> dict[str, Any]:
                        "the operator plans TP, batching and cache policy from the workload profile, "
                        "runs the pods and scales them on per-pool cache occupancy and queue depth.",
         "required": ["spec"],
-        "x-kubernetes-validations": copy.deepcopy(api.NAME_RULES),
+        "x-kubernetes-validations": copy.deepcopy(api.NAME_RULES + api.SCALE_RULES),
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object (serving.dsv4.dev/v1alpha1)."},
             "kind": {"type": "string", "description": "Kind of this object (DSV4Endpoint)."},

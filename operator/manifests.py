@@ -17,7 +17,9 @@ import yaml
 from dsv4.operator import api
 from dsv4.operator.api import DSV4EndpointSpec
 from dsv4.operator.planner import Plan
-from dsv4.runtime import metrics_catalog as mc
+from dsv4.runtime.server.config import ServeConfig
+
+from dsv4 import metrics_catalog as mc
 
 FIELD_MANAGER = "dsv4-operator"
 DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:latest"  # when neither spec.image nor the operator's DSV4_RUNTIME_IMAGE is set
@@ -34,29 +36,8 @@ CONFIG_HASH_ANNOTATION = "dsv4.io/config-hash"
 PRESTOP_SLEEP_S = 10
 RUN_AS_USER = 1000
 
-# Keys of the runtime config file, with what each means. `dsv4 serve --config` must accept all of them.
-CONFIG_KEYS: dict[str, str] = {
-    "model": "checkpoint folder (config.json, tokenizer, safetensors); absent = the built-in tiny model",
-    "served_model_name": "model name clients send in OpenAI requests",
-    "tp": "tensor-parallel size (GPUs of this pod)",
-    "profile": "workload profile name (the runtime applies its defaults first; the keys below override them)",
-    "batching_delay_ms": "scheduler batching delay in milliseconds",
-    "max_num_batched_tokens": "token budget of one scheduler step",
-    "chunked_prefill_size": "largest prefill chunk of one request per step",
-    "max_num_seqs": "most running sequences",
-    "max_model_len": "longest context accepted (requests above it get HTTP 400)",
-    "cache_policy": "full | checkpoint | recompute (sliding-window policy)",
-    "hca_state": "raw | online (HCA compressor state: raw tail rows or one online-softmax slot)",
-    "kv_dtype": "fp8 | bf16 (KV row storage)",
-    "cache_budget_gib": "KV-cache bytes per GPU (GiB) the planner left after weights and activations",
-    "expected_context": "context length the pool split is sized for (profile p95 + output tokens)",
-    "pool_split": "fraction of the cache budget per block pool (swa, csa, hca, csa_state, hca_state)",
-    "device": "auto | cpu | cuda (cpu when accelerator.type is cpu)",
-    "host": "listen address",
-    "port": "listen port",
-    "grace_period_s": "drain time after SIGTERM before in-flight requests are cut",
-    "api_key_file": "file holding the API key (unused by the operator: the key comes as env DSV4_API_KEY)",
-}
+# Keys of the runtime config file, with what each means: the settings of `dsv4 serve --config` (one source).
+CONFIG_KEYS: dict[str, str] = ServeConfig.descriptions()
 
 
 @dataclass(frozen=True)
@@ -104,7 +85,8 @@ def runtime_config(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan) -> dict
         "kv_dtype": plan.kv_dtype,
         # exact (bytes / 2**30 is exact in binary floating point): the runtime splits this budget with the same
         # CacheManager.from_budget, expected context and prefill chunk as the planner, so the pools match the
-        # plan block for block (tests/test_plan_server_agree.py); no pool_split is written for that reason
+        # plan block for block (test_server_sizes_the_pools_of_its_plan_block_for_block in
+        # tests/test_operator_manifests.py); no pool_split is written for that reason
         "cache_budget_gib": plan.cache_bytes_per_gpu / 2**30,
         "expected_context": plan.expected_context,
         "host": "0.0.0.0",
@@ -198,6 +180,8 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
                            "failureThreshold": 2, "timeoutSeconds": 3},
         # let endpoints drop the pod before SIGTERM; the runtime then drains (503 to new requests)
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
+        # a crash without a termination message gets the log's tail there: the operator's Degraded names it
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "allowPrivilegeEscalation": False,
                             "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
     }
@@ -254,7 +238,7 @@ def keda_queries(ref: EndpointRef) -> dict[str, str]:
     """PromQL of the ScaledObject: the sum over pods of each signal (KEDA AverageValue divides by the target)."""
     sel = f'namespace="{ref.namespace}",{mc.ENDPOINT_LABEL}="{ref.name}"'
     return {
-        "occupancy": f"sum(max by (pod) (dsv4:cache_pool_occupancy_ratio{{{sel}}}))",
+        "occupancy": f"sum(max by (pod) (dsv4_cache_pool_occupancy_ratio{{{sel}}}))",
         "queue": f"sum(vllm:num_requests_waiting{{{sel}}})",
     }
 

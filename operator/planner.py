@@ -33,15 +33,17 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from dsv4.operator import weights as W
 from dsv4.operator.api import DSV4EndpointSpec, PlanStatus
 from dsv4.operator.capacity import Capacity, capacity
 from dsv4.operator.hardware import MBU, MFU, Accelerator, accelerator
 from dsv4.operator.profiles import Workload, resolve
-from dsv4.runtime.cache.spec import HCA_STATES, CacheSpec
+from dsv4.runtime.cache.spec import CacheSpec
 from dsv4.runtime.config import CSA, HCA, ConfigError, ModelConfig, preset
+
+from dsv4.settings_enums import CACHE_POLICIES, HCA_STATES, CachePolicy, HcaState, ProfileName
 
 GPU_MEMORY_UTILIZATION = 0.90
 MAX_NUM_SEQS = 256
@@ -63,14 +65,14 @@ class PlanError(ValueError):
 class Plan:
     model: str
     accelerator: str
-    profile: str
+    profile: ProfileName | Literal["custom"]
     tensor_parallel_size: int
     batching_delay_ms: float
     max_num_batched_tokens: int
     chunked_prefill_size: int
     max_num_seqs: int
-    cache_policy: str
-    hca_state: str
+    cache_policy: CachePolicy
+    hca_state: HcaState
     expected_context: int
     kv_dtype: str
     pool_split: dict[str, float]
@@ -141,7 +143,7 @@ class _Candidate:
     tp: int
     cache_bytes: int
     cap: Capacity
-    policy: str
+    policy: CachePolicy
     policy_reason: str
     chunk: int
     mnbt: int
@@ -151,7 +153,7 @@ class _Candidate:
     sessions: int
     max_context: int
     rank: int  # sessions under the recompute policy (the most a group can hold): compares TP sizes fairly
-    hca_state: str = "raw"
+    hca_state: HcaState = "raw"
     hca_state_reason: str = ""
 
 
@@ -231,7 +233,7 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
             return "recompute", (f"prefix reuse {wl.prefix_reuse_ratio:.0%} < {REUSE_FOR_PREFIX_CACHE:.0%}: keep "
                                  "only the live window, recompute it on the rare hit"), cap_for("recompute", state)
         # most reuse first: full (every window row kept), checkpoint (a window every 4 blocks), recompute
-        caps = {p: cap_for(p, state) for p in ("full", "checkpoint", "recompute")}
+        caps = {p: cap_for(p, state) for p in CACHE_POLICIES}
         fits = [p for p, c in caps.items() if c.max_request_tokens >= need_ctx]
         enough = [p for p in fits if caps[p].sessions >= want]
         if enough:
@@ -274,6 +276,8 @@ def plan_cached(spec: DSV4EndpointSpec) -> Plan:
     """`plan(spec)` memoised on the spec's JSON (plans are pure). The operator re-plans on every timer
     tick; sizing a large budget for a small model (the tiny model on an H200: millions of blocks) takes
     tens of seconds, which must not block every tick. Errors are memoised and re-raised too."""
+    if spec.autoscaling and spec.autoscaling.enabled:  # spec.replicas mirrors the autoscaler: not a plan input
+        spec = spec.model_copy(update={"replicas": None})
     key = spec.model_dump_json()
     hit = _PLAN_CACHE.get(key)
     if hit is None:
@@ -394,7 +398,7 @@ def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Work
                                      f"allows batch {c.itl_batch}, cap {MAX_NUM_SEQS}): bound by {bound}")
     a = spec.autoscaling
     wanted = max(1, math.ceil(wl.concurrency / c.sessions))
-    if spec.replicas is not None:
+    if spec.replicas is not None and not (a and a.enabled):  # under autoscaling spec.replicas is an output
         replicas = spec.replicas
         reasons["initialReplicas"] = "set by spec.replicas"
     elif a and a.enabled:

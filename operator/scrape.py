@@ -1,6 +1,6 @@
 """Read the autoscaler's signals into `Sample`s: from a runtime pod's `/metrics`, or from Prometheus.
 
-Names come from `dsv4.runtime.metrics_catalog`: per-pool occupancy `dsv4:cache_pool_occupancy_ratio{pool}`
+Names come from `dsv4.metrics_catalog`: per-pool occupancy `dsv4_cache_pool_occupancy_ratio{pool}`
 and queue depth `vllm:num_requests_waiting`. Pods (`autoscaling.metricsSource: pods`, the default): a
 plain HTTP GET with a short timeout (httpx), parsed with prometheus_client's text parser. Prometheus
 (`metricsSource: prometheus`): three instant queries per endpoint against `autoscaling.prometheusAddress`
@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from dsv4.operator.autoscaler import Sample
-from dsv4.runtime import metrics_catalog as mc
 
-OCCUPANCY = mc.get("dsv4:cache_pool_occupancy_ratio").name
+from dsv4 import metrics_catalog as mc
+
+OCCUPANCY = mc.get("dsv4_cache_pool_occupancy_ratio").name
 QUEUE = mc.get("vllm:num_requests_waiting").name
 RUNNING = mc.get("vllm:num_requests_running").name
 

@@ -1,45 +1,38 @@
-"""Weight size of a DeepSeek-V4 checkpoint at a given quantization, computed from config shapes.
+"""Weight size of a DeepSeek-V4 checkpoint, from the published layout's inventory (`runtime/checkpoint/layout.py`).
 
-Parameter count (per decoder layer; the MTP layer counts as one more decoder layer):
+Every tensor of the released files (MTP block included: it is loaded) with its exact format:
 
-    attention  = hidden*q_lora + q_lora*heads*head_dim          (wq_a, wq_b)
-               + hidden*head_dim                                (wkv: one shared K=V head)
-               + heads*head_dim*o_lora                          (wo_a, grouped)
-               + o_groups*o_lora*hidden                         (wo_b)
-               + heads                                          (attention sink)
-    compressor = 2 * hidden * coff*head_dim        (CSA coff=2, HCA coff=1: kv and gate projections)
-    indexer    = q_lora*index_heads*index_head_dim + hidden*index_heads + 2*hidden*2*index_head_dim   (CSA only)
-    routed     = n_routed_experts * 3*hidden*moe_inter          (gate, up, down of every routed expert)
-    shared     = n_shared_experts * 3*hidden*moe_inter
-    router     = hidden*n_routed_experts
-    embeddings = vocab*hidden (input) + vocab*hidden (lm_head, unless tied)
+    fp8-fp4 (as released): routed experts FP4 e2m1 packed two per byte + one UE8M0 scale byte per 32 values;
+             other projections FP8 e4m3 + one UE8M0 scale byte per 128x128 block; embeddings, head, router,
+             compressors, indexer weights_proj and norms bf16; sinks, compressor position biases, mHC, router
+             biases fp32; hash tables int64.
+    fp8:     the same with the routed experts FP8 + 128x128 block scales.
+    bf16:    2 bytes for every logical element.
 
-Bytes per parameter by `quantization`:
-    fp8-fp4 (as released): routed experts FP4 e2m1 = 0.5 B + one UE8M0 scale per 32 values = 17/32 B;
-             other linear layers FP8 e4m3 = 1 B + one fp32 scale per 128x128 tile (4/16384 B);
-             embeddings, lm_head, norms, sinks and routers bf16 (2 B).
-    fp8:     all linear layers (experts too) FP8 with 128x128 fp32 tile scales; embeddings bf16.
-    bf16:    everything 2 B.
-
-Flash gives ~284e9 parameters / ~158 GB at fp8-fp4, Pro ~1.6e12 / ~860 GB (cf. ~850 GB quoted for
-staging V4-Pro on node NVMe). Norms and hyper-connection mixers are < 0.01 % and ignored.
+Parameters are logical elements (a packed FP4 byte holds 2, scales are not parameters): Flash 290.9e9 (284e9
+without the MTP block), Pro 1.599e12; released bytes Flash 159.6 GB, Pro 864.7 GB (805 GiB).
+`weight_bytes_per_gpu` divides the tensors `parallel/ownership.py` marks as split over the TP ranks and counts the
+replicated ones whole: what one rank of `parallel/shard.py` holds. `dsv4 model info` reports the same numbers from
+a checkpoint's headers (`tests/test_model_info.py` checks they agree).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv4.runtime.config import CSA, HCA, ModelConfig
+from dsv4.runtime.checkpoint.layout import FP4, FP8, LayoutTensor, published_tensors
+from dsv4.runtime.config import ModelConfig
+from dsv4.runtime.parallel.ownership import rank_bytes, split_and_whole
 
 QUANTIZATIONS = ("fp8-fp4", "fp8", "bf16")
-_FP8 = 1.0 + 4.0 / (128 * 128)
+_FP8 = 1.0 + 1.0 / (128 * 128)
 _FP4 = 0.5 + 1.0 / 32
 _BF16 = 2.0
 
 
 @dataclass(frozen=True)
 class ParamCounts:
-    attention: int   # attention, compressors and indexers of every layer (dense, TP-sharded)
+    attention: int   # attention, compressors, indexers, norms, mHC, router biases, hash tables (dense)
     routed: int      # routed experts (EP-sharded)
     shared: int      # shared experts
     router: int      # expert-routing gates (kept bf16)
@@ -50,25 +43,45 @@ class ParamCounts:
         return self.attention + self.routed + self.shared + self.router + self.embeddings
 
 
+def _component(name: str) -> str:
+    if ".ffn.experts." in name:
+        return "routed"
+    if ".ffn.shared_experts." in name:
+        return "shared"
+    if name.endswith(".ffn.gate.weight"):
+        return "router"
+    if name in ("embed.weight", "head.weight"):
+        return "embeddings"
+    return "attention"
+
+
+@dataclass(frozen=True)
+class _Summary:
+    counts: ParamCounts
+    split_whole: dict[str, tuple[int, int]]  # quantization -> (bytes split over TP ranks, bytes replicated)
+
+
+_SUMMARIES: dict[str, _Summary] = {}  # repr(config) -> summary: the inventory of a large model takes seconds
+
+
+def _summary(cfg: ModelConfig) -> _Summary:
+    key = repr(cfg)
+    if key not in _SUMMARIES:
+        _SUMMARIES[key] = _summarise(cfg)
+    return _SUMMARIES[key]
+
+
+def _summarise(cfg: ModelConfig) -> _Summary:
+    tensors = published_tensors(cfg)
+    counts = dict.fromkeys(("attention", "routed", "shared", "router", "embeddings"), 0)
+    for t in tensors:
+        counts[_component(t.name)] += t.parameters
+    split_whole = {q: split_and_whole(e for t in tensors for e in _file_entries(t, q)) for q in QUANTIZATIONS}
+    return _Summary(ParamCounts(**counts), split_whole)
+
+
 def param_counts(cfg: ModelConfig) -> ParamCounts:
-    h, d, heads = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
-    attn_layer = (h * cfg.q_lora_rank + cfg.q_lora_rank * heads * d + h * d + heads * d * cfg.o_lora_rank
-                  + cfg.o_groups * cfg.o_lora_rank * h + heads)
-    csa_extra = (2 * h * 2 * d + cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim
-                 + h * cfg.index_n_heads + 2 * h * 2 * cfg.index_head_dim)
-    hca_extra = 2 * h * d
-    n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    n_csa, n_hca = len(cfg.layers_of(CSA)), len(cfg.layers_of(HCA))
-    attention = attn_layer * n_layers + csa_extra * n_csa + hca_extra * n_hca
-    expert = 3 * h * cfg.moe_intermediate_size
-    emb = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return ParamCounts(
-        attention=attention,
-        routed=cfg.n_routed_experts * expert * n_layers,
-        shared=cfg.n_shared_experts * expert * n_layers,
-        router=h * cfg.n_routed_experts * n_layers,
-        embeddings=emb,
-    )
+    return _summary(cfg).counts
 
 
 def bytes_per_param(quantization: str) -> dict[str, float]:
@@ -82,10 +95,25 @@ def bytes_per_param(quantization: str) -> dict[str, float]:
     raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
 
 
+def _file_entries(t: LayoutTensor, quantization: str) -> list[tuple[str, int]]:
+    if quantization == "fp8-fp4":
+        return [(e.name, e.nbytes) for e in t.file_entries()]
+    if quantization == "fp8":
+        as_fp8 = LayoutTensor(t.name, t.shape, FP8) if t.fmt == FP4 else t
+        return [(e.name, e.nbytes) for e in as_fp8.file_entries()]
+    return [(t.name, 2 * t.parameters)]
+
+
+def weight_bytes_per_gpu(cfg: ModelConfig, tp: int = 1, quantization: str = "fp8-fp4") -> int:
+    """Weight bytes one of `tp` tensor-parallel ranks holds (split tensors / tp + replicated ones whole)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    return rank_bytes(*_summary(cfg).split_whole[quantization], tp)
+
+
 def weight_bytes(cfg: ModelConfig, quantization: str = "fp8-fp4") -> int:
-    """Bytes of all weights (to be split evenly over a TP/EP group)."""
-    counts, bpp = param_counts(cfg), bytes_per_param(quantization)
-    return int(sum(getattr(counts, k) * v for k, v in bpp.items()))
+    """Bytes of all weights (the checkpoint size at `quantization`)."""
+    return weight_bytes_per_gpu(cfg, 1, quantization)
 
 
 def active_bytes_per_token(cfg: ModelConfig, quantization: str = "fp8-fp4") -> int:

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-shard-mb", type=float, default=None, help="split into shards with an index above this size")
-    p.add_argument("--if-missing", action="store_true", help="do nothing when OUT/config.json already exists")
+    p.add_argument("--if-missing", action="store_true",
+                   help="do nothing when OUT already holds this revision's checkpoint for these settings")
     i = sub.add_parser("info", help="summarise a checkpoint folder (config, tensors, bytes)")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -30,11 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _init_random(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if args.if_missing and (out / "config.json").exists():
-        print(f"dsv4 model: {out} already has a checkpoint (config.json); nothing to do")
-        return 0
     import torch
-    from dsv4.runtime.checkpoint.random_init import write_random_checkpoint
+    from dsv4.runtime.checkpoint.random_init import is_current, write_random_checkpoint
     from dsv4.runtime.config import ConfigError, ModelConfig, preset
 
     try:
@@ -42,9 +40,14 @@ def _init_random(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"dsv4 model: error: {e}", file=sys.stderr)
         return 2
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    if args.if_missing and is_current(out, cfg, args.seed, dtype):
+        print(f"dsv4 model: {out} already has this revision's checkpoint; nothing to do")
+        return 0
+    if args.if_missing and (out / "config.json").exists():
+        print(f"dsv4 model: {out} was written by another revision of the generator or other settings; rewriting it")
     t0 = time.time()
     print(f"dsv4 model: writing a random '{args.preset if not args.config else args.config}' checkpoint to {out}")
-    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     max_shard = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
     try:
         stats = write_random_checkpoint(cfg, out, seed=args.seed, dtype=dtype, max_shard_bytes=max_shard,
@@ -71,7 +74,9 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     for k, v in info.items():
-        print(f"{k:>24}: {v}")
+        if k in ("bytes per dtype", "weight bytes per GPU (TP)"):
+            v = ", ".join(f"{d}: {n / 1e9:.3f} GB" if isinstance(n, int) else f"{d}: {n}" for d, n in v.items())
+        print(f"{k:>26}: {v}")
     return 0
 
 

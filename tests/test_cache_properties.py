@@ -13,7 +13,9 @@ prefix it depends on) into the block that holds it. Properties checked after eve
 
 from __future__ import annotations
 
-from dsv4.runtime.cache.manager import POLICIES, CacheManager
+from dsv4.runtime.cache.manager import CacheManager
+from dsv4.runtime.cache.policies import POLICIES
+from dsv4.runtime.cache.pools import id_space
 from dsv4.runtime.cache.spec import CacheSpec
 from dsv4.runtime.config import tiny
 from hypothesis import HealthCheck, event, given, settings
@@ -35,7 +37,7 @@ class Harness:
         self.hits: dict[str, tuple[int, int]] = {}
 
     def owners(self, pool: str, b: int) -> int:
-        return self.m._bp[pool].ref[b]
+        return self.m.pools[pool].ref[b]
 
     def check_hit(self, rid: str, tokens: list[int], c: int, r: int) -> None:
         t = self.m.block_tables(rid)
@@ -73,7 +75,7 @@ class Harness:
             n2 = min(len(tokens), n + chunk)
             if not self.m.allocate(rid, n2):
                 event("allocation failed -> preempt")
-                self.m.preempt(rid)
+                self.m.free(rid)
                 del self.running[rid]
                 return False
             self.forward(rid, tokens, n, n2, hit.cached_tokens)
@@ -85,7 +87,7 @@ class Harness:
         tokens = self.running[rid] + [tok]
         n = len(tokens) - 1
         if not self.m.allocate(rid, n + 1):
-            self.m.preempt(rid)
+            self.m.free(rid)
             del self.running[rid]
             return
         self.forward(rid, tokens, n, n + 1, 0)
@@ -98,14 +100,14 @@ class Harness:
         for rid in self.running:
             for p, tab in m.block_tables(rid).items():
                 held[p] |= {b for b in tab if b >= 0}
-        for e in m._entries.values():
+        for e in m.tree.entries.values():
             for p, b in e.comp.items():
                 held[p].add(b)
             for p, pairs in (e.ckpt or {}).items():
                 held[p] |= set(pairs[1::2])
         st = m.stats()
         for name, ps in st.pools.items():
-            p = "csa" if name == "idx" else name
+            p = id_space(name)
             assert ps.blocks_used == len(held[p])
             assert ps.bytes_used == len(held[p]) * m.spec.pools[name].bytes_per_block
 
@@ -152,8 +154,8 @@ def test_random_programs_keep_invariants(policy, ops, nblocks, comp_blocks, chun
             del h.running[rid]
         elif kind == "preempt" and live:
             rid = live[a % len(live)]
-            tokens = m.preempt(rid)
-            del h.running[rid]
+            tokens = h.running.pop(rid)
+            m.free(rid)
             h.run(rid, tokens, chunk)  # requeued: runs again (usually a prefix hit)
         m.check_invariants()
         h.check_bytes()

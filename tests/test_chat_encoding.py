@@ -352,7 +352,9 @@ def test_chat_format_choice(tmp_path, tiny_tokenizer):
     (tmp_path / "chat_template.jinja").write_text("JINJA{{ messages[0]['content'] }}{{ tools[0].x }}")
     assert Tokenizer.from_dir(tmp_path).apply_chat_template(hello, tools=[{"x": 1}]) == "JINJAhi1"
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekV4ForCausalLM"]}))
-    assert Tokenizer.from_dir(tmp_path).uses_v4_encoding
+    v4 = Tokenizer.from_dir(tmp_path)
+    assert v4.uses_v4_encoding and v4.thinking() and not v4.thinking({"thinking": False})
+    assert not v4.thinking(None, "none") and v4.thinking({"enable_thinking": True}, "low")
     v4_prompt = Tokenizer.from_dir(tmp_path).apply_chat_template(hello, reasoning_effort="low")
     assert v4_prompt == BOS + U + "hi" + A + "<think>"
     override = Tokenizer.from_dir(tmp_path, chat_template=load_chat_template("OVR{{ messages|length }}"))

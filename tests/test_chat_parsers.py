@@ -182,3 +182,10 @@ def test_call_ids_are_unique_by_default():
            f"</{D}tool_calls>"
     ids = [c.id for c in parser.feed(text).calls if c.id]
     assert len(ids) == 2 and len(set(ids)) == 2 and all(i.startswith("call_") for i in ids)
+
+
+def test_a_stop_token_left_in_the_text_is_dropped():
+    text = "why</think>because<｜end▁of▁sentence｜>"
+    assert_every_split_agrees(text, ParsedCompletion("why", "because", []))
+    assert parse_completion("no end of reasoning<｜end▁of▁sentence｜>", thinking=True) == ParsedCompletion(
+        "no end of reasoning", "", [])

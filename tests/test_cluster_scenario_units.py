@@ -39,7 +39,7 @@ def test_file_sd_targets_carry_kubernetes_sd_meta_labels():
 
 
 def test_scrape_config_uses_the_documented_relabelings(tmp_path):
-    from dsv4.runtime import metrics_catalog as mc
+    from dsv4 import metrics_catalog as mc
 
     cfg = prom.scrape_config(tmp_path / "t.json", "127.0.0.1:8080", tmp_path / "r.yaml", interval="2s")
     runtime, op = cfg["scrape_configs"]
@@ -94,8 +94,21 @@ def test_demo_rejects_bad_max_tokens(capsys):
     assert "--max-tokens must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_demo_failure_names_the_real_pod_log_and_its_last_line(monkeypatch, tmp_path):
+    from dsv4 import demo
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    log = tmp_path / "cache/dsv4/cluster/demo/pods/default_chat-6d9f-abc_1234abcd/logs/dsv4.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("loading\nFileNotFoundError: config.yaml does not exist\n")
+    hints = demo.failure_hints()
+    assert hints[0] == f"pod log {log}: last line 'FileNotFoundError: config.yaml does not exist'"
+    assert "kubectl logs -n default deploy/chat" in hints[1]
+    assert hints[2].startswith(f"operator and control-plane logs: {tmp_path / 'cache/dsv4/cluster/demo/logs'}")
+
+
 def test_operator_discovery_lookups_are_serialised(monkeypatch):
-    from dsv4.operator import handlers
+    from dsv4.operator import kube
 
     active, peak = [0], [0]
 
@@ -110,8 +123,8 @@ def test_operator_discovery_lookups_are_serialised(monkeypatch):
     class Dyn:
         resources = Resources()
 
-    monkeypatch.setattr(handlers, "_dyn", lambda: Dyn())
-    threads = [threading.Thread(target=handlers._resource, args=("v1", f"K{i}")) for i in range(8)]
+    monkeypatch.setattr(kube, "_dyn", lambda: Dyn())
+    threads = [threading.Thread(target=kube._resource, args=("v1", f"K{i}")) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:

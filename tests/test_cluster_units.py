@@ -12,7 +12,8 @@ import time
 
 import pytest
 import yaml
-from dsv4.e2e import build, certs, cluster, podrunner, procs
+from dsv4.e2e import build, certs, cluster, procs
+from dsv4.e2e.podrunner import env, paths, probes, runner, state, status
 
 UPSTREAM_GO_MOD = """module k8s.io/kubernetes
 
@@ -91,40 +92,40 @@ def test_component_flags_bind_loopback_and_enable_rbac(tmp_path):
 
 
 def test_kubernetes_var_expansion():
-    env = {"A": "1", "B": "two"}
-    assert podrunner.expand("x$(A)-$(B)-$(C)-$$(A)", env) == "x1-two-$(C)-$(A)"
+    variables = {"A": "1", "B": "two"}
+    assert env.expand("x$(A)-$(B)-$(C)-$$(A)", variables) == "x1-two-$(C)-$(A)"
 
 
 def test_mount_paths_are_rewritten_longest_first():
     mounts = [("/etc/dsv4", "/p/v/config"), ("/etc/dsv4/secret", "/p/v/key"), ("/tmp", "/p/v/tmp")]
-    assert podrunner.rewrite_paths("--config /etc/dsv4/config.yaml", mounts) == "--config /p/v/config/config.yaml"
-    assert podrunner.rewrite_paths("key=/etc/dsv4/secret/k", mounts) == "key=/p/v/key/k"
-    assert podrunner.rewrite_paths("/tmp", mounts) == "/p/v/tmp"
+    assert paths.rewrite_paths("--config /etc/dsv4/config.yaml", mounts) == "--config /p/v/config/config.yaml"
+    assert paths.rewrite_paths("key=/etc/dsv4/secret/k", mounts) == "key=/p/v/key/k"
+    assert paths.rewrite_paths("/tmp", mounts) == "/p/v/tmp"
     # only whole path components: /tmpfoo and /x/tmp are different paths
-    assert podrunner.rewrite_paths("/tmpfoo /x/tmp", mounts) == "/tmpfoo /x/tmp"
+    assert paths.rewrite_paths("/tmpfoo /x/tmp", mounts) == "/tmpfoo /x/tmp"
 
 
 def test_ip_allocation_skips_network_and_gateway():
-    assert podrunner.allocate_ip("10.244.1.0/24", set()) == "10.244.1.2"
-    assert podrunner.allocate_ip("10.244.1.0/24", {"10.244.1.2"}) == "10.244.1.3"
+    assert runner.allocate_ip("10.244.1.0/24", set()) == "10.244.1.2"
+    assert runner.allocate_ip("10.244.1.0/24", {"10.244.1.2"}) == "10.244.1.3"
     with pytest.raises(RuntimeError, match="exhausted"):
-        podrunner.allocate_ip("10.244.1.0/30", {"10.244.1.2"})
+        runner.allocate_ip("10.244.1.0/30", {"10.244.1.2"})
 
 
 def test_probe_ports_phases_and_resources():
     c = {"name": "web", "ports": [{"name": "http", "containerPort": 8000}],
          "resources": {"limits": {"cpu": "1500m", "memory": "1Gi"}}}
-    assert podrunner.probe_port("http", c) == 8000 and podrunner.probe_port(81, c) == 81
+    assert probes.probe_port("http", c) == 8000 and probes.probe_port(81, c) == 81
     with pytest.raises(ValueError, match="'metrics' is not a number or a named port"):
-        podrunner.probe_port("metrics", c)
-    assert podrunner.phase_after_exit([0], "Never") == "Succeeded"
-    assert podrunner.phase_after_exit([0], "Always") == "Failed"
-    assert podrunner.phase_after_exit([0, 1], "OnFailure") == "Failed"
-    assert podrunner.resource_value(c, "limits.cpu", None) == "2"
-    assert podrunner.resource_value(c, "limits.memory", "1Mi") == "1024"
-    assert podrunner.parse_nodes(["n0=10.244.1.0/24"]) == {"n0": "10.244.1.0/24"}
+        probes.probe_port("metrics", c)
+    assert status.phase_after_exit([0], "Never") == "Succeeded"
+    assert status.phase_after_exit([0], "Always") == "Failed"
+    assert status.phase_after_exit([0, 1], "OnFailure") == "Failed"
+    assert env.resource_value(c, "limits.cpu", None) == "2"
+    assert env.resource_value(c, "limits.memory", "1Mi") == "1024"
+    assert runner.parse_nodes(["n0=10.244.1.0/24"]) == {"n0": "10.244.1.0/24"}
     with pytest.raises(ValueError, match="expected NAME=CIDR"):
-        podrunner.parse_nodes(["n0"])
+        runner.parse_nodes(["n0"])
 
 
 def test_proc_records_stop_by_pid_and_detect_reuse(tmp_path):
@@ -176,29 +177,64 @@ def test_pod_runner_resends_a_status_patch_that_failed(tmp_path, monkeypatch):
                 raise ApiException(status=self.failures.pop(0), reason="down")
             self.sent.append((namespace, name, body["status"]["phase"]))
 
-    runner = object.__new__(podrunner.PodRunner)
-    runner.lock, runner.pods = threading.RLock(), {}
-    entry = podrunner.PodEntry("u1", "ns", "p", "n0", {"spec": {"containers": []}}, tmp_path, phase="Succeeded")
-    runner.pods["u1"] = entry
-    runner.core = FlakyCore([503, 503])
+    pr = object.__new__(runner.PodRunner)
+    pr.lock, pr.pods = threading.RLock(), {}
+    entry = state.PodEntry("u1", "ns", "p", "n0", {"spec": {"containers": []}}, tmp_path, phase="Succeeded")
+    pr.pods["u1"] = entry
+    pr.core = FlakyCore([503, 503])
     clock = [100.0]
-    monkeypatch.setattr(podrunner.time, "monotonic", lambda: clock[0])
-    runner._patch_status(entry)
-    assert runner.core.sent == [] and entry.sync_at == 100.0 + podrunner.PATCH_RETRY_S
-    runner.tick()  # not due yet
-    assert runner.core.sent == []
-    clock[0] += podrunner.PATCH_RETRY_S
-    runner.tick()  # due, fails again
-    assert runner.core.sent == [] and entry.sync_at is not None
-    clock[0] += podrunner.PATCH_RETRY_S
-    runner.tick()  # the API server is back
-    assert runner.core.sent == [("ns", "p", "Succeeded")]
-    assert entry.sync_at == clock[0] + podrunner.STATUS_RESYNC_S
-    runner.tick()
-    assert len(runner.core.sent) == 1  # the next re-sync is not due yet
-    clock[0] += podrunner.STATUS_RESYNC_S
-    runner.tick()
-    assert len(runner.core.sent) == 2  # re-synced although nothing changed here
-    runner.core = FlakyCore([404])
-    runner._patch_status(entry, force=True)
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    pr._patch_status(entry)
+    assert pr.core.sent == [] and entry.sync_at == 100.0 + runner.PATCH_RETRY_S
+    pr.tick()  # not due yet
+    assert pr.core.sent == []
+    clock[0] += runner.PATCH_RETRY_S
+    pr.tick()  # due, fails again
+    assert pr.core.sent == [] and entry.sync_at is not None
+    clock[0] += runner.PATCH_RETRY_S
+    pr.tick()  # the API server is back
+    assert pr.core.sent == [("ns", "p", "Succeeded")]
+    assert entry.sync_at == clock[0] + runner.STATUS_RESYNC_S
+    pr.tick()
+    assert len(pr.core.sent) == 1  # the next re-sync is not due yet
+    clock[0] += runner.STATUS_RESYNC_S
+    pr.tick()
+    assert len(pr.core.sent) == 2  # re-synced although nothing changed here
+    pr.core = FlakyCore([404])
+    pr._patch_status(entry, force=True)
     assert entry.sync_at is None  # the pod is gone: the watch will say so
+
+
+def test_status_defaults_to_the_only_or_latest_running_cluster(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cluster.last_cluster() is None
+
+    def record(name: str, alive: bool, mtime: float) -> None:
+        d = cluster.state_root() / name
+        d.mkdir(parents=True)
+        me = procs.ProcRecord("x", os.getpid(), procs.start_ticks(os.getpid()), "python", "/dev/null")
+        c = cluster.Cluster(name=name, state_dir=d, server="https://127.0.0.1:1", kubeconfig=d / "kubeconfig",
+                            ports={}, procs={"etcd": me} if alive else {})
+        c.save()
+        os.utime(d / "state.json", (mtime, mtime))
+
+    record("demo", alive=True, mtime=1000)
+    assert cluster.last_cluster() == "demo"
+    record("stale", alive=False, mtime=2000)  # newer but nothing runs
+    assert cluster.last_cluster() == "demo" and cluster.recorded_clusters() == ["stale", "demo"]
+    record("e2e", alive=True, mtime=3000)
+    assert cluster.last_cluster() == "e2e" and cluster.live_clusters(exclude="e2e") == ["demo"]
+
+
+def test_build_progress_has_a_total_elapsed_time_and_an_eta(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(build.time, "monotonic", lambda: clock[0])
+    p = build.Progress("kubernetes", total=2000, t0=1000.0)
+    clock[0] += 300
+    p.done = 500
+    assert p.line("k8s.io/api/core/v1") == ("kubernetes: 500/2000 packages compiled, 5 min elapsed, about 15 min "
+                                            "left at this rate (latest k8s.io/api/core/v1)")
+    p.done = 2000
+    assert p.line() == "kubernetes: 2000/2000 packages compiled, 5 min elapsed"

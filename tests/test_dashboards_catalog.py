@@ -4,14 +4,15 @@ collectors that expose exactly the catalogued series."""
 from __future__ import annotations
 
 import pytest
-from dsv4.runtime import metrics_catalog as mc
 from prometheus_client.parser import text_string_to_metric_families
+
+from dsv4 import metrics_catalog as mc
 
 
 def test_names_unique_and_prefixed():
     assert len({m.name for m in mc.METRICS}) == len(mc.METRICS)
     for m in mc.RUNTIME_METRICS:
-        assert m.name.startswith(("vllm:", "dsv4:")), m.name
+        assert m.name.startswith(("vllm:", "dsv4_")) and not m.name.startswith("dsv4_operator_"), m.name
     for m in mc.OPERATOR_METRICS:
         assert m.name.startswith("dsv4_operator_"), m.name
 
@@ -25,9 +26,9 @@ def test_issue_5_vllm_names_are_present():
 
 
 def test_pools_match_the_cache_spec():
-    from dsv4.runtime.cache import spec
+    from dsv4.runtime.cache import pools
 
-    assert mc.POOLS == tuple(spec.POOLS)
+    assert mc.POOLS == tuple(pools.POOLS)
 
 
 @pytest.mark.parametrize(
@@ -67,9 +68,9 @@ def test_collectors_expose_exactly_the_catalog(component):
         assert fam.type == m.kind and fam.documentation == m.help, m.name
     # enumerated labels are pre-created at 0: every pool is visible before the first request
     if component == mc.RUNTIME:
-        pools = {s.labels["pool"] for s in families["dsv4:cache_pool_occupancy_ratio"].samples}
+        pools = {s.labels["pool"] for s in families["dsv4_cache_pool_occupancy_ratio"].samples}
         assert pools == set(mc.POOLS)
-        buckets = [s for s in families["dsv4:batching_delay_wait_seconds"].samples if s.name.endswith("_bucket")]
+        buckets = [s for s in families["dsv4_batching_delay_wait_seconds"].samples if s.name.endswith("_bucket")]
         assert len(buckets) == len(mc.BATCHING_DELAY_BUCKETS) + 1  # + the +Inf bucket
 
 
@@ -77,16 +78,16 @@ def test_collectors_record_values():
     import prometheus_client as pc
 
     c = mc.make_collectors(mc.RUNTIME, constant_labels={"model_name": "tiny", "engine": "0"})
-    c["dsv4:cache_pool_used_bytes"].labels(pool="hca").set(4096)
+    c["dsv4_cache_pool_used_bytes"].labels(pool="hca").set(4096)
     c["vllm:prompt_tokens_total"].inc(7)
-    c["dsv4:step_duration_seconds"].labels(phase="forward").observe(0.003)
+    c["dsv4_step_duration_seconds"].labels(phase="forward").observe(0.003)
     reg = c["__registry__"]
     labels = {"model_name": "tiny", "engine": "0"}
-    assert reg.get_sample_value("dsv4:cache_pool_used_bytes", {**labels, "pool": "hca"}) == 4096
+    assert reg.get_sample_value("dsv4_cache_pool_used_bytes", {**labels, "pool": "hca"}) == 4096
     assert reg.get_sample_value("vllm:prompt_tokens_total", labels) == 7
-    assert reg.get_sample_value("dsv4:step_duration_seconds_count", {**labels, "phase": "forward"}) == 1
+    assert reg.get_sample_value("dsv4_step_duration_seconds_count", {**labels, "phase": "forward"}) == 1
     with pytest.raises(AttributeError, match="labels"):
-        c["dsv4:cache_pool_used_bytes"].set(1)  # pool is not bound
+        c["dsv4_cache_pool_used_bytes"].set(1)  # pool is not bound
     o = mc.make_collectors(mc.OPERATOR)
     o["dsv4_operator_endpoint_desired_replicas"].labels(dsv4_namespace="ml", dsv4_endpoint="chat").set(3)
     assert o["__registry__"].get_sample_value(

@@ -14,7 +14,8 @@ import yaml
 from dsv4.e2e import tools
 from dsv4.operator.observability import alerts, dashboards, generate, validate
 from dsv4.operator.observability.promql import metric_names, substitute_variables
-from dsv4.runtime import metrics_catalog as mc
+
+from dsv4 import metrics_catalog as mc
 
 CHART = generate.CHART_DIR
 
@@ -32,7 +33,7 @@ def test_check_mode_detects_drift(tmp_path):
     generate.write(tmp_path)
     assert generate.stale_files(tmp_path) == []
     victim = tmp_path / "dashboards" / "dsv4-cache.json"
-    victim.write_text(victim.read_text().replace("dsv4:cache_pool_used_bytes", "dsv4:cache_pool_bytes"))
+    victim.write_text(victim.read_text().replace("dsv4_cache_pool_used_bytes", "dsv4_cache_pool_bytes"))
     (tmp_path / "dashboards" / "hand-made.json").write_text("{}")
     stale = generate.stale_files(tmp_path)
     assert str(victim) in stale and any("hand-made.json" in s for s in stale)
@@ -108,7 +109,8 @@ def test_dashboard_structure(build):
         for t in p["targets"]:
             assert t["datasource"]["uid"] == "${datasource}"
             # runtime panels filter on all three variables, operator panels on namespace + endpoint
-            if any(n.startswith(("vllm:", "dsv4:")) for n in metric_names(t["expr"])):
+            families = [mc.family_of_series(n) for n in metric_names(t["expr"])]
+            if any(f is not None and f.component == mc.RUNTIME for f in families):
                 for var in ("$namespace", "$endpoint", "$pod"):
                     assert var in t["expr"], (p["title"], t["expr"])
             elif "dsv4_namespace" in t["expr"]:
@@ -158,11 +160,11 @@ def test_alerts_fire_on_synthetic_series(promtool, tmp_path):
         "tests": [{
             "interval": "1m",
             "input_series": [
-                {"series": f'dsv4:cache_pool_occupancy_ratio{{{ep}, pod="p0", pool="csa"}}',
+                {"series": f'dsv4_cache_pool_occupancy_ratio{{{ep}, pod="p0", pool="csa"}}',
                  "values": f"{over_pool}x30"},
-                {"series": f'dsv4:cache_pool_occupancy_ratio{{{ep}, pod="p1", pool="csa"}}',
+                {"series": f'dsv4_cache_pool_occupancy_ratio{{{ep}, pod="p1", pool="csa"}}',
                  "values": f"{under_pool}x30"},
-                {"series": f'dsv4:cache_pool_occupancy_ratio{{{ep}, pod="p0", pool="swa"}}',
+                {"series": f'dsv4_cache_pool_occupancy_ratio{{{ep}, pod="p0", pool="swa"}}',
                  "values": f"{under_pool}x30"},
                 {"series": f'vllm:num_requests_waiting{{{ep}, pod="p0"}}', "values": f"{t.queue_depth + 1}x30"},
                 {"series": f'dsv4_operator_endpoint_ready{{{op}}}', "values": "1x5 0x25"},

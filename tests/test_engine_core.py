@@ -196,4 +196,4 @@ def test_non_finite_logits_fail_that_request_alone(loaded):
     assert all(finals[r.request_id].error is None for r in reqs)
     assert [list(r.sequences[0].output_ids) for r in reqs] == want
     eng.cache.check_invariants()
-    assert not eng.cache._reqs
+    assert eng.cache.stats().running_requests == 0

@@ -9,6 +9,7 @@ import torch
 from dsv4.kernels import dispatch
 from dsv4.runtime.model import load_model
 
+from tests.kernel_env import kernel_env
 from tests.model_utils import PagedRunner, save_hf_twin, tiny_configs
 
 pytest.importorskip("triton")
@@ -33,14 +34,14 @@ def _run(model, cfg, kv_dtype: str, ids: list[int], n_prefill: int) -> torch.Ten
 
 # measured differences: 3e-6 (fp32) and 4e-6 (fp8) with max |logit| ~4; fp8 allows a one-step quantisation flip
 @pytest.mark.parametrize(("kv_dtype", "tol"), [("fp32", 1e-4), ("fp8", 1e-2)])
-def test_model_logits_on_triton_kernels(mix_model, monkeypatch, kv_dtype, tol):
+def test_model_logits_on_triton_kernels(mix_model, kv_dtype, tol):
     model, cfg = mix_model
     ids = torch.randint(0, cfg.vocab_size, (19,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
-        monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
-        ref = _run(model, cfg, kv_dtype, ids, 14)  # prefill to 14 (3 CSA blocks, 1 HCA block), 5 decode steps
-        monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-        assert dispatch.choose_backend(torch.zeros(1)) == "interpret"
-        out = _run(model, cfg, kv_dtype, ids, 14)
+        with kernel_env({dispatch.BACKEND_ENV: "torch"}):
+            ref = _run(model, cfg, kv_dtype, ids, 14)  # prefill to 14 (3 CSA blocks, 1 HCA block), 5 decode steps
+        with kernel_env({dispatch.BACKEND_ENV: "triton"}):
+            assert dispatch.choose_backend(torch.zeros(1)) == "interpret"
+            out = _run(model, cfg, kv_dtype, ids, 14)
     diff = (out - ref).abs().max().item()
     assert diff <= tol * max(1.0, ref.abs().max().item()), f"{kv_dtype}: logits differ by {diff}"

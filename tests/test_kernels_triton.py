@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dsv4.kernels import dispatch, reference, triton_loader
+from dsv4.kernels import dispatch, reference, settings, triton_loader
 from dsv4.kernels.fp8_kv import dequantize_kv_rows, quantize_kv_rows
+from dsv4.kernels.settings import BACKEND_ENV, INTERPRET_ENV
 from dsv4.kernels.triton_ops import plan_split
+
+from tests.kernel_env import kernel_env
 
 pytest.importorskip("triton")
 
@@ -145,19 +148,31 @@ def test_plan_split_decode_vs_prefill():
         plan_split(1, 4, 100, block_n=8)
 
 
-def test_dispatch_rule(monkeypatch):
+def test_dispatch_rule():
     cpu = torch.zeros(1)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
-    assert dispatch.choose_backend(cpu) == "torch"
-    assert dispatch.choose_backend(cpu, backend="triton") == "interpret"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at call time, no re-import needed
-    assert dispatch.choose_backend(cpu) == "interpret"
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
-    assert dispatch.choose_backend(cpu) == "torch"
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "cuda")
-    with pytest.raises(ValueError, match="DSV4_KERNEL_BACKEND"):
+    unset = {INTERPRET_ENV: None, BACKEND_ENV: None}
+    with kernel_env(unset):
+        assert dispatch.choose_backend(cpu) == "torch"
+        assert dispatch.choose_backend(cpu, backend="triton") == "interpret"
+    with kernel_env({**unset, INTERPRET_ENV: "1"}):
+        assert dispatch.choose_backend(cpu) == "interpret"
+    with kernel_env({INTERPRET_ENV: "1", BACKEND_ENV: "torch"}):
+        assert dispatch.choose_backend(cpu) == "torch"
+    with kernel_env({BACKEND_ENV: "cuda"}), pytest.raises(ValueError, match="DSV4_KERNEL_BACKEND"):
         dispatch.choose_backend(cpu)
+
+
+def test_environment_is_read_once_at_start_up(monkeypatch):
+    """A kernel call does not read os.environ: a change takes effect on `settings.refresh()` (a new process)."""
+    cpu = torch.zeros(1)
+    with kernel_env({INTERPRET_ENV: None, BACKEND_ENV: "torch"}):
+        monkeypatch.setenv(BACKEND_ENV, "cuda")  # not re-read by the call
+        assert dispatch.choose_backend(cpu) == "torch"
+        assert settings.refresh().backend == "cuda"
+        with pytest.raises(ValueError, match="DSV4_KERNEL_BACKEND"):
+            dispatch.choose_backend(cpu)
+        monkeypatch.undo()
+    assert settings.current() == settings.KernelSettings.from_env()
 
 
 def test_interpreter_is_scoped_to_the_call():

@@ -53,9 +53,17 @@ def test_init_random_deterministic_and_if_missing(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
     assert (tmp_path / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
     before = (tmp_path / "model.safetensors").stat().st_mtime_ns
-    assert cli(["model", "init-random", "--out", str(tmp_path), "--seed", "4", "--if-missing"]) == 0
+    assert cli(["model", "init-random", "--out", str(tmp_path), "--seed", "3", "--if-missing"]) == 0
     assert (tmp_path / "model.safetensors").stat().st_mtime_ns == before
     assert "nothing to do" in capsys.readouterr().out
+    # a checkpoint from an older generator revision (stale stamp) or other settings is rewritten, not kept
+    (tmp_path / "dsv4-generator.json").write_text('{"fingerprint": "an older revision"}')
+    assert cli(["model", "init-random", "--out", str(tmp_path), "--seed", "3", "--if-missing"]) == 0
+    assert "rewriting it" in capsys.readouterr().out
+    assert (tmp_path / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+    assert cli(["model", "init-random", "--out", str(tmp_path), "--seed", "4", "--if-missing"]) == 0
+    assert "rewriting it" in capsys.readouterr().out
+    assert (tmp_path / "model.safetensors").read_bytes() != (tiny_dir / "model.safetensors").read_bytes()
     assert cli(["model", "info", str(tmp_path)]) == 0
     assert "1 sliding, 3 CSA, 2 HCA" in capsys.readouterr().out
 
@@ -160,32 +168,18 @@ def test_quant_roundtrip_bounds():
 
 
 def test_fp8_fp4_published_layout_matches_dequantized_twin(tmp_path):
-    """DeepSeek's layout (top-level names, FP8 weights + block scales, FP4 routed experts) loads and equals a
-    bf16/fp32 twin holding the dequantised weights."""
+    """DeepSeek's layout (`layout.py`: top-level names, kv_norm, FP8 weights + E8M0 block scales, FP4 routed experts,
+    bf16 norms / gate / compressors) loads and equals a twin holding the dequantised weights under HF names."""
+    from dsv4.runtime.checkpoint.published import write_published_checkpoint
+
     cfg = tiny_configs()["mix"]
     write_random_checkpoint(cfg, tmp_path / "src", seed=2)
     t = load_file(str(tmp_path / "src" / "model.safetensors"))
-    fp8, twin = {}, {}
-    for name, v in t.items():
-        ds = name[len("model."):] if name.startswith("model.layers.") else name
-        ds = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
-              "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
-              "model.hc_head.hc_scale": "hc_head_scale"}.get(ds, ds)
-        if ".experts." in name and v.dim() == 2:
-            q, s = quantize_fp4(v)
-            fp8[ds], fp8[ds[: -len(".weight")] + ".scale"] = q, torch.log2(s).add(127).to(torch.uint8)
-            twin[name] = dequantize(q, s, tuple(v.shape), name)
-        elif v.dim() == 2 and v.dtype == torch.float32 and "compressor" not in name and "embed" not in name \
-                and not name.startswith(("head", "mtp")) and "hc_" not in name:
-            q, s = quantize_fp8(v)
-            fp8[ds], fp8[ds[: -len(".weight")] + ".scale"] = q, s
-            twin[name] = dequantize(q, s, tuple(v.shape), name)
-        else:
-            fp8[ds], twin[name] = v, v
-    for d, tensors in (("fp8", fp8), ("twin", twin)):
-        (tmp_path / d).mkdir()
-        shutil.copy(tmp_path / "src" / "config.json", tmp_path / d / "config.json")
-        save_file(tensors, str(tmp_path / d / "model.safetensors"))
+    twin = write_published_checkpoint(cfg, t, tmp_path / "fp8")
+    assert set(twin) == set(t)
+    (tmp_path / "twin").mkdir()
+    shutil.copy(tmp_path / "src" / "config.json", tmp_path / "twin" / "config.json")
+    save_file(twin, str(tmp_path / "twin" / "model.safetensors"))
     a, _, _ = load_model(tmp_path / "fp8", progress=False, dtype="float32")
     b, _, _ = load_model(tmp_path / "twin", progress=False, dtype="float32")
     for (k, v), (_, v2) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):

@@ -82,9 +82,9 @@ def test_operator_metrics_are_created_once_under_concurrent_first_use() -> None:
     """kopf runs sync handlers in worker threads; the first handlers race to create the collectors."""
     import threading
 
-    from dsv4.operator import opmetrics
+    from dsv4.operator import telemetry
 
-    opmetrics._COLLECTORS = None
+    telemetry._COLLECTORS = None
     import prometheus_client as pc
 
     for name in list(pc.REGISTRY._names_to_collectors):  # start from a registry without our families
@@ -94,7 +94,7 @@ def test_operator_metrics_are_created_once_under_concurrent_first_use() -> None:
 
     def use() -> None:
         try:
-            opmetrics.collectors()["dsv4_operator_reconciles_total"].labels(handler="timer", result="success").inc()
+            telemetry.collectors()["dsv4_operator_reconciles_total"].labels(handler="timer", result="success").inc()
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 

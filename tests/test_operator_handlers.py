@@ -1,5 +1,5 @@
-"""The kopf handler functions called directly with fake bodies and the cluster I/O replaced: what they
-write (status, events), which kopf error they raise (permanent for bad specs, temporary with backoff for
+"""The kopf handler functions called directly with fake bodies and the cluster I/O (`kube.py`) replaced: what
+they write (status, events), which kopf error they raise (permanent for bad specs, temporary with backoff for
 API-server trouble), the ticker's bookkeeping, and the single writer of replicas."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import kopf
 import pytest
 import urllib3
 import yaml
-from dsv4.operator import handlers
+from dsv4.operator import handlers, kube
+from dsv4.operator import ticker as ticker_mod
 from dsv4.operator.reconcile import Observed
+from dsv4.operator.ticker import Ticker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +34,7 @@ class Cluster:
         self.applied: list[dict[str, Any]] = []
         self.status: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
+        self.scale: list[int] = []                 # spec.replicas written through /scale
         self.fail_observe: Exception | None = None
 
     def install(self, mp: pytest.MonkeyPatch) -> Cluster:
@@ -40,22 +43,22 @@ class Cluster:
                 raise self.fail_observe
             return Observed(deployment=copy.deepcopy(self.deployment)), []
 
-        mp.setattr(handlers, "observe", observe)
-        mp.setattr(handlers, "apply", lambda objs: self.applied.extend(objs))
-        mp.setattr(handlers, "prune", lambda *a: None)
-        mp.setattr(handlers, "_event", lambda body, ev: self.events.append(ev))
-        mp.setattr(handlers, "_post_event", lambda obj, ev: self.events.append(ev))
-        mp.setattr(handlers, "_patch_status", lambda ns, name, st: self.status.append(copy.deepcopy(st)))
-        mp.setattr(handlers, "_scrape", lambda *a: [])
+        mp.setattr(kube, "observe", observe)
+        mp.setattr(kube, "apply", lambda objs: self.applied.extend(objs))
+        mp.setattr(kube, "prune", lambda *a: None)
+        mp.setattr(kube, "post_event", lambda obj, ev: self.events.append(ev))
+        mp.setattr(kube, "write_status", lambda ns, name, st: self.status.append(copy.deepcopy(st)))
+        mp.setattr(kube, "write_scale", lambda ns, name, n: self.scale.append(n))
+        mp.setattr(ticker_mod, "scrape_pods", lambda *a: [])
         return self
 
 
-def change(obj: dict[str, Any], retry: int = 0) -> kopf.Patch:
-    patch = kopf.Patch()
+def change(obj: dict[str, Any], c: Cluster, retry: int = 0) -> dict[str, Any]:
+    """Run the create handler; returns the status it wrote (through kube.write_status, the only writer)."""
     m = obj["metadata"]
     handlers.on_create(body=obj, name=m["name"], namespace=m["namespace"], uid=m["uid"], meta=m, spec=obj["spec"],
-                       status=obj.get("status"), patch=patch, retry=retry)
-    return patch
+                       status=obj.get("status"), patch=kopf.Patch(), retry=retry)
+    return c.status[-1]
 
 
 def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -64,9 +67,9 @@ def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
 
 def test_valid_endpoint_applies_children_and_writes_status(monkeypatch: pytest.MonkeyPatch) -> None:
     c = Cluster().install(monkeypatch)
-    patch = change(example("long-context-agent.yaml"))
+    status = change(example("long-context-agent.yaml"), c)
     assert [o["kind"] for o in c.applied] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
-    assert cond(patch["status"], "PlanValid")["status"] == "True"
+    assert cond(status, "PlanValid")["status"] == "True"
     assert [e[1] for e in c.events] == ["Planned"]
 
 
@@ -78,7 +81,7 @@ def test_unservable_spec_is_a_permanent_error_with_status_and_one_event(monkeypa
         m = obj["metadata"]
         handlers.on_update(body=obj, name=m["name"], namespace=m["namespace"], uid=m["uid"], meta=m,
                            spec=obj["spec"], status=None, patch=patch, retry=0)
-    pv = cond(patch["status"], "PlanValid")  # written although the handler failed: kopf applies the patch
+    pv = cond(c.status[-1], "PlanValid")  # written although the handler failed
     assert (pv["status"], pv["reason"]) == ("False", "WeightsDoNotFit")
     assert c.applied == [] and [e[:2] for e in c.events] == [("Warning", "WeightsDoNotFit")]
 
@@ -89,7 +92,7 @@ def test_api_server_unavailable_is_a_temporary_error_with_backoff(monkeypatch: p
     delays = []
     for retry in range(7):
         with pytest.raises(kopf.TemporaryError) as err:
-            change(example("short-chat.yaml"), retry=retry)
+            change(example("short-chat.yaml"), c, retry=retry)
         delays.append(err.value.delay)
     assert delays == [15, 30, 60, 120, 240, 300, 300]
 
@@ -98,7 +101,7 @@ def test_a_bug_while_observing_is_permanent_not_a_retry_loop(monkeypatch: pytest
     c = Cluster().install(monkeypatch)
     c.fail_observe = KeyError("resources")
     with pytest.raises(kopf.PermanentError, match="KeyError"):
-        change(example("short-chat.yaml"))
+        change(example("short-chat.yaml"), c)
 
 
 @pytest.mark.parametrize(("exc", "transient"), [
@@ -108,23 +111,30 @@ def test_a_bug_while_observing_is_permanent_not_a_retry_loop(monkeypatch: pytest
                                                                           {"status": 422})(), False),
     (type("ApiException", (Exception,), {"status": 403})(), False), (ValueError("x"), False)])
 def test_is_transient(exc: Exception, transient: bool) -> None:
-    assert handlers.is_transient(exc) is transient
+    assert kube.is_transient(exc) is transient
 
 
 def test_ticker_tracks_endpoints_and_forgets_deleted_ones() -> None:
-    handlers._ENDPOINTS.clear()
+    t = Ticker()
     obj = example("short-chat.yaml")
-    handlers.track_event({"type": "ADDED", "object": obj})
-    handlers._SAMPLES[obj["metadata"]["uid"]] = handlers.deque()
-    assert handlers._ENDPOINTS[obj["metadata"]["uid"]] == obj
-    assert handlers._ENDPOINTS[obj["metadata"]["uid"]] is not obj  # a copy: kopf's body may change under us
+    t.track({"type": "ADDED", "object": obj})
+    t.samples[obj["metadata"]["uid"]] = ticker_mod.deque()
+    assert t.endpoints[obj["metadata"]["uid"]] == obj
+    assert t.endpoints[obj["metadata"]["uid"]] is not obj  # a copy: kopf's body may change under us
     gone = copy.deepcopy(obj)
     gone["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    handlers.track_event({"type": "MODIFIED", "object": gone})
-    assert not handlers._ENDPOINTS and obj["metadata"]["uid"] not in handlers._SAMPLES
-    handlers.track_event({"type": None, "object": obj})  # the initial listing
-    handlers.track_event({"type": "DELETED", "object": obj})
-    assert not handlers._ENDPOINTS
+    t.track({"type": "MODIFIED", "object": gone})
+    assert not t.endpoints and obj["metadata"]["uid"] not in t.samples
+    t.track({"type": None, "object": obj})  # the initial listing
+    t.track({"type": "DELETED", "object": obj})
+    assert not t.endpoints
+
+
+def test_track_handler_feeds_the_ticker_in_kopfs_memo() -> None:
+    memo = kopf.Memo(ticker=Ticker())
+    obj = example("short-chat.yaml")
+    handlers.track(event={"type": "ADDED", "object": obj}, memo=memo)
+    assert memo.ticker.endpoints[obj["metadata"]["uid"]] == obj
 
 
 def test_tick_reverts_a_manual_deployment_scale_under_autoscaling(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,15 +142,15 @@ def test_tick_reverts_a_manual_deployment_scale_under_autoscaling(monkeypatch: p
     apply writes it back over the `kubectl scale deployment` value, and a Warning event says so."""
     obj = example("short-chat.yaml")  # builtin autoscaling, 1..8
     c = Cluster().install(monkeypatch)
-    patch = change(obj)
-    obj["status"] = dict(patch["status"])
+    t = Ticker()
+    obj["status"] = dict(change(obj, c))
     want = obj["status"]["desiredReplicas"]
     dep = next(o for o in c.applied if o["kind"] == "Deployment")
     assert dep["spec"]["replicas"] == want
     c.deployment = {"spec": {"replicas": want + 3}, "status": {"replicas": want + 3, "readyReplicas": 0}}
     c.applied.clear()
     c.events.clear()
-    handlers.tick(obj)
+    t.tick(obj)
     dep = next(o for o in c.applied if o["kind"] == "Deployment")
     assert dep["spec"]["replicas"] == want, "the manual scale was adopted"
     assert c.status[-1]["desiredReplicas"] == want
@@ -150,31 +160,50 @@ def test_tick_reverts_a_manual_deployment_scale_under_autoscaling(monkeypatch: p
     c.deployment = {"spec": {"replicas": want}, "status": {"replicas": want, "readyReplicas": 0}}
     obj["status"] = c.status[-1]
     c.events.clear()
-    handlers.tick(obj)
+    t.tick(obj)
     assert not [e for e in c.events if e[1] == "ReplicasReverted"]
 
 
 def test_tick_writes_status_only_when_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
     c = Cluster().install(monkeypatch)
+    t = Ticker()
     obj = example("invalid-pro-on-h100.yaml")  # a steady PlanValid=False: nothing changes between ticks
-    handlers.tick(obj)
+    t.tick(obj)
     assert len(c.status) == 1 and [e[1] for e in c.events] == ["WeightsDoNotFit"]
     obj["status"] = c.status[-1]
-    handlers.tick(obj)
-    handlers.tick(obj)
+    t.tick(obj)
+    t.tick(obj)
     assert len(c.status) == 1 and len(c.events) == 1
 
 
 def test_tick_skips_invalid_specs_and_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     c = Cluster().install(monkeypatch)
+    t = Ticker()
     obj = example("short-chat.yaml")
-    obj["spec"]["replicas"] = 2  # and builtin autoscaling: two writers
-    handlers.tick(obj)
+    obj["spec"]["autoscaling"]["minReplicas"] = 99  # > maxReplicas
+    t.tick(obj)
     assert c.status == [] and c.applied == [] and c.events == []
 
 
 def test_tick_survives_api_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     c = Cluster().install(monkeypatch)
+    t = Ticker()
     c.fail_observe = ConnectionRefusedError("api server down")
-    handlers.tick_safe(example("short-chat.yaml"))  # logged, not raised
+    t.tick_safe(example("short-chat.yaml"))  # logged, not raised
     assert c.status == []
+
+
+def test_spec_replicas_is_written_through_scale_after_the_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /scale needs spec.replicas: the create handler fills it (after the status, whose desiredReplicas the
+    CRD's rule compares it with); the ticker mirrors the autoscaler's decision the same way."""
+    c = Cluster().install(monkeypatch)
+    order: list[str] = []
+    monkeypatch.setattr(kube, "write_status", lambda ns, name, st: order.append("status") or c.status.append(st))
+    monkeypatch.setattr(kube, "write_scale", lambda ns, name, n: order.append("scale") or c.scale.append(n))
+    obj = example("short-chat.yaml")  # builtin autoscaling
+    obj["status"] = dict(change(obj, c))
+    assert order == ["status", "scale"] and c.scale == [obj["status"]["desiredReplicas"]]
+    obj["spec"]["replicas"] = c.scale[-1]  # the watch brings the mirror back: nothing more to write
+    c.scale.clear()
+    Ticker().tick(obj)
+    assert c.scale == []

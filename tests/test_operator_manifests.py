@@ -11,9 +11,11 @@ import pytest
 import yaml
 from dsv4.operator import api, manifests
 from dsv4.operator.manifests import EndpointRef
+from dsv4.operator.observability.promql import metric_names
 from dsv4.operator.planner import plan
-from dsv4.runtime import metrics_catalog as mc
 from dsv4.runtime.server.config import ServeConfig, normalise_keys
+
+from dsv4 import metrics_catalog as mc
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = EndpointRef("chat", "team-a", "0b7c6f4e-1111-2222-3333-444455556666")
@@ -135,7 +137,7 @@ def test_one_writer_for_replicas() -> None:
     assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (1, 8)
     for trig in so["spec"]["triggers"]:
         q = trig["metadata"]["query"]
-        names = [n for n in mc.series_index() if n in q and ":" in n]
+        names = metric_names(q)
         assert names and all(mc.family_of_series(n) for n in names), q
         assert 'dsv4_endpoint="chat"' in q and 'namespace="team-a"' in q
 

@@ -9,13 +9,15 @@ from typing import Any
 import pytest
 from dsv4.operator import api
 from dsv4.operator import weights as W
-from dsv4.operator.api import PROFILE_NAMES, DSV4EndpointSpec
+from dsv4.operator.api import DSV4EndpointSpec
 from dsv4.operator.hardware import GIB, accelerator
 from dsv4.operator.planner import GPU_MEMORY_UTILIZATION, PlanError, model_config, plan
 from dsv4.operator.profiles import NAMED
 from dsv4.runtime.cache.manager import CacheManager
 from dsv4.runtime.cache.spec import CacheSpec
 from dsv4.runtime.config import flash, pro
+
+from dsv4.settings_enums import PROFILE_NAMES
 
 REASON_KEYS = {"tensorParallelSize", "batchingDelayMs", "maxNumBatchedTokens", "chunkedPrefillSize", "cachePolicy",
                "hcaState", "poolSplit", "maxServableContext", "maxModelLen", "sessionsPerReplica", "initialReplicas"}

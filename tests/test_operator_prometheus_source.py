@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 from dsv4.operator import api, scrape
-from dsv4.runtime import metrics_catalog as mc
 from dsv4.runtime.cache.manager import CacheManager
 from dsv4.runtime.cache.spec import CacheSpec
 from dsv4.runtime.config import tiny
 from dsv4.runtime.server.metrics import EngineMetrics, cache_info_labels
+
+from dsv4 import metrics_catalog as mc
 
 
 def vec(metric: dict[str, str], value: float, t: float = 100.0) -> dict:

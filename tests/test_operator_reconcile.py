@@ -45,10 +45,10 @@ def test_invalid_plan_sets_planvalid_false_creates_nothing_and_warns_once() -> N
 
 def test_schema_invalid_spec_is_reported_not_raised() -> None:
     spec = example("short-chat.yaml")
-    spec["replicas"] = 3  # and the builtin autoscaler: two writers
+    spec["autoscaling"]["minReplicas"] = 9  # > maxReplicas
     r = reconcile("chat", "ns", "uid", 4, spec, None, Observed(), 0.0)
     pv = cond(r.status, "PlanValid")
-    assert (pv["status"], pv["reason"]) == ("False", "InvalidSpec") and "one writer" in pv["message"]
+    assert (pv["status"], pv["reason"]) == ("False", "InvalidSpec") and "maxReplicas" in pv["message"]
     spec = example("short-chat.yaml")
     spec["profile"]["name"] = "nope"
     r = reconcile("chat", "ns", "uid", 5, spec, None, Observed(), 0.0)
@@ -74,7 +74,9 @@ def test_valid_spec_lifecycle_conditions() -> None:
     # the Deployment gives up
     bad = reconcile("agents", "ns", "uid", 2, spec, done.status, Observed(deployment=deployment(2, 1, failed=True)),
                     30.0)
-    assert cond(bad.status, "Degraded")["reason"] == "DeploymentFailed"
+    degraded = cond(bad.status, "Degraded")  # the Deployment's own reason, not a generic one
+    assert (degraded["status"], degraded["reason"]) == ("True", "ProgressDeadlineExceeded")
+    assert degraded["message"].startswith("Deployment ")
     # status validates against the model that generates the CRD
     api.DSV4EndpointStatus.model_validate(bad.status)
 
@@ -126,3 +128,29 @@ def test_image_defaults_to_the_operators_runtime_image() -> None:
     r = reconcile("agents", "ns", "uid", 1, spec, None, Observed(default_image="reg.local/dsv4:1.2"), 0.0)
     assert next(o for o in r.objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0][
         "image"] == "mine:1"
+
+
+def test_spec_replicas_is_kept_present_for_the_scale_subresource() -> None:
+    """GET .../scale needs .spec.replicas in every mode: the reconcile says what to write there."""
+    auto = example("short-chat.yaml")  # builtin autoscaling, no spec.replicas
+    r = reconcile("chat", "ns", "uid", 1, auto, None, Observed(), 0.0, autoscaler_replicas=3)
+    assert r.status["desiredReplicas"] == 3 and r.scale_replicas == 3
+    auto["replicas"] = 3  # the mirror is current: nothing to write
+    assert reconcile("chat", "ns", "uid", 1, auto, r.status, Observed(), 1.0, autoscaler_replicas=3).scale_replicas \
+        is None
+    # spec.replicas is an output under autoscaling: not a plan input, not the Deployment's count
+    auto["replicas"] = 7
+    r = reconcile("chat", "ns", "uid", 1, auto, r.status, Observed(), 2.0, autoscaler_replicas=3)
+    assert next(o for o in r.objects if o["kind"] == "Deployment")["spec"]["replicas"] == 3 and r.scale_replicas == 3
+    keda = example("short-chat.yaml")
+    keda["autoscaling"]["mode"] = "keda"
+    dep = {"spec": {"replicas": 5}, "status": {"replicas": 5}}
+    r = reconcile("chat", "ns", "uid", 1, keda, None, Observed(deployment=dep), 0.0)
+    assert r.status["desiredReplicas"] == 5 and r.scale_replicas == 5  # what KEDA chose
+    fixed = example("long-context-agent.yaml")
+    fixed.pop("autoscaling", None)
+    fixed.pop("replicas", None)
+    r = reconcile("agents", "ns", "uid", 1, fixed, None, Observed(), 0.0)
+    assert r.scale_replicas == r.plan.initial_replicas  # written once, then the user's
+    fixed["replicas"] = 4
+    assert reconcile("agents", "ns", "uid", 1, fixed, None, Observed(), 0.0).scale_replicas is None

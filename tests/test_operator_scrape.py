@@ -37,8 +37,8 @@ def test_runtime_exporter_output_parses_to_per_pool_occupancy_and_queue() -> Non
 
 def test_missing_series_and_garbage_are_errors() -> None:
     with pytest.raises(ScrapeError, match="vllm:num_requests_waiting"):
-        parse_metrics('dsv4:cache_pool_occupancy_ratio{pool="csa"} 0.5\n', "p", 0)
-    with pytest.raises(ScrapeError, match="dsv4:cache_pool_occupancy_ratio"):
+        parse_metrics('dsv4_cache_pool_occupancy_ratio{pool="csa"} 0.5\n', "p", 0)
+    with pytest.raises(ScrapeError, match="dsv4_cache_pool_occupancy_ratio"):
         parse_metrics("vllm:num_requests_waiting 2\n", "p", 0)
     with pytest.raises(ScrapeError):
         parse_metrics("this is { not prometheus", "p", 0)
@@ -47,7 +47,7 @@ def test_missing_series_and_garbage_are_errors() -> None:
 def test_children_of_several_models_combine_max_occupancy_and_summed_queue() -> None:
     text = ('vllm:num_requests_waiting{model_name="a",engine="0"} 2\n'
             'vllm:num_requests_waiting{model_name="b",engine="0"} 5\n'
-            'dsv4:cache_pool_occupancy_ratio{model_name="a",engine="0",pool="csa"} 0.2\n'
-            'dsv4:cache_pool_occupancy_ratio{model_name="b",engine="0",pool="csa"} 0.7\n')
+            'dsv4_cache_pool_occupancy_ratio{model_name="a",engine="0",pool="csa"} 0.2\n'
+            'dsv4_cache_pool_occupancy_ratio{model_name="b",engine="0",pool="csa"} 0.7\n')
     s = parse_metrics(text, "p", 0)
     assert s.queue == 7 and s.pools == {"csa": 0.7}

@@ -40,7 +40,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str, str]] = {
     # --- CEL (x-kubernetes-validations): cross-field rules
     "replicas-and-autoscaler": (lambda o: o["spec"].update(replicas=2, autoscaling={"enabled": True}),
-                                "spec", "replicas and autoscaling.enabled (builtin) are exclusive"),
+                                "spec.replicas", "the autoscaler owns replicas"),
     "min-above-max": (_set("spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2}),
                       "spec.autoscaling", "autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
     "panic-above-stable": (_set("spec.autoscaling", {"panicWindowSeconds": 120, "stableWindowSeconds": 60}),
@@ -102,6 +102,10 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str, str]] = {
 }
 
 
+# Rules only the API server applies: they depend on the object's history, not the spec alone.
+API_SERVER_ONLY = {"replicas-and-autoscaler"}
+
+
 def test_the_base_object_is_admitted() -> None:
     assert admission.admission_errors(base()) == []
     api.DSV4Endpoint.model_validate(base())
@@ -124,6 +128,9 @@ def test_pydantic_rejects_the_same_objects(case: str) -> None:
     mutate, path, _ = BAD[case]
     obj = base()
     mutate(obj)
+    if case in API_SERVER_ONLY:  # the operator itself writes this state (spec.replicas mirrors its decision)
+        api.DSV4Endpoint.model_validate(obj)
+        return
     with pytest.raises(ValidationError) as err:
         api.DSV4Endpoint.model_validate(obj)
     if path.startswith("spec.") and path.count(".") >= 1:
@@ -192,3 +199,38 @@ def test_a_planner_bug_is_a_condition_not_a_crash(monkeypatch: pytest.MonkeyPatc
     pv = next(c for c in r.status["conditions"] if c["type"] == "PlanValid")
     assert (pv["status"], pv["reason"]) == ("False", "PlanFailed") and "ZeroDivisionError" in pv["message"]
     assert r.objects == []
+
+
+# --- transition rules: what an update may change (`/scale` PUT, `kubectl scale`, `kubectl apply`) ------------
+def autoscaled(replicas: int | None, desired: int | None, mode: str = "builtin") -> dict[str, Any]:
+    obj = base()
+    obj["spec"]["autoscaling"] = {"enabled": True, "mode": mode, "minReplicas": 1, "maxReplicas": 8}
+    if replicas is not None:
+        obj["spec"]["replicas"] = replicas
+    if desired is not None:
+        obj["status"] = {"desiredReplicas": desired}
+    return obj
+
+
+@pytest.mark.parametrize("mode", ["builtin", "keda"])
+def test_under_autoscaling_only_the_autoscalers_decision_may_be_written_to_spec_replicas(mode: str) -> None:
+    stored = autoscaled(3, 3, mode)
+    # kubectl scale dsv4ep/chat --replicas=5 (a PUT on /scale): refused, naming the field and the way out
+    errors = admission.admission_errors(autoscaled(5, 3, mode), old=stored)
+    assert errors == [f"spec.replicas: {api.SCALE_MESSAGE}"]
+    # the operator mirroring a new decision: status.desiredReplicas already says 5
+    assert admission.admission_errors(autoscaled(5, 5, mode), old=autoscaled(3, 5, mode)) == []
+    # unrelated updates (status writes, spec edits) keep the old value: admitted
+    assert admission.admission_errors(autoscaled(3, 7, mode), old=stored) == []
+    # first write of the mirror, before any status: refused unless it equals the decision
+    assert admission.admission_errors(autoscaled(4, None, mode), old=autoscaled(None, None, mode))
+    assert admission.admission_errors(autoscaled(4, 4, mode), old=autoscaled(None, 4, mode)) == []
+    # create: replicas together with autoscaling is refused (optionalOldSelf: the rule runs without an old object)
+    assert admission.admission_errors(autoscaled(5, None, mode)) == [f"spec.replicas: {api.SCALE_MESSAGE}"]
+    assert admission.admission_errors(autoscaled(None, None, mode)) == []
+
+
+def test_without_autoscaling_spec_replicas_is_free_to_change() -> None:
+    old, new = base(), base()
+    old["spec"]["replicas"], new["spec"]["replicas"] = 2, 6
+    assert admission.admission_errors(new, old=old) == []

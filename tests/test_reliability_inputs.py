@@ -155,5 +155,5 @@ def test_still_serving_after_the_abuse(srv):
 
     text = httpx.get(srv.base_url + "/metrics").text
     by_code = {s.labels["code"]: s.value for fam in text_string_to_metric_families(text)
-               for s in fam.samples if s.name == "dsv4:request_errors_total"}
+               for s in fam.samples if s.name == "dsv4_request_errors_total"}
     assert by_code["413"] >= 2 and by_code["408"] >= 1 and by_code["400"] >= 25, by_code

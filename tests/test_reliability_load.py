@@ -123,7 +123,7 @@ def test_1000_requests_with_20_percent_disconnects_no_leak():
         aborted = counter(base, "vllm:request_success_total", finished_reason="abort") - aborted0
         # a hang-up after the last token can race the request's own finish; every other cut is an abort
         assert 0.5 * len(cut) <= aborted <= len(cut), (aborted, len(cut))
-        assert counter(base, "dsv4:request_errors_total") == 0
+        assert counter(base, "dsv4_request_errors_total") == 0
         print(f"\n1000 requests ({len(cut)} cut mid-stream, {aborted:.0f} aborted in the engine) in {elapsed:.1f} s; "
               f"{len(done)} completed, 0 wrong; cache back to baseline {baseline['blocks_used']}")
 

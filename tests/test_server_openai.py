@@ -171,7 +171,7 @@ def test_64_concurrent_streams_equal_sequential(server, model):
 
 def test_disconnect_mid_stream_frees_cache(server, model):
     def used() -> float:
-        return sum(metric_values(server, "dsv4:cache_pool_used_bytes").values())
+        return sum(metric_values(server, "dsv4_cache_pool_used_bytes").values())
 
     baseline = used()
     aborted0 = sum(v for k, v in metric_values(server, "vllm:request_success_total").items() if "abort" in k)

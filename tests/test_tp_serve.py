@@ -161,10 +161,10 @@ def test_startup_capacity_equals_planner_and_occupancy_matches(servers):
     assert int(rep["per_rank_cache_bytes"]) == per_rank <= budget
     assert int(rep["group_cache_bytes"]) == 2 * per_rank
     # /metrics: the same pools and the same occupancy as TP1 after the same requests
-    alloc1, alloc2 = (_metric(s, "dsv4:cache_pool_allocated_bytes") for s in servers)
+    alloc1, alloc2 = (_metric(s, "dsv4_cache_pool_allocated_bytes") for s in servers)
     assert alloc1 == alloc2
     assert sum(alloc2.values()) == per_rank  # idx is reported beside csa (block_bytes("csa") counts both)
-    occ1, occ2 = (_metric(s, "dsv4:cache_pool_occupancy_ratio") for s in servers)
+    occ1, occ2 = (_metric(s, "dsv4_cache_pool_occupancy_ratio") for s in servers)
     assert occ1 == occ2 and max(occ2.values()) > 0
 
 

@@ -1,7 +1,10 @@
 """Fixtures for the end-to-end tests: a real local control plane (see docs/local-cluster.md).
 
-`local_cluster` (session): builds the binaries when the cache is cold (progress printed, not
-captured), brings the cluster named "e2e" up, yields a `dsv4.e2e.cluster.Cluster`, and at the end
+Building the control plane when the cache is cold happens once, after collection and before the first
+test (`pytest_collection_finish`), so the build's minutes never count against a test's timeout: on a
+busy machine a cold build can take longer than pytest-timeout's limit for one test.
+
+`local_cluster` (session): brings the cluster named "e2e" up, yields a `dsv4.e2e.cluster.Cluster`, and at the end
 brings it down and fails the session if any recorded process is still alive. Without root or the
 Go toolchain the e2e tests are skipped with the reason, unless DSV4_E2E_REQUIRE=1 (CI) turns that
 into a failure.
@@ -42,6 +45,25 @@ def _uncaptured(pytestconfig):
         yield
 
 
+def pytest_collection_finish(session) -> None:
+    """Build the binaries (progress on the terminal) before any e2e test runs and its timeout starts."""
+    if not any("local_cluster" in getattr(item, "fixturenames", ()) for item in session.items) or _unavailable():
+        return
+    from dsv4.e2e import build
+
+    if not build.missing():
+        return
+    with _uncaptured(session.config):
+        t0 = time.monotonic()
+        print(f"\n[e2e] building the control plane before the tests ({build.COLD_BUILD_ESTIMATE})", flush=True)
+        try:
+            build.ensure_built()
+        except build.BuildError as e:  # the e2e tests fail with it (local_cluster); the other tests still run
+            print(f"[e2e] the build failed: {e}", flush=True)
+            return
+        print(f"[e2e] control-plane binaries built in {time.monotonic() - t0:.0f} s", flush=True)
+
+
 @pytest.fixture(scope="session")
 def local_cluster(pytestconfig):
     """The running cluster: `.kubeconfig`, `.server`, `.api_client()`, `.env()`, `.procs`, `.nodes`."""
@@ -50,12 +72,6 @@ def local_cluster(pytestconfig):
             pytest.fail(f"e2e required but unavailable: {why}")
         pytest.skip(f"local cluster unavailable: {why}")
     with _uncaptured(pytestconfig):
-        from dsv4.e2e import build
-
-        t0 = time.monotonic()
-        build.ensure_built()
-        if time.monotonic() - t0 > 5:
-            print(f"\n[e2e] control-plane binaries built in {time.monotonic() - t0:.0f} s", flush=True)
         t0 = time.monotonic()
         c = cluster_mod.up(E2E_CLUSTER)
         print(f"\n[e2e] cluster up in {time.monotonic() - t0:.1f} s at {c.server}", flush=True)

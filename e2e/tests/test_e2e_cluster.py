@@ -4,9 +4,12 @@ real pod IP, readiness mirrored from its probe, deletion kills it, a dying proce
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -153,6 +156,20 @@ def test_deployment_pod_is_a_real_process_at_its_pod_ip(local_cluster, namespace
         wait_for("the pod's network namespace gone",
                  lambda: not os.path.exists(f"{podnet.NETNS_DIR}/{podnet.names_for(pod['metadata']['uid'])[0]}"),
                  timeout=10)
+        assert_dialling_fails_on_the_host(ip, 8080)
+
+
+def assert_dialling_fails_on_the_host(ip: str, port: int) -> None:
+    """A deleted pod's IP is unroutable here: the kernel refuses it at once, no packet takes the default route."""
+    route = podnet.range_route()
+    assert route is not None and route.unroutable, route
+    lookup = podnet.route_get(ip)
+    assert lookup.startswith("RTNETLINK answers: No route to host"), lookup  # not "via <default gateway>"
+    with socket.socket() as s:
+        s.settimeout(5)
+        t0 = time.monotonic()
+        assert s.connect_ex((ip, port)) in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+        assert time.monotonic() - t0 < 1.0  # failed locally, not after a timeout
 
 
 def test_readiness_follows_the_probe(local_cluster, namespace):
@@ -208,6 +225,92 @@ def test_container_without_command_is_rejected_clearly(local_cluster, namespace)
         pod = wait_for("the pod Failed", lambda: next(
             (p for p in pods(core, namespace, "app=nocmd") if p.get("status", {}).get("phase") == "Failed"), None))
         assert "has no command" in pod["status"]["message"]
+
+
+def container_status(core, ns: str, selector: str) -> dict | None:
+    found = [p for p in pods(core, ns, selector) if p.get("status", {}).get("containerStatuses")]
+    return found[0]["status"]["containerStatuses"][0] if found else None
+
+
+def test_a_crash_loop_restarts_with_backoff_and_shows_the_last_log_line(local_cluster, namespace):
+    """restartPolicy Always: the same pod restarts its container (no new pod per crash), the status says
+    CrashLoopBackOff with the last exit and the last log line, and `kubectl logs --previous` has that run."""
+    from dsv4.e2e import opproc
+    from kubernetes import client
+
+    with local_cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespaced_pod(namespace, {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crashy", "labels": {"app": "crashy"}},
+            "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "main", "image": "python:3.11",
+                "command": ["python", "-c", "print('loading the model', flush=True); "
+                                            "raise SystemExit('fatal: no such model tiny-x')"]}]}})
+        t0 = time.monotonic()
+        st = wait_for("CrashLoopBackOff", lambda: (s := container_status(core, namespace, "app=crashy")) and
+                      (s["state"].get("waiting") or {}).get("reason") == "CrashLoopBackOff" and s, timeout=60)
+        assert time.monotonic() - t0 < 60
+        last = st["lastState"]["terminated"]
+        assert last["exitCode"] == 1 and last["reason"] == "Error"
+        assert last["message"] == "fatal: no such model tiny-x"
+        assert "back-off 10s restarting failed container=main" in st["state"]["waiting"]["message"]
+        pod = pods(core, namespace, "app=crashy")[0]
+        assert pod["status"]["phase"] == "Running"  # a crash loop does not fail the pod
+        st = wait_for("the first restart", lambda: (s := container_status(core, namespace, "app=crashy")) and
+                      s["restartCount"] >= 1 and s, timeout=40)
+        assert len(pods(core, namespace, "app=crashy")) == 1
+        wait_for("the second back-off (20 s)", lambda: "back-off 20s" in (
+            (container_status(core, namespace, "app=crashy")["state"].get("waiting") or {}).get("message", "")),
+            timeout=30)
+    out = opproc.kubectl(["logs", "-n", namespace, "crashy", "--previous"], local_cluster.kubeconfig).stdout
+    assert out.splitlines() == ["loading the model", "fatal: no such model tiny-x"]
+
+
+def test_liveness_probe_failure_restarts_the_container(local_cluster, namespace):
+    from kubernetes import client
+
+    with local_cluster.api_client() as api:
+        core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+        cm, deploy, _ = web_objects("lively")
+        c = deploy["spec"]["template"]["spec"]["containers"][0]
+        c["livenessProbe"] = {"httpGet": {"path": "/missing.html", "port": "http"}, "periodSeconds": 1,
+                              "failureThreshold": 2, "initialDelaySeconds": 1}
+        core.create_namespaced_config_map(namespace, cm)
+        apps.create_namespaced_deployment(namespace, deploy)
+        first = wait_for("the pod Running", lambda: next(
+            (p for p in pods(core, namespace, "app=lively") if p.get("status", {}).get("phase") == "Running"), None))
+        st = wait_for("a restart after the liveness probe failed", lambda: (
+            s := container_status(core, namespace, "app=lively")) and s["restartCount"] >= 1 and s, timeout=45)
+        assert st["lastState"]["terminated"]["exitCode"] in (137, 143)
+        assert [p["metadata"]["uid"] for p in pods(core, namespace, "app=lively")] == [first["metadata"]["uid"]]
+
+
+def test_kubectl_logs_and_follow_reach_the_pod_runner(local_cluster, namespace):
+    """kube-apiserver dials the node's InternalIP (127.0.0.1) at its kubelet port: the pod runner answers."""
+    from dsv4.e2e import opproc, tools
+    from kubernetes import client
+
+    with local_cluster.api_client() as api:
+        core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+        node = core.read_node(local_cluster.nodes[0])
+        assert node.status.daemon_endpoints.kubelet_endpoint.port == local_cluster.ports["kubelet"]
+        cm, deploy, _ = web_objects("chatty")
+        core.create_namespaced_config_map(namespace, cm)
+        apps.create_namespaced_deployment(namespace, deploy)
+        wait_for("a Ready pod", lambda: any(ready(p) for p in pods(core, namespace, "app=chatty")), timeout=60)
+    # http.server logs each readiness probe request on stderr
+    out = wait_for("probe requests in `kubectl logs deploy/chatty`", lambda: (o := opproc.kubectl(
+        ["logs", "-n", namespace, "deploy/chatty"], local_cluster.kubeconfig).stdout) and "GET /index.html" in o and o)
+    assert "Serving HTTP on" in out
+    kubectl = tools.ensure_kubectl_helm().kubectl
+    follow = subprocess.Popen([str(kubectl), f"--kubeconfig={local_cluster.kubeconfig}", "logs", "-f", "-n", namespace,
+                               "deploy/chatty", "--tail=0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = follow.stdout.readline()  # a probe request made after we started following
+        assert "GET /index.html" in line, (line, follow.poll())
+    finally:
+        follow.kill()
+        follow.wait(5)
 
 
 @pytest.mark.slow

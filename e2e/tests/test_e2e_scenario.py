@@ -205,7 +205,10 @@ def test_operator_runs_with_the_charts_service_account_only(local_cluster, chart
     kc = yaml.safe_load(operator.kubeconfig.read_text())
     assert "token" in kc["users"][0]["user"] and "client-certificate-data" not in kc["users"][0]["user"]
     assert operator.alive()
-    # the chart's own operator pod is Pending on purpose (see dsv4.e2e.opproc); the dashboards ship as ConfigMaps
+    # the chart's own operator Deployment is scaled to 0 (see dsv4.e2e.opproc), so its rollout completes
+    assert kubectl(local_cluster, "rollout", "status", f"deployment/{chart.deployment}", "-n", chart.namespace,
+                   "--timeout=20s").returncode == 0
+    # the dashboards ship as ConfigMaps
     cms = json.loads(kubectl(local_cluster, "get", "configmaps", "-n", chart.namespace, "-l", "grafana_dashboard=1",
                              "-o", "json").stdout)["items"]
     assert len(cms) == 5, [c["metadata"]["name"] for c in cms]

@@ -11,7 +11,7 @@ Two renderings of the same rules:
 
 | Alert | Fires when (for) |
 |---|---|
-| DSV4CachePoolSaturation | max over pods of a pool's `dsv4:cache_pool_occupancy_ratio` > cachePoolOccupancy (10m) |
+| DSV4CachePoolSaturation | max over pods of a pool's `dsv4_cache_pool_occupancy_ratio` > cachePoolOccupancy (10m) |
 | DSV4QueueBuildup | sum of `vllm:num_requests_waiting` per endpoint > queueDepth (5m) |
 | DSV4TTFTP99OverSLO | p99 of `vllm:time_to_first_token_seconds` per endpoint over 5m > ttftP99Seconds (10m) |
 | DSV4HighPreemptionRate | preemptions per second per endpoint > preemptionsPerSecond (10m) |
@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import yaml
-from dsv4.runtime import metrics_catalog as mc
+
+from dsv4 import metrics_catalog as mc
 
 from .promql import BY_ENDPOINT, OP_BY_ENDPOINT
 
@@ -100,7 +101,7 @@ def rules(t: _Concrete | _Helm, helm: bool = False) -> list[dict]:
 
     return [
         alert("DSV4CachePoolSaturation",
-              f"max by ({BY_ENDPOINT}, pool) (dsv4:cache_pool_occupancy_ratio) > {t.cache_pool_occupancy}",
+              f"max by ({BY_ENDPOINT}, pool) (dsv4_cache_pool_occupancy_ratio) > {t.cache_pool_occupancy}",
               "10m", "warning", f"Cache pool {pool} of {ns}/{ep} is saturated",
               f"The fullest pod's {pool} pool is {v} full: expect preemptions and queueing; scale out or "
               "change the cache policy."),

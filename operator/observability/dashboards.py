@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsv4.runtime import metrics_catalog as mc
+from dsv4 import metrics_catalog as mc
 
 from .promql import BY_ENDPOINT, OP_BY_ENDPOINT, OPERATOR_SEL, quantile, rate, sel
 
@@ -96,7 +96,7 @@ def overview() -> Dashboard:
                    "{{dsv4_endpoint}} {{finished_reason}}"),
             ), unit="reqps"),
             Panel("Errors / s by HTTP status", (
-                _t(f"sum by ({BY_ENDPOINT}, code) ({rate('dsv4:request_errors_total')})",
+                _t(f"sum by ({BY_ENDPOINT}, code) ({rate('dsv4_request_errors_total')})",
                    "{{dsv4_endpoint}} {{code}}"),
             ), unit="reqps"),
             Panel("Tokens / s", (
@@ -119,30 +119,30 @@ def cache() -> Dashboard:
         "full state pool is never hidden behind a blended KV-usage number.",
         (
             Panel("Pool occupancy (max over pods)", (
-                _t(f"max by ({by_pool}) ({sel('dsv4:cache_pool_occupancy_ratio')})", "{{dsv4_endpoint}} {{pool}}"),
+                _t(f"max by ({by_pool}) ({sel('dsv4_cache_pool_occupancy_ratio')})", "{{dsv4_endpoint}} {{pool}}"),
             ), unit="percentunit", max=1.0),
             Panel("KV usage as routers see it (vllm:kv_cache_usage_perc)", (
                 _t(sel("vllm:kv_cache_usage_perc"), "{{pod}}"),
             ), unit="percentunit", max=1.0),
             Panel("Pool bytes used", (
-                _t(f"sum by ({by_pool}) ({sel('dsv4:cache_pool_used_bytes')})", "used {{dsv4_endpoint}} {{pool}}"),
+                _t(f"sum by ({by_pool}) ({sel('dsv4_cache_pool_used_bytes')})", "used {{dsv4_endpoint}} {{pool}}"),
             ), unit="bytes", stack=True),
             Panel("Pool bytes allocated", (
-                _t(f"sum by ({by_pool}) ({sel('dsv4:cache_pool_allocated_bytes')})",
+                _t(f"sum by ({by_pool}) ({sel('dsv4_cache_pool_allocated_bytes')})",
                    "allocated {{dsv4_endpoint}} {{pool}}"),
             ), unit="bytes", stack=True),
             Panel("Tokens held per pool", (
-                _t(f"sum by ({by_pool}) ({sel('dsv4:cache_pool_tokens_held')})", "{{dsv4_endpoint}} {{pool}}"),
+                _t(f"sum by ({by_pool}) ({sel('dsv4_cache_pool_tokens_held')})", "{{dsv4_endpoint}} {{pool}}"),
             ), unit="short"),
             Panel("Prefix-cache hit rate (tokens)", (
                 _t(f"sum by ({BY_ENDPOINT}) ({rate('vllm:prefix_cache_hits_total')}) / "
                    f"sum by ({BY_ENDPOINT}) ({rate('vllm:prefix_cache_queries_total')})", "{{dsv4_endpoint}}"),
             ), unit="percentunit", max=1.0),
             Panel("Evictions / s per pool", (
-                _t(f"sum by ({by_pool}) ({rate('dsv4:cache_pool_evictions_total')})", "{{dsv4_endpoint}} {{pool}}"),
+                _t(f"sum by ({by_pool}) ({rate('dsv4_cache_pool_evictions_total')})", "{{dsv4_endpoint}} {{pool}}"),
             ), unit="short"),
             Panel("SWA checkpoints kept", (
-                _t(sel("dsv4:swa_checkpoints_kept"), "{{pod}}"),
+                _t(sel("dsv4_swa_checkpoints_kept"), "{{pod}}"),
             ), unit="short"),
             Panel("Preemptions / s", (
                 _t(f"sum by ({BY_ENDPOINT}) ({rate('vllm:num_preemptions_total')})", "{{dsv4_endpoint}}"),
@@ -160,15 +160,15 @@ def latency() -> Dashboard:
             Panel("Inter-token latency", _percentiles("vllm:inter_token_latency_seconds", "ITL"), unit="s"),
             Panel("End-to-end request latency", _percentiles("vllm:e2e_request_latency_seconds", "e2e"), unit="s"),
             Panel("Queue time", _percentiles("vllm:request_queue_time_seconds", "queue"), unit="s"),
-            Panel("Batching-delay wait", _percentiles("dsv4:batching_delay_wait_seconds", "wait"), unit="s",
+            Panel("Batching-delay wait", _percentiles("dsv4_batching_delay_wait_seconds", "wait"), unit="s",
                   description="How long prefill work actually waited for the batching delay."),
             Panel("Batching-delay waits / s", (
-                _t(f"sum by ({BY_ENDPOINT}) ({rate('dsv4:batching_delay_wait_seconds_count')})", "{{dsv4_endpoint}}"),
+                _t(f"sum by ({BY_ENDPOINT}) ({rate('dsv4_batching_delay_wait_seconds_count')})", "{{dsv4_endpoint}}"),
             ), unit="short"),
             Panel("Engine step duration p99 by phase",
-                  (_t(quantile(0.99, "dsv4:step_duration_seconds", by="phase"), "p99 {{phase}}"),), unit="s"),
+                  (_t(quantile(0.99, "dsv4_step_duration_seconds", by="phase"), "p99 {{phase}}"),), unit="s"),
             Panel("Engine steps / s", (
-                _t(f"sum by (pod) ({rate('dsv4:step_duration_seconds_count', extra=_PHASE_TOTAL)})", "{{pod}}"),
+                _t(f"sum by (pod) ({rate('dsv4_step_duration_seconds_count', extra=_PHASE_TOTAL)})", "{{pod}}"),
             ), unit="short"),
         ),
     )  # fmt: skip
@@ -205,7 +205,7 @@ def autoscaler() -> Dashboard:
                 _t(f"sum by ({BY_ENDPOINT}) ({sel('vllm:num_requests_waiting')})", "{{dsv4_endpoint}}"),
             )),
             Panel("Fullest pool per endpoint (runtime)", (
-                _t(f"max by ({BY_ENDPOINT}) ({sel('dsv4:cache_pool_occupancy_ratio')})", "{{dsv4_endpoint}}"),
+                _t(f"max by ({BY_ENDPOINT}) ({sel('dsv4_cache_pool_occupancy_ratio')})", "{{dsv4_endpoint}}"),
             ), unit="percentunit", max=1.0),
         ),
     )  # fmt: skip

@@ -1,6 +1,6 @@
 """Small PromQL helpers shared by the dashboards and the alerts: label selectors, rates, quantiles, and
 `metric_names(expr)`, which lists the series an expression reads (used by tests to check every name
-against `dsv4.runtime.metrics_catalog`).
+against `dsv4.metrics_catalog`).
 
 Selectors use Grafana template variables: runtime series are filtered on the scrape's `namespace` and
 `pod` and on `dsv4_endpoint` (relabelled from the pod label `dsv4.io/endpoint`); operator series carry
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from dsv4.runtime import metrics_catalog as mc
+from dsv4 import metrics_catalog as mc
 
 RATE_WINDOW = "$__rate_interval"
 
@@ -30,7 +30,7 @@ OP_BY_ENDPOINT = f"{mc.ENDPOINT_NAMESPACE_LABEL}, {mc.ENDPOINT_LABEL}"
 def sel(metric: str, selector: str = RUNTIME_SEL, extra: str = "") -> str:
     """`metric{selector, extra}`; the metric must be a catalogued series."""
     if metric not in mc.series_index():
-        raise KeyError(f"{metric!r} is not a series of dsv4.runtime.metrics_catalog")
+        raise KeyError(f"{metric!r} is not a series of dsv4.metrics_catalog")
     inner = ", ".join(p for p in (selector, extra) if p)
     return f"{metric}{{{inner}}}" if inner else metric
 

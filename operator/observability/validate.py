@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from dsv4.runtime import metrics_catalog as mc
+
+from dsv4 import metrics_catalog as mc
 
 from . import alerts, dashboards
 from .promql import metric_names, substitute_variables

@@ -33,20 +33,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dsv4.runtime.cache.pools import COMPRESSED_POOLS, TABLE_POOLS, TOKEN_POOLS, id_space
 from dsv4.runtime.config import CSA, HCA, ModelConfig
 
-POOLS = ("swa", "csa", "idx", "hca", "csa_state", "hca_state")
-TOKEN_POOLS = ("swa", "csa_state", "hca_state")  # token-granular: tokens_per_block = swa_block_size
-COMPRESSED_POOLS = ("csa", "idx", "hca")  # tokens_per_block = block_size; idx shares csa's block ids
+from dsv4.settings_enums import HCA_STATES
+
 KV_DTYPES = ("fp32", "bf16", "fp8")
 INDEX_DTYPES = ("fp32", "bf16", "fp8", "fp4")
-HCA_STATES = ("raw", "online")  # raw tail rows, or the online-softmax single slot per open group
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "uint8": 1}
 _TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp8": "uint8"}
 
 
 class CacheConfigError(ValueError):
     """A cache layout that cannot work; the message names the field and the limit."""
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers: blocks of b positions needed for a positions."""
+    return -(-a // b)
 
 
 def fp8_row_bytes(head_dim: int, rope_dim: int) -> int:
@@ -178,14 +182,11 @@ class CacheSpec:
     @property
     def block_pools(self) -> tuple[str, ...]:
         """Pools with their own block-id space (idx rides on csa's ids)."""
-        return tuple(p for p in ("swa", "csa", "hca", "csa_state", "hca_state") if p in self.pools)
+        return tuple(p for p in TABLE_POOLS if p in self.pools)
 
     def block_bytes(self, pool: str) -> int:
-        """Bytes of one block id of `pool`; a csa block id also owns the idx rows."""
-        b = self.pools[pool].bytes_per_block
-        if pool == "csa" and "idx" in self.pools:
-            b += self.pools["idx"].bytes_per_block
-        return b
+        """Bytes of one block id of `pool`, with the rows of the pools that borrow its ids (csa: + idx)."""
+        return sum(ps.bytes_per_block for name, ps in self.pools.items() if id_space(name) == pool)
 
     def live_range(self, pool: str, n: int) -> tuple[int, int]:
         """Positions [lo, n) of a token-granular pool a running request needs after n computed tokens.

@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dsv4.runtime.chat.holdback import split_emittable
 from dsv4.runtime.chat.reasoning_parser import ReasoningDelta, ReasoningParser
+from dsv4.runtime.chat.special_tokens import EOS
 from dsv4.runtime.chat.tool_parser import (
     ToolCall,
     ToolCallDelta,
@@ -37,12 +39,14 @@ class ParsedCompletion:
 
 class CompletionParser:
     """`feed(text_delta)` -> CompletionDelta; `finish()` once the completion ended (flushes held-back text).
-    thinking: the prompt was encoded in thinking mode. parse_tools: look for DSML tool calls (off when the
-    request has no tools, or tool_choice is "none")."""
+    thinking: the prompt was encoded in thinking mode (a completion that never writes `</think>` is all
+    reasoning, streamed or not). parse_tools: look for DSML tool calls (off when the request has no tools, or
+    tool_choice is "none"). A literal `<｜end▁of▁sentence｜>` in the text is dropped."""
 
     def __init__(self, thinking: bool, parse_tools: bool = True, call_id: Callable[[], str] = new_call_id):
         self._reasoning = ReasoningParser(thinking)
         self._tools = ToolCallParser(call_id) if parse_tools else None
+        self._held = ""  # a possible start of the stop token's text
 
     def _route(self, split: ReasoningDelta, final: bool) -> CompletionDelta:
         if self._tools is None:
@@ -55,10 +59,16 @@ class CompletionParser:
         return CompletionDelta(split.reasoning, parsed.content, parsed.calls)
 
     def feed(self, delta: str) -> CompletionDelta:
-        return self._route(self._reasoning.feed(delta), final=False)
+        # A detokeniser that keeps special tokens passes the stop token through as text: it is not output.
+        text, self._held = split_emittable((self._held + delta).replace(EOS, ""), EOS)
+        return self._route(self._reasoning.feed(text), final=False)
 
     def finish(self) -> CompletionDelta:
-        return self._route(self._reasoning.finish(), final=True)
+        held, self._held = self._held, ""
+        first = self._route(self._reasoning.feed(held), final=False)
+        last = self._route(self._reasoning.finish(), final=True)
+        return CompletionDelta(first.reasoning + last.reasoning, first.content + last.content,
+                               first.tool_calls + last.tool_calls)
 
 
 def merge_completion_deltas(deltas: list[CompletionDelta]) -> ParsedCompletion:

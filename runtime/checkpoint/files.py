@@ -110,17 +110,32 @@ def torch_dtype(st_dtype: str):
             "F8_E5M2": torch.float8_e5m2}.get(st_dtype)
 
 
+def storage(meta: TensorMeta) -> tuple[object, tuple[int, ...]]:
+    """(torch dtype, shape) the bytes of `meta` are read into: its own dtype, or raw bytes for the formats torch
+    computes nothing with: `F8_E8M0` scales as uint8 exponent bytes, `F4` (two e2m1 codes per byte, header shape =
+    logical shape) as uint8 [.., last/2]. None when the dtype cannot be read."""
+    import torch
+
+    if meta.dtype == "F8_E8M0":
+        return torch.uint8, tuple(meta.shape)
+    if meta.dtype == "F4" and meta.shape and meta.shape[-1] % 2 == 0:
+        return torch.uint8, (*meta.shape[:-1], meta.shape[-1] // 2)
+    dt = torch_dtype(meta.dtype)
+    return (dt, tuple(meta.shape)) if dt is not None else (None, tuple(meta.shape))
+
+
 def read_tensor(f, meta: TensorMeta, out=None):
     """Read one tensor's bytes with a single `readinto` from the open binary file `f` (no mmap, so no file pages
     count towards the process RSS). Into `out` when given (contiguous, same dtype and element count: zero extra
-    copies), else into a new tensor. CheckpointError naming the file when the data is short."""
+    copies), else into a new tensor (`storage`'s dtype and shape). CheckpointError naming the file when the data
+    is short or the dtype unreadable."""
     import torch
 
-    dt = torch_dtype(meta.dtype)
+    dt, shape = storage(meta)
     if dt is None or meta.offset < 0:
-        raise CheckpointError(f"{meta.file}: tensor dtype {meta.dtype} cannot be read directly")
+        raise CheckpointError(f"{meta.file}: tensor dtype {meta.dtype} cannot be read")
     if out is None:
-        out = torch.empty(meta.shape, dtype=dt)
+        out = torch.empty(shape, dtype=dt)
     buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
     if buf is None:
         return out

@@ -1,4 +1,10 @@
-"""`dsv4 model info`: what a checkpoint folder holds, read from headers only (no tensor data)."""
+"""`dsv4 model info`: what a checkpoint folder holds, read from headers only (no tensor data).
+
+Parameters are logical elements: a packed FP4 byte (`I8`/`U8` with a `.scale`) holds 2, a safetensors `F4` header
+already gives the logical shape, and `.scale` tensors are not parameters. "weight bytes per GPU" is what one
+tensor-parallel rank holds (`parallel/ownership.py`): the same numbers the planner's `operator/weights.py` computes
+from the config (`tests/test_model_info.py`).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,44 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dsv4.runtime.checkpoint.files import list_tensors
+from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors
 from dsv4.runtime.config import CSA, HCA, SLIDING, ModelConfig
+from dsv4.runtime.parallel.ownership import TPConfigError, check_tp, rank_bytes, split_and_whole
+
+INFO_TP = (1, 2, 4, 8)
+
+
+def _parameters(name: str, meta: TensorMeta, index: dict[str, TensorMeta]) -> int:
+    if name.endswith(".scale"):
+        return 0
+    n = math.prod(meta.shape)
+    packed = meta.dtype in ("I8", "U8") and name.endswith(".weight") and name[: -len("weight")] + "scale" in index
+    return 2 * n if packed else n
+
+
+def weight_bytes_per_gpu(cfg: ModelConfig, index: dict[str, TensorMeta]) -> dict[int, int | str]:
+    """TP size -> bytes one rank holds of these tensors, or why the model cannot be split that way."""
+    split, whole = split_and_whole((name, m.nbytes) for name, m in index.items())
+    out: dict[int, int | str] = {}
+    for tp in INFO_TP:
+        try:
+            check_tp(cfg, tp)
+            out[tp] = rank_bytes(split, whole, tp)
+        except TPConfigError as e:
+            out[tp] = f"n/a ({e})"
+    return out
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     cfg = ModelConfig.from_file(p)
     index = list_tensors(p)
-    n_params = sum(math.prod(meta.shape) for meta in index.values())
     files = sorted({m.file for m in index.values()})
     dtypes: dict[str, int] = {}
+    dtype_bytes: dict[str, int] = {}
     for m in index.values():
         dtypes[m.dtype] = dtypes.get(m.dtype, 0) + 1
+        dtype_bytes[m.dtype] = dtype_bytes.get(m.dtype, 0) + m.nbytes
     return {
         "path": str(p.resolve()),
         "model_type": "deepseek_v4",
@@ -32,8 +63,10 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
                                   f"{cfg.index_topk}",
         "vocab_size": cfg.vocab_size,
         "tensors": len(index),
-        "parameters": n_params,
+        "parameters": sum(_parameters(n, m, index) for n, m in index.items()),
         "tensor dtypes": dtypes,
+        "bytes per dtype": dtype_bytes,
+        "weight bytes per GPU (TP)": weight_bytes_per_gpu(cfg, index),
         "files": [Path(f).name for f in files],
         "bytes on disk": sum(Path(f).stat().st_size for f in files),
         "tokenizer": (p / "tokenizer.json").exists(),

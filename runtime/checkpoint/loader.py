@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +19,13 @@ import torch
 from dsv4.runtime.checkpoint import quant
 from dsv4.runtime.checkpoint.errors import CheckpointError
 from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors, read_tensor, torch_dtype
+from dsv4.runtime.checkpoint.layout import KNOWN_EXTRAS
 from dsv4.runtime.checkpoint.names import canonical_name, checkpoint_tensors, module_target
 from dsv4.runtime.config import ConfigError, ModelConfig
 from torch import nn
 
+log = logging.getLogger("dsv4.checkpoint")
+_QUANTISED = ("F8_E4M3", "F8_E4M3FN", "I8", "U8", "F4")  # weights that mean nothing without their .scale
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,6 +69,49 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = orig  # type: ignore[method-assign]
 
 
+def _raw_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+Plan = dict[str, tuple[str, TensorMeta, TensorMeta | None]]
+
+
+def _plan(files: dict[str, TensorMeta], cfg: ModelConfig, raw_config: dict[str, Any]) -> Plan:
+    """Canonical (Hugging Face) name -> (file name, weight meta, scale meta or None). Tensors and config keys of
+    a known published variant (`layout.KNOWN_EXTRAS`) are skipped with one warning line per kind."""
+    scales = {n for n in files if n.endswith(".scale")}
+    variants = [x for x in KNOWN_EXTRAS if any(k.startswith(x.config_key) for k in raw_config)]
+    known = {s.name for s in checkpoint_tensors(cfg, include_mtp=True)}
+    skipped: dict[str, list[str]] = {}
+    plan: Plan = {}
+    for name, meta in files.items():
+        if name in scales:
+            continue
+        hf = canonical_name(name)
+        extra = next((x for x in variants if hf not in known and x.tensor_pattern is not None
+                      and x.tensor_pattern.match(name)), None)
+        if extra is not None:
+            skipped.setdefault(extra.kind, []).append(name)
+            continue
+        sname = name[: -len(".weight")] + ".scale" if name.endswith(".weight") else None
+        plan[hf] = (name, meta, files.get(sname) if sname else None)
+    used = {p[0][: -len(".weight")] + ".scale" for p in plan.values() if p[2] is not None}
+    skipped_scales = {n[: -len(".weight")] + ".scale" for names in skipped.values() for n in names}
+    stray = sorted(scales - used - skipped_scales)
+    if stray:
+        raise CheckpointError(f"unexpected scale tensor(s) without a weight: {', '.join(stray[:5])}")
+    for x in variants:
+        keys = sorted(k for k in raw_config if k.startswith(x.config_key))
+        names = skipped.get(x.kind, [])
+        log.warning("checkpoint: skipping the %s: %d config key(s) (%s) and %d tensor(s)%s, not used by this "
+                    "runtime", x.kind, len(keys), ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else ""),
+                    len(names), f" (and their scales; e.g. {sorted(names)[0]})" if names else "")
+    return plan
+
+
 def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
                     progress: bool = True) -> tuple[Any, ModelConfig]:
     """(DeepseekV4Model in eval mode on `device`, ModelConfig)."""
@@ -76,21 +124,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
     wdtype = _resolve_dtype(cfg, dtype)
     files = list_tensors(folder)
 
-    # Group file tensors: plain tensors and quantised (weight + scale) pairs.
-    plan: dict[str, tuple[str, TensorMeta, TensorMeta | None]] = {}
-    scales = {n for n in files if n.endswith(".scale")}
-    for name, meta in files.items():
-        if name in scales:
-            continue
-        hf = canonical_name(name)
-        sname = name[: -len(".weight")] + ".scale" if name.endswith(".weight") else None
-        smeta = files.get(sname) if sname else None
-        plan[hf] = (name, meta, smeta)
-    used_scales = {n[0][: -len(".weight")] + ".scale" for n in plan.values() if n[2] is not None}
-    stray = sorted(scales - used_scales)
-    if stray:
-        raise CheckpointError(f"unexpected scale tensor(s) without a weight: {', '.join(stray[:5])}")
-
+    plan = _plan(files, cfg, _raw_config(folder))
     has_mtp = any(k.startswith("mtp.") for k in plan)
     expected = {s.name: s for s in checkpoint_tensors(cfg, include_mtp=has_mtp)}
     missing = sorted(set(expected) - set(plan))
@@ -101,10 +135,14 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
     unexpected = sorted(set(plan) - set(expected))
     if unexpected:
         n0 = plan[unexpected[0]]
+        first = ", ".join(plan[u][0] for u in unexpected[:5])
         raise CheckpointError(f"{Path(n0[1].file).name}: {len(unexpected)} unexpected tensor(s), e.g. {n0[0]} "
-                              f"(shape {list(n0[1].shape)}); first: {', '.join(unexpected[:5])}")
+                              f"(shape {list(n0[1].shape)}); first: {first}")
     for hf, (name, meta, smeta) in plan.items():
         want = expected[hf].shape
+        if smeta is None and meta.dtype in _QUANTISED and expected[hf].dtype != "int64":
+            raise CheckpointError(f"{Path(meta.file).name}: tensor {name} is {meta.dtype} but its scale "
+                                  f"{name.removesuffix('.weight')}.scale is missing")
         got = quant.logical_shape(meta, smeta)
         if tuple(got) != tuple(want):
             raise CheckpointError(f"{Path(meta.file).name}: tensor {name} has shape {list(got)}, expected "
@@ -148,17 +186,12 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
     return model, cfg
 
 
-def _read(f: Any, fname: str, name: str, meta: TensorMeta) -> torch.Tensor:
-    """One file tensor as a new CPU tensor: plain reads for torch dtypes, safetensors otherwise (packed F4)."""
-    if torch_dtype(meta.dtype) is not None and meta.offset >= 0:
-        if meta.file == fname:
-            return read_tensor(f, meta)
-        with open(meta.file, "rb", buffering=0) as g:
-            return read_tensor(g, meta)
-    from safetensors import safe_open
-
-    with safe_open(meta.file, framework="pt", device="cpu") as g:
-        return g.get_tensor(name)
+def _read(f: Any, fname: str, meta: TensorMeta) -> torch.Tensor:
+    """One file tensor as a new CPU tensor (raw uint8 for E8M0 scales and F4 codes, see `files.storage`)."""
+    if meta.file == fname:
+        return read_tensor(f, meta)
+    with open(meta.file, "rb", buffering=0) as g:
+        return read_tensor(g, meta)
 
 
 def _fill(f: Any, fname: str, name: str, meta: TensorMeta, smeta: TensorMeta | None, dst: torch.Tensor,
@@ -169,9 +202,9 @@ def _fill(f: Any, fname: str, name: str, meta: TensorMeta, smeta: TensorMeta | N
             and dst.is_contiguous() and dst.device.type == "cpu" and meta.offset >= 0):
         read_tensor(f, meta, out=dst)
         return
-    t = _read(f, fname, name, meta)
+    t = _read(f, fname, meta)
     if smeta is not None:
-        s = _read(f, fname, name[: -len(".weight")] + ".scale", smeta)
+        s = _read(f, fname, smeta)
         t = quant.dequantize(t, s, shape, name)
     if dst.dtype == torch.long and t.dtype.is_floating_point:
         raise CheckpointError(f"{Path(fname).name}: tensor {name} must be an integer table")

@@ -16,13 +16,13 @@ from dsv4.runtime.checkpoint.files import TensorMeta
 BLOCK = 128
 FP4_BLOCK = 32
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-_FP4_DTYPES = ("I8", "U8", "F4", "F8_E4M3FN_X2")
+_PACKED_FP4_DTYPES = ("I8", "U8")  # header shape [out, in/2]; safetensors `F4` headers give the logical shape
 _E2M1_PAIRS = torch.stack([E2M1[torch.arange(256) & 0x0F], E2M1[torch.arange(256) >> 4]], dim=-1)  # byte -> (lo, hi)
 
 
 def logical_shape(meta: TensorMeta, scale: TensorMeta | None) -> tuple[int, ...]:
-    """The dequantised shape of a file tensor: FP4 packs two values per byte along the last dim."""
-    if scale is not None and meta.dtype in _FP4_DTYPES and len(meta.shape) == 2:
+    """The dequantised shape of a file tensor: int8/uint8 FP4 packs two values per byte along the last dim."""
+    if scale is not None and meta.dtype in _PACKED_FP4_DTYPES and len(meta.shape) == 2:
         return (meta.shape[0], meta.shape[1] * 2)
     return tuple(meta.shape)
 

@@ -17,6 +17,38 @@ from dsv4.runtime.checkpoint.names import I64, TensorSpec, checkpoint_tensors
 from dsv4.runtime.config import ModelConfig
 
 MAX_RANDOM_PARAMS = 2_000_000_000
+GENERATOR_STAMP = "dsv4-generator.json"  # which code and settings wrote a random checkpoint (see `is_current`)
+_GENERATOR_MODULES = ("random_init", "names", "layout", "writer")
+
+
+def generator_fingerprint(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> str:
+    """Hash of the generating code (this module, the tensor inventory, the writer, the tokenizer trainer) and the
+    settings: a cached built-in model written by an older revision no longer matches and is rewritten."""
+    import hashlib
+    import importlib
+    import json
+
+    h = hashlib.sha256(json.dumps({"cfg": cfg.to_dict(), "seed": seed, "dtype": str(dtype)}, sort_keys=True).encode())
+    modules = [f"dsv4.runtime.checkpoint.{m}" for m in _GENERATOR_MODULES] + ["dsv4.runtime.tokenizer"]
+    for name in modules:
+        try:
+            source = importlib.import_module(name).__file__
+        except ImportError:
+            continue
+        h.update(Path(source).read_bytes())
+    return h.hexdigest()
+
+
+def is_current(out_dir: str | Path, cfg: ModelConfig, seed: int, dtype: torch.dtype) -> bool:
+    """A complete checkpoint (config.json) written by this revision's generator with these settings."""
+    import json
+
+    out = Path(out_dir)
+    try:
+        stamp = json.loads((out / GENERATOR_STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return (out / "config.json").exists() and stamp.get("fingerprint") == generator_fingerprint(cfg, seed, dtype)
 
 
 def _value(spec: TensorSpec, cfg: ModelConfig, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -83,6 +115,10 @@ def write_random_checkpoint(cfg: ModelConfig, out_dir: str | Path, seed: int = 0
     files = write_safetensors(out, tensors, max_shard_bytes=max_shard_bytes)
     say(f"training byte-level BPE tokenizer (vocab {cfg.vocab_size})")
     write_tokenizer(out, cfg.vocab_size, seed)
+    import json
+
+    (out / "config.json").unlink(missing_ok=True)  # an interrupted rewrite must not look complete
+    (out / GENERATOR_STAMP).write_text(json.dumps({"fingerprint": generator_fingerprint(cfg, seed, dtype)}) + "\n")
     d = cfg.to_dict()
     d["torch_dtype"] = str(dtype).replace("torch.", "")
     write_config(out, d)  # last: its presence marks a complete checkpoint (--if-missing)

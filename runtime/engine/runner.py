@@ -17,8 +17,6 @@ from typing import Any
 import torch
 from dsv4.runtime.engine.scheduler import ScheduledSeq
 
-TABLE_POOLS = ("swa", "csa", "hca", "csa_state", "hca_state")
-
 
 @dataclass
 class StepLogits:
@@ -32,7 +30,7 @@ class ModelRunner:
         self.pools = pools
         self.cache = cache
         self.device = torch.device(device)
-        self.table_pools = [p for p in TABLE_POOLS if p in cache.spec.pools]
+        self.table_pools = list(cache.spec.block_pools)
 
     def build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[Any, list[tuple[int, int]]]:
         from dsv4.runtime.model.batch import ForwardBatch

@@ -7,16 +7,17 @@ encoded / decoded by `write` / `gather_view` (see `fp8_codec.py`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from dsv4.runtime.cache.pools import blocks_of
+from dsv4.runtime.cache.spec import CacheSpec, PoolSpec
+from dsv4.runtime.config import ModelConfig
 from dsv4.runtime.model import fp8_codec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8": torch.uint8, "float16": torch.float16}
 
 
 class KVPools:
-    def __init__(self, spec: Any, num_blocks: dict[str, int] | int, device: torch.device | str = "cpu",
+    def __init__(self, spec: CacheSpec, num_blocks: dict[str, int] | int, device: torch.device | str = "cpu",
                  head_dim: int | None = None, rope_dim: int | None = None, index_dim: int | None = None):
         self.spec = spec
         self.device = torch.device(device)
@@ -29,7 +30,7 @@ class KVPools:
             if isinstance(num_blocks, int):
                 nb = num_blocks
             else:
-                nb = num_blocks.get(name, num_blocks.get("csa") if name == "idx" else None)
+                nb = blocks_of(num_blocks, name)
                 if nb is None:
                     raise ValueError(f"num_blocks has no entry for pool {name!r}")
             self.num_blocks[name] = int(nb)
@@ -39,7 +40,7 @@ class KVPools:
                                                      device=self.device)
 
     @classmethod
-    def for_model(cls, cfg: Any, spec: Any, num_blocks: dict[str, int] | int,
+    def for_model(cls, cfg: ModelConfig, spec: CacheSpec, num_blocks: dict[str, int] | int,
                   device: torch.device | str = "cpu") -> KVPools:
         return cls(spec, num_blocks, device, head_dim=cfg.head_dim, rope_dim=cfg.qk_rope_head_dim,
                    index_dim=cfg.index_head_dim)
@@ -53,7 +54,7 @@ class KVPools:
         except KeyError:
             raise KeyError(f"no cache tensor for pool {pool!r} layer {layer}") from None
 
-    def pool_spec(self, pool: str) -> Any:
+    def pool_spec(self, pool: str) -> PoolSpec:
         return self.spec.pools[pool]
 
     def is_fp8(self, pool: str) -> bool:
@@ -99,55 +100,8 @@ class KVPools:
         return dec, torch.where(valid, remap, torch.full_like(idx, -1))
 
 
-def cache_spec(cfg: Any, kv_dtype: str = "fp32", block_size: int | None = None,
-               swa_block_size: int | None = None, hca_state: str = "raw") -> Any:
-    """`CacheSpec.from_model` (runtime/cache/spec.py). Until that module exists, an equivalent local spec built
-    from the contract text (same pools, rows and row formats) so the model can be exercised on its own."""
-    try:
-        from dsv4.runtime.cache.spec import CacheSpec  # type: ignore[import-not-found]
-    except ImportError:
-        return _contract_spec(cfg, kv_dtype, block_size, swa_block_size)
+def cache_spec(cfg: ModelConfig, kv_dtype: str = "fp32", block_size: int | None = None,
+               swa_block_size: int | None = None, hca_state: str = "raw") -> CacheSpec:
+    """`CacheSpec.from_model` (runtime/cache/spec.py) with the model's defaults."""
     return CacheSpec.from_model(cfg, kv_dtype=kv_dtype, block_size=block_size, swa_block_size=swa_block_size,
                                 hca_state=hca_state)
-
-
-def _contract_spec(cfg: Any, kv_dtype: str, block_size: int | None, swa_block_size: int | None) -> Any:
-    from dataclasses import dataclass
-
-    from dsv4.runtime.config import CSA, HCA
-
-    @dataclass(frozen=True)
-    class _Pool:
-        name: str
-        layers: tuple[int, ...]
-        tokens_per_block: int
-        rows_per_block: int
-        dtype: str
-        row_elems: int
-
-    @dataclass(frozen=True)
-    class _Spec:
-        block_size: int
-        swa_block_size: int
-        window: int
-        csa_ratio: int
-        hca_ratio: int
-        kv_dtype: str
-        pools: dict
-
-    bs = block_size or (256 if cfg.hca_ratio <= 256 and 256 % cfg.hca_ratio == 0 else cfg.hca_ratio)
-    sbs = swa_block_size or min(64, bs)
-    kvd = {"fp32": ("float32", cfg.head_dim), "bf16": ("bfloat16", cfg.head_dim),
-           "fp8": ("uint8", fp8_codec.row_bytes(cfg.head_dim, cfg.qk_rope_head_dim))}[kv_dtype]
-    idx_dt = "float32" if kv_dtype == "fp32" else "bfloat16"
-    csa, hca = tuple(cfg.layers_of(CSA)), tuple(cfg.layers_of(HCA))
-    pools = {"swa": _Pool("swa", tuple(range(cfg.num_hidden_layers)), sbs, sbs, *kvd)}
-    if csa:
-        rpb = bs // cfg.csa_ratio
-        pools["csa"] = _Pool("csa", csa, bs, rpb, *kvd)
-        pools["idx"] = _Pool("idx", csa, bs, rpb, idx_dt, cfg.index_head_dim)
-        pools["csa_state"] = _Pool("csa_state", csa, sbs, sbs, "float32", 4 * cfg.head_dim + 4 * cfg.index_head_dim)
-    if hca:
-        pools["hca"] = _Pool("hca", hca, bs, bs // cfg.hca_ratio, *kvd)
-        pools["hca_state"] = _Pool("hca_state", hca, sbs, sbs, "float32", 2 * cfg.head_dim)
-    return _Spec(bs, sbs, cfg.sliding_window, cfg.csa_ratio, cfg.hca_ratio, kv_dtype, pools)

@@ -30,24 +30,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dsv4.runtime.parallel.ownership import TPConfigError, check_tp
 from torch import nn
 
-
-class TPConfigError(ValueError):
-    """A TP size this model cannot be split into; the message names the field and the constraint."""
-
-
-def check_tp(cfg: Any, tp: int) -> None:
-    """Raise TPConfigError unless `cfg` splits evenly over `tp` ranks."""
-    if tp < 1:
-        raise TPConfigError(f"tp must be >= 1, got {tp}")
-    for name in ("num_attention_heads", "n_routed_experts", "moe_intermediate_size", "vocab_size"):
-        v = int(getattr(cfg, name))
-        if v % tp:
-            raise TPConfigError(f"tp={tp} must divide the model's {name} ({v})")
-    g = int(cfg.o_groups)
-    if g % tp and tp % g:
-        raise TPConfigError(f"tp={tp} and the model's o_groups ({g}) must divide one another")
+__all__ = ["TPConfigError", "check_tp", "shard_model", "shard_summary"]
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:

@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from dsv4.runtime.cache.pools import blocks_of
 from dsv4.runtime.server.config import ServeConfig, ServeConfigError
 from dsv4.runtime.server.memory_guard import check_cpu_blocks, clamp_cpu_budget, host_available_bytes, pools_bytes
 
@@ -75,9 +76,10 @@ def cache_for_budget(cfg: ServeConfig, spec: Any, budget_bytes: int, context: in
     the same `CacheManager.from_budget` with the same expected context and prefill chunk), so a pod's pools
     match its plan block for block."""
     from dsv4.runtime.cache.manager import CacheManager
+    from dsv4.runtime.cache.sizing import largest_prefill_chunk
 
     # prefill headroom = the scheduler's largest chunk, as the planner sizes it
-    chunk = min(cfg.chunked_prefill_size or cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
+    chunk = largest_prefill_chunk(cfg.max_num_batched_tokens, cfg.chunked_prefill_size)
     return CacheManager.from_budget(spec, budget_bytes, expected_context=context, split_override=cfg.pool_split,
                                     checkpoint_every=cfg.checkpoint_every, prefill_chunk=chunk,
                                     enable_prefix_caching=cfg.enable_prefix_caching, policy=cfg.cache_policy)
@@ -188,7 +190,7 @@ def capacity_report(spec: Any, cache: Any, num_blocks: dict[str, int], max_len: 
              f"{'on' if cfg.enable_prefix_caching else 'off'}"]
     total = 0
     for name, ps in spec.pools.items():
-        nb = int(num_blocks.get(name, num_blocks.get("csa", 0) if name == "idx" else 0))
+        nb = int(blocks_of(num_blocks, name, 0))
         b = nb * ps.bytes_per_block
         total += b
         lines.append(f"  pool {name:<9} {nb:>7} blocks x {ps.bytes_per_block:>9} B = {b / 2**20:9.2f} MiB, "

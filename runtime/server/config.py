@@ -1,34 +1,29 @@
-"""`ServeConfig`: every setting of `dsv4 serve`, from built-in defaults < profile < config file < CLI flags.
+"""`ServeConfig`: every setting of `dsv4 serve`, from built-in defaults < config file < CLI flags.
 
-The config file (YAML or JSON; the operator mounts one from a ConfigMap) uses the same keys as the long
-CLI flags, with `-` or `_` (`batching-delay-ms` or `batching_delay_ms`). Unknown keys are errors.
+This model is the one place a serve setting is declared: its field description is the `dsv4 serve --help` text
+(`serve_cli.py` generates the flags from the fields) and the operator's documentation of its ConfigMap keys
+(`operator/manifests.py` CONFIG_KEYS). The config file (YAML or JSON; the operator mounts one from a ConfigMap)
+uses the same keys as the long CLI flags, with `-` or `_` (`batching-delay-ms` or `batching_delay_ms`). Unknown
+keys are errors.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-CACHE_POLICIES = ("full", "checkpoint", "recompute")
-KV_DTYPES = ("auto", "fp32", "bf16", "fp8")
-HCA_STATES = ("raw", "online")  # = dsv4.runtime.cache.spec.HCA_STATES (tests/test_server_config.py)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dsv4.settings_enums import CachePolicy, HcaState, ProfileName
+
+KvDtypeSetting = Literal["auto", "fp32", "bf16", "fp8"]
 MAX_TP = 64
-
-# Named workload profiles (the operator's PROFILE_NAMES): defaults they change.
-PROFILES: dict[str, dict[str, Any]] = {
-    "short-chat": {"batching_delay_ms": 0.0, "max_num_batched_tokens": 2048, "max_num_seqs": 64,
-                   "cache_policy": "full"},
-    "coding-agent": {"batching_delay_ms": 5.0, "max_num_batched_tokens": 4096, "max_num_seqs": 32,
-                     "cache_policy": "recompute"},
-    "long-context-agent": {"batching_delay_ms": 20.0, "max_num_batched_tokens": 8192, "max_num_seqs": 16,
-                           "cache_policy": "checkpoint"},
-    "batch": {"batching_delay_ms": 50.0, "max_num_batched_tokens": 8192, "max_num_seqs": 128,
-              "cache_policy": "recompute"},
-}
+# Field metadata read by serve_cli: the flag's name when it is not `--<key-with-dashes>`, and whether the
+# setting is settable only from the config file.
+CLI_FLAG = "cli_flag"
+FILE_ONLY = "file_only"
 
 
 class ServeConfigError(ValueError):
@@ -40,72 +35,105 @@ def default_model_dir() -> Path:
     return Path(base) / "dsv4" / "models" / "tiny"
 
 
-@dataclass
-class ServeConfig:
-    model: str | None = None  # checkpoint folder; None = the built-in tiny model
-    served_model_name: str | None = None  # name in /v1/models (default: the folder name)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    profile: str | None = None
-    tp: int = 1  # tensor-parallel ranks (one process and one device each); see docs/parallel.md
-    tp_timeout_s: float = 60.0  # every TP collective fails after this long (a dead or hung rank ends the server)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batching_delay_ms: float = 0.0
-    max_num_batched_tokens: int = 2048
-    chunked_prefill_size: int | None = None
-    max_num_seqs: int = 64
-    max_model_len: int | None = None  # default: min(model's max positions, what the cache can hold)
-    max_queue: int = 256
-    cache_policy: str = "full"
-    checkpoint_every: int = 4
-    enable_prefix_caching: bool = True
-    kv_dtype: str = "auto"
-    hca_state: str = "raw"  # HCA compressor tail: raw rows, or one online-softmax slot per open group
-    cache_budget_gib: float | None = None
-    num_blocks: int | None = None  # blocks per pool (overrides the budget)
-    expected_context: int | None = None  # context length the pool split is sized for (budget mode)
-    pool_split: dict[str, float] | None = None
-    api_key_file: str | None = None
-    grace_period_s: float = 30.0
-    default_max_tokens: int | None = None  # chat default when max_tokens is absent (None: up to max_model_len)
-    max_body_bytes: int = 16 * 2**20  # largest /v1 request body (HTTP 413 above it)
-    chat_template: str | None = None  # jinja chat template file overriding the checkpoint's chat format
-    host_memory_fraction: float = 0.5  # CPU: the cache may use at most this share of available host RAM
-    log_level: str = "info"
-    config: str | None = None  # the file these values were read from
+class ServeConfig(BaseModel):
+    """Settings of one `dsv4 serve` replica. A description states the default itself only when the default is
+    None (it says what None means); the CLI help appends other defaults from the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="checkpoint folder (config.json, tokenizer, safetensors; default: "
+                                                "the built-in tiny model, created on first use)")
+    served_model_name: str | None = Field(None, description="model id in /v1/models and responses (default: the "
+                                                            "folder name)")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, description="listen port")
+    profile: ProfileName | None = Field(
+        None, description="workload profile the replica was planned for (a label: the scheduler and cache "
+                          "settings are the other keys, which the operator's planner writes)")
+    tp: int = Field(1, description="tensor parallel size: ranks (processes, devices) of this replica")
+    tp_timeout_s: float = Field(60.0, description="timeout of every TP collective; a dead or hung rank ends the "
+                                                  "server within it")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (with tp > 1: cuda, rank k on cuda:k)")
+    batching_delay_ms: float = Field(0.0, description="how long the scheduler may hold new prefill work to batch it")
+    max_num_batched_tokens: int = Field(2048, description="token budget of one scheduler step")
+    chunked_prefill_size: int | None = Field(None, description="largest prefill chunk of one request per step "
+                                                               "(default: the step budget)")
+    max_num_seqs: int = Field(64, description="most sequences running at once")
+    max_model_len: int | None = Field(None, description="longest prompt + output; longer requests get HTTP 400 "
+                                                        "(default: what the model and cache allow)")
+    max_queue: int = Field(256, description="waiting requests before HTTP 429")
+    cache_policy: CachePolicy = Field("full", description="sliding-window cache policy for prefix reuse")
+    checkpoint_every: int = Field(4, description="checkpoint policy: keep window state every N blocks")
+    enable_prefix_caching: bool = Field(True, description="prefix reuse through the cache manager",
+                                        json_schema_extra={CLI_FLAG: "--no-prefix-caching"})
+    kv_dtype: KvDtypeSetting = Field("auto", description="KV row storage; auto = fp32 on CPU for fp32 weights, "
+                                                         "else bf16")
+    hca_state: HcaState = Field("raw", description="HCA compressor tail state: raw (up to ratio-1 rows per layer) "
+                                                   "or online (one online-softmax slot per open group: ~100x fewer "
+                                                   "state bytes)")
+    cache_budget_gib: float | None = Field(None, description="bytes for all cache pools, GiB (default: 64 MiB on "
+                                                             "CPU, 85 % of free GPU memory)")
+    num_blocks: int | None = Field(None, description="blocks per pool (instead of a budget)")
+    expected_context: int | None = Field(None, description="context length the pool split is sized for "
+                                                           "(default: min(model, 8192))")
+    pool_split: dict[str, float] | None = Field(
+        None, description="fraction of the cache budget per block pool (swa, csa, hca, csa_state, hca_state; "
+                          "default: in proportion to what one expected-context sequence needs)",
+        json_schema_extra={FILE_ONLY: True})
+    api_key_file: str | None = Field(None, description="file holding the bearer API key (default: env "
+                                                       "DSV4_API_KEY; neither = no auth)")
+    grace_period_s: float = Field(30.0, description="drain time on SIGTERM before in-flight requests are cut")
+    default_max_tokens: int | None = Field(None, description="chat max_tokens when a request gives none (default: "
+                                                             "up to max_model_len)")
+    max_body_bytes: int = Field(16 * 2**20, description="largest /v1 request body in bytes; larger gets HTTP 413")
+    chat_template: str | None = Field(
+        None, description="jinja chat template file (or text) replacing the checkpoint's chat format (default: "
+                          "DeepSeek-V4's encoding for V4 models, else the checkpoint's bundled template)")
+    host_memory_fraction: float = Field(0.5, description="CPU only: cap of the cache budget as a share of "
+                                                         "available host RAM")
+    log_level: str = Field("info", description="debug, info, warning or error")
+    config: str | None = Field(None, description="YAML or JSON file with the same keys (flags win)",
+                               json_schema_extra={CLI_FLAG: "--config"})
 
     # ---- building ----------------------------------------------------------------------------------
     @classmethod
     def keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "config"]
+        """The settings (config-file keys); `config`, the file itself, is not one."""
+        return [name for name in cls.model_fields if name != "config"]
+
+    @classmethod
+    def descriptions(cls) -> dict[str, str]:
+        """key -> what it means (the field descriptions), for every setting."""
+        return {name: str(cls.model_fields[name].description) for name in cls.keys()}
 
     @classmethod
     def build(cls, file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None,
               ) -> ServeConfig:
-        """defaults < profile < file < CLI (CLI values of None mean "not given")."""
-        file_values = normalise_keys(file_values or {}, source="config file")
-        cli_values = {k: v for k, v in normalise_keys(cli_values or {}, source="command line").items()
-                      if v is not None}
-        profile = cli_values.get("profile", file_values.get("profile"))
-        merged: dict[str, Any] = {}
-        if profile is not None:
-            if profile not in PROFILES:
-                raise ServeConfigError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
-            merged.update(PROFILES[profile])
-        merged.update(file_values)
-        merged.update(cli_values)
-        cfg = cls(**merged)
-        cfg.validate()
+        """defaults < file < CLI (CLI values of None mean "not given")."""
+        merged = normalise_keys(file_values or {}, source="config file")
+        merged.update({k: v for k, v in normalise_keys(cli_values or {}, source="command line").items()
+                       if v is not None})
+        return cls.checked(**merged)
+
+    @classmethod
+    def checked(cls, **values: Any) -> ServeConfig:
+        """The config of these values, types and ranges checked; ServeConfigError names the first bad key."""
+        try:
+            cfg = cls(**values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"]) or "settings"
+            raise ServeConfigError(f"{key}: {err['msg']}, got {err.get('input')!r}") from None
+        cfg.validate_ranges()
         return cfg
 
-    def validate(self) -> None:
+    def validate_ranges(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ServeConfigError(msg)
 
         need(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
-        need(isinstance(self.tp, int) and 1 <= self.tp <= MAX_TP,
-             f"tp (tensor parallel size) must be an integer in [1, {MAX_TP}], got {self.tp!r}")
+        need(1 <= self.tp <= MAX_TP, f"tp (tensor parallel size) must be an integer in [1, {MAX_TP}], got {self.tp!r}")
         need(self.tp_timeout_s > 0, f"tp_timeout_s must be > 0, got {self.tp_timeout_s}")
         need(self.tp == 1 or not self.device.startswith("cuda:"),
              f"device {self.device!r} pins one GPU; with tp {self.tp} use device cuda (rank k runs on cuda:k)")
@@ -119,11 +147,6 @@ class ServeConfig:
         need(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         need(self.max_model_len is None or self.max_model_len >= 2,
              f"max_model_len must be >= 2, got {self.max_model_len}")
-        need(self.cache_policy in CACHE_POLICIES,
-             f"cache_policy must be one of {list(CACHE_POLICIES)}, got {self.cache_policy!r}")
-        need(self.kv_dtype in KV_DTYPES, f"kv_dtype must be one of {list(KV_DTYPES)}, got {self.kv_dtype!r}")
-        need(self.hca_state in HCA_STATES,
-             f"hca_state must be one of {list(HCA_STATES)}, got {self.hca_state!r}")
         need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         need(self.cache_budget_gib is None or self.cache_budget_gib > 0,
              f"cache_budget_gib must be > 0, got {self.cache_budget_gib}")
@@ -144,7 +167,7 @@ class ServeConfig:
         return Path(self.model) if self.model else default_model_dir()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
 def normalise_keys(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dsv4.runtime.cache.pools import blocks_of
+
 GiB = 2**30
 
 
@@ -28,7 +30,7 @@ def pools_bytes(spec: Any, num_blocks: dict[str, int]) -> int:
     """Bytes of every pool for these block counts (`idx` shares the `csa` block count)."""
     total = 0
     for name, ps in spec.pools.items():
-        nb = int(num_blocks.get(name, num_blocks.get("csa", 0) if name == "idx" else 0))
+        nb = int(blocks_of(num_blocks, name, 0))
         total += nb * int(ps.bytes_per_block)
     return total
 

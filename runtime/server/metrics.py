@@ -1,4 +1,4 @@
-"""The Prometheus exporter of `dsv4 serve`, built from `dsv4.runtime.metrics_catalog` (names, types, labels,
+"""The Prometheus exporter of `dsv4 serve`, built from `dsv4.metrics_catalog` (names, types, labels,
 help and buckets all come from there; nothing is declared here).
 
 `EngineMetrics` is the engine's observer: it is called from the engine thread after each step (gauges,
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsv4.runtime import metrics_catalog as catalog
 from dsv4.runtime.engine.engine import EngineObserver, StepInfo
 from dsv4.runtime.engine.request import Request, Sequence
+
+from dsv4 import metrics_catalog as catalog
 
 ERROR_CODES = (400, 401, 404, 408, 413, 429, 500, 503)
 
@@ -39,7 +40,7 @@ class EngineMetrics(EngineObserver):
         self.registry = self.c["__registry__"]
         self.c["vllm:cache_config_info"].labels(**cache_info).set(1)
         for code in ERROR_CODES:  # series exist (at 0) before the first error
-            self.c["dsv4:request_errors_total"].labels(code=str(code))
+            self.c["dsv4_request_errors_total"].labels(code=str(code))
         self._prev_queries = 0
         self._prev_hits = 0
         self._prev_evictions: dict[str, int] = {}
@@ -57,7 +58,7 @@ class EngineMetrics(EngineObserver):
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def request_error(self, code: int) -> None:
-        self.c["dsv4:request_errors_total"].labels(code=str(code)).inc()
+        self.c["dsv4_request_errors_total"].labels(code=str(code)).inc()
 
     def update_cache(self, cache_stats: Any) -> None:
         if cache_stats is None:
@@ -66,21 +67,21 @@ class EngineMetrics(EngineObserver):
         for pool, ps in pool_stats(cache_stats).items():
             occ = float(_get(ps, "occupancy", 0.0))
             occ_max = max(occ_max, occ)
-            self.c["dsv4:cache_pool_occupancy_ratio"].labels(pool=pool).set(occ)
-            self.c["dsv4:cache_pool_used_bytes"].labels(pool=pool).set(_get(ps, "bytes_used"))
-            self.c["dsv4:cache_pool_allocated_bytes"].labels(pool=pool).set(_get(ps, "bytes_allocated"))
-            self.c["dsv4:cache_pool_tokens_held"].labels(pool=pool).set(_get(ps, "tokens_held"))
+            self.c["dsv4_cache_pool_occupancy_ratio"].labels(pool=pool).set(occ)
+            self.c["dsv4_cache_pool_used_bytes"].labels(pool=pool).set(_get(ps, "bytes_used"))
+            self.c["dsv4_cache_pool_allocated_bytes"].labels(pool=pool).set(_get(ps, "bytes_allocated"))
+            self.c["dsv4_cache_pool_tokens_held"].labels(pool=pool).set(_get(ps, "tokens_held"))
             ev = int(_get(ps, "evictions", 0))
             prev = self._prev_evictions.get(pool, 0)
             if ev > prev:
-                self.c["dsv4:cache_pool_evictions_total"].labels(pool=pool).inc(ev - prev)
+                self.c["dsv4_cache_pool_evictions_total"].labels(pool=pool).inc(ev - prev)
             self._prev_evictions[pool] = ev
         evictions = _get(cache_stats, "evictions", None)
         if isinstance(evictions, dict):  # evictions reported at the top level, per pool
             for pool, ev in evictions.items():
                 prev = self._prev_evictions.get(pool, 0)
                 if int(ev) > prev:
-                    self.c["dsv4:cache_pool_evictions_total"].labels(pool=pool).inc(int(ev) - prev)
+                    self.c["dsv4_cache_pool_evictions_total"].labels(pool=pool).inc(int(ev) - prev)
                 self._prev_evictions[pool] = int(ev)
         self.c["vllm:kv_cache_usage_perc"].set(occ_max)
         q = int(_get(cache_stats, "prefix_queries_tokens", 0))
@@ -90,12 +91,12 @@ class EngineMetrics(EngineObserver):
         if h > self._prev_hits:
             self.c["vllm:prefix_cache_hits_total"].inc(h - self._prev_hits)
         self._prev_queries, self._prev_hits = max(q, self._prev_queries), max(h, self._prev_hits)
-        self.c["dsv4:swa_checkpoints_kept"].set(int(_get(cache_stats, "swa_checkpoints_kept", 0)))
+        self.c["dsv4_swa_checkpoints_kept"].set(int(_get(cache_stats, "swa_checkpoints_kept", 0)))
 
     # ---- observer hooks (engine thread) ---------------------------------------------------------------
     def on_step(self, info: StepInfo, cache_stats: Any) -> None:
         for phase, secs in info.durations.items():
-            self.c["dsv4:step_duration_seconds"].labels(phase=phase).observe(secs)
+            self.c["dsv4_step_duration_seconds"].labels(phase=phase).observe(secs)
         if info.num_preempted:
             self.c["vllm:num_preemptions_total"].inc(info.num_preempted)
         self.c["vllm:num_requests_running"].set(info.num_running)
@@ -111,7 +112,7 @@ class EngineMetrics(EngineObserver):
         if seq.index != 0:
             return
         self.c["vllm:request_queue_time_seconds"].observe(max(0.0, queue_time))
-        self.c["dsv4:batching_delay_wait_seconds"].observe(max(0.0, batching_wait or 0.0))
+        self.c["dsv4_batching_delay_wait_seconds"].observe(max(0.0, batching_wait or 0.0))
 
     def on_prompt(self, request: Request) -> None:
         self.c["vllm:prompt_tokens_total"].inc(len(request.prompt_ids))
@@ -145,33 +146,51 @@ def cache_info_labels(spec: Any, num_blocks: dict[str, int], policy: str, prefix
 
 
 
+# The families once exported as `dsv4:<name>`, now `dsv4_<name>` (the changelog of docs/metrics.md).
+RENAMED_FROM_COLON = (
+    "request_errors_total", "cache_pool_occupancy_ratio", "cache_pool_used_bytes", "cache_pool_allocated_bytes",
+    "cache_pool_tokens_held", "cache_pool_evictions_total", "swa_checkpoints_kept", "batching_delay_wait_seconds",
+    "step_duration_seconds",
+)
+
+
 def metrics_doc() -> str:
     """The text of docs/metrics.md, generated from the catalog (`python -m dsv4.runtime.server.metrics`)."""
     head = (
         "# Metrics\n\n"
-        "<!-- Generated from runtime/metrics_catalog.py by `python -m dsv4.runtime.server.metrics > docs/metrics.md`;"
-        " tests/test_server_docs.py fails when this file and the catalog differ. -->\n\n"
-        "Every metric dsv4 exports, from the single catalog `dsv4.runtime.metrics_catalog`. Runtime metrics are "
+        "<!-- Generated from dsv4/metrics_catalog.py by `python -m dsv4.runtime.server.metrics > docs/metrics.md`;"
+        " tests/test_server_config.py fails when this file and the catalog differ. -->\n\n"
+        "Every metric dsv4 exports, from the single catalog `dsv4.metrics_catalog`. Runtime metrics are "
         "served by `dsv4 serve` at `/metrics`; names that routers, KEDA recipes and dashboards already know keep "
         "vLLM's names (`vllm:` prefix), the per-pool cache and scheduler metrics that no other engine has use "
-        "`dsv4:`. Every runtime series carries `model_name` and `engine` (always `\"0\"`).\n\n"
+        "`dsv4_` (the operator's own: `dsv4_operator_`). Every runtime series carries `model_name` and `engine` "
+        "(always `\"0\"`).\n\n"
         "Semantics worth knowing:\n\n"
         "- `vllm:kv_cache_usage_perc` is the occupancy of the *fullest* pool (max of "
-        "`dsv4:cache_pool_occupancy_ratio`), so a router never under-reads pressure in one pool.\n"
+        "`dsv4_cache_pool_occupancy_ratio`), so a router never under-reads pressure in one pool.\n"
         "- Occupancy counts blocks in use by running requests *and* blocks kept for prefix reuse (they are "
-        "evicted on demand: `dsv4:cache_pool_evictions_total`).\n"
+        "evicted on demand: `dsv4_cache_pool_evictions_total`).\n"
         "- `vllm:prefix_cache_queries_total` / `hits_total` count prompt tokens looked up / served from the "
         "cache (a hit's recompute span is still a hit).\n"
-        "- `dsv4:batching_delay_wait_seconds` observes, per request, how long the batching delay held its first "
+        "- `dsv4_batching_delay_wait_seconds` observes, per request, how long the batching delay held its first "
         "step back (0 when the delay is 0 or the batch was already full).\n"
-        "- `dsv4:step_duration_seconds{phase}`: `schedule` (scheduler + cache allocation), `forward` (model), "
+        "- `dsv4_step_duration_seconds{phase}`: `schedule` (scheduler + cache allocation), `forward` (model), "
         "`sample` (sampling, detokenisation, stop checks), `total`.\n"
         "- `vllm:request_success_total{finished_reason=\"abort\"}` counts client disconnects and aborts.\n\n"
         "## Runtime (`dsv4 serve`, `/metrics`)\n\n"
     )
     mid = "\n## Operator\n\n"
+    changelog = (
+        "\n## Changelog\n\n"
+        "- **`dsv4:` families renamed to `dsv4_`** (issue 21). Prometheus reserves `:` for recording rules and "
+        "`promtool check metrics` flagged every one; `tests/test_server_metrics.py` now runs it on a live "
+        "server's `/metrics` and allows findings only for the `vllm:` names, which stay as vLLM spells them. The "
+        "chart's dashboards and alert rules, the operator's KEDA queries and these docs use the new names; "
+        "saved queries and recording rules of your own need the same rename:\n"
+        + "".join(f"  - `dsv4:{old}` → `dsv4_{old}`\n" for old in RENAMED_FROM_COLON)
+    )
     return head + catalog.markdown_table(catalog.RUNTIME_METRICS) + mid + catalog.markdown_table(
-        catalog.OPERATOR_METRICS)
+        catalog.OPERATOR_METRICS) + changelog
 
 
 if __name__ == "__main__":

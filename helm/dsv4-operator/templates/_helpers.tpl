@@ -73,9 +73,13 @@ KEDA ScaledObjects only with rbac.keda. No Secrets at all: the runtime pod refer
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+# ReplicaSets and their events: why pods cannot be created (quota, a missing PriorityClass) for Degraded
+- apiGroups: ["apps"]
+  resources: ["replicasets"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "list"]
 {{- if .Values.rbac.monitoring }}
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors", "podmonitors"]

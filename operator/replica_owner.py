@@ -1,4 +1,4 @@
-"""One writer for replicas: who owns `Deployment.spec.replicas`, and what happens when someone else writes it.
+"""Who owns the replica count (`Deployment.spec.replicas`), and what happens when someone else writes it (pure).
 
 - builtin autoscaling: the operator's autoscaler owns them (`status.desiredReplicas`); a
   `kubectl scale deployment/<ep>` is reverted on the next reconcile, with a Warning event `ReplicasReverted`.
@@ -6,6 +6,9 @@
   a manual scale is left to the HPA, which reverts it itself.
 - otherwise: `spec.replicas` owns them (writable through the `/scale` subresource), else the plan's
   initial replicas; a manual scale of the Deployment is reverted, with a Warning event `ReplicasReverted`.
+
+`spec.replicas` itself is always present, so `/scale` always answers (`spec_replicas_to_write`): under
+autoscaling it mirrors the decision (other writers are refused by CEL); otherwise the operator fills it once.
 
 The operator never adopts a child's replicas into the endpoint's spec: a controller writing its own
 spec fights the user's `kubectl apply`. The supported ways to change replicas are `kubectl scale
@@ -65,3 +68,14 @@ def autoscaler_current(status_desired: int | None, deployment: dict[str, Any] | 
         return int(status_desired)
     observed = _deployment_replicas(deployment)
     return observed if observed is not None else min_replicas
+
+
+def spec_replicas_to_write(spec: DSV4EndpointSpec, desired: int) -> int | None:
+    """What the operator writes to `spec.replicas` (through `/scale`) so `GET .../scale` always answers, or None.
+
+    With autoscaling (builtin or KEDA) `spec.replicas` mirrors `desired`, the replica count the autoscaler chose
+    (a CEL transition rule refuses any other change). Without, it is the user's; when absent the operator writes
+    the plan's count once, after which it is the user's like any other value."""
+    if spec.autoscaling is not None and spec.autoscaling.enabled:
+        return None if spec.replicas == desired else desired
+    return desired if spec.replicas is None else None

@@ -1,4 +1,5 @@
-"""The single source of truth for every Prometheus metric dsv4 exports.
+"""The single source of truth for every Prometheus metric dsv4 exports, runtime and operator alike (so it lives
+in the top-level `dsv4` package, which both components import, not inside either).
 
 Plain data: one `MetricSpec` per metric (name, type, labels, help text, buckets, enumerated label
 values). The runtime's exporter (`dsv4 serve` `/metrics`), the operator's exporter, the Grafana
@@ -11,7 +12,8 @@ Naming rules
   pass `spec.client_name` (the name without `_total`) to `prometheus_client.Counter`, which appends
   `_total` itself. Histograms expose `<name>_bucket`, `<name>_sum`, `<name>_count`.
 - Runtime metrics that routers, KEDA recipes and dashboards already know keep vLLM's names
-  (prefix `vllm:`); the per-pool and scheduler metrics no other engine has use the prefix `dsv4:`.
+  (prefix `vllm:`); the per-pool and scheduler metrics no other engine has use the prefix `dsv4_` (not
+  `dsv4:`: Prometheus reserves colons for recording rules; see the changelog in docs/metrics.md).
   Operator metrics use the prefix `dsv4_operator_`.
 - Runtime metrics carry `model_name` (and `engine`, always "0", as vLLM V1 does). The scrape adds
   `namespace` and `pod`; the PodMonitor/scrape config copies the pod label `dsv4.io/endpoint` into
@@ -39,7 +41,7 @@ RUNTIME = "runtime"
 OPERATOR = "operator"
 COMPONENTS = (RUNTIME, OPERATOR)
 
-# Cache pools (identical to dsv4.runtime.cache.spec.POOLS; a test keeps them equal).
+# Cache pools (identical to dsv4.runtime.cache.pools.POOLS; a test keeps them equal).
 POOLS = ("swa", "csa", "idx", "hca", "csa_state", "hca_state")
 # Stages timed inside one engine step; "total" is the whole step (so its _count is the step rate).
 STEP_PHASES = ("schedule", "forward", "sample", "total")
@@ -167,7 +169,7 @@ RUNTIME_METRICS: tuple[MetricSpec, ...] = (
     _rt("vllm:num_requests_waiting", GAUGE, "Number of requests waiting in the admission queue.", unit="requests"),
     _rt("vllm:kv_cache_usage_perc", GAUGE,
         "KV-cache usage as a fraction 0-1: the occupancy of the fullest cache pool "
-        "(max over dsv4:cache_pool_occupancy_ratio), so a router never under-reads pressure.", unit="ratio"),
+        "(max over dsv4_cache_pool_occupancy_ratio), so a router never under-reads pressure.", unit="ratio"),
     _rt("vllm:prefix_cache_queries_total", COUNTER, "Prompt tokens looked up in the prefix cache.",
         unit="tokens"),
     _rt("vllm:prefix_cache_hits_total", COUNTER, "Prompt tokens served from the prefix cache.", unit="tokens"),
@@ -196,27 +198,27 @@ RUNTIME_METRICS: tuple[MetricSpec, ...] = (
         labels=(*_VLLM, "block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching",
                 "swa_block_size", "cache_policy")),
     # ---- dsv4 extras -------------------------------------------------------------------------------
-    _rt("dsv4:request_errors_total", COUNTER,
+    _rt("dsv4_request_errors_total", COUNTER,
         "Requests answered with an HTTP error, by status code (400 cannot fit / invalid, 429 queue full, "
         "503 draining, 500 internal).", labels=(*_VLLM, "code"), unit="requests"),
-    _rt("dsv4:cache_pool_occupancy_ratio", GAUGE, "Fraction 0-1 of the pool's blocks in use.",
+    _rt("dsv4_cache_pool_occupancy_ratio", GAUGE, "Fraction 0-1 of the pool's blocks in use.",
         labels=_POOL, unit="ratio", label_values=_POOLS_ENUM),
-    _rt("dsv4:cache_pool_used_bytes", GAUGE, "Bytes of the pool held by blocks in use.",
+    _rt("dsv4_cache_pool_used_bytes", GAUGE, "Bytes of the pool held by blocks in use.",
         labels=_POOL, unit="bytes", label_values=_POOLS_ENUM),
-    _rt("dsv4:cache_pool_allocated_bytes", GAUGE, "Bytes allocated for the pool (its capacity).",
+    _rt("dsv4_cache_pool_allocated_bytes", GAUGE, "Bytes allocated for the pool (its capacity).",
         labels=_POOL, unit="bytes", label_values=_POOLS_ENUM),
-    _rt("dsv4:cache_pool_tokens_held", GAUGE,
+    _rt("dsv4_cache_pool_tokens_held", GAUGE,
         "Native token positions covered by the pool's blocks in use (running and cached-for-reuse).",
         labels=_POOL, unit="tokens", label_values=_POOLS_ENUM),
-    _rt("dsv4:cache_pool_evictions_total", COUNTER, "Cached (unreferenced) blocks evicted from the pool.",
+    _rt("dsv4_cache_pool_evictions_total", COUNTER, "Cached (unreferenced) blocks evicted from the pool.",
         labels=_POOL, unit="blocks", label_values=_POOLS_ENUM),
-    _rt("dsv4:swa_checkpoints_kept", GAUGE,
+    _rt("dsv4_swa_checkpoints_kept", GAUGE,
         "Sliding-window/compressor-state checkpoints kept for prefix reuse (checkpoint policy).",
         unit="checkpoints"),
-    _rt("dsv4:batching_delay_wait_seconds", HISTOGRAM,
+    _rt("dsv4_batching_delay_wait_seconds", HISTOGRAM,
         "How long prefill work actually waited for the batching delay before being scheduled.",
         unit="seconds", buckets=BATCHING_DELAY_BUCKETS),
-    _rt("dsv4:step_duration_seconds", HISTOGRAM, "Engine step duration by phase (phase=\"total\" is the whole step).",
+    _rt("dsv4_step_duration_seconds", HISTOGRAM, "Engine step duration by phase (phase=\"total\" is the whole step).",
         labels=(*_VLLM, "phase"), unit="seconds", buckets=STEP_DURATION_BUCKETS,
         label_values={"phase": STEP_PHASES}),
 )  # fmt: skip
@@ -263,7 +265,7 @@ def get(name: str) -> MetricSpec:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise KeyError(f"metric {name!r} is not in dsv4.runtime.metrics_catalog") from None
+        raise KeyError(f"metric {name!r} is not in dsv4.metrics_catalog") from None
 
 
 def of_component(component: str) -> tuple[MetricSpec, ...]:
