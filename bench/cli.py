@@ -14,6 +14,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "scaling-profile": ("dsv4.bench.scaling_profile", "Where our prefill / decode time goes (profilers)."),
     "scheduler": ("dsv4.bench.scheduler", "Engine time per step outside the model forward at 64 / 256 sequences."),
     "serving": ("dsv4.bench.serving", "guidellm vs a live `dsv4 serve`: concurrency, batching delay, prompt mixes."),
+    "structured": ("dsv4.bench.structured", "Sampler step cost of grammar-constrained rows at batch 1 / 64."),
 }
 
 

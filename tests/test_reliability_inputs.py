@@ -82,8 +82,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
     ("/v1/chat/completions", {"messages": "hello"}, "messages", ["valid list"]),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
      ["expected one of str, list[ContentPart]"]),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format.type",
-     ["'text'"]),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, "response_format",
+     ["'xml'", "'text'", "'json_object'", "'json_schema'"]),
 ])
 def test_bad_field_names_field_and_limit(srv, path, body, param, needles):
     err = error(post(srv, body, path=path), 400)

@@ -42,7 +42,8 @@ def api_schema(live):
 RUNTIME_LIMITS = re.compile(
     r"maximum context length|max_model_len|prompt token ids must be integers in|max_queue|"
     r"min_tokens must be in \[0, max_tokens|top_logprobs requires logprobs|best_of must equal n|"
-    r"stop_token_ids must be in")
+    r"stop_token_ids must be in|tokens must be integers in|tool_choice|cannot compile this JSON schema|"
+    r"tool call arguments|a developer message needs content")
 
 
 def positive_accepted_unless_runtime_limit(ctx, response, case):

@@ -137,3 +137,19 @@ def test_serving_doc_lists_every_setting():
     table = (ROOT / "docs" / "serving.md").read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
     for key in ServeConfig.keys():
         assert f"`{key}`" in table, f"docs/serving.md's settings table misses {key}"
+
+
+def test_chat_template_flag_overrides_the_chat_format(tmp_path):
+    from dsv4.runtime.server.build import build_engine
+
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                   "{% if add_generation_prompt %}[assistant]{% endif %}")
+    built = build_engine(ServeConfig(chat_template=str(tpl), device="cpu"), say=lambda *_: None)
+    try:
+        tok = built.tokenizer
+        assert tok.decode(tok.encode_chat([{"role": "user", "content": "hi"}])) == "[user]hi[assistant]"
+    finally:
+        built.engine.shutdown()
+    with pytest.raises(ServeConfigError, match="chat_template"):
+        build_engine(ServeConfig(chat_template=str(tmp_path / "missing.jinja"), device="cpu"), say=lambda *_: None)

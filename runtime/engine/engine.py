@@ -240,7 +240,9 @@ class LLMEngine:
         banned: list[int] = []
         if len(seq.output_ids) < p.min_tokens:
             banned = sorted(set(self.eos_ids) | set(p.stop_token_ids))
-        return RowSpec(p, seq.generator, seq.token_counts, banned, p.logprobs)
+        if p.constraint is not None and seq.constraint is None:
+            seq.constraint = p.constraint.start()
+        return RowSpec(p, seq.generator, seq.token_counts, banned, p.logprobs, seq.constraint)
 
     def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         n_prompt = len(seq.prompt_ids)

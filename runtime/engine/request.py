@@ -14,6 +14,7 @@ import enum
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from dsv4.runtime.cache.tables import CacheRequest
 from dsv4.runtime.engine.detok import TextState
@@ -56,6 +57,7 @@ class SamplingParams:
     n: int = 1
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    constraint: Any = None  # sampling.ConstraintSpec: which tokens each choice may sample (structured output)
 
     def validate(self, vocab_size: int | None = None) -> None:
         def need(cond: bool, msg: str, fld: str) -> None:
@@ -117,6 +119,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     cache_state: CacheRequest | None = None  # the CacheManager's record while this sequence holds blocks
     generator: random.Random | None = None  # this choice's uniforms for sampling (sampling.make_generator)
+    constraint: Any = None  # sampling.TokenConstraint of this choice (from params.constraint), made when first sampled
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_done: bool = False

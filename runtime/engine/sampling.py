@@ -21,9 +21,27 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from dsv4.runtime.engine.request import SamplingParams, TokenLogprob
+
+
+class TokenConstraint(Protocol):
+    """One choice's rule for which tokens may come next (grammar-constrained decoding, a test's forced output).
+    The token bitmask is xgrammar's / llguidance's layout: int32 words, bit j of word w allows token 32 w + j."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the whole of `bitmask[row]`: the tokens allowed next."""
+
+    def accept(self, token_id: int) -> None:
+        """The token sampled for this choice (always one the last mask allowed)."""
+
+
+class ConstraintSpec(Protocol):
+    """What a request carries in `SamplingParams.constraint`: makes each choice's own TokenConstraint."""
+
+    def start(self) -> TokenConstraint: ...
 
 
 @dataclass
@@ -35,6 +53,34 @@ class RowSpec:
     counts: dict[int, int]  # token id -> times generated so far (penalties)
     banned: list[int]  # token ids that may not be sampled now (e.g. EOS before min_tokens)
     num_logprobs: int | None  # None: no logprobs for this row
+    constraint: TokenConstraint | None = None  # the tokens allowed next, when the request is constrained
+
+
+def bitmask_words(vocab: int) -> int:
+    return (vocab + 31) // 32
+
+
+def apply_constraints(logits: torch.Tensor, rows: list[RowSpec]) -> list[int]:
+    """Mask the constrained rows of a float32 [N, V] tensor in place (disallowed tokens -> -inf): one bitmask
+    for all of them, filled row by row, applied in one batched operation. Returns the constrained rows."""
+    idx = [i for i, r in enumerate(rows) if r.constraint is not None]
+    if not idx:
+        return idx
+    vocab = logits.shape[-1]
+    bitmask = torch.empty((len(idx), bitmask_words(vocab)), dtype=torch.int32)
+    for j, i in enumerate(idx):
+        rows[i].constraint.fill_bitmask(bitmask, j)  # type: ignore[union-attr]
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(len(idx), -1)[:, :vocab].bool()
+    allowed = allowed.to(logits.device)
+    rows_t = torch.tensor(idx, dtype=torch.long)
+    masked = logits[rows_t].masked_fill(~allowed, float("-inf"))
+    # a ban (EOS before min_tokens) may remove the only tokens the grammar allows: the grammar wins
+    dead = ~torch.isfinite(masked).any(dim=-1)
+    if bool(dead.any()):
+        masked[dead] = torch.zeros_like(masked[dead]).masked_fill(~allowed[dead], float("-inf"))
+    logits[rows_t] = masked
+    return idx
 
 
 def make_generator(seed: int | None) -> random.Random:
@@ -82,6 +128,7 @@ def sample(logits: torch.Tensor, rows: list[RowSpec]) -> tuple[list[int], list[T
     A sampled row whose distribution is not finite gets INVALID (and no logprobs): the engine fails that
     request alone instead of the whole step."""
     logits = apply_penalties(logits.float().clone(), rows)
+    constrained = apply_constraints(logits, rows)
     tokens = [0] * len(rows)
     vocab = logits.shape[-1]
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -106,6 +153,9 @@ def sample(logits: torch.Tensor, rows: list[RowSpec]) -> tuple[list[int], list[T
         logp = torch.log_softmax(logits[need], dim=-1)
         for j, i in enumerate(need):
             lps[i] = token_logprob(logp[j], tokens[i], rows[i].num_logprobs or 0)
+    for i in constrained:
+        if tokens[i] != INVALID:
+            rows[i].constraint.accept(tokens[i])  # type: ignore[union-attr]
     return tokens, lps
 
 

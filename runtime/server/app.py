@@ -1,5 +1,5 @@
-"""The OpenAI-compatible FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /ready,
-/metrics (and FastAPI's /openapi.json, /docs).
+"""The OpenAI-compatible FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /tokenize,
+/detokenize, /health, /ready, /metrics (and FastAPI's /openapi.json, /docs).
 
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for validation (the message
 names the field) and requests that can never fit (it names the limit), 401 without the API key, 404 for an
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsv4.runtime.server import routes
+from dsv4.runtime.server import forced_output, routes
 from dsv4.runtime.server.errors import APIError, error_response, install_error_handlers
 from dsv4.runtime.server.inflight import InFlightMiddleware
 from dsv4.runtime.server.limits import BodyLimitMiddleware
@@ -45,13 +45,17 @@ def create_app(state: ServerState) -> Any:
         "OpenAI-compatible completions and chat completions for DeepSeek-V4-class models, with a multi-pool "
         "hybrid KV cache. Metrics at /metrics (Prometheus)."))
     app.state.dsv4 = state
+    app.state.test_forced_output = forced_output.enabled_from_env()
+    app.state.grammars = None  # structured.GrammarCompiler, made when a request first needs a grammar
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     install_error_handlers(app, state)
     app.include_router(routes.probes)
     app.include_router(routes.openai_v1)
+    app.include_router(routes.tokenizer)
 
     def on_body_error(status: int, message: str, type_: str, param: str | None, headers: dict[str, str]) -> Any:
         return error_response(state, APIError(status, message, type_, param, headers))
 
-    limited = BodyLimitMiddleware(app, lambda: state.max_body_bytes, on_body_error, lambda: state.body_timeout_s)
-    return InFlightMiddleware(limited, state)
+    limited = BodyLimitMiddleware(app, lambda: state.max_body_bytes, on_body_error, lambda: state.body_timeout_s,
+                                  applies_to=routes.is_api_path)
+    return InFlightMiddleware(limited, state, applies_to=routes.is_api_path)

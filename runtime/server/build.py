@@ -121,6 +121,13 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
         shard_model(model, mcfg, 0, cfg.tp, group.info.pg)
     if tok is None:
         raise ServeConfigError(f"{model_dir} has no tokenizer.json; the server needs one")
+    if cfg.chat_template is not None:
+        from dsv4.runtime.tokenizer import load_chat_template
+
+        try:
+            tok = tok.with_chat_template(load_chat_template(cfg.chat_template))
+        except (OSError, ValueError) as e:
+            raise ServeConfigError(f"chat_template: {e}") from None
     model.eval()
     kv_dtype = cfg.kv_dtype
     if kv_dtype == "auto":

@@ -86,6 +86,9 @@ class ServeConfig(BaseModel):
     default_max_tokens: int | None = Field(None, description="chat max_tokens when a request gives none (default: "
                                                              "up to max_model_len)")
     max_body_bytes: int = Field(16 * 2**20, description="largest /v1 request body in bytes; larger gets HTTP 413")
+    chat_template: str | None = Field(
+        None, description="jinja chat template file (or text) replacing the checkpoint's chat format (default: "
+                          "DeepSeek-V4's encoding for V4 models, else the checkpoint's bundled template)")
     host_memory_fraction: float = Field(0.5, description="CPU only: cap of the cache budget as a share of "
                                                          "available host RAM")
     log_level: str = Field("info", description="debug, info, warning or error")

@@ -1,7 +1,8 @@
-"""Counts /v1 requests in flight (the drain waits for them) and answers 503 to new ones while draining."""
+"""Counts API requests in flight (the drain waits for them) and answers 503 to new ones while draining."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from dsv4.runtime.server.errors import APIError, error_response
@@ -9,11 +10,11 @@ from dsv4.runtime.server.state import ServerState
 
 
 class InFlightMiddleware:
-    def __init__(self, app: Any, state: ServerState):
-        self.app, self.state = app, state
+    def __init__(self, app: Any, state: ServerState, applies_to: Callable[[str], bool]):
+        self.app, self.state, self.applies_to = app, state, applies_to
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not self.applies_to(scope["path"]):
             await self.app(scope, receive, send)
             return
         if self.state.draining:

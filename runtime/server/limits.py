@@ -24,14 +24,16 @@ def too_large_message(limit: int, size: int | None) -> str:
 class BodyLimitMiddleware:
     """413 above `max_body_bytes()`, 408 when the body stalls, 400 for a malformed Content-Length."""
 
-    def __init__(self, app: Any, max_body_bytes: Any, on_error: Any, timeout_s: Any = lambda: BODY_READ_TIMEOUT_S):
+    def __init__(self, app: Any, max_body_bytes: Any, on_error: Any, timeout_s: Any = lambda: BODY_READ_TIMEOUT_S,
+                 *, applies_to: Any):
         self.app = app
+        self.applies_to = applies_to  # path -> bool: the routes whose bodies are limited
         self.max_body_bytes = max_body_bytes  # callable -> int (read per request, so tests may change it)
         self.on_error = on_error  # (status, message, type, param, headers) -> ASGI response
         self.timeout_s = timeout_s  # callable -> seconds
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or scope["method"] in ("GET", "HEAD"):
+        if scope["type"] != "http" or not self.applies_to(scope["path"]) or scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         limit = int(self.max_body_bytes())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 from dsv4.runtime.engine.request import MAX_LOGPROBS, SamplingParams
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 MAX_N = 16
 _Text = Annotated[str, Field(min_length=1)]
@@ -57,7 +57,9 @@ class _Sampling(_Strict):
     stop: _Text | Annotated[list[_Text], Field(max_length=8)] | None = Field(None, description="Up to 8 stop strings.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    # bounds exact in float64 (covering int64 and uint64; the sampler takes the seed mod 2**64): a client that
+    # writes a boundary it computed in floating point (-2**63 prints as -9223372036854776000) stays inside them
+    seed: int | None = Field(None, ge=-(10**19), le=2 * 10**19)
     user: str | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
         None, description="Not supported: must be empty.")
@@ -139,11 +141,25 @@ class ContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="The arguments as JSON text (an object).")
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = Field(None, description="tool messages: the id of the call this is the result of.")
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant messages: the calls it made.")
+    reasoning_content: str | None = Field(
+        None, description="assistant messages: their reasoning (left out of the prompt for earlier turns).")
 
     def text(self) -> str:
         if self.content is None:
@@ -152,9 +168,72 @@ class ChatMessage(_Strict):
             return self.content
         return "".join(p.text for p in self.content)
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat encoding reads it: text content, optional fields only when given."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
-class ResponseFormat(_Strict):
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments object.")
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
+class JsonSchemaSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema",
+                                    description="The JSON Schema the output must validate against.")
+    strict: bool | None = None
+
+
+class TextFormat(_Strict):
     type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+def _format_type(v: Any) -> Any:
+    return v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+
+
+# tagged by "type", so an error names the member's fields, not the union's members
+ResponseFormat = Annotated[Annotated[TextFormat, Tag("text")] | Annotated[JsonObjectFormat, Tag("json_object")]
+                           | Annotated[JsonSchemaFormat, Tag("json_schema")], Discriminator(_format_type)]
 
 
 class ChatCompletionRequest(_Sampling):
@@ -165,11 +244,79 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"} is supported.")
+    response_format: ResponseFormat | None = Field(
+        None, description="text (default), json_object or json_schema: the output is constrained by a grammar.")
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = Field(
+        None, description="Functions the model may call (rendered into the system prompt).")
+    tool_choice: ToolChoice | None = Field(
+        None, description="none: never parse calls; auto (default with tools): the model decides; required / a "
+                          "named function: the model must call (one of) them.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; the model may make several calls.")
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="Thinking effort: none = no thinking; minimal/low/medium -> low; high/xhigh -> high; max.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Passed to the chat encoding: {\"thinking\": false} (or enable_thinking) turns thinking "
+                          "off; drop_thinking (default true) leaves earlier turns' reasoning out.")
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def response_format_dict(self) -> dict[str, Any] | None:
+        """response_format as the encoding and the grammar compiler read it (None for plain text)."""
+        rf = self.response_format
+        return None if rf is None or rf.type == "text" else rf.model_dump(by_alias=True, exclude_none=True)
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """The functions the output must call (tool_choice required: any of tools; named: that one), as
+        {"name", "parameters"}; None when the model may answer without calling."""
+        if self.tool_choice in (None, "none", "auto") or not self.tools:
+            return None
+        fns = [t.function for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            fns = [f for f in fns if f.name == self.tool_choice.function.name]
+        return [{"name": f.name, "parameters": f.parameters} for f in fns]
+
+    def tool_choice_error(self) -> str | None:
+        """Why tool_choice cannot be honoured with these tools (None: it can)."""
+        if self.tool_choice in (None, "none", "auto"):
+            return None
+        names = [t.function.name for t in self.tools or []]
+        if not names:
+            return f"tool_choice {self.tool_choice if isinstance(self.tool_choice, str) else 'function'} " \
+                   "needs tools"
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            return f"tool_choice names function {self.tool_choice.function.name!r}, which is not in tools"
+        return None
+
+
+class TokenizePromptRequest(_Strict):
+    model: str | None = None
+    prompt: str = Field(description="Text to tokenize as it is (no chat encoding).")
+    add_special_tokens: bool = Field(False, description="Prepend BOS.")
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = Field(False, description="Accepted (the chat encoding adds BOS itself).")
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[_TokenId]
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -243,16 +390,29 @@ class ChatLogprobs(_Doc):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunctionCall(_Doc):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(_Doc):
+    id: str
+    type: Literal["function"]
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(_Doc):
     role: Literal["assistant"]
     content: str | None = None
+    reasoning_content: str | None = Field(None, description="The model's reasoning (thinking mode).")
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(_Doc):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
     stop_reason: str | int | None = None
 
 
@@ -263,6 +423,17 @@ class ChatCompletionResponse(_Doc):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+
+
+class TokenizeResponse(_Doc):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Doc):
+    prompt: str
 
 
 class ModelCard(_Doc):

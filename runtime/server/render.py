@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dsv4.runtime.chat.completion_parser import CompletionDelta, parse_completion
 from dsv4.runtime.engine.request import RequestOutput, TokenLogprob
+from dsv4.runtime.server.chat_prompt import ChatPrompt
 from dsv4.runtime.server.generation import Choice
 
 
@@ -80,11 +82,48 @@ def completion_choices(tok: Any, prompts: list[list[int]], prompt_texts: list[st
     return out
 
 
-def chat_choices(tok: Any, n: int, choices: dict[tuple[int, int], Choice], logprobs: bool) -> list[dict[str, Any]]:
+def chat_finish_reason(engine_reason: str | None, made_tool_calls: bool) -> str | None:
+    """OpenAI's finish_reason: a completion that ended by itself after calling tools finished with tool_calls."""
+    return "tool_calls" if made_tool_calls and engine_reason == "stop" else engine_reason
+
+
+def chat_choices(tok: Any, prompt: ChatPrompt, n: int, choices: dict[tuple[int, int], Choice], logprobs: bool,
+                 ) -> list[dict[str, Any]]:
     out = []
     for j in range(n):
         c = choices[(0, j)]
-        out.append({"index": j, "message": {"role": "assistant", "content": c.text},
+        parsed = parse_completion(c.text, prompt.thinking, prompt.parse_tools)
+        calls = [{"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+                 for t in parsed.tool_calls]
+        message: dict[str, Any] = {"role": "assistant", "content": None if calls and not parsed.content else
+                                   parsed.content, "reasoning_content": parsed.reasoning or None}
+        if calls:
+            message["tool_calls"] = calls
+        out.append({"index": j, "message": message,
                     "logprobs": chat_logprobs(tok, c.logprobs) if logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                    "finish_reason": chat_finish_reason(c.finish_reason, bool(calls)),
+                    "stop_reason": c.stop_reason})
     return out
+
+
+def chat_delta(parsed: CompletionDelta) -> dict[str, Any]:
+    """A streamed chat delta in the shape the openai SDK accumulates: a call's first piece carries index, id,
+    type and name; later pieces only index and more arguments."""
+    delta: dict[str, Any] = {}
+    if parsed.reasoning:
+        delta["reasoning_content"] = parsed.reasoning
+    if parsed.content:
+        delta["content"] = parsed.content
+    calls = []
+    for t in parsed.tool_calls:
+        fn: dict[str, Any] = {"arguments": t.arguments}
+        call: dict[str, Any] = {"index": t.index}
+        if t.id is not None:
+            call.update(id=t.id, type="function")
+        if t.name is not None:
+            fn["name"] = t.name
+        call["function"] = fn
+        calls.append(call)
+    if calls:
+        delta["tool_calls"] = calls
+    return delta

@@ -10,10 +10,19 @@ from functools import partial
 from typing import Any
 
 import anyio
+from dsv4.runtime.chat.completion_parser import CompletionDelta, CompletionParser
 from dsv4.runtime.engine.request import RequestOutput
+from dsv4.runtime.server.chat_prompt import ChatPrompt
 from dsv4.runtime.server.generation import merge
 from dsv4.runtime.server.protocol import error_body
-from dsv4.runtime.server.render import Envelope, chat_logprobs, completion_logprobs, usage
+from dsv4.runtime.server.render import (
+    Envelope,
+    chat_delta,
+    chat_finish_reason,
+    chat_logprobs,
+    completion_logprobs,
+    usage,
+)
 from fastapi.responses import StreamingResponse
 
 DONE = "data: [DONE]\n\n"
@@ -85,25 +94,38 @@ async def completion_events(tok: Any, env: Envelope, gens: list[AsyncIterator[Re
     yield DONE
 
 
-async def chat_events(tok: Any, env: Envelope, gen: AsyncIterator[RequestOutput], logprobs: bool,
-                      include_usage: bool) -> AsyncIterator[str]:
-    started: set[int] = set()
+async def chat_events(tok: Any, env: Envelope, gen: AsyncIterator[RequestOutput], prompt: ChatPrompt,
+                      logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Each choice's text goes through its own parser: reasoning, content and tool-call pieces as they become
+    certain (a possible tag prefix is held back until the next token decides it)."""
+    parsers: dict[int, CompletionParser] = {}
+    called: set[int] = set()  # choices that made a tool call
     async for _pi, out in merge([gen]):
         if out.error:
             yield engine_failure(out.error)
             break
         for d in out.deltas:
-            if d.index not in started:
-                started.add(d.index)
+            if d.index not in parsers:
+                parsers[d.index] = prompt.parser()
                 yield sse(env.wrap([{"index": d.index, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}]))
-            if d.text or d.logprobs or d.finish_reason is None:
-                yield sse(env.wrap([{"index": d.index, "delta": {"content": d.text},
+            parser = parsers[d.index]
+            parsed = parser.feed(d.text)
+            if d.finish_reason is not None:
+                last = parser.finish()
+                parsed = CompletionDelta(parsed.reasoning + last.reasoning, parsed.content + last.content,
+                                         parsed.tool_calls + last.tool_calls)
+            if parsed.tool_calls:
+                called.add(d.index)
+            delta = chat_delta(parsed)
+            if delta or (logprobs and d.logprobs):
+                yield sse(env.wrap([{"index": d.index, "delta": delta or {"content": ""},
                                      "logprobs": chat_logprobs(tok, d.logprobs) if logprobs else None,
                                      "finish_reason": None}]))
             if d.finish_reason is not None:
                 yield sse(env.wrap([{"index": d.index, "delta": {}, "logprobs": None,
-                                     "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}]))
+                                     "finish_reason": chat_finish_reason(d.finish_reason, d.index in called),
+                                     "stop_reason": d.stop_reason}]))
         if out.finished and include_usage:
             yield sse(env.wrap([], usage=usage([out])))
     yield DONE
