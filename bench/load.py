@@ -98,9 +98,10 @@ def add_arguments(p) -> None:
     p.add_argument("--tp", default="1", help="comma list of TP sizes: each loads rank 0's part only (default 1)")
 
 
-def sized_config(preset: str, target_bytes: int, hidden: int, inter: int, layers: int):
+def sized_config(preset: str, target_bytes: int, hidden: int, inter: int, layers: int, experts_multiple: int = 1):
     """The preset's first `layers` layer kinds with hidden / expert width shrunk and the routed-expert count
-    chosen so that the bf16 checkpoint is about `target_bytes` (at least num_experts_per_tok + 1 experts)."""
+    chosen so that the bf16 checkpoint is about `target_bytes` (at least num_experts_per_tok + 1 experts, a
+    multiple of `experts_multiple` so that the TP sizes measured split them)."""
     from dsv4.runtime.checkpoint.names import checkpoint_tensors
     from dsv4.runtime.config import preset as get_preset
 
@@ -127,6 +128,7 @@ def sized_config(preset: str, target_bytes: int, hidden: int, inter: int, layers
     lo = k + 1
     per_expert = size(lo + 1) - size(lo)
     e = max(lo, lo + round((target_bytes - size(lo)) / per_expert))
+    e = -(-e // experts_multiple) * experts_multiple
     return dataclasses.replace(base, **common, n_routed_experts=e)
 
 
@@ -217,7 +219,7 @@ def run(args) -> int:
         print(f"error: --layouts must be a comma list of hf, fp8; got {args.layouts!r}", file=sys.stderr)
         return 2
     try:
-        cfg = sized_config(args.preset, target, hidden, inter, args.layers)
+        cfg = sized_config(args.preset, target, hidden, inter, args.layers, math.lcm(*tps))
     except ValueError as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
