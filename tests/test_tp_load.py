@@ -42,3 +42,10 @@ def test_rank_load_equals_full_load_then_shard(checkpoints, layout, world):
             assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), (rank, k)
         assert got.load_stats["bytes_read"] < full_bytes
         assert got.load_stats["files_opened"] == len({p.name for p in path.glob("*.safetensors")})
+
+
+def test_progress_bar_reports_bytes_and_tensors_per_second(checkpoints, capfd):
+    cfg, root = checkpoints
+    load_checkpoint(root / "published", dtype="float32", progress=True, shard=TPShard(1, 2))
+    err = capfd.readouterr().err
+    assert "loading weights" in err and "B/s" in err and "tensors, " in err and "/s" in err
