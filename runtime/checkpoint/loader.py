@@ -270,7 +270,7 @@ def _fill(files: _OpenFiles, name: str, meta: TensorMeta, smeta: TensorMeta | No
     if tuple(t.shape) != tuple(dst.shape):
         raise CheckpointError(f"{Path(meta.file).name}: tensor {name}: read part {list(t.shape)} does not fit "
                               f"{list(dst.shape)}")
-    dst.copy_(t.to(dst.dtype))
+    dst.copy_(t)  # converts the dtype in the same pass
 
 
 def _validate_values(model: Any, cfg: ModelConfig) -> None:
