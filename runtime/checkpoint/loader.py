@@ -127,11 +127,18 @@ class TPShard:
     pg: Any = None  # the process group the sharded modules all-reduce over
 
 
+WEIGHTS_DTYPES = ("bf16", "checkpoint")  # dequantise FP8/FP4 at load (today's path) | keep them as stored
+
+
 def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, progress: bool = True,
-                    shard: TPShard | None = None) -> tuple[Any, ModelConfig]:
+                    shard: TPShard | None = None, weights_dtype: str = "bf16") -> tuple[Any, ModelConfig]:
     """(DeepseekV4Model in eval mode on `device`, ModelConfig). With `shard`, the model is cut like
     `parallel/shard.shard_model` before any memory is allocated, and only the rank's rows / columns / experts of
-    each tensor are read from the files (`model.load_stats` counts the bytes)."""
+    each tensor are read from the files (`model.load_stats` counts the bytes). `weights_dtype="checkpoint"` keeps
+    FP8 linears and FP4 routed experts quantised in memory (`model/quantized.py`, dequantised on the fly); "bf16"
+    dequantises them at load into the model dtype."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise CheckpointError(f"weights dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
     from dsv4.runtime.model.model import DeepseekV4Model
     from dsv4.runtime.model.rope import inv_freq_for
     from tqdm import tqdm
@@ -168,6 +175,11 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     with _parameters_on_meta():
         model = DeepseekV4Model(cfg, wdtype, with_mtp=has_mtp)
     world = shard.world if shard else 1
+    if weights_dtype == "checkpoint":
+        if world > 1:
+            raise CheckpointError("keeping FP8/FP4 weights quantised in memory is not supported with --tp > 1 yet "
+                                  "(use weights dtype bf16)")
+        _keep_quantised(model, plan, wdtype)
     if world > 1:
         from dsv4.runtime.parallel.shard import shard_model
 
@@ -191,11 +203,12 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     with torch.no_grad(), _OpenFiles() as files:
         for fname, _, hf, pname, row, part in jobs:
             name, meta, smeta = plan[hf]
-            dst = targets[pname]
-            if row is not None:
-                dst = dst[row]
             try:
-                _fill(files, name, meta, smeta, dst, tuple(expected[hf].shape), part)
+                if pname not in targets:  # kept quantised: codes and scales are read as stored
+                    _fill_quantised(files, meta, smeta, targets, pname, row)
+                else:
+                    dst = targets[pname] if row is None else targets[pname][row]
+                    _fill(files, name, meta, smeta, dst, tuple(expected[hf].shape), part)
             except CheckpointError:
                 raise
             except (OSError, RuntimeError, ValueError) as e:
@@ -235,6 +248,44 @@ class _OpenFiles:
         t = read_rows(self.handles[meta.file], meta, r0, r1, out)
         self.bytes_read += t.numel() * t.element_size()
         return t
+
+
+def _keep_quantised(model: nn.Module, plan: Plan, dtype: torch.dtype) -> None:
+    """Swap, on the meta model, each linear whose file tensor is FP8 + E8M0 scales for an `FP8Linear`, and each
+    routed-expert stack whose every matrix is packed FP4 + E8M0 scales for FP4 code / scale buffers."""
+    from dsv4.runtime.model.quantized import FP8Linear, quantize_experts
+
+    fp4_stacks: dict[str, int] = {}
+    for hf, (_, meta, smeta) in plan.items():
+        if smeta is None or smeta.dtype != "F8_E8M0":
+            continue
+        pname, row = module_target(hf)
+        if row is None and meta.dtype in ("F8_E4M3", "F8_E4M3FN") and pname.endswith(".weight"):
+            parent, _, leaf = pname[: -len(".weight")].rpartition(".")
+            old = model.get_submodule(parent).get_submodule(leaf)
+            if isinstance(old, nn.Linear):
+                setattr(model.get_submodule(parent), leaf, FP8Linear(old.in_features, old.out_features, dtype))
+        elif row is not None and meta.dtype in ("I8", "U8", "F4"):
+            stack = pname.rpartition(".")[0]
+            fp4_stacks[stack] = fp4_stacks.get(stack, 0) + 1
+    for stack, n in fp4_stacks.items():
+        experts = model.get_submodule(stack)
+        if n == 3 * experts.n:  # all of w1, w2, w3 of every expert
+            quantize_experts(experts)
+
+
+def _fill_quantised(files: _OpenFiles, meta: TensorMeta, smeta: TensorMeta, targets: dict[str, torch.Tensor],
+                    pname: str, row: int | None) -> None:
+    if row is None:  # FP8Linear
+        q, s = targets[pname[: -len("weight")] + "qweight"], targets[pname[: -len("weight")] + "scale"]
+    else:  # an FP4 expert matrix
+        q, s = targets[pname + "_q"][row], targets[pname + "_s"][row]
+    for m, dst in ((meta, q), (smeta, s)):
+        rows = storage(m)[1][0]
+        if dst.device.type == "cpu":
+            files.rows(m, 0, rows, out=dst)  # the bytes as stored (int8 / uint8 / e4m3 / e8m0 alike)
+        else:
+            dst.copy_(files.rows(m, 0, rows).view(dst.dtype))
 
 
 def _part_bytes(entry: tuple[str, TensorMeta, TensorMeta | None], shape: tuple[int, ...], part: OwnedPart) -> int:

@@ -1,0 +1,63 @@
+"""Weights kept in their checkpoint format (`load_model(..., weights_dtype="checkpoint")`): FP8 linears and FP4
+routed experts stay quantised in memory and are dequantised on the fly; outputs equal the dequantise-at-load path
+(every layer kind, MTP weights included) and the model holds the checkpoint's bytes, not the bf16 ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dsv4.runtime.checkpoint.errors import CheckpointError
+from dsv4.runtime.checkpoint.files import list_tensors
+from dsv4.runtime.checkpoint.loader import TPShard
+from dsv4.runtime.checkpoint.published import write_published_checkpoint
+from dsv4.runtime.checkpoint.random_init import random_tensors
+from dsv4.runtime.model import load_model
+from dsv4.runtime.model.quantized import FP8Linear
+
+from tests.model_utils import PagedRunner, tiny_configs
+
+
+def _bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantised_weights_equal_the_dequantised_load(tmp_path, dtype):
+    cfg = tiny_configs()["mix"]
+    write_published_checkpoint(cfg, random_tensors(cfg, seed=6), tmp_path, fp4_dtype="F4" if dtype == "float32"
+                               else "I8")
+    a, _, _ = load_model(tmp_path, progress=False, dtype=dtype, weights_dtype="checkpoint")
+    b, _, _ = load_model(tmp_path, progress=False, dtype=dtype)
+    fp8 = {n: m for n, m in a.named_modules() if isinstance(m, FP8Linear)}
+    assert "layers.1.attn.indexer.wq_b" in fp8 and "mtp.0.e_proj" in fp8 and "layers.3.ffn.shared_experts.w2" in fp8
+    assert "layers.1.attn.compressor.wkv" not in fp8  # bf16 in the published layout
+    ref = dict(b.named_parameters())
+    for n, m in fp8.items():
+        assert torch.equal(m.weight, ref[n + ".weight"]), n
+    for i, layer in enumerate(list(a.layers) + list(a.mtp)):
+        ex, ex_ref = layer.ffn.experts, (list(b.layers) + list(b.mtp))[i].ffn.experts
+        assert "w1_q" in dict(ex.named_buffers()) and "w1" not in dict(ex.named_parameters())
+        for name in ("w1", "w2", "w3"):
+            for e in range(cfg.n_routed_experts):
+                assert torch.equal(ex.matrix(name, e), getattr(ex_ref, name)[e]), (i, name, e)
+    held = sum(_bytes(m) for m in fp8.values()) + sum(
+        t.numel() * t.element_size() for n, t in a.named_buffers() if n.endswith(("_q", "_s")))
+    stored = sum(m.nbytes for m in list_tensors(tmp_path).values()
+                 if m.dtype in ("F8_E4M3", "F8_E8M0", "I8", "F4"))
+    assert held == stored  # the quantised tensors are held exactly as the files store them
+    dequantised = sum(t.numel() * t.element_size() for n, t in b.named_parameters()
+                      if ".ffn.experts." in n or n.removesuffix(".weight") in fp8)
+    assert _bytes(b) - _bytes(a) == dequantised - held > 0  # everything else is held alike
+    ids = list(range(5, 45))
+    la = PagedRunner(a, cfg, max_tokens=64).step([(0, ids, 0)])
+    lb = PagedRunner(b, cfg, max_tokens=64).step([(0, ids, 0)])
+    assert torch.equal(la, lb)
+
+
+def test_quantised_weights_with_tp_is_a_clear_error(tmp_path):
+    cfg = tiny_configs()["mix"]
+    write_published_checkpoint(cfg, random_tensors(cfg, seed=6), tmp_path)
+    with pytest.raises(CheckpointError, match="not supported with --tp > 1 yet"):
+        load_model(tmp_path, progress=False, shard=TPShard(0, 2), weights_dtype="checkpoint")
+    with pytest.raises(CheckpointError, match="weights dtype must be one of"):
+        load_model(tmp_path, progress=False, weights_dtype="fp4")
