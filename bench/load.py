@@ -55,7 +55,7 @@ def hwm():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-path, progress, rank, world = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+path, progress, rank, world, weights = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 files = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
 buf, seq_bytes, t0 = bytearray(16 << 20), 0, time.perf_counter()
 for name in files:  # a plain sequential read of the same files (the throughput baseline), reusing one buffer
@@ -74,7 +74,7 @@ except OSError:
 t0 = time.perf_counter()
 from dsv4.runtime.checkpoint.loader import TPShard
 model, cfg, _ = load_model(path, dtype="bfloat16", progress=progress,
-                           shard=TPShard(rank, world) if world > 1 else None)
+                           shard=TPShard(rank, world) if world > 1 else None, weights_dtype=weights)
 dt = time.perf_counter() - t0
 peak = hwm()
 nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -96,6 +96,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench/results", help="results folder (load[_smoke].json/.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", default="1", help="comma list of TP sizes: each loads rank 0's part only (default 1)")
+    p.add_argument("--weights-dtype", default="bf16", choices=["bf16", "checkpoint"],
+                   help="bf16: dequantise FP8/FP4 at load (default); checkpoint: keep them quantised in memory")
 
 
 def sized_config(preset: str, target_bytes: int, hidden: int, inter: int, layers: int, experts_multiple: int = 1):
@@ -158,10 +160,11 @@ def write_checkpoints(cfg, root: Path, layouts: list[str], seed: int) -> dict[st
     return out
 
 
-def measure(path: Path, progress: bool = False, tp: int = 1) -> dict:
+def measure(path: Path, progress: bool = False, tp: int = 1, weights_dtype: str = "bf16") -> dict:
     """Load `path` (rank 0's part of a `tp`-way split) in a fresh interpreter and return its timings / RSS figures
     (see the module docstring)."""
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), "1" if progress else "0", "0", str(tp)], check=False,
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), "1" if progress else "0", "0", str(tp),
+                        weights_dtype], check=False,
                        stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"loading {path} failed in the subprocess: {(r.stderr or '').strip()[-2000:]}")
@@ -175,6 +178,7 @@ def measure(path: Path, progress: bool = False, tp: int = 1) -> dict:
     m["ratio_model"] = extra / m["model_bytes"]
     m["load_MBps"] = m["checkpoint_bytes"] / MB / m["load_s"] if m["load_s"] > 0 else float("inf")
     m["tp"] = tp
+    m["weights_dtype"] = weights_dtype
     m["read_MBps"] = m["bytes_read"] / MB / m["load_s"] if m["load_s"] > 0 else float("inf")
     m["seq_MBps"] = m["seq_read_bytes"] / MB / m["seq_read_s"] if m["seq_read_s"] > 0 else float("inf")
     return m
@@ -185,7 +189,7 @@ def to_markdown(res: dict) -> str:
     lines = [f"# Checkpoint load ({res['preset']} layout, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
              f"{c['n_routed_experts']} experts)", "",
              f"Command: `{res['command']}`", "",
-             "| layout | files | checkpoint MB | model MB (bf16, per rank) | load s | MB/s | read MB | read MB/s "
+             "| layout | files | checkpoint MB | model MB (per rank) | load s | MB/s | read MB | read MB/s "
              "(plain read MB/s) | extra RSS MB | RSS / ckpt | RSS / model | goal <= 1.3 x model |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in res["layouts"].items():
@@ -195,7 +199,8 @@ def to_markdown(res: dict) -> str:
                      f"({m['seq_MBps']:.0f}) | {m['extra_rss'] / MB:.1f} | {m['ratio_ckpt']:.2f} | "
                      f"{m['ratio_model']:.2f} | {ok} |")
     lines += ["", "extra RSS = peak RSS of the loading process minus its RSS after imports; model MB = parameters + "
-              "buffers after loading (FP8/FP4 weights dequantised to bf16); `tpN` rows load rank 0's part of an "
+              "buffers after loading (FP8/FP4 weights dequantised to bf16, or kept as stored with `--weights-dtype "
+              "checkpoint`); `tpN` rows load rank 0's part of an "
               "N-way split (`TPShard`); read MB = bytes the load read, plain read = the same process reading all "
               "the checkpoint files sequentially first."]
     return "\n".join(lines) + "\n"
@@ -234,12 +239,13 @@ def run(args) -> int:
                "command": "dsv4 bench load" + (" --smoke" if args.smoke else "")
                + (f" --size-mb {args.size_mb:g}" if args.size_mb is not None else "")
                + (f" --preset {args.preset}" if args.preset != "tiny" else "")
-               + (f" --tp {args.tp}" if tps != [1] else ""),
+               + (f" --tp {args.tp}" if tps != [1] else "")
+               + (f" --weights-dtype {args.weights_dtype}" if args.weights_dtype != "bf16" else ""),
                "config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size", "moe_intermediate_size",
                                                        "n_routed_experts", "vocab_size")},
                "layouts": {}}
         for (name, path), tp in ((item, tp) for tp in tps for item in paths.items()):
-            m = measure(path, progress=not args.smoke and sys.stderr.isatty(), tp=tp)
+            m = measure(path, progress=not args.smoke and sys.stderr.isatty(), tp=tp, weights_dtype=args.weights_dtype)
             name = name if tp == 1 else f"{name} tp{tp}"
             res["layouts"][name] = m
             print(f"{name:>8}: {m['checkpoint_bytes'] / MB:8.1f} MB in {m['files']} file(s), "

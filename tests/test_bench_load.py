@@ -57,3 +57,12 @@ def test_load_smoke_tp2_reads_and_holds_rank_0s_part(tmp_path):
     assert two["bytes_read"] < 0.9 * one["bytes_read"] and two["model_bytes"] < 0.75 * one["model_bytes"]
     assert one["bytes_read"] <= one["checkpoint_bytes"] and one["seq_read_bytes"] >= one["checkpoint_bytes"] * 0.99
     assert "| fp8 tp2 |" in (out / "load_smoke.md").read_text()
+
+
+def test_load_smoke_keeps_weights_quantised(tmp_path):
+    out = tmp_path / "res"
+    assert main(["bench", "load", "--smoke", "--layouts", "fp8", "--weights-dtype", "checkpoint", "--out", str(out),
+                 "--workdir", str(tmp_path / "ck")]) == 0
+    m = json.loads((out / "load_smoke.json").read_text())["layouts"]["fp8"]
+    # held as stored (norms fp32 instead of bf16): about the checkpoint, not the ~2x of the dequantised model
+    assert m["weights_dtype"] == "checkpoint" and m["model_bytes"] < 1.2 * m["checkpoint_bytes"]
