@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,15 +175,16 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     with _parameters_on_meta():
         model = DeepseekV4Model(cfg, wdtype, with_mtp=has_mtp)
     world = shard.world if shard else 1
-    if weights_dtype == "checkpoint":
-        if world > 1:
-            raise CheckpointError("keeping FP8/FP4 weights quantised in memory is not supported with --tp > 1 yet "
-                                  "(use weights dtype bf16)")
-        _keep_quantised(model, plan, wdtype)
     if world > 1:
         from dsv4.runtime.parallel.shard import shard_model
 
         shard_model(model, cfg, shard.rank, world, shard.pg)  # on the meta device: only the shapes change
+
+    def part_of(hf: str) -> OwnedPart | None:
+        return owned_part(hf.removeprefix("model."), cfg, shard.rank, world) if shard else OwnedPart()
+
+    if weights_dtype == "checkpoint":
+        _keep_quantised(model, plan, wdtype, part_of)
     model = model.to_empty(device=device)
     model.inv_freq_main = inv_freq_for(cfg, compressed=False).to(device)
     model.inv_freq_compress = inv_freq_for(cfg, compressed=True).to(device)
@@ -193,7 +194,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     jobs = []
     for hf, (_, meta, _) in plan.items():
         pname, row = module_target(hf)
-        part = owned_part(hf.removeprefix("model."), cfg, shard.rank, world) if shard else OwnedPart()
+        part = part_of(hf)
         if part is not None:
             jobs.append((meta.file, meta.offset, hf, pname, part.expert if part.expert is not None else row, part))
     jobs.sort(key=lambda j: (j[0], j[1]))  # sequential reads, file by file
@@ -205,7 +206,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
             name, meta, smeta = plan[hf]
             try:
                 if pname not in targets:  # kept quantised: codes and scales are read as stored
-                    _fill_quantised(files, meta, smeta, targets, pname, row)
+                    _fill_quantised(files, meta, smeta, targets, pname, row, part)
                 else:
                     dst = targets[pname] if row is None else targets[pname][row]
                     _fill(files, name, meta, smeta, dst, tuple(expected[hf].shape), part)
@@ -250,42 +251,67 @@ class _OpenFiles:
         return t
 
 
-def _keep_quantised(model: nn.Module, plan: Plan, dtype: torch.dtype) -> None:
-    """Swap, on the meta model, each linear whose file tensor is FP8 + E8M0 scales for an `FP8Linear`, and each
-    routed-expert stack whose every matrix is packed FP4 + E8M0 scales for FP4 code / scale buffers."""
-    from dsv4.runtime.model.quantized import FP8Linear, quantize_experts
+def _block_aligned(part: OwnedPart, shape: tuple[int, ...]) -> bool:
+    """Whether the owned rows / columns start and end on 128-blocks (or the tensor's end): FP8 parts that can keep
+    their block scales."""
+    return all(span is None or (span[0] % quant.BLOCK == 0 and (span[1] % quant.BLOCK == 0 or span[1] == n))
+               for span, n in ((part.rows, shape[0]), (part.cols, shape[1])))
+
+
+def _keep_quantised(model: nn.Module, plan: Plan, dtype: torch.dtype,
+                    part_of: Callable[[str], OwnedPart | None]) -> None:
+    """Swap, on the (possibly TP-cut) meta model, each linear whose file tensor is FP8 + E8M0 scales for an
+    `FP8Linear` (row-parallel ones for an `FP8RowParallelLinear`) when the rank's part is block-aligned, and each
+    routed-expert stack whose every matrix is packed FP4 + E8M0 scales for FP4 code / scale buffers. Parts that do
+    not fit the blocks stay dequantised."""
+    from dsv4.runtime.model.quantized import FP8Linear, FP8RowParallelLinear, quantize_experts
+    from dsv4.runtime.parallel.shard import RowParallelLinear
 
     fp4_stacks: dict[str, int] = {}
     for hf, (_, meta, smeta) in plan.items():
-        if smeta is None or smeta.dtype != "F8_E8M0":
+        if smeta is None or smeta.dtype != "F8_E8M0" or (part := part_of(hf)) is None:
             continue
         pname, row = module_target(hf)
         if row is None and meta.dtype in ("F8_E4M3", "F8_E4M3FN") and pname.endswith(".weight"):
+            if not _block_aligned(part, tuple(meta.shape)):
+                continue
             parent, _, leaf = pname[: -len(".weight")].rpartition(".")
             old = model.get_submodule(parent).get_submodule(leaf)
-            if isinstance(old, nn.Linear):
-                setattr(model.get_submodule(parent), leaf, FP8Linear(old.in_features, old.out_features, dtype))
+            out_f, in_f = old.weight.shape
+            if isinstance(old, RowParallelLinear):
+                new: nn.Module = FP8RowParallelLinear(in_f, out_f, dtype, old.pg)
+            elif isinstance(old, nn.Linear):
+                new = FP8Linear(in_f, out_f, dtype)
+            else:
+                continue
+            setattr(model.get_submodule(parent), leaf, new)
         elif row is not None and meta.dtype in ("I8", "U8", "F4"):
             stack = pname.rpartition(".")[0]
             fp4_stacks[stack] = fp4_stacks.get(stack, 0) + 1
     for stack, n in fp4_stacks.items():
         experts = model.get_submodule(stack)
-        if n == 3 * experts.n:  # all of w1, w2, w3 of every expert
+        if n == 3 * experts.w1.shape[0]:  # all of w1, w2, w3 of every expert this rank holds
             quantize_experts(experts)
 
 
 def _fill_quantised(files: _OpenFiles, meta: TensorMeta, smeta: TensorMeta, targets: dict[str, torch.Tensor],
-                    pname: str, row: int | None) -> None:
-    if row is None:  # FP8Linear
+                    pname: str, row: int | None, part: OwnedPart) -> None:
+    """Codes and scales of the rank's (block-aligned) part, as stored."""
+    if row is None:  # FP8Linear: rows by seeking, columns cut after reading
         q, s = targets[pname[: -len("weight")] + "qweight"], targets[pname[: -len("weight")] + "scale"]
-    else:  # an FP4 expert matrix
+        r0, r1 = part.rows or (0, meta.shape[0])
+        b = quant.BLOCK
+        parts = ((meta, q, (r0, r1), part.cols),
+                 (smeta, s, (r0 // b, -(-r1 // b)), part.cols and (part.cols[0] // b, -(-part.cols[1] // b))))
+    else:  # an FP4 expert matrix: whole
         q, s = targets[pname + "_q"][row], targets[pname + "_s"][row]
-    for m, dst in ((meta, q), (smeta, s)):
-        rows = storage(m)[1][0]
-        if dst.device.type == "cpu":
-            files.rows(m, 0, rows, out=dst)  # the bytes as stored (int8 / uint8 / e4m3 / e8m0 alike)
-        else:
-            dst.copy_(files.rows(m, 0, rows).view(dst.dtype))
+        parts = ((meta, q, (0, storage(meta)[1][0]), None), (smeta, s, (0, smeta.shape[0]), None))
+    for m, dst, (a, z), cols in parts:
+        if cols is None and dst.device.type == "cpu":
+            files.rows(m, a, z, out=dst)  # the bytes as stored (int8 / uint8 / e4m3 / e8m0 alike)
+            continue
+        t = files.rows(m, a, z)
+        dst.copy_((t if cols is None else t[:, cols[0]:cols[1]]).view(dst.dtype))
 
 
 def _part_bytes(entry: tuple[str, TensorMeta, TensorMeta | None], shape: tuple[int, ...], part: OwnedPart) -> int:

@@ -1,6 +1,7 @@
 """Weights kept in their checkpoint format in memory, dequantised on the fly per use (torch reference path).
 
-* `FP8Linear`: e4m3 `qweight` [out, in] + UE8M0 exponent bytes `scale` [ceil(out/128), ceil(in/128)];
+* `FP8Linear` (`FP8RowParallelLinear` for TP's row-parallel `wo_b`): e4m3 `qweight` [out, in] + UE8M0
+  exponent bytes `scale` [ceil(out/128), ceil(in/128)];
   `weight` is the dequantised matrix in the model's dtype, `forward` = `F.linear(x, weight)`.
 * `quantize_experts(experts)`: the stacked routed experts keep packed e2m1 codes `wK_q` [E, out, in/2] (uint8,
   low nibble = even column) + UE8M0 `wK_s` [E, out, in/32]; `Experts.matrix(name, e)` dequantises one expert.
@@ -37,6 +38,22 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+class FP8RowParallelLinear(FP8Linear):
+    """`parallel/shard.RowParallelLinear` with the weight kept FP8: y = all_reduce(x_k · W_kᵀ)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, pg: object,
+                 device: torch.device | str = "meta"):
+        super().__init__(in_features, out_features, dtype, device)
+        self.pg = pg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        y = super().forward(x)
+        dist.all_reduce(y, group=self.pg)
+        return y
 
 
 def quantize_experts(experts: nn.Module) -> None:
