@@ -88,3 +88,10 @@ def test_quantised_tp2_forward_equals_the_dense_model(tmp_path):
     assert len(dense) == len(sharded) > 0
     for x, y in zip(dense, sharded, strict=True):
         assert x.shape == y.shape and float((x - y).abs().max()) < 1e-4
+
+
+def test_unknown_weights_dtype_is_named(tmp_path):
+    from dsv4.runtime.checkpoint.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"weights dtype must be one of \('bf16', 'checkpoint'\), got 'fp4'"):
+        load_model(tmp_path, progress=False, weights_dtype="fp4")
