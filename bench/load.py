@@ -6,7 +6,9 @@ of routed experts solved for the target size), in two layouts:
 * `hf`: the Hugging Face layout in bf16, sharded with `model.safetensors.index.json`;
 * `fp8`: DeepSeek's published layout (FP8 e4m3 + 128x128 block scales, FP4 routed experts), loaded as bf16.
 
-Each load runs in a fresh subprocess (`python -c`), which reports
+With `--tp 1,2,...` each layout is also loaded as rank 0 of an N-way tensor-parallel split (`TPShard`: only the
+rank's rows / columns / experts are read). Each load runs in a fresh subprocess (`python -c`), which first reads
+the checkpoint files sequentially once (`seq_MBps`, the throughput baseline), then reports
 
     load_s          wall time of `load_model` (config, headers, meta model, materialise, stream tensors in)
     base_rss        RSS after importing torch + dsv4 (before loading)
@@ -14,6 +16,7 @@ Each load runs in a fresh subprocess (`python -c`), which reports
                     (`clear_refs` 5). Not ru_maxrss: Linux carries the parent's high-water mark across
                     vfork + exec, so a bench process holding the freshly written weights would show up as the
                     child's peak.
+    bytes_read      bytes the load read from the files (read_MBps = bytes_read / load_s)
     extra = peak_rss - base_rss;   ratio_ckpt = extra / checkpoint bytes;   ratio_model = extra / model bytes
 
 Goal: ratio_model <= 1.3 (one copy of the weights plus one tensor in flight). For the `hf` layout the model
@@ -52,7 +55,15 @@ def hwm():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-path, progress = sys.argv[1], sys.argv[2] == "1"
+path, progress, rank, world, weights = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+files = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
+buf, seq_bytes, t0 = bytearray(16 << 20), 0, time.perf_counter()
+for name in files:  # a plain sequential read of the same files (the throughput baseline), reusing one buffer
+    with open(os.path.join(path, name), "rb", buffering=0) as f:
+        while (n := f.readinto(buf)):
+            seq_bytes += n
+seq_s = time.perf_counter() - t0
+del buf
 base = rss()
 try:  # reset the peak to the current RSS, so the import peak does not count as load cost
     with open("/proc/self/clear_refs", "w") as f:
@@ -61,13 +72,16 @@ try:  # reset the peak to the current RSS, so the import peak does not count as 
 except OSError:
     reset = False
 t0 = time.perf_counter()
-model, cfg, _ = load_model(path, dtype="bfloat16", progress=progress)
+from dsv4.runtime.checkpoint.loader import TPShard
+model, cfg, _ = load_model(path, dtype="bfloat16", progress=progress,
+                           shard=TPShard(rank, world) if world > 1 else None, weights_dtype=weights)
 dt = time.perf_counter() - t0
 peak = hwm()
 nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 meta = sum(1 for t in model.parameters() if t.is_meta)
 print(json.dumps({"load_s": dt, "base_rss": base, "peak_rss": peak, "peak_reset": reset, "model_bytes": nbytes,
-                  "meta_params": meta}))
+                  "meta_params": meta, "bytes_read": model.load_stats["bytes_read"], "seq_read_s": seq_s,
+                  "seq_read_bytes": seq_bytes}))
 """
 
 
@@ -81,11 +95,15 @@ def add_arguments(p) -> None:
     p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir, removed)")
     p.add_argument("--out", default="bench/results", help="results folder (load[_smoke].json/.md)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", default="1", help="comma list of TP sizes: each loads rank 0's part only (default 1)")
+    p.add_argument("--weights-dtype", default="bf16", choices=["bf16", "checkpoint"],
+                   help="bf16: dequantise FP8/FP4 at load (default); checkpoint: keep them quantised in memory")
 
 
-def sized_config(preset: str, target_bytes: int, hidden: int, inter: int, layers: int):
+def sized_config(preset: str, target_bytes: int, hidden: int, inter: int, layers: int, experts_multiple: int = 1):
     """The preset's first `layers` layer kinds with hidden / expert width shrunk and the routed-expert count
-    chosen so that the bf16 checkpoint is about `target_bytes` (at least num_experts_per_tok + 1 experts)."""
+    chosen so that the bf16 checkpoint is about `target_bytes` (at least num_experts_per_tok + 1 experts, a
+    multiple of `experts_multiple` so that the TP sizes measured split them)."""
     from dsv4.runtime.checkpoint.names import checkpoint_tensors
     from dsv4.runtime.config import preset as get_preset
 
@@ -112,6 +130,7 @@ def sized_config(preset: str, target_bytes: int, hidden: int, inter: int, layers
     lo = k + 1
     per_expert = size(lo + 1) - size(lo)
     e = max(lo, lo + round((target_bytes - size(lo)) / per_expert))
+    e = -(-e // experts_multiple) * experts_multiple
     return dataclasses.replace(base, **common, n_routed_experts=e)
 
 
@@ -141,9 +160,11 @@ def write_checkpoints(cfg, root: Path, layouts: list[str], seed: int) -> dict[st
     return out
 
 
-def measure(path: Path, progress: bool = False) -> dict:
-    """Load `path` in a fresh interpreter and return its timings / RSS figures (see the module docstring)."""
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), "1" if progress else "0"], check=False,
+def measure(path: Path, progress: bool = False, tp: int = 1, weights_dtype: str = "bf16") -> dict:
+    """Load `path` (rank 0's part of a `tp`-way split) in a fresh interpreter and return its timings / RSS figures
+    (see the module docstring)."""
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), "1" if progress else "0", "0", str(tp),
+                        weights_dtype], check=False,
                        stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"loading {path} failed in the subprocess: {(r.stderr or '').strip()[-2000:]}")
@@ -156,6 +177,10 @@ def measure(path: Path, progress: bool = False) -> dict:
     m["ratio_ckpt"] = extra / m["checkpoint_bytes"]
     m["ratio_model"] = extra / m["model_bytes"]
     m["load_MBps"] = m["checkpoint_bytes"] / MB / m["load_s"] if m["load_s"] > 0 else float("inf")
+    m["tp"] = tp
+    m["weights_dtype"] = weights_dtype
+    m["read_MBps"] = m["bytes_read"] / MB / m["load_s"] if m["load_s"] > 0 else float("inf")
+    m["seq_MBps"] = m["seq_read_bytes"] / MB / m["seq_read_s"] if m["seq_read_s"] > 0 else float("inf")
     return m
 
 
@@ -164,15 +189,20 @@ def to_markdown(res: dict) -> str:
     lines = [f"# Checkpoint load ({res['preset']} layout, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
              f"{c['n_routed_experts']} experts)", "",
              f"Command: `{res['command']}`", "",
-             "| layout | files | checkpoint MB | model MB (bf16) | load s | MB/s | extra RSS MB | RSS / ckpt | "
-             "RSS / model | goal <= 1.3 x model |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| layout | files | checkpoint MB | model MB (per rank) | load s | MB/s | read MB | read MB/s "
+             "(plain read MB/s) | extra RSS MB | RSS / ckpt | RSS / model | goal <= 1.3 x model |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in res["layouts"].items():
         ok = "yes" if m["ratio_model"] <= GOAL else "NO"
         lines.append(f"| {name} | {m['files']} | {m['checkpoint_bytes'] / MB:.1f} | {m['model_bytes'] / MB:.1f} | "
-                     f"{m['load_s']:.2f} | {m['load_MBps']:.0f} | {m['extra_rss'] / MB:.1f} | {m['ratio_ckpt']:.2f} | "
+                     f"{m['load_s']:.2f} | {m['load_MBps']:.0f} | {m['bytes_read'] / MB:.1f} | {m['read_MBps']:.0f} "
+                     f"({m['seq_MBps']:.0f}) | {m['extra_rss'] / MB:.1f} | {m['ratio_ckpt']:.2f} | "
                      f"{m['ratio_model']:.2f} | {ok} |")
     lines += ["", "extra RSS = peak RSS of the loading process minus its RSS after imports; model MB = parameters + "
-              "buffers after loading (FP8/FP4 weights dequantised to bf16)."]
+              "buffers after loading (FP8/FP4 weights dequantised to bf16, or kept as stored with `--weights-dtype "
+              "checkpoint`); `tpN` rows load rank 0's part of an "
+              "N-way split (`TPShard`); read MB = bytes the load read, plain read = the same process reading all "
+              "the checkpoint files sequentially first."]
     return "\n".join(lines) + "\n"
 
 
@@ -182,12 +212,19 @@ def run(args) -> int:
     if args.size_mb is not None:
         target = int(args.size_mb * MB)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    try:
+        tps = [int(x) for x in str(args.tp).split(",") if x.strip()]
+    except ValueError:
+        tps = []
+    if not tps or min(tps) < 1:
+        print(f"error: --tp must be a comma list of TP sizes >= 1; got {args.tp!r}", file=sys.stderr)
+        return 2
     bad = sorted(set(layouts) - {"hf", "fp8"})
     if bad or not layouts:
         print(f"error: --layouts must be a comma list of hf, fp8; got {args.layouts!r}", file=sys.stderr)
         return 2
     try:
-        cfg = sized_config(args.preset, target, hidden, inter, args.layers)
+        cfg = sized_config(args.preset, target, hidden, inter, args.layers, math.lcm(*tps))
     except ValueError as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -201,14 +238,17 @@ def run(args) -> int:
         res = {"preset": args.preset, "kind": kind, "goal_ratio_model": GOAL,
                "command": "dsv4 bench load" + (" --smoke" if args.smoke else "")
                + (f" --size-mb {args.size_mb:g}" if args.size_mb is not None else "")
-               + (f" --preset {args.preset}" if args.preset != "tiny" else ""),
+               + (f" --preset {args.preset}" if args.preset != "tiny" else "")
+               + (f" --tp {args.tp}" if tps != [1] else "")
+               + (f" --weights-dtype {args.weights_dtype}" if args.weights_dtype != "bf16" else ""),
                "config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size", "moe_intermediate_size",
                                                        "n_routed_experts", "vocab_size")},
                "layouts": {}}
-        for name, path in paths.items():
-            m = measure(path, progress=not args.smoke and sys.stderr.isatty())
+        for (name, path), tp in ((item, tp) for tp in tps for item in paths.items()):
+            m = measure(path, progress=not args.smoke and sys.stderr.isatty(), tp=tp, weights_dtype=args.weights_dtype)
+            name = name if tp == 1 else f"{name} tp{tp}"
             res["layouts"][name] = m
-            print(f"{name:>4}: {m['checkpoint_bytes'] / MB:8.1f} MB in {m['files']} file(s), "
+            print(f"{name:>8}: {m['checkpoint_bytes'] / MB:8.1f} MB in {m['files']} file(s), "
                   f"load {m['load_s']:6.2f} s, "
                   f"extra RSS {m['extra_rss'] / MB:8.1f} MB = {m['ratio_ckpt']:.2f} x checkpoint, "
                   f"{m['ratio_model']:.2f} x model ({m['model_bytes'] / MB:.1f} MB bf16)")

@@ -75,9 +75,13 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     for k, v in info.items():
         if k in ("bytes per dtype", "weight bytes per GPU (TP)"):
-            v = ", ".join(f"{d}: {n / 1e9:.3f} GB" if isinstance(n, int) else f"{d}: {n}" for d, n in v.items())
+            v = ", ".join(f"{d}: {_size(n)}" if isinstance(n, int) else f"{d}: {n}" for d, n in v.items())
         print(f"{k:>26}: {v}")
     return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def run(args: argparse.Namespace) -> int:

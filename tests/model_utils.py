@@ -103,3 +103,9 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def prefill_logits(model, cfg: ModelConfig, ids: list[int] | None = None) -> torch.Tensor:
+    """Logits of every position of one prompt (default: 40 tokens, past every tiny config's compression boundary)
+    prefilled through fresh paged pools."""
+    return PagedRunner(model, cfg, max_tokens=64).step([(0, ids or list(range(5, 45)), 0)])

@@ -44,3 +44,25 @@ def test_load_bad_arguments_name_the_flag(tmp_path, capsys):
     assert "--layers must be in [1, " in capsys.readouterr().err
     assert main(["bench", "load", "--smoke", "--size-mb", "0", "--out", str(tmp_path)]) == 2
     assert "--size-mb must be > 0" in capsys.readouterr().err
+
+
+def test_load_smoke_tp2_reads_and_holds_rank_0s_part(tmp_path):
+    out, work = tmp_path / "res", tmp_path / "ck"
+    assert main(["bench", "load", "--smoke", "--layouts", "fp8", "--tp", "1,2", "--out", str(out),
+                 "--workdir", str(work)]) == 0
+    res = json.loads((out / "load_smoke.json").read_text())
+    one, two = res["layouts"]["fp8"], res["layouts"]["fp8 tp2"]
+    assert (one["tp"], two["tp"]) == (1, 2) and res["command"].endswith("--tp 1,2")
+    # at smoke size the replicated parts (compressors, norms, mHC, the K=V head) are a large share of the bytes
+    assert two["bytes_read"] < 0.9 * one["bytes_read"] and two["model_bytes"] < 0.75 * one["model_bytes"]
+    assert one["bytes_read"] <= one["checkpoint_bytes"] and one["seq_read_bytes"] >= one["checkpoint_bytes"] * 0.99
+    assert "| fp8 tp2 |" in (out / "load_smoke.md").read_text()
+
+
+def test_load_smoke_keeps_weights_quantised(tmp_path):
+    out = tmp_path / "res"
+    assert main(["bench", "load", "--smoke", "--layouts", "fp8", "--weights-dtype", "checkpoint", "--out", str(out),
+                 "--workdir", str(tmp_path / "ck")]) == 0
+    m = json.loads((out / "load_smoke.json").read_text())["layouts"]["fp8"]
+    # held as stored (norms fp32 instead of bf16): about the checkpoint, not the ~2x of the dequantised model
+    assert m["weights_dtype"] == "checkpoint" and m["model_bytes"] < 1.2 * m["checkpoint_bytes"]

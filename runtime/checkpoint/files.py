@@ -124,23 +124,23 @@ def storage(meta: TensorMeta) -> tuple[object, tuple[int, ...]]:
     return (dt, tuple(meta.shape)) if dt is not None else (None, tuple(meta.shape))
 
 
-def read_tensor(f, meta: TensorMeta, out=None):
-    """Read one tensor's bytes with a single `readinto` from the open binary file `f` (no mmap, so no file pages
-    count towards the process RSS). Into `out` when given (contiguous, same dtype and element count: zero extra
-    copies), else into a new tensor (`storage`'s dtype and shape). CheckpointError naming the file when the data
-    is short or the dtype unreadable."""
+def read_rows(f, meta: TensorMeta, r0: int, r1: int, out=None):
+    """Rows [r0, r1) of dim 0 of a row-major tensor (elements of a 1-D one), in `storage`'s dtype: one seek and one
+    `readinto` of just those bytes, into `out` when given (contiguous, that dtype and size: no extra copy)."""
     import torch
 
     dt, shape = storage(meta)
     if dt is None or meta.offset < 0:
         raise CheckpointError(f"{meta.file}: tensor dtype {meta.dtype} cannot be read")
+    if not 0 <= r0 <= r1 <= shape[0]:
+        raise CheckpointError(f"{meta.file}: rows [{r0}, {r1}) outside a tensor of shape {list(meta.shape)}")
+    row = meta.nbytes // shape[0] if shape[0] else 0
     if out is None:
-        out = torch.empty(shape, dtype=dt)
-    buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
-    if buf is None:
+        out = torch.empty((r1 - r0, *shape[1:]), dtype=dt)
+    if out.numel() == 0:
         return out
-    f.seek(meta.offset)
-    got = f.readinto(buf)
-    if got != meta.nbytes:
-        raise CheckpointError(f"{meta.file}: truncated: read {got} of {meta.nbytes} bytes of a tensor")
+    f.seek(meta.offset + r0 * row)
+    got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+    if got != (r1 - r0) * row:
+        raise CheckpointError(f"{meta.file}: truncated: read {got} of {(r1 - r0) * row} bytes of a tensor")
     return out

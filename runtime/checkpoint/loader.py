@@ -1,8 +1,11 @@
 """Load a checkpoint folder onto a meta-initialised `DeepseekV4Model`, one tensor at a time.
 
-* safetensors with or without `model.safetensors.index.json`; Hugging Face (transformers) or DeepSeek names;
-* DeepSeek's quantised layout (FP8 e4m3 + 128x128 block scales, FP4 e2m1 packed experts + per-32 scales) is
+* safetensors with or without `model.safetensors.index.json`; DeepSeek's published layout (`layout.py`) or the
+  Hugging Face (transformers) one; known extras of later releases skipped with one warning per kind;
+* FP8 e4m3 + 128x128 block scales and FP4 e2m1 packed experts (`I8`/`U8` or `F4`) + per-32 scales are
   dequantised on the fly (`quant.py`), so peak host memory stays near one copy of the (dequantised) weights;
+* each shard is opened once and read with seek + `readinto` (scales with their weight); with a `TPShard` only the
+  rank's part of each tensor is read (`parallel/ownership.py`);
 * every failure is a `CheckpointError` whose message names the file / tensor / field and the expectation.
 """
 
@@ -10,18 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from dsv4.runtime.checkpoint import quant
 from dsv4.runtime.checkpoint.errors import CheckpointError
-from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors, read_tensor, torch_dtype
+from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors, read_rows, storage
 from dsv4.runtime.checkpoint.layout import KNOWN_EXTRAS
 from dsv4.runtime.checkpoint.names import canonical_name, checkpoint_tensors, module_target
 from dsv4.runtime.config import ConfigError, ModelConfig
+from dsv4.runtime.parallel.ownership import OwnedPart, owned_part
 from torch import nn
 
 log = logging.getLogger("dsv4.checkpoint")
@@ -112,9 +118,27 @@ def _plan(files: dict[str, TensorMeta], cfg: ModelConfig, raw_config: dict[str, 
     return plan
 
 
-def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
-                    progress: bool = True) -> tuple[Any, ModelConfig]:
-    """(DeepseekV4Model in eval mode on `device`, ModelConfig)."""
+@dataclass(frozen=True)
+class TPShard:
+    """Load only what rank `rank` of `world` tensor-parallel ranks holds (`parallel/ownership.py`)."""
+
+    rank: int
+    world: int
+    pg: Any = None  # the process group the sharded modules all-reduce over
+
+
+WEIGHTS_DTYPES = ("bf16", "checkpoint")  # dequantise FP8/FP4 at load (today's path) | keep them as stored
+
+
+def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, progress: bool = True,
+                    shard: TPShard | None = None, weights_dtype: str = "bf16") -> tuple[Any, ModelConfig]:
+    """(DeepseekV4Model in eval mode on `device`, ModelConfig). With `shard`, the model is cut like
+    `parallel/shard.shard_model` before any memory is allocated, and only the rank's rows / columns / experts of
+    each tensor are read from the files (`model.load_stats` counts the bytes). `weights_dtype="checkpoint"` keeps
+    FP8 linears and FP4 routed experts quantised in memory (`model/quantized.py`, dequantised on the fly); "bf16"
+    dequantises them at load into the model dtype."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise CheckpointError(f"weights dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
     from dsv4.runtime.model.model import DeepseekV4Model
     from dsv4.runtime.model.rope import inv_freq_for
     from tqdm import tqdm
@@ -150,65 +174,180 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None,
 
     with _parameters_on_meta():
         model = DeepseekV4Model(cfg, wdtype, with_mtp=has_mtp)
+    world = shard.world if shard else 1
+    if world > 1:
+        from dsv4.runtime.parallel.shard import shard_model
+
+        shard_model(model, cfg, shard.rank, world, shard.pg)  # on the meta device: only the shapes change
+
+    def part_of(hf: str) -> OwnedPart | None:
+        return owned_part(hf.removeprefix("model."), cfg, shard.rank, world) if shard else OwnedPart()
+
+    if weights_dtype == "checkpoint":
+        _keep_quantised(model, plan, wdtype, part_of)
     model = model.to_empty(device=device)
     model.inv_freq_main = inv_freq_for(cfg, compressed=False).to(device)
     model.inv_freq_compress = inv_freq_for(cfg, compressed=True).to(device)
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
 
-    by_file: dict[str, list[str]] = {}
+    jobs = []
     for hf, (_, meta, _) in plan.items():
-        by_file.setdefault(meta.file, []).append(hf)
-    bar = tqdm(total=len(plan), desc="loading weights", unit="tensor", disable=not progress, leave=False)
-    filled = set()
-    with torch.no_grad():
-        for fname, names in sorted(by_file.items()):
+        pname, row = module_target(hf)
+        part = part_of(hf)
+        if part is not None:
+            jobs.append((meta.file, meta.offset, hf, pname, part.expert if part.expert is not None else row, part))
+    jobs.sort(key=lambda j: (j[0], j[1]))  # sequential reads, file by file
+    total = sum(_part_bytes(plan[j[2]], expected[j[2]].shape, j[5]) for j in jobs)
+    bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, disable=not progress, leave=False)
+    started, done = time.monotonic(), 0
+    with torch.no_grad(), _OpenFiles() as files:
+        for fname, _, hf, pname, row, part in jobs:
+            name, meta, smeta = plan[hf]
             try:
-                with open(fname, "rb", buffering=0) as f:
-                    for hf in names:
-                        name, meta, smeta = plan[hf]
-                        pname, row = module_target(hf)
-                        dst = targets[pname]
-                        if row is not None:
-                            dst = dst[row]
-                        _fill(f, fname, name, meta, smeta, dst, tuple(expected[hf].shape))
-                        filled.add(pname if row is None else f"{pname}[{row}]")
-                        bar.update(1)
+                if pname not in targets:  # kept quantised: codes and scales are read as stored
+                    _fill_quantised(files, meta, smeta, targets, pname, row, part)
+                else:
+                    dst = targets[pname] if row is None else targets[pname][row]
+                    _fill(files, name, meta, smeta, dst, tuple(expected[hf].shape), part)
             except CheckpointError:
                 raise
             except (OSError, RuntimeError, ValueError) as e:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise CheckpointError(f"{fname}: cannot read tensor data ({msg}); the file may be truncated or "
+                raise CheckpointError(f"{fname}: cannot read tensor {name} ({msg}); the file may be truncated or "
                                       f"corrupt") from None
+            done += 1
+            bar.update(_part_bytes(plan[hf], expected[hf].shape, part))
+            if done % 64 == 0 or done == len(jobs):
+                bar.set_postfix_str(f"{done}/{len(jobs)} tensors, {done / max(time.monotonic() - started, 1e-9):.0f}/s")
+    model.load_stats = {"bytes_read": files.bytes_read, "tensors": len(jobs), "files_opened": files.opened}
     bar.close()
     _validate_values(model, cfg)
     model.eval()
     return model, cfg
 
 
-def _read(f: Any, fname: str, meta: TensorMeta) -> torch.Tensor:
-    """One file tensor as a new CPU tensor (raw uint8 for E8M0 scales and F4 codes, see `files.storage`)."""
-    if meta.file == fname:
-        return read_tensor(f, meta)
-    with open(meta.file, "rb", buffering=0) as g:
-        return read_tensor(g, meta)
+class _OpenFiles:
+    """Each shard opened once (unbuffered) for the whole load; counts the bytes read."""
+
+    def __init__(self) -> None:
+        self.handles: dict[str, Any] = {}
+        self.bytes_read = 0
+        self.opened = 0
+
+    def __enter__(self) -> _OpenFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles.values():
+            h.close()
+
+    def rows(self, meta: TensorMeta, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        if meta.file not in self.handles:
+            self.handles[meta.file] = open(meta.file, "rb", buffering=0)  # noqa: SIM115 (closed in __exit__)
+            self.opened += 1
+        t = read_rows(self.handles[meta.file], meta, r0, r1, out)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
 
-def _fill(f: Any, fname: str, name: str, meta: TensorMeta, smeta: TensorMeta | None, dst: torch.Tensor,
-          shape: tuple[int, ...]) -> None:
-    """dst <- file tensor `name` (dequantised with its scale when it has one). The common case, an unquantised
-    tensor already in the model's dtype, is read straight into the parameter's memory."""
-    if (smeta is None and torch_dtype(meta.dtype) == dst.dtype and tuple(meta.shape) == tuple(dst.shape)
-            and dst.is_contiguous() and dst.device.type == "cpu" and meta.offset >= 0):
-        read_tensor(f, meta, out=dst)
+def _block_aligned(part: OwnedPart, shape: tuple[int, ...]) -> bool:
+    """Whether the owned rows / columns start and end on 128-blocks (or the tensor's end): FP8 parts that can keep
+    their block scales."""
+    return all(span is None or (span[0] % quant.BLOCK == 0 and (span[1] % quant.BLOCK == 0 or span[1] == n))
+               for span, n in ((part.rows, shape[0]), (part.cols, shape[1])))
+
+
+def _keep_quantised(model: nn.Module, plan: Plan, dtype: torch.dtype,
+                    part_of: Callable[[str], OwnedPart | None]) -> None:
+    """Swap, on the (possibly TP-cut) meta model, each linear whose file tensor is FP8 + E8M0 scales for an
+    `FP8Linear` (row-parallel ones for an `FP8RowParallelLinear`) when the rank's part is block-aligned, and each
+    routed-expert stack whose every matrix is packed FP4 + E8M0 scales for FP4 code / scale buffers. Parts that do
+    not fit the blocks stay dequantised."""
+    from dsv4.runtime.model.quantized import FP8Linear, FP8RowParallelLinear, quantize_experts
+    from dsv4.runtime.parallel.shard import RowParallelLinear
+
+    fp4_stacks: dict[str, int] = {}
+    for hf, (_, meta, smeta) in plan.items():
+        if smeta is None or smeta.dtype != "F8_E8M0" or (part := part_of(hf)) is None:
+            continue
+        pname, row = module_target(hf)
+        if row is None and meta.dtype in ("F8_E4M3", "F8_E4M3FN") and pname.endswith(".weight"):
+            if not _block_aligned(part, tuple(meta.shape)):
+                continue
+            parent, _, leaf = pname[: -len(".weight")].rpartition(".")
+            old = model.get_submodule(parent).get_submodule(leaf)
+            out_f, in_f = old.weight.shape
+            if isinstance(old, RowParallelLinear):
+                new: nn.Module = FP8RowParallelLinear(in_f, out_f, dtype, old.pg)
+            elif isinstance(old, nn.Linear):
+                new = FP8Linear(in_f, out_f, dtype)
+            else:
+                continue
+            setattr(model.get_submodule(parent), leaf, new)
+        elif row is not None and meta.dtype in ("I8", "U8", "F4"):
+            stack = pname.rpartition(".")[0]
+            fp4_stacks[stack] = fp4_stacks.get(stack, 0) + 1
+    for stack, n in fp4_stacks.items():
+        experts = model.get_submodule(stack)
+        if n == 3 * experts.w1.shape[0]:  # all of w1, w2, w3 of every expert this rank holds
+            quantize_experts(experts)
+
+
+def _fill_quantised(files: _OpenFiles, meta: TensorMeta, smeta: TensorMeta, targets: dict[str, torch.Tensor],
+                    pname: str, row: int | None, part: OwnedPart) -> None:
+    """Codes and scales of the rank's (block-aligned) part, as stored."""
+    if row is None:  # FP8Linear: rows by seeking, columns cut after reading
+        q, s = targets[pname[: -len("weight")] + "qweight"], targets[pname[: -len("weight")] + "scale"]
+        r0, r1 = part.rows or (0, meta.shape[0])
+        b = quant.BLOCK
+        parts = ((meta, q, (r0, r1), part.cols),
+                 (smeta, s, (r0 // b, -(-r1 // b)), part.cols and (part.cols[0] // b, -(-part.cols[1] // b))))
+    else:  # an FP4 expert matrix: whole
+        q, s = targets[pname + "_q"][row], targets[pname + "_s"][row]
+        parts = ((meta, q, (0, storage(meta)[1][0]), None), (smeta, s, (0, smeta.shape[0]), None))
+    for m, dst, (a, z), cols in parts:
+        if cols is None and dst.device.type == "cpu":
+            files.rows(m, a, z, out=dst)  # the bytes as stored (int8 / uint8 / e4m3 / e8m0 alike)
+            continue
+        t = files.rows(m, a, z)
+        dst.copy_((t if cols is None else t[:, cols[0]:cols[1]]).view(dst.dtype))
+
+
+def _part_bytes(entry: tuple[str, TensorMeta, TensorMeta | None], shape: tuple[int, ...], part: OwnedPart) -> int:
+    """About the bytes a part costs to read (for the progress bar)."""
+    _, meta, smeta = entry
+    n = meta.nbytes + (smeta.nbytes if smeta else 0)
+    return n * (part.rows[1] - part.rows[0]) // max(shape[0], 1) if part.rows else n
+
+
+def _fill(files: _OpenFiles, name: str, meta: TensorMeta, smeta: TensorMeta | None, dst: torch.Tensor,
+          shape: tuple[int, ...], part: OwnedPart) -> None:
+    """dst <- the rank's part of file tensor `name` (dequantised with its scale when it has one): only the owned
+    rows are read (FP8: the 128-row scale blocks that cover them); owned columns are cut after reading."""
+    r0, r1 = part.rows or (0, shape[0])
+    if (smeta is None and not part.cols and storage(meta)[0] == dst.dtype and dst.is_contiguous()
+            and dst.device.type == "cpu" and tuple(dst.shape) == (r1 - r0, *shape[1:])):
+        files.rows(meta, r0, r1, out=dst)  # the common case: straight into the parameter's memory
         return
-    t = _read(f, fname, meta)
-    if smeta is not None:
-        s = _read(f, fname, smeta)
-        t = quant.dequantize(t, s, shape, name)
+    if smeta is None:
+        t = files.rows(meta, r0, r1)
+    elif meta.dtype in ("F8_E4M3", "F8_E4M3FN"):
+        b = quant.BLOCK
+        lo, hi = r0 // b * b, min(-(-r1 // b) * b, shape[0])
+        w = quant.dequantize(files.rows(meta, lo, hi), files.rows(smeta, lo // b, -(-hi // b)), (hi - lo, shape[1]),
+                             name)
+        t = w[r0 - lo:r1 - lo]
+    else:  # FP4: one scale row per weight row
+        t = quant.dequantize(files.rows(meta, r0, r1), files.rows(smeta, r0, r1), (r1 - r0, shape[1]), name)
+    if part.cols:
+        t = t[:, part.cols[0]:part.cols[1]]
     if dst.dtype == torch.long and t.dtype.is_floating_point:
-        raise CheckpointError(f"{Path(fname).name}: tensor {name} must be an integer table")
-    dst.copy_(t.to(dst.dtype))
+        raise CheckpointError(f"{Path(meta.file).name}: tensor {name} must be an integer table")
+    if tuple(t.shape) != tuple(dst.shape):
+        raise CheckpointError(f"{Path(meta.file).name}: tensor {name}: read part {list(t.shape)} does not fit "
+                              f"{list(dst.shape)}")
+    dst.copy_(t)  # converts the dtype in the same pass
 
 
 def _validate_values(model: Any, cfg: ModelConfig) -> None:

@@ -44,7 +44,7 @@ def dequantize(w: torch.Tensor, s: torch.Tensor, shape: tuple[int, ...], name: s
         b = w.contiguous().view(torch.uint8)
         # one gather per byte from a 256 x 2 table (low nibble = even column), scales broadcast per 32-block:
         # ~6 B of temporaries per value instead of ~20 (int64 codes + expanded scales)
-        vals = _E2M1_PAIRS[b.int()].view(out_f, in_f)
+        vals = _E2M1_PAIRS.to(b.device)[b.int()].view(out_f, in_f)
         if in_f % FP4_BLOCK == 0:
             return vals.view(out_f, in_f // FP4_BLOCK, FP4_BLOCK).mul_(sf[..., None]).view(out_f, in_f)
         return vals.mul_(sf.repeat_interleave(FP4_BLOCK, dim=1)[:, :in_f])

@@ -98,7 +98,19 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n, inter, hidden, dtype=dtype))
         self.w2 = nn.Parameter(torch.empty(n, hidden, inter, dtype=dtype))
         self.w3 = nn.Parameter(torch.empty(n, inter, hidden, dtype=dtype))
+        self.n = n
         self.limit = limit
+
+    def matrix(self, name: str, e: int) -> torch.Tensor:
+        """Expert e's `name` (w1 / w2 / w3) in the model dtype: a row of the stacked parameter, or dequantised from
+        the FP4 codes + scales that `model/quantized.quantize_experts` keeps instead."""
+        codes = self._buffers.get(name + "_q")
+        if codes is None:
+            return getattr(self, name)[e]
+        from dsv4.runtime.checkpoint.quant import dequantize
+
+        q = codes[e]
+        return dequantize(q, self._buffers[name + "_s"][e], (q.shape[0], 2 * q.shape[1]), name).to(self.dtype)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x). Loops over experts that received tokens.
@@ -108,7 +120,7 @@ class Experts(nn.Module):
         T, k = idx.shape
         flat_e = idx.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
-        counts = torch.bincount(flat_e, minlength=self.w1.shape[0]).tolist()
+        counts = torch.bincount(flat_e, minlength=self.n).tolist()
         tok = order // k
         wts = w.reshape(-1)[order]
         ys = torch.zeros(T * k, x.shape[-1], dtype=x.dtype, device=x.device)
@@ -118,7 +130,8 @@ class Experts(nn.Module):
                 continue
             rows = tok[start:start + c]
             xe = x[rows]
-            y = F.linear(swiglu(F.linear(xe, self.w1[e]), F.linear(xe, self.w3[e]), self.limit), self.w2[e])
+            y = F.linear(swiglu(F.linear(xe, self.matrix("w1", e)), F.linear(xe, self.matrix("w3", e)), self.limit),
+                         self.matrix("w2", e))
             ys[order[start:start + c]] = (y * wts[start:start + c, None].to(y.dtype)).to(x.dtype)
             start += c
         return ys.view(T, k, -1).sum(dim=1)

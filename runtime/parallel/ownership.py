@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 _SPLIT = re.compile(
@@ -59,3 +60,58 @@ def check_tp(cfg: Any, tp: int) -> None:
     g = int(cfg.o_groups)
     if g % tp and tp % g:
         raise TPConfigError(f"tp={tp} and the model's o_groups ({g}) must divide one another")
+
+
+@dataclass(frozen=True)
+class OwnedPart:
+    """The part of one checkpoint tensor a TP rank holds: a row range and/or a column range of the full tensor
+    (None = all of that dim), and for a routed expert its row in the rank's stacked expert tensor."""
+
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+    expert: int | None = None
+
+
+_LAYER = re.compile(r"^layers\.\d+\.(.+)$")
+_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.w[123]\.weight$")
+
+
+def owned_part(name: str, cfg: Any, rank: int, world: int) -> OwnedPart | None:
+    """What rank `rank` of `world` holds of the tensor with module name `name` (Hugging Face name without `model.`,
+    e.g. `layers.3.attn.wq_b.weight`), the same cut as `shard.shard_model`; None when it holds none of it. The MTP
+    block is not sharded. `expert` is set only where the rank's expert row differs from the file's expert id."""
+    m = _LAYER.match(name)
+    if world == 1 or not (m or name in ("embed_tokens.weight", "head.weight")):
+        return OwnedPart()
+    if not m:  # embedding / head: vocab rows
+        per = cfg.vocab_size // world
+        return OwnedPart(rows=(rank * per, (rank + 1) * per))
+    rest = m.group(1)
+    nH, D, g, r = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank
+    hl = nH // world
+    h0 = rank * hl
+    if world <= g:
+        gl, g0, cols = g // world, rank * (g // world), None
+    else:
+        gl, g0 = 1, h0 // (nH // g)
+        off = (h0 % (nH // g)) * D
+        cols = (off, off + hl * D)
+    inter = cfg.moe_intermediate_size // world
+    if rest == "attn.wq_b.weight":
+        return OwnedPart(rows=(h0 * D, (h0 + hl) * D))
+    if rest == "attn.attn_sink":
+        return OwnedPart(rows=(h0, h0 + hl))
+    if rest == "attn.wo_a.weight":
+        return OwnedPart(rows=(g0 * r, (g0 + gl) * r), cols=cols)
+    if rest == "attn.wo_b.weight":
+        return OwnedPart(cols=(g0 * r, (g0 + gl) * r))
+    if rest in ("ffn.shared_experts.w1.weight", "ffn.shared_experts.w3.weight"):
+        return OwnedPart(rows=(rank * inter, (rank + 1) * inter))
+    if rest == "ffn.shared_experts.w2.weight":
+        return OwnedPart(cols=(rank * inter, (rank + 1) * inter))
+    expert = _EXPERT.match(rest)
+    if expert:
+        el = cfg.n_routed_experts // world
+        e = int(expert.group(1)) - rank * el
+        return OwnedPart(expert=e) if 0 <= e < el else None
+    return OwnedPart()

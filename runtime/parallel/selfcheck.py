@@ -53,7 +53,7 @@ def dense_logits(model_dir: str) -> list[Any]:
     return _run(model.eval(), cfg)
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, weights_dtype: str | None = None) -> None:
     import datetime
 
     import torch
@@ -65,16 +65,22 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        model, cfg, _ = load_model(model_dir, progress=False)
-        shard_model(model.eval(), cfg, rank, world)
-        logits = _run(model, cfg)
+        if weights_dtype is None:  # the whole model, then cut
+            model, cfg, _ = load_model(model_dir, progress=False)
+            shard_model(model.eval(), cfg, rank, world)
+        else:  # only this rank's part read, weights kept as `weights_dtype` says
+            from dsv4.runtime.checkpoint.loader import TPShard
+
+            model, cfg, _ = load_model(model_dir, progress=False, shard=TPShard(rank, world),
+                                       weights_dtype=weights_dtype)
+        logits = _run(model.eval(), cfg)
         if rank == 0:
             torch.save(logits, out)
     finally:
         dist.destroy_process_group()
 
 
-def sharded_logits(model_dir: str, tp: int) -> list[Any]:
+def sharded_logits(model_dir: str, tp: int, weights_dtype: str | None = None) -> list[Any]:
     import torch
     import torch.multiprocessing as mp
     from dsv4.runtime.server.launch import free_port
@@ -82,7 +88,7 @@ def sharded_logits(model_dir: str, tp: int) -> list[Any]:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "logits.pt")
         # fork: the ranks inherit the imported torch (spawn re-imports it per rank, seconds each on a busy host)
-        mp.start_processes(_rank_main, args=(tp, free_port(), model_dir, out), nprocs=tp, join=True,
+        mp.start_processes(_rank_main, args=(tp, free_port(), model_dir, out, weights_dtype), nprocs=tp, join=True,
                            start_method="fork")
         return torch.load(out)
 

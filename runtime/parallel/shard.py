@@ -142,7 +142,8 @@ class ParallelMoE(nn.Module):
                 continue
             rows = tok[start:start + c]
             xe = x[rows]
-            y = F.linear(swiglu(F.linear(xe, ex.w1[j]), F.linear(xe, ex.w3[j]), ex.limit), ex.w2[j])
+            y = F.linear(swiglu(F.linear(xe, ex.matrix("w1", j)), F.linear(xe, ex.matrix("w3", j)), ex.limit),
+                         ex.matrix("w2", j))
             out.index_add_(0, rows, (y * wts[start:start + c, None].to(y.dtype)).to(out.dtype))
             start += c
         return out

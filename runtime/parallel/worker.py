@@ -34,11 +34,11 @@ def main() -> int:
 
 def _run(rank: int, world: int, conf: dict) -> int:
     import torch
+    from dsv4.runtime.checkpoint.loader import TPShard
     from dsv4.runtime.model import KVPools, load_model
     from dsv4.runtime.parallel.codec import CMD_NOOP, CMD_STEP, CMD_STOP
     from dsv4.runtime.parallel.group import ENV_ADDR, ENV_PORT, Channel, broadcast_setup, init_group, rank_device
     from dsv4.runtime.parallel.leader import _set_threads
-    from dsv4.runtime.parallel.shard import shard_model
     from dsv4.runtime.server.config import ServeConfig
 
     _watch_parent(rank)
@@ -50,8 +50,9 @@ def _run(rank: int, world: int, conf: dict) -> int:
 
         keep_freed_memory()
     info = init_group(rank, world, os.environ[ENV_ADDR], int(os.environ[ENV_PORT]), device, float(cfg.tp_timeout_s))
-    model, mcfg, _ = load_model(str(cfg.model_dir), device=device, progress=False)
-    shard_model(model.eval(), mcfg, rank, world, info.pg)
+    # only this rank's rows / columns / experts are read: no rank ever holds the full model
+    model, mcfg, _ = load_model(str(cfg.model_dir), device=device, progress=False,
+                                shard=TPShard(rank, world, info.pg))
     setup = broadcast_setup(None, info)
     pools = KVPools.for_model(mcfg, setup["spec"], setup["num_blocks"], device=device)
     log.info("rank %d ready on %s: %.1f MiB of KV pools", rank, device, pools.bytes_allocated() / 2**20)
