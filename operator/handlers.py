@@ -40,7 +40,7 @@ def _change(handler: str, body: Any, name: str, namespace: str, uid: str, meta: 
             raise kopf.TemporaryError(f"{handler}: API server: {type(e).__name__}: {e}",
                                       delay=kube.backoff_s(retry)) from e
         raise kopf.PermanentError(f"{handler}: {type(e).__name__}: {e}") from e
-    publish(namespace, name, res.status, res.scale_replicas)
+    publish(namespace, name, res.status, res.scale)
     for ev in res.events:
         kube.post_event(body, ev)
     if res.error:  # PlanValid=False is already in the status; no retries until the spec changes

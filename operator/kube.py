@@ -206,10 +206,20 @@ def write_status(namespace: str, name: str, status: dict[str, Any]) -> None:
         _content_type="application/merge-patch+json")
 
 
-def write_scale(namespace: str, name: str, replicas: int) -> None:
-    """Set `spec.replicas` through the endpoint's `/scale` subresource (field manager dsv4-operator)."""
+def write_scale(namespace: str, name: str, replicas: int, only_if_absent: bool) -> None:
+    """Set `spec.replicas` through the endpoint's `/scale` subresource, judged against the object as stored now
+    (the caller's copy may be older than a user's `kubectl scale`) and with its resourceVersion as precondition:
+    a concurrent write makes this one fail with 409 instead of undoing it."""
     from kubernetes import client
 
-    client.CustomObjectsApi(_api_client()).patch_namespaced_custom_object_scale(
-        api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"spec": {"replicas": int(replicas)}},
-        field_manager=manifests.FIELD_MANAGER, _content_type="application/merge-patch+json")
+    objs = client.CustomObjectsApi(_api_client())
+    current = objs.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+    have = (current.get("spec") or {}).get("replicas")
+    if have == replicas or (only_if_absent and have is not None):
+        return
+    body = {"apiVersion": "autoscaling/v1", "kind": "Scale",
+            "metadata": {"name": name, "namespace": namespace,
+                         "resourceVersion": current["metadata"]["resourceVersion"]},
+            "spec": {"replicas": int(replicas)}}
+    objs.replace_namespaced_custom_object_scale(api.GROUP, api.VERSION, namespace, api.PLURAL, name, body,
+                                                field_manager=manifests.FIELD_MANAGER)

@@ -16,7 +16,7 @@ from dsv4.operator.api import DSV4EndpointSpec, DSV4EndpointStatus
 from dsv4.operator.autoscaler import Decision, Sample, ScalerConfig, ScalerState, decide
 from dsv4.operator.diagnosis import diagnose
 from dsv4.operator.planner import Plan, PlanError, plan_cached
-from dsv4.operator.replica_owner import foreign_scale_event, spec_replicas_to_write
+from dsv4.operator.replica_owner import ScaleWrite, foreign_scale_event, spec_replicas_to_write
 from pydantic import ValidationError
 
 READY, PROGRESSING, DEGRADED, PLAN_VALID = "Ready", "Progressing", "Degraded", "PlanValid"
@@ -46,7 +46,7 @@ class Result:
     events: list[tuple[str, str, str]]         # (type Normal|Warning, reason, message)
     plan: Plan | None = None
     error: str = ""
-    scale_replicas: int | None = None          # write spec.replicas through /scale (replica_owner.py)
+    scale: ScaleWrite | None = None            # write spec.replicas through /scale (replica_owner.py)
 
 
 def set_condition(conds: list[dict[str, Any]], type_: str, status: str, reason: str, message: str, now: float,
@@ -190,7 +190,7 @@ def reconcile(name: str, namespace: str, uid: str, generation: int | None, raw_s
         "reason": next((c["reason"] for c in conds if c.get("type") == DEGRADED and c.get("status") == "True"), ""),
         "plan_history": plan_history[-api.MAX_PLAN_HISTORY:],
     })
-    return Result(objs, status.wire(), events, p, scale_replicas=spec_replicas_to_write(spec, desired))
+    return Result(objs, status.wire(), events, p, scale=spec_replicas_to_write(spec, desired))
 
 
 @dataclass

@@ -19,6 +19,7 @@ Server-side apply with `force` takes the field back from the other manager (`kub
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from dsv4.operator.api import DSV4EndpointSpec
@@ -70,12 +71,20 @@ def autoscaler_current(status_desired: int | None, deployment: dict[str, Any] | 
     return observed if observed is not None else min_replicas
 
 
-def spec_replicas_to_write(spec: DSV4EndpointSpec, desired: int) -> int | None:
+@dataclass(frozen=True)
+class ScaleWrite:
+    """A write of `spec.replicas` through `/scale`."""
+
+    replicas: int
+    only_if_absent: bool  # the fill of a fixed-mode endpoint: never over a value someone set since we looked
+
+
+def spec_replicas_to_write(spec: DSV4EndpointSpec, desired: int) -> ScaleWrite | None:
     """What the operator writes to `spec.replicas` (through `/scale`) so `GET .../scale` always answers, or None.
 
     With autoscaling (builtin or KEDA) `spec.replicas` mirrors `desired`, the replica count the autoscaler chose
     (a CEL transition rule refuses any other change). Without, it is the user's; when absent the operator writes
     the plan's count once, after which it is the user's like any other value."""
     if spec.autoscaling is not None and spec.autoscaling.enabled:
-        return None if spec.replicas == desired else desired
-    return desired if spec.replicas is None else None
+        return None if spec.replicas == desired else ScaleWrite(desired, only_if_absent=False)
+    return ScaleWrite(desired, only_if_absent=True) if spec.replicas is None else None

@@ -8,6 +8,7 @@ from typing import Any
 
 from dsv4.operator import kube, telemetry
 from dsv4.operator.reconcile import Observed, Result, reconcile
+from dsv4.operator.replica_owner import ScaleWrite
 
 log = logging.getLogger("dsv4.operator")
 
@@ -35,14 +36,14 @@ def reconcile_and_apply(handler: str, name: str, namespace: str, uid: str, gener
         return res
 
 
-def publish(namespace: str, name: str, status: dict[str, Any] | None, scale_replicas: int | None) -> None:
+def publish(namespace: str, name: str, status: dict[str, Any] | None, scale: ScaleWrite | None) -> None:
     """Write the status (None: unchanged), then `spec.replicas` through /scale: in that order, because under
     autoscaling the CRD admits a new spec.replicas only when it equals status.desiredReplicas."""
     if status is not None:
         kube.write_status(namespace, name, status)
-    if scale_replicas is not None:
+    if scale is not None:
         try:
-            kube.write_scale(namespace, name, scale_replicas)
-        except Exception as e:  # noqa: BLE001 - /scale is a mirror: the next reconcile writes it again
-            log.warning("%s/%s: spec.replicas not set to %d through /scale: %s: %s", namespace, name,
-                        scale_replicas, type(e).__name__, e)
+            kube.write_scale(namespace, name, scale.replicas, scale.only_if_absent)
+        except Exception as e:  # noqa: BLE001 - a conflict or a refusal: the next reconcile decides again
+            log.info("%s/%s: spec.replicas not set to %d through /scale: %s: %s", namespace, name,
+                     scale.replicas, type(e).__name__, e)

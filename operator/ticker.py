@@ -159,7 +159,7 @@ class Ticker:
                                   autoscaler_replicas, observed=obs)
         final = {**status, **res.status}
         # unchanged (e.g. a steady invalid plan): no write, no watch event
-        publish(namespace, name, final if final != (obj.get("status") or {}) else None, res.scale_replicas)
+        publish(namespace, name, final if final != (obj.get("status") or {}) else None, res.scale)
         if uid in self.endpoints:  # our own write: the next tick starts from it even before the watch event arrives
             self.endpoints[uid] = {**self.endpoints[uid], "status": final}
         for ev in events + res.events:

@@ -89,9 +89,10 @@ def test_operator_metrics_are_created_once_under_concurrent_first_use() -> None:
     telemetry._COLLECTORS = None
     import prometheus_client as pc
 
-    for name in list(pc.REGISTRY._names_to_collectors):  # start from a registry without our families
-        if name.startswith("dsv4_operator_"):
-            pc.REGISTRY.unregister(pc.REGISTRY._names_to_collectors[name])
+    # start from a registry without our families (one collector owns several names: _total, _created)
+    ours = {c for n, c in list(pc.REGISTRY._names_to_collectors.items()) if n.startswith("dsv4_operator_")}
+    for collector in ours:
+        pc.REGISTRY.unregister(collector)
     errors: list[BaseException] = []
 
     def use() -> None:

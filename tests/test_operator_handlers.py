@@ -48,7 +48,7 @@ class Cluster:
         mp.setattr(kube, "prune", lambda *a: None)
         mp.setattr(kube, "post_event", lambda obj, ev: self.events.append(ev))
         mp.setattr(kube, "write_status", lambda ns, name, st: self.status.append(copy.deepcopy(st)))
-        mp.setattr(kube, "write_scale", lambda ns, name, n: self.scale.append(n))
+        mp.setattr(kube, "write_scale", lambda ns, name, n, only_if_absent: self.scale.append(n))
         mp.setattr(ticker_mod, "scrape_pods", lambda *a: [])
         return self
 
@@ -199,7 +199,7 @@ def test_spec_replicas_is_written_through_scale_after_the_status(monkeypatch: py
     c = Cluster().install(monkeypatch)
     order: list[str] = []
     monkeypatch.setattr(kube, "write_status", lambda ns, name, st: order.append("status") or c.status.append(st))
-    monkeypatch.setattr(kube, "write_scale", lambda ns, name, n: order.append("scale") or c.scale.append(n))
+    monkeypatch.setattr(kube, "write_scale", lambda ns, name, n, fill: order.append("scale") or c.scale.append(n))
     obj = example("short-chat.yaml")  # builtin autoscaling
     obj["status"] = dict(change(obj, c))
     assert order == ["status", "scale"] and c.scale == [obj["status"]["desiredReplicas"]]

@@ -9,6 +9,7 @@ import yaml
 from dsv4.operator import api
 from dsv4.operator.autoscaler import Sample
 from dsv4.operator.reconcile import Observed, autoscale, reconcile
+from dsv4.operator.replica_owner import ScaleWrite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,23 +135,22 @@ def test_spec_replicas_is_kept_present_for_the_scale_subresource() -> None:
     """GET .../scale needs .spec.replicas in every mode: the reconcile says what to write there."""
     auto = example("short-chat.yaml")  # builtin autoscaling, no spec.replicas
     r = reconcile("chat", "ns", "uid", 1, auto, None, Observed(), 0.0, autoscaler_replicas=3)
-    assert r.status["desiredReplicas"] == 3 and r.scale_replicas == 3
+    assert r.status["desiredReplicas"] == 3 and r.scale == ScaleWrite(3, only_if_absent=False)
     auto["replicas"] = 3  # the mirror is current: nothing to write
-    assert reconcile("chat", "ns", "uid", 1, auto, r.status, Observed(), 1.0, autoscaler_replicas=3).scale_replicas \
-        is None
+    assert reconcile("chat", "ns", "uid", 1, auto, r.status, Observed(), 1.0, autoscaler_replicas=3).scale is None
     # spec.replicas is an output under autoscaling: not a plan input, not the Deployment's count
     auto["replicas"] = 7
     r = reconcile("chat", "ns", "uid", 1, auto, r.status, Observed(), 2.0, autoscaler_replicas=3)
-    assert next(o for o in r.objects if o["kind"] == "Deployment")["spec"]["replicas"] == 3 and r.scale_replicas == 3
+    assert next(o for o in r.objects if o["kind"] == "Deployment")["spec"]["replicas"] == 3 and r.scale.replicas == 3
     keda = example("short-chat.yaml")
     keda["autoscaling"]["mode"] = "keda"
     dep = {"spec": {"replicas": 5}, "status": {"replicas": 5}}
     r = reconcile("chat", "ns", "uid", 1, keda, None, Observed(deployment=dep), 0.0)
-    assert r.status["desiredReplicas"] == 5 and r.scale_replicas == 5  # what KEDA chose
+    assert r.status["desiredReplicas"] == 5 and r.scale == ScaleWrite(5, only_if_absent=False)  # KEDA's
     fixed = example("long-context-agent.yaml")
     fixed.pop("autoscaling", None)
     fixed.pop("replicas", None)
     r = reconcile("agents", "ns", "uid", 1, fixed, None, Observed(), 0.0)
-    assert r.scale_replicas == r.plan.initial_replicas  # written once, then the user's
+    assert r.scale == ScaleWrite(r.plan.initial_replicas, only_if_absent=True)  # once, then the user's
     fixed["replicas"] = 4
-    assert reconcile("agents", "ns", "uid", 1, fixed, None, Observed(), 0.0).scale_replicas is None
+    assert reconcile("agents", "ns", "uid", 1, fixed, None, Observed(), 0.0).scale is None
