@@ -22,3 +22,8 @@ HCA_STATES: tuple[str, ...] = get_args(HcaState)
 # (the workload given in full).
 ProfileName = Literal["long-context-agent", "coding-agent", "short-chat", "batch"]
 PROFILE_NAMES: tuple[str, ...] = get_args(ProfileName)
+
+# In-memory format of the weights: dequantise FP8/FP4 into the model dtype at load, or keep them as the checkpoint
+# stores them (FP8 linears + block scales, packed FP4 experts + E8M0 scales; dequantised on the fly per layer).
+WeightsDtype = Literal["bf16", "checkpoint"]
+WEIGHTS_DTYPES: tuple[str, ...] = get_args(WeightsDtype)

@@ -5,7 +5,9 @@ Pure functions; `plan(spec)` is what the operator, `dsv4 plan -f endpoint.yaml` 
 Per GPU of a TP group of size t (one pod per replica, the group's GPUs in that pod):
 
     usable      = memory * GPU_MEMORY_UTILIZATION
-    weights/GPU = weight_bytes(quantization) / t            (TP for dense parts, EP for routed experts)
+    weights/GPU = weight_bytes_per_gpu(quantization, t)     (what one rank holds after loading: the split
+                  tensors / t — query heads, output projections, experts, vocab rows — plus the replicated
+                  ones whole: K=V head, compressors, indexer, norms, mHC, router, MTP block)
     reserve     = 2 GiB (256 MiB on cpu) + max_num_batched_tokens * hidden * 2 B * 24 + max_num_seqs * vocab * 4 B
     cache       = usable - weights/GPU - reserve
 
@@ -49,6 +51,8 @@ GPU_MEMORY_UTILIZATION = 0.90
 MAX_NUM_SEQS = 256
 ACTIVATION_FACTOR = 24
 REUSE_FOR_PREFIX_CACHE = 0.2
+_GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # TP sizes the planner considers
+MAX_GROUP = _GROUP_SIZES[-1]
 MIN_CHUNK, MAX_CHUNK = 256, 16384
 
 
@@ -188,7 +192,7 @@ def _decode_step_s(cfg: ModelConfig, quant: str, acc: Accelerator, tp: int, batc
 
 
 def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheSpec], acc: Accelerator,
-              wl: Workload, tp: int, wbytes: int) -> _Candidate | str:
+              wl: Workload, tp: int) -> _Candidate | str:
     """A candidate at group size `tp`, or a string saying why it does not work."""
     ov = spec.overrides
     quant = spec.model.quantization
@@ -202,9 +206,10 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
         chunk = min(chunk, mnbt)
     usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION
     reserve = acc.reserve_bytes + mnbt * cfg.hidden_size * 2 * ACTIVATION_FACTOR + MAX_NUM_SEQS * cfg.vocab_size * 4
-    cache_bytes = int(usable - wbytes / tp - reserve)
+    per_gpu = W.weight_bytes_per_gpu(cfg, tp, quant)
+    cache_bytes = int(usable - per_gpu - reserve)
     if cache_bytes <= 0:
-        return (f"TP{tp}: weights {wbytes / tp / 1e9:.1f} GB/GPU + reserve {reserve / 1e9:.1f} GB exceed "
+        return (f"TP{tp}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {reserve / 1e9:.1f} GB exceed "
                 f"{usable / 1e9:.1f} GB usable")
     limit = cfg.max_position_embeddings
     if ov and ov.max_model_len:
@@ -264,8 +269,14 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
 
 
 def _tp_options(cfg: ModelConfig, gpus_per_node: int) -> list[int]:
-    return [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= gpus_per_node and cfg.num_attention_heads % t == 0
+    return [t for t in _GROUP_SIZES if t <= gpus_per_node and cfg.num_attention_heads % t == 0
             and cfg.n_routed_experts % t == 0]
+
+
+def _gpus_needed(cfg: ModelConfig, quant: str, usable: float) -> int | None:
+    """The smallest group size whose per-GPU weights fit in `usable` bytes (None: none up to MAX_GROUP does, the
+    replicated weights alone are too large)."""
+    return next((t for t in _GROUP_SIZES if W.weight_bytes_per_gpu(cfg, t, quant) <= usable), None)
 
 
 _PLAN_CACHE: OrderedDict[str, Plan | PlanError] = OrderedDict()
@@ -323,7 +334,7 @@ def plan(spec: DSV4EndpointSpec) -> Plan:
         raise PlanError("ContextDoesNotFit",
                         f"the profile's contextMax ({wl.context_max}) exceeds the model's max_position_embeddings "
                         f"({cfg.max_position_embeddings}); lower it or set overrides.maxModelLen")
-    results = {t: _evaluate(spec, cfg, caches, acc, wl, t, wbytes) for t in options}
+    results = {t: _evaluate(spec, cfg, caches, acc, wl, t) for t in options}
     good = [c for c in results.values() if isinstance(c, _Candidate)]
     if not good:
         raise _infeasible(spec, cfg, acc, wl, wbytes, results)
@@ -335,14 +346,15 @@ def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: 
                 results: dict[int, _Candidate | str]) -> PlanError:
     name = f"V4-{spec.model.variant.capitalize()}" if spec.model.variant in ("flash", "pro") else spec.model.variant
     usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION - acc.reserve_bytes
-    need = math.ceil(wbytes / usable)
+    need = _gpus_needed(cfg, spec.model.quantization, usable)
+    at_least = f"at least {need}" if need else f"more than {MAX_GROUP}"
     tp_max = max(results)
     if all("exceed" in r for r in results.values() if isinstance(r, str)) and all(
             isinstance(r, str) for r in results.values()):
         return PlanError(
             "WeightsDoNotFit",
             f"{name} {spec.model.quantization} weights ({wbytes / 1e9:.0f} GB) need more GPUs per replica than given: "
-            f"at least {need} x {acc.name} ({acc.memory_bytes / 1e9:.0f} GB each, {GPU_MEMORY_UTILIZATION:.0%} usable) "
+            f"{at_least} x {acc.name} ({acc.memory_bytes / 1e9:.0f} GB each, {GPU_MEMORY_UTILIZATION:.0%} usable) "
             f"but one replica is one pod of at most {tp_max} GPUs (accelerator.gpusPerNode="
             f"{spec.accelerator.gpus_per_node}, overrides.tensorParallelSize="
             f"{spec.overrides.tensor_parallel_size if spec.overrides else None})")

@@ -68,8 +68,8 @@ def test_plan_table(variant: str, gpu: str, profile: str) -> None:
     p = plan(s)
     tp = p.tensor_parallel_size
     assert tp <= 8 and cfg.num_attention_heads % tp == 0 and cfg.n_routed_experts % tp == 0
-    # memory adds up: weights share + cache + reserve within the usable memory of one GPU
-    assert wbytes / tp + p.cache_bytes_per_gpu < usable
+    # memory adds up: the rank's weights (split parts / tp + replicated parts whole) + cache within one GPU
+    assert W.weight_bytes_per_gpu(cfg, tp, "fp8-fp4") + p.cache_bytes_per_gpu < usable
     assert p.cache_bytes_per_gpu > 1 * GIB
     # TP1 is chosen whenever the weights leave room for a cache on one GPU and it holds as many per GPU
     if tp > 1 and wbytes + 3 * GIB > usable:
@@ -159,7 +159,7 @@ def test_context_that_cannot_fit_is_rejected_with_the_numbers() -> None:
     small = {"contextP50": 100_000, "contextP95": 500_000, "contextMax": 1_000_000, "concurrency": 4}
     s = DSV4EndpointSpec.model_validate({"model": {"variant": "flash", "weights": {"hostPath": {"path": "/m"}}},
                                          "profile": {"name": "custom", "custom": small},
-                                         "accelerator": {"type": "custom", "memoryGiB": 88, "gpusPerNode": 2}})
+                                         "accelerator": {"type": "custom", "memoryGiB": 91, "gpusPerNode": 2}})
     with pytest.raises(PlanError) as err:
         plan(s)
     assert err.value.reason == "ContextDoesNotFit" and "longest servable context" in err.value.message
@@ -231,3 +231,17 @@ def test_planned_sessions_really_fit_in_the_runtime_allocator() -> None:
 
     assert all(prefill(i) for i in range(p.sessions_per_replica))
     assert not prefill(p.sessions_per_replica)
+
+
+def test_replicated_weights_do_not_divide_over_the_group() -> None:
+    # Flash over 2 GPUs of 87 GiB: half the weights (79.8 GB) would leave room for a cache, but every rank also
+    # holds the replicated K=V head, compressors, indexer, norms, router and MTP block (82.3 GB per rank)
+    cfg = flash()
+    assert W.weight_bytes(cfg) / 2 < W.weight_bytes_per_gpu(cfg, 2) < W.weight_bytes(cfg) / 2 + 3e9
+    s = DSV4EndpointSpec.model_validate({"model": {"variant": "flash", "weights": {"hostPath": {"path": "/m"}}},
+                                         "profile": {"name": "short-chat"},
+                                         "accelerator": {"type": "custom", "memoryGiB": 87, "gpusPerNode": 2}})
+    with pytest.raises(PlanError) as err:
+        plan(s)
+    assert err.value.reason == "WeightsDoNotFit"
+    assert "at least 4 x custom" in err.value.message  # the smallest group whose per-GPU weights fit

@@ -30,6 +30,8 @@ from dsv4.runtime.config import ConfigError, ModelConfig
 from dsv4.runtime.parallel.ownership import OwnedPart, owned_part
 from torch import nn
 
+from dsv4.settings_enums import WEIGHTS_DTYPES
+
 log = logging.getLogger("dsv4.checkpoint")
 _QUANTISED = ("F8_E4M3", "F8_E4M3FN", "I8", "U8", "F4")  # weights that mean nothing without their .scale
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,7 +129,6 @@ class TPShard:
     pg: Any = None  # the process group the sharded modules all-reduce over
 
 
-WEIGHTS_DTYPES = ("bf16", "checkpoint")  # dequantise FP8/FP4 at load (today's path) | keep them as stored
 
 
 def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, progress: bool = True,

@@ -1,8 +1,8 @@
 """Ranks 1..N-1 of a TP group: `python -m dsv4.runtime.parallel.worker`, started by rank 0 (`Leader.start`).
 
 Environment: DSV4_TP_RANK, DSV4_TP_WORLD, MASTER_ADDR, MASTER_PORT, DSV4_TP_CONFIG (the server's ServeConfig as
-JSON), DSV4_TP_DEVICE (the server's resolved device). The worker joins the group, loads the same checkpoint,
-shards it, receives the cache layout and block counts from rank 0, allocates its own full KV pools, then runs
+JSON), DSV4_TP_DEVICE (the server's resolved device). The worker joins the group, reads its part of the
+same checkpoint, receives the cache layout and block counts from rank 0, allocates its own full KV pools, then runs
 the model on every step rank 0 sends until a STOP message. Its logits are discarded (rank 0 samples). Any
 error, including a collective that times out because rank 0 is gone, exits non-zero with one log line.
 """
@@ -52,7 +52,7 @@ def _run(rank: int, world: int, conf: dict) -> int:
     info = init_group(rank, world, os.environ[ENV_ADDR], int(os.environ[ENV_PORT]), device, float(cfg.tp_timeout_s))
     # only this rank's rows / columns / experts are read: no rank ever holds the full model
     model, mcfg, _ = load_model(str(cfg.model_dir), device=device, progress=False,
-                                shard=TPShard(rank, world, info.pg))
+                                shard=TPShard(rank, world, info.pg), weights_dtype=cfg.weights_dtype)
     setup = broadcast_setup(None, info)
     pools = KVPools.for_model(mcfg, setup["spec"], setup["num_blocks"], device=device)
     log.info("rank %d ready on %s: %.1f MiB of KV pools", rank, device, pools.bytes_allocated() / 2**20)

@@ -94,6 +94,7 @@ def cache_for_budget(cfg: ServeConfig, spec: CacheSpec, budget_bytes: int, conte
 def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     import torch
     from dsv4.runtime.cache.manager import CacheManager
+    from dsv4.runtime.checkpoint.loader import TPShard
     from dsv4.runtime.engine.engine import AsyncEngine, EngineConfig, LLMEngine
     from dsv4.runtime.engine.scheduler import SchedulerConfig
     from dsv4.runtime.model import KVPools, load_model
@@ -113,12 +114,11 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
 
         group = start_for_serving(cfg, model_dir, device)
         device = group.info.device
-    say(f"loading {model_dir} on {device}")
-    model, mcfg, tok = load_model(str(model_dir), device=device, progress=False)
-    if group is not None:
-        from dsv4.runtime.parallel.shard import shard_model
-
-        shard_model(model, mcfg, 0, cfg.tp, group.info.pg)
+    say(f"loading {model_dir} on {device} (weights {cfg.weights_dtype})")
+    # with tp > 1 only rank 0's rows / columns / experts are read, like the other ranks (parallel/worker.py)
+    shard = TPShard(0, cfg.tp, group.info.pg) if group is not None else None
+    model, mcfg, tok = load_model(str(model_dir), device=device, progress=False, shard=shard,
+                                  weights_dtype=cfg.weights_dtype)
     if tok is None:
         raise ServeConfigError(f"{model_dir} has no tokenizer.json; the server needs one")
     if cfg.chat_template is not None:

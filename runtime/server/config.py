@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dsv4.settings_enums import CachePolicy, HcaState, ProfileName
+from dsv4.settings_enums import CachePolicy, HcaState, ProfileName, WeightsDtype
 
 KvDtypeSetting = Literal["auto", "fp32", "bf16", "fp8"]
 MAX_TP = 64
@@ -68,6 +68,10 @@ class ServeConfig(BaseModel):
                                         json_schema_extra={CLI_FLAG: "--no-prefix-caching"})
     kv_dtype: KvDtypeSetting = Field("auto", description="KV row storage; auto = fp32 on CPU for fp32 weights, "
                                                          "else bf16")
+    weights_dtype: WeightsDtype = Field("bf16", description="weights in memory: bf16 dequantises FP8/FP4 "
+                                                            "checkpoints at load; checkpoint keeps them as stored "
+                                                            "(FP8 + block scales, packed FP4 experts), dequantised "
+                                                            "per layer on the fly")
     hca_state: HcaState = Field("raw", description="HCA compressor tail state: raw (up to ratio-1 rows per layer) "
                                                    "or online (one online-softmax slot per open group: ~100x fewer "
                                                    "state bytes)")
