@@ -12,7 +12,8 @@ Every tensor of the released files (MTP block included: it is loaded) with its e
 Parameters are logical elements (a packed FP4 byte holds 2, scales are not parameters): Flash 290.9e9 (284e9
 without the MTP block), Pro 1.599e12; released bytes Flash 159.6 GB, Pro 864.7 GB (805 GiB).
 `weight_bytes_per_gpu` divides the tensors `parallel/ownership.py` marks as split over the TP ranks and counts the
-replicated ones whole: what one rank of `parallel/shard.py` holds. `dsv4 model info` reports the same numbers from
+replicated ones whole, in the format the rank holds them (the file's, but RMSNorm weights fp32): what one rank of
+`parallel/shard.py` holds after loading. `dsv4 model info` reports the same numbers from
 a checkpoint's headers (`tests/test_model_info.py` checks they agree).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv4.runtime.checkpoint.layout import FP4, FP8, LayoutTensor, published_tensors
+from dsv4.runtime.checkpoint.layout import FP4, FP8, LayoutTensor, held_nbytes, published_tensors
 from dsv4.runtime.config import ModelConfig
 from dsv4.runtime.parallel.ownership import rank_bytes, split_and_whole
 
@@ -58,7 +59,8 @@ def _component(name: str) -> str:
 @dataclass(frozen=True)
 class _Summary:
     counts: ParamCounts
-    split_whole: dict[str, tuple[int, int]]  # quantization -> (bytes split over TP ranks, bytes replicated)
+    file_bytes: dict[str, int]  # quantization -> bytes of the checkpoint files
+    split_whole: dict[str, tuple[int, int]]  # quantization -> (held bytes split over TP ranks, held replicated)
 
 
 _SUMMARIES: dict[str, _Summary] = {}  # repr(config) -> summary: the inventory of a large model takes seconds
@@ -76,8 +78,10 @@ def _summarise(cfg: ModelConfig) -> _Summary:
     counts = dict.fromkeys(("attention", "routed", "shared", "router", "embeddings"), 0)
     for t in tensors:
         counts[_component(t.name)] += t.parameters
-    split_whole = {q: split_and_whole(e for t in tensors for e in _file_entries(t, q)) for q in QUANTIZATIONS}
-    return _Summary(ParamCounts(**counts), split_whole)
+    file_bytes = {q: sum(n for t in tensors for _, _, n in _file_entries(t, q)) for q in QUANTIZATIONS}
+    split_whole = {q: split_and_whole((name, held_nbytes(name, dtype, n)) for t in tensors
+                                      for name, dtype, n in _file_entries(t, q)) for q in QUANTIZATIONS}
+    return _Summary(ParamCounts(**counts), file_bytes, split_whole)
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
@@ -95,25 +99,30 @@ def bytes_per_param(quantization: str) -> dict[str, float]:
     raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
 
 
-def _file_entries(t: LayoutTensor, quantization: str) -> list[tuple[str, int]]:
+def _file_entries(t: LayoutTensor, quantization: str) -> list[tuple[str, str, int]]:
+    """(name, safetensors dtype, bytes) of each file tensor `t` is stored as under `quantization`."""
     if quantization == "fp8-fp4":
-        return [(e.name, e.nbytes) for e in t.file_entries()]
+        return [(e.name, e.dtype, e.nbytes) for e in t.file_entries()]
     if quantization == "fp8":
         as_fp8 = LayoutTensor(t.name, t.shape, FP8) if t.fmt == FP4 else t
-        return [(e.name, e.nbytes) for e in as_fp8.file_entries()]
-    return [(t.name, 2 * t.parameters)]
+        return [(e.name, e.dtype, e.nbytes) for e in as_fp8.file_entries()]
+    return [(t.name, "BF16", 2 * t.parameters)]
 
 
 def weight_bytes_per_gpu(cfg: ModelConfig, tp: int = 1, quantization: str = "fp8-fp4") -> int:
-    """Weight bytes one of `tp` tensor-parallel ranks holds (split tensors / tp + replicated ones whole)."""
+    """Weight bytes one of `tp` tensor-parallel ranks holds once loaded with the weights kept as stored (split
+    tensors / tp + replicated ones whole; RMSNorm weights, bf16 in the files, held fp32: `layout.held_nbytes`).
+    `tests/test_weights_held.py` checks it equals the parameters + buffers of a loaded rank, byte for byte."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     return rank_bytes(*_summary(cfg).split_whole[quantization], tp)
 
 
 def weight_bytes(cfg: ModelConfig, quantization: str = "fp8-fp4") -> int:
-    """Bytes of all weights (the checkpoint size at `quantization`)."""
-    return weight_bytes_per_gpu(cfg, 1, quantization)
+    """Bytes of all weights as stored (the checkpoint size at `quantization`)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    return _summary(cfg).file_bytes[quantization]
 
 
 def active_bytes_per_token(cfg: ModelConfig, quantization: str = "fp8-fp4") -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors
+from dsv4.runtime.checkpoint.layout import held_nbytes
 from dsv4.runtime.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.runtime.parallel.ownership import TPConfigError, check_tp, rank_bytes, split_and_whole
 
@@ -28,8 +29,9 @@ def _parameters(name: str, meta: TensorMeta, index: dict[str, TensorMeta]) -> in
 
 
 def weight_bytes_per_gpu(cfg: ModelConfig, index: dict[str, TensorMeta]) -> dict[int, int | str]:
-    """TP size -> bytes one rank holds of these tensors, or why the model cannot be split that way."""
-    split, whole = split_and_whole((name, m.nbytes) for name, m in index.items())
+    """TP size -> bytes one rank holds of these tensors once loaded (norms fp32), or why the model cannot be split
+    that way."""
+    split, whole = split_and_whole((name, held_nbytes(name, m.dtype, m.nbytes)) for name, m in index.items())
     out: dict[int, int | str] = {}
     for tp in INFO_TP:
         try:

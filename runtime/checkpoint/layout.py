@@ -56,6 +56,17 @@ _HELD = {BF16: "param", FP8: "param", FP4: "param", F32: "float32", I64: "int64"
 _PLAIN_DTYPE = {BF16: "BF16", F32: "F32", I64: "I64"}
 
 
+def is_norm_weight(name: str) -> bool:
+    """An RMSNorm weight: stored bf16, held fp32 by the model (`model/layers.py` RMSNorm), in either layout."""
+    return name.endswith("norm.weight")
+
+
+def held_nbytes(name: str, dtype: str, nbytes: int) -> int:
+    """Bytes the loaded model holds for the file tensor `name` of safetensors `dtype` and `nbytes` bytes, when the
+    weights are kept as stored (`weights_dtype="checkpoint"`): the file's bytes, except bf16 norms held fp32."""
+    return 2 * nbytes if dtype == "BF16" and is_norm_weight(name) else nbytes
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """One tensor as it sits in a published safetensors file."""
@@ -77,7 +88,9 @@ class LayoutTensor:
     name: str
     shape: tuple[int, ...]
     fmt: str
-    norm: bool = False  # an RMSNorm weight: stored bf16, held fp32 by the model
+    @property
+    def norm(self) -> bool:
+        return is_norm_weight(self.name)
 
     @property
     def held(self) -> str:
@@ -115,7 +128,7 @@ def _compressor(p: str, cfg: ModelConfig, ratio: int, dim: int, coff: int) -> li
         LayoutTensor(p + "ape", (ratio, coff * dim), F32),
         LayoutTensor(p + "wkv.weight", (coff * dim, H), BF16),
         LayoutTensor(p + "wgate.weight", (coff * dim, H), BF16),
-        LayoutTensor(p + "norm.weight", (dim,), BF16, norm=True),
+        LayoutTensor(p + "norm.weight", (dim,), BF16),
     ]
 
 
@@ -126,10 +139,10 @@ def _block(cfg: ModelConfig, p: str, layer_type: str, hash_moe: bool) -> list[La
     a = p + "attn."
     out = [
         LayoutTensor(a + "wq_a.weight", (q, H), FP8),
-        LayoutTensor(a + "q_norm.weight", (q,), BF16, norm=True),
+        LayoutTensor(a + "q_norm.weight", (q,), BF16),
         LayoutTensor(a + "wq_b.weight", (nH * D, q), FP8),
         LayoutTensor(a + "wkv.weight", (D, H), FP8),
-        LayoutTensor(a + "kv_norm.weight", (D,), BF16, norm=True),
+        LayoutTensor(a + "kv_norm.weight", (D,), BF16),
         LayoutTensor(a + "wo_a.weight", (g * ro, nH * D // g), FP8),
         LayoutTensor(a + "wo_b.weight", (H, g * ro), FP8),
         LayoutTensor(a + "attn_sink", (nH,), F32),
@@ -144,8 +157,8 @@ def _block(cfg: ModelConfig, p: str, layer_type: str, hash_moe: bool) -> list[La
         ]
         out += _compressor(a + "indexer.compressor.", cfg, cfg.csa_ratio, di, 2)
     out += [
-        LayoutTensor(p + "attn_norm.weight", (H,), BF16, norm=True),
-        LayoutTensor(p + "ffn_norm.weight", (H,), BF16, norm=True),
+        LayoutTensor(p + "attn_norm.weight", (H,), BF16),
+        LayoutTensor(p + "ffn_norm.weight", (H,), BF16),
     ]
     f = p + "ffn."
     out.append(LayoutTensor(f + "gate.weight", (E, H), BF16))
@@ -187,7 +200,7 @@ def published_tensors(cfg: ModelConfig, include_mtp: bool = True) -> list[Layout
     out = [LayoutTensor("embed.weight", (V, H), BF16)]
     for i in range(cfg.num_hidden_layers):
         out += _block(cfg, f"layers.{i}.", cfg.layer_types[i], cfg.mlp_layer_types[i] == HASH_MOE)
-    out += [LayoutTensor("norm.weight", (H,), BF16, norm=True), *_hc_head("", cfg),
+    out += [LayoutTensor("norm.weight", (H,), BF16), *_hc_head("", cfg),
             LayoutTensor("head.weight", (V, H), BF16)]
     if include_mtp:
         for j in range(cfg.num_nextn_predict_layers):
@@ -196,9 +209,9 @@ def published_tensors(cfg: ModelConfig, include_mtp: bool = True) -> list[Layout
             out += [
                 LayoutTensor(p + "e_proj.weight", (H, H), FP8),
                 LayoutTensor(p + "h_proj.weight", (H, H), FP8),
-                LayoutTensor(p + "enorm.weight", (H,), BF16, norm=True),
-                LayoutTensor(p + "hnorm.weight", (H,), BF16, norm=True),
-                LayoutTensor(p + "norm.weight", (H,), BF16, norm=True),
+                LayoutTensor(p + "enorm.weight", (H,), BF16),
+                LayoutTensor(p + "hnorm.weight", (H,), BF16),
+                LayoutTensor(p + "norm.weight", (H,), BF16),
                 *_hc_head(p, cfg),
             ]
     return out
