@@ -86,6 +86,9 @@ def runtime_config(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan) -> dict
         "cache_policy": plan.cache_policy,
         "hca_state": plan.hca_state,
         "kv_dtype": plan.kv_dtype,
+        # the planner sizes each rank's weights in the checkpoint's format (weights.weight_bytes_per_gpu): keep them
+        # so; dequantising FP8/FP4 to bf16 at load would hold ~3.5x the planned bytes
+        "weights_dtype": "bf16" if spec.model.quantization == "bf16" else "checkpoint",
         # exact (bytes / 2**30 is exact in binary floating point): the runtime splits this budget with the same
         # CacheManager.from_budget, expected context and prefill chunk as the planner, so the pools match the
         # plan block for block (test_server_sizes_the_pools_of_its_plan_block_for_block in

@@ -96,6 +96,8 @@ def test_runtime_config_is_accepted_by_the_runtime() -> None:
         assert normalise_keys(values, "config file") == values  # every key is a runtime setting
         assert values["tp"] == p.tensor_parallel_size and values["max_model_len"] == p.max_model_len
         assert "pool_split" not in values  # the runtime derives the split exactly as the planner did
+        # the planner sized the weights per GPU as stored (FP8/FP4): the runtime keeps them so
+        assert spec.model.quantization == "fp8-fp4" and values["weights_dtype"] == "checkpoint"
     # a TP1 plan (this runtime build serves tp=1 only) is accepted as a whole, values included
     spec = api.parse_spec({"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
                            "accelerator": {"type": "cpu"}, "replicas": 1})
@@ -105,6 +107,9 @@ def test_runtime_config_is_accepted_by_the_runtime() -> None:
     cfg = ServeConfig.build(file_values=values)
     assert cfg.model is None and cfg.device == "cpu" and cfg.cache_policy == p.cache_policy
     assert cfg.batching_delay_ms == p.batching_delay_ms and cfg.expected_context == p.expected_context
+    assert cfg.weights_dtype == "checkpoint"
+    bf16 = spec.model_copy(update={"model": spec.model.model_copy(update={"quantization": "bf16"})})
+    assert manifests.runtime_config(REF, bf16, plan(bf16))["weights_dtype"] == "bf16"
     dep = kinds(manifests.children(REF, spec, p))["Deployment"]
     res = dep["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert "nvidia.com/gpu" not in res["requests"] and "nvidia.com/gpu" not in res["limits"]  # no GPU on cpu
@@ -172,7 +177,9 @@ def test_server_sizes_the_pools_of_its_plan_block_for_block(example: str) -> Non
     p = plan(spec)
     values = yaml.safe_load(kinds(manifests.children(REF, spec, p))["ConfigMap"]["data"]["config.yaml"])
     cfg = ServeConfig(**values)
-    assert cfg.hca_state == p.hca_state == ("online" if example == "b200-chat" else "raw")
+    # Pro over 8 B200s holds 123 GB of weights per GPU (replicated parts whole), leaving a cache where the raw
+    # tail holds 16 sessions and the online state 17: online
+    assert cfg.hca_state == p.hca_state == ("raw" if example == "short-chat.yaml" else "online")
     mcfg = model_config(spec)
     budget = int(cfg.cache_budget_gib * 2**30)
     assert budget == p.cache_bytes_per_gpu
