@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 from dsv4.runtime.checkpoint.published import write_published_checkpoint
 from dsv4.runtime.checkpoint.random_init import random_tensors
-from dsv4.runtime.server.launch import start_server
+from dsv4.runtime.server.launch import start_servers
 from dsv4.runtime.tokenizer import write_tokenizer
 from openai import OpenAI
 
@@ -28,15 +28,7 @@ def servers(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "published"
     write_published_checkpoint(cfg, random_tensors(cfg, seed=7), path, max_shard_bytes=200_000)
     write_tokenizer(path, cfg.vocab_size, seed=7)
-    tp1 = start_server(["--model", str(path), *COMMON], wait=False)
-    tp2 = start_server(["--model", str(path), *COMMON, "--tp", "2"], wait=False)
-    try:
-        tp1.wait_ready(240)
-        tp2.wait_ready(240)
-    except BaseException:
-        tp1.stop(5)
-        tp2.stop(5)
-        raise
+    tp1, tp2 = start_servers(["--model", str(path), *COMMON], ["--model", str(path), *COMMON, "--tp", "2"])
     yield tp1, tp2
     assert tp1.stop() == 0, tp1.log()[-3000:]
     assert tp2.stop() == 0, tp2.log()[-3000:]

@@ -17,7 +17,7 @@ import time
 
 import httpx
 import pytest
-from dsv4.runtime.server.launch import start_server
+from dsv4.runtime.server.launch import start_server, start_servers
 from openai import AsyncOpenAI, OpenAI
 
 pytestmark = pytest.mark.slow
@@ -33,15 +33,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def servers():
-    tp1 = start_server(COMMON, wait=False)
-    tp2 = start_server([*COMMON, "--tp", "2", "--tp-timeout-s", str(TIMEOUT_S)], wait=False)
-    try:
-        tp1.wait_ready(240)
-        tp2.wait_ready(240)
-    except BaseException:
-        tp1.stop(5)
-        tp2.stop(5)
-        raise
+    tp1, tp2 = start_servers(COMMON, [*COMMON, "--tp", "2", "--tp-timeout-s", str(TIMEOUT_S)])
     yield tp1, tp2
     assert tp1.stop() == 0, tp1.log()[-3000:]
     if tp2.proc.poll() is None:  # the kill test normally ended it

@@ -90,3 +90,17 @@ def start_server(args: list[str] | None = None, env: dict[str, str] | None = Non
     if wait:
         sp.wait_ready(timeout)
     return sp
+
+
+def start_servers(*args: list[str], timeout: float = 240.0) -> list[ServerProcess]:
+    """`start_server` for each argument list, all starting at once; returns when every one is ready, or stops them
+    all and raises when one fails to start."""
+    servers = [start_server(a, wait=False) for a in args]
+    try:
+        for s in servers:
+            s.wait_ready(timeout)
+    except BaseException:
+        for s in servers:
+            s.stop(5)
+        raise
+    return servers
