@@ -42,7 +42,6 @@ def _server_class() -> Any:
                 self.should_exit = True
                 self.force_exit = st.draining
                 return
-            st.draining = True
             st.engine.begin_drain()
             log.info("received %s: draining (readiness off, new requests 503, grace %.0f s, %d in flight)",
                      signal.Signals(sig).name, self.grace_s, st.in_flight)

@@ -20,11 +20,15 @@ class ServerState:
     default_max_tokens: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = True
-    draining: bool = False
-    in_flight: int = 0  # /v1 HTTP requests being served (streams included)
+    in_flight: int = 0  # API requests being served at the HTTP layer (streams included); the engine counts its own
     max_body_bytes: int = 16 * 2**20  # larger /v1 request bodies get 413
     body_timeout_s: float = 30.0  # a /v1 request body that takes longer to arrive gets 408
     extra_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def draining(self) -> bool:
+        """One owner for the drain flag: the engine (`AsyncEngine.begin_drain`)."""
+        return self.engine.draining
 
     def count_error(self, code: int) -> None:
         if self.metrics is not None:
