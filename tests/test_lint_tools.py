@@ -59,9 +59,9 @@ def examples() -> dict[str, dict[str, Any]]:
     return docs
 
 
-def children(endpoint: dict[str, Any]) -> list[dict[str, Any]]:
+def children(endpoint: dict[str, Any], network: NetworkPolicyDefaults = NETWORK) -> list[dict[str, Any]]:
     spec = api.parse_spec(endpoint["spec"])
-    return manifests.children(REF, spec, plan(spec), with_pod_monitor=True, network=NETWORK)
+    return manifests.children(REF, spec, plan(spec), with_pod_monitor=True, network=network)
 
 
 def helm_template(extra: list[str]) -> list[dict[str, Any]]:
@@ -160,10 +160,13 @@ def kube_score_criticals(objects: list[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.parametrize("network_policy", [True, False], ids=["network-policy", "no-network-policy"])
 @pytest.mark.parametrize("example", sorted(examples()))
-def test_kube_score_grades_the_runtime_deployment_without_critical(example: str) -> None:
-    accepted = {e["check"] for e in EXCEPTIONS["kubeScore"]["critical"]}
-    found = kube_score_criticals(children(examples()[example]))
+def test_kube_score_grades_the_runtime_deployment_without_critical(example: str, network_policy: bool) -> None:
+    accepted = {e["check"] for e in EXCEPTIONS["kubeScore"]["critical"]
+                if network_policy is False or not e.get("onlyWithoutNetworkPolicy")}  # fmt: skip
+    network = NETWORK if network_policy else NetworkPolicyDefaults()
+    found = kube_score_criticals(children(examples()[example], network))
     assert not {k: v for k, v in found.items() if k not in accepted}, found
 
 
