@@ -8,6 +8,11 @@
   binaries' versions are checked by running them.
 - promtool (and prometheus): Debian's `prometheus` package, installed with `apt-get install -y
   prometheus` when `promtool` is not on PATH (`apt-get update` first if the package is unknown).
+- kubeconform, kube-score and grafana's dashboard-linter (the linters `tests/test_lint_tools.py` runs on
+  what we ship): `go install MODULE/cmd@VERSION` of the pinned versions in `GO_TOOLS`, with GOBIN in a
+  temporary folder of the cache, then moved into `bin/`; `go version -m` on the binary checks the module
+  version. A refusal (e.g. the Go module proxy does not serve that module) is remembered for a day in
+  `<cache>/<tool>.install-error`, so that every test run does not ask the proxy again; delete it to retry.
 
 A second call finds everything in place and returns in milliseconds. Run:
 ``python -m dsv4.e2e.tools`` (or ``make tools``); it prints the paths.
@@ -21,11 +26,13 @@ import fcntl
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +44,31 @@ KUBECTL_VERSION = "v1.37.1"
 HELM_VERSION = "v4.3.1"
 LAYER_MEMBER = "package/lib/layer.zip"
 BINARIES = {"kubectl": "kubectl/kubectl", "helm": "helm/helm"}
+
+
+GO = os.environ.get("DSV4_GO") or shutil.which("go") or "/usr/local/go/bin/go"
+GO_INSTALL_TIMEOUT_S = 1800  # a first build of kube-score compiles much of client-go: minutes on a busy machine
+INSTALL_ERROR_TTL_S = 24 * 3600
+REFUSED = re.compile(r"\b(403|404|410)\b|Forbidden|not found|unknown revision")
+
+
+@dataclass(frozen=True)
+class GoTool:
+    name: str
+    package: str  # what `go install` builds (a main package)
+    module: str  # the module whose version `go version -m` reports
+    version: str
+
+
+GO_TOOLS = {
+    t.name: t
+    for t in (
+        GoTool("kubeconform", "github.com/yannh/kubeconform/cmd/kubeconform", "github.com/yannh/kubeconform", "v0.8.0"),
+        GoTool("kube-score", "github.com/zegl/kube-score/cmd/kube-score", "github.com/zegl/kube-score", "v1.20.0"),
+        GoTool("dashboard-linter", "github.com/grafana/dashboard-linter", "github.com/grafana/dashboard-linter",
+               "v0.1.1"),
+    )
+}
 
 
 class ToolError(RuntimeError):
@@ -174,9 +206,68 @@ def ensure_promtool() -> Path:
     return Path(found)
 
 
+def go_module_version(binary: Path) -> str | None:
+    """The main module's version a Go binary was built from (`go version -m`), None when unreadable."""
+    proc = subprocess.run([GO, "version", "-m", str(binary)], capture_output=True, text=True, timeout=60)
+    for line in proc.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == "mod":
+            return fields[2]
+    return None
+
+
+def _install_error_file(tool: GoTool) -> Path:
+    return cache_dir() / f"{tool.name}.install-error"
+
+
+def _remembered_install_error(tool: GoTool) -> str | None:
+    path = _install_error_file(tool)
+    if not path.is_file() or time.time() - path.stat().st_mtime > INSTALL_ERROR_TTL_S:
+        return None
+    version, _, message = path.read_text().partition("\n")
+    return message if version == tool.version else None
+
+
+def _go_install(tool: GoTool, bdir: Path) -> None:
+    if not Path(GO).exists() and not shutil.which(GO):
+        raise ToolError(f"go is not installed ({GO}): needed to build {tool.name}")
+    print(f"installing {tool.name} {tool.version}: go install {tool.package}@{tool.version} "
+          f"(first time only; a few minutes)", file=sys.stderr, flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix=f"{tool.name}-", dir=cache_dir()) as gobin:
+        proc = subprocess.run([GO, "install", f"{tool.package}@{tool.version}"], capture_output=True, text=True,
+                              env={**os.environ, "GOBIN": gobin}, timeout=GO_INSTALL_TIMEOUT_S)  # fmt: skip
+        if proc.returncode != 0:
+            err = proc.stderr.strip()[-1500:]
+            message = f"go install {tool.package}@{tool.version} exited {proc.returncode}: {err}"
+            if REFUSED.search(err):  # the registry said no: asking again within the day would say no again
+                _install_error_file(tool).write_text(f"{tool.version}\n{message}")
+            raise ToolError(message)
+        bdir.mkdir(parents=True, exist_ok=True)
+        os.replace(Path(gobin) / Path(tool.package).name, bdir / tool.name)
+
+
+def ensure_go_tool(name: str) -> Path:
+    """The pinned `GO_TOOLS[name]` in the cache's bin/, built with `go install` once; ToolError if it cannot be."""
+    tool = GO_TOOLS[name]
+    target = bin_dir() / tool.name
+    if target.is_file() and go_module_version(target) == tool.version:
+        return target
+    remembered = _remembered_install_error(tool)
+    if remembered:
+        raise ToolError(f"{remembered} (remembered in {_install_error_file(tool)}; delete it to retry)")
+    with file_lock(cache_dir() / f".{tool.name}.lock"):
+        if not (target.is_file() and go_module_version(target) == tool.version):
+            _go_install(tool, bin_dir())
+    got = go_module_version(target)
+    if got != tool.version:
+        raise ToolError(f"{target} was built from {tool.module} {got}, expected {tool.version}")
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv4.e2e.tools", description=__doc__.splitlines()[0])
     parser.add_argument("--skip-promtool", action="store_true", help="fetch kubectl and helm only")
+    parser.add_argument("--linters", action="store_true", help=f"also go install {', '.join(GO_TOOLS)}")
     args = parser.parse_args(argv)
     try:
         tools = ensure_kubectl_helm()
@@ -187,7 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     except ToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    failed = 0
+    for name, tool in GO_TOOLS.items() if args.linters else ():
+        try:
+            print(f"{name} {tool.version}: {ensure_go_tool(name)}")
+        except ToolError as exc:  # one linter that cannot be built does not stop the others
+            print(f"error: {name}: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import yaml
 from dsv4.operator import api
 from dsv4.operator.api import DSV4EndpointSpec
 from dsv4.operator.planner import Plan
-from dsv4.operator.pod_resources import SHM_GIB, pod_resources
+from dsv4.operator.pod_resources import SHM_GIB, TMP_GIB, pod_resources
 from dsv4.runtime.server.config import ServeConfig
 
 from dsv4 import metrics_catalog as mc
@@ -29,7 +29,6 @@ DEFAULT_IMAGE = f"ghcr.io/dsv4/dsv4:{VERSION}"
 CONFIG_DIR = "/etc/dsv4"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 API_KEY_ENV = "DSV4_API_KEY"  # read by dsv4.runtime.server.config.read_api_key when api_key_file is unset
-TMP_SIZE_LIMIT = "4Gi"       # /tmp: HOME, compile caches (Triton, inductor); the root filesystem is read-only
 MODEL_DIR = "/models"
 PORT = 8000
 ENDPOINT_LABEL = mc.ENDPOINT_POD_LABEL_KEY  # "dsv4.io/endpoint"
@@ -37,7 +36,7 @@ ENGINE_TYPE_LABEL = "llm-d.ai/engine-type"
 CONTEXT_RANGE_LABEL = "llm-d.ai/context-length-range"
 CONFIG_HASH_ANNOTATION = "dsv4.io/config-hash"
 PRESTOP_SLEEP_S = 10
-RUN_AS_USER = 1000
+RUN_AS_USER = 10001  # the image's `dsv4` user (Containerfile); above 10000, clear of the nodes' own users
 
 # Keys of the runtime config file, with what each means: the settings of `dsv4 serve --config` (one source).
 CONFIG_KEYS: dict[str, str] = ServeConfig.descriptions()
@@ -154,7 +153,7 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
               {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": f"{ref.name}-config"}},
-        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": f"{TMP_GIB}Gi"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GIB}Gi"}},
     ]
     w = spec.model.weights

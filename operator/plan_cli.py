@@ -93,10 +93,11 @@ def format_plan(name: str, p) -> str:
 
 
 def format_resources(r) -> str:
-    """The pod's cpu/memory and QoS class, with why (dsv4.operator.pod_resources)."""
+    """The pod's cpu/memory/disk and QoS class, with why (dsv4.operator.pod_resources)."""
     rows = [("requests", ", ".join(f"{k}={v}" for k, v in r.requests.items()), r.reasons.get("memory")),
             ("limits", ", ".join(f"{k}={v}" for k, v in r.limits.items()), r.reasons.get("memoryLimit")),
             ("cpu", r.requests.get("cpu", "-"), r.reasons.get("cpu")),
+            ("ephemeral-storage", r.requests.get("ephemeral-storage", "-"), r.reasons.get("ephemeral-storage")),
             ("qosClass", r.qos, r.reasons.get("qos"))]
     if "overrides" in r.reasons:
         rows.append(("overrides", "placement.resources", r.reasons["overrides"]))

@@ -1,4 +1,4 @@
-"""CPU and memory of a runtime pod, from its plan (pure): requests, a memory limit, and the QoS class they give.
+"""CPU, memory and disk of a runtime pod, from its plan (pure): requests, limits, and the QoS class they give.
 
 Host memory of one pod = the processes (the server with its tokenizer, and one process per TP rank: Python,
 torch, the CUDA context's host side) + the loader's peak (each rank stages its share of the checkpoint through
@@ -10,6 +10,9 @@ QoS: **Burstable** by design: a memory limit above the request (room for /dev/sh
 limit throttles the scheduler and tokenizer threads in the middle of a step, which shows as latency spikes).
 `placement.resources` entries replace the computed ones key by key; equal cpu and memory requests and limits
 make the pod Guaranteed.
+
+Ephemeral storage (the `/tmp` emptyDir and the logs) is requested and limited at the same size, so the
+scheduler places the pod where the disk is and a runaway cache evicts the pod instead of filling the node.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from dsv4.operator.planner import Plan
 
 GIB = 1 << 30
 SHM_GIB = 16                # the /dev/shm emptyDir's sizeLimit
+TMP_GIB = 4                 # the /tmp emptyDir's sizeLimit: HOME, compile caches (Triton, inductor)
+LOGS_GIB = 1                # the container's logs (the root filesystem is read-only: no writable layer to speak of)
 SERVER_GIB = 4              # the server process: Python, torch, the HTTP server, the tokenizer
 RANK_GIB = 2                # each further TP rank's process
 LOADER_BUFFER_GIB = 4       # what one rank holds in host memory while loading its share of the weights
@@ -64,9 +69,12 @@ def pod_resources(spec: DSV4EndpointSpec, plan: Plan) -> PodResources:
                    + (f" + weights and KV cache in host memory {resident:.1f} GiB" if on_cpu else "")),
         "memoryLimit": f"request + /dev/shm {SHM_GIB} GiB (a memory-backed emptyDir counts toward the limit)",
         "cpu": f"{CPU_SERVER} for the server and tokenizer + {CPU_PER_RANK} per rank; no CPU limit (no throttling)",
+        "ephemeral-storage": f"/tmp {TMP_GIB} GiB + logs {LOGS_GIB} GiB, request = limit (evicted, not the node, "
+                             "when compile caches outgrow it)",
     }
-    requests = {"cpu": str(cpu), "memory": _gib(memory)}
-    limits = {"memory": _gib(memory + SHM_GIB)}
+    disk = _gib(TMP_GIB + LOGS_GIB)
+    requests = {"cpu": str(cpu), "memory": _gib(memory), "ephemeral-storage": disk}
+    limits = {"memory": _gib(memory + SHM_GIB), "ephemeral-storage": disk}
     extra = spec.placement.resources if spec.placement and spec.placement.resources else None
     if extra is not None:
         requests.update(extra.requests or {})

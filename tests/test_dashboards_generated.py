@@ -92,7 +92,12 @@ def test_every_metric_is_shown_or_alerted():
 def test_dashboard_structure(build):
     d = json.loads((CHART / "dashboards" / f"{build().uid}.json").read_text())
     names = [v["name"] for v in d["templating"]["list"]]
-    assert names == ["datasource", "namespace", "endpoint", "pod"]
+    assert names == ["datasource", "namespace", "endpoint", "pod", "job", "instance"]
+    assert d["editable"] is False
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["label"] == "Data source"
+    for name in ("job", "instance"):  # dashboard-linter's convention: match-all by default, multi-select
+        assert variables[name]["allValue"] == ".+" and variables[name]["multi"], name
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids)) and len(ids) >= 5
     cells = set()
@@ -104,10 +109,13 @@ def test_dashboard_structure(build):
                 assert (x, y) not in cells, p["title"]
                 cells.add((x, y))
         assert p["datasource"]["uid"] == "${datasource}"
+        assert p["description"].strip(), p["title"]
         refs = [t["refId"] for t in p["targets"]]
         assert refs and len(refs) == len(set(refs))
         for t in p["targets"]:
             assert t["datasource"]["uid"] == "${datasource}"
+            for selector in re.findall(r"\{[^{}]*\}", t["expr"]):  # every selector filters on job and instance
+                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, (p["title"], t["expr"])
             # runtime panels filter on all three variables, operator panels on namespace + endpoint
             families = [mc.family_of_series(n) for n in metric_names(t["expr"])]
             if any(f is not None and f.component == mc.RUNTIME for f in families):

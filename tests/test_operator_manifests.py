@@ -3,6 +3,7 @@ config file the runtime's own `ServeConfig` accepts."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,21 @@ def test_runtime_pods_get_planned_cpu_and_memory_and_are_burstable() -> None:
     r = pod_resources(spec, plan(spec))
     assert r.requests["cpu"] == "8" and r.limits["memory"] == "64Gi" and r.qos == "Guaranteed"
     assert qos_class({}, {}) == "BestEffort"
+
+
+def test_runtime_pods_run_as_the_images_user_and_bound_their_disk() -> None:
+    containerfile = (ROOT / "Containerfile").read_text()
+    (image_uid,) = set(re.findall(r"^USER (\d+):\d+", containerfile, flags=re.M))
+    spec = load("short-chat.yaml")
+    pod = kinds(manifests.children(REF, spec, plan(spec)))["Deployment"]["spec"]["template"]["spec"]
+    sc = pod["securityContext"]
+    assert sc["runAsUser"] == sc["runAsGroup"] == sc["fsGroup"] == int(image_uid) > 10000
+    assert pod["containers"][0]["securityContext"]["runAsUser"] == int(image_uid)
+    res = pod["containers"][0]["resources"]
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")["emptyDir"]["sizeLimit"]
+    disk = res["requests"]["ephemeral-storage"]
+    assert disk == res["limits"]["ephemeral-storage"]
+    assert int(disk.removesuffix("Gi")) > int(tmp.removesuffix("Gi"))  # /tmp plus the logs
 
 
 def test_multi_replica_endpoints_spread_over_nodes_and_zones() -> None:

@@ -397,7 +397,7 @@ def test_prometheus_scrapes_pods_and_operator_and_every_query_evaluates(local_cl
         empty, failed = [], []
         for where, expr in exprs:
             q = (expr.replace("$__rate_interval", "30s").replace("$namespace", ns).replace("$endpoint", ".*")
-                 .replace("$pod", ".*"))
+                 .replace("$pod", ".*").replace("$job", ".+").replace("$instance", ".+"))
             try:
                 result = prom.query(q)
             except Exception as e:  # noqa: BLE001 - collected and reported together

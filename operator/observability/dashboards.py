@@ -1,6 +1,8 @@
 """Grafana dashboards for dsv4, generated from code (plain dicts -> JSON, Grafana schemaVersion 39).
 
-Five dashboards, each with the template variables `datasource`, `namespace`, `endpoint` and `pod`:
+Five dashboards, each with the template variables `datasource`, `namespace`, `endpoint`, `pod`, `job` and
+`instance` (the last two are dashboard-linter's convention for reusable dashboards: every selector filters on
+them; their "All" is `.+`, so by default they match every scrape):
 
 | uid | What |
 |---|---|
@@ -21,7 +23,7 @@ from typing import Any
 
 from dsv4 import metrics_catalog as mc
 
-from .promql import BY_ENDPOINT, OP_BY_ENDPOINT, OPERATOR_SEL, quantile, rate, sel
+from .promql import BY_ENDPOINT, OP_BY_ENDPOINT, OPERATOR_SEL, SCRAPE_SEL, quantile, rate, sel
 
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -41,10 +43,10 @@ class Target:
 @dataclass(frozen=True)
 class Panel:
     title: str
+    description: str  # every panel has one: Grafana shows it as the panel's (i) tooltip
     targets: tuple[Target, ...]
     unit: str = "short"
     kind: str = "timeseries"  # "timeseries" | "stat"
-    description: str = ""
     width: int = 12
     height: int = 8
     stack: bool = False
@@ -76,7 +78,8 @@ def overview() -> Dashboard:
     return Dashboard(
         "dsv4-overview", "dsv4 / Endpoint overview", "Replicas, traffic, tokens and errors per DSV4Endpoint.",
         (
-            Panel("Replicas desired / current / ready", (
+            Panel("Replicas desired / current / ready",
+                  "Replicas the operator wants (desired), has created (current) and sees ready, per endpoint.", (
                 _t(f"max by ({OP_BY_ENDPOINT}) ({sel('dsv4_operator_endpoint_desired_replicas', OPERATOR_SEL)})",
                    "desired {{dsv4_endpoint}}"),
                 _t(f"max by ({OP_BY_ENDPOINT}) ({sel('dsv4_operator_endpoint_current_replicas', OPERATOR_SEL)})",
@@ -84,26 +87,30 @@ def overview() -> Dashboard:
                 _t(f"max by ({OP_BY_ENDPOINT}) ({sel('dsv4_operator_endpoint_ready_replicas', OPERATOR_SEL)})",
                    "ready {{dsv4_endpoint}}"),
             ), unit="short"),
-            Panel("Endpoint ready", (
+            Panel("Endpoint ready",
+                  "1 when the operator reports the endpoint Ready (at least its minimum of replicas serving).", (
                 _t(f"max by ({OP_BY_ENDPOINT}) ({sel('dsv4_operator_endpoint_ready', OPERATOR_SEL)})",
                    "{{dsv4_endpoint}}"),
             ), kind="stat", unit="bool", width=6),
-            Panel("Pods scraped (up)", (
+            Panel("Pods scraped (up)",
+                  "Runtime pods whose /metrics Prometheus scraped successfully on the last attempt.", (
                 _t(f"sum by ({BY_ENDPOINT}) ({sel('up')})", "{{dsv4_endpoint}}"),
             ), kind="stat", width=6),
-            Panel("Requests finished / s", (
+            Panel("Requests finished / s",
+                  "Requests completed per second, split by why they finished (stop, length, abort).", (
                 _t(f"sum by ({BY_ENDPOINT}, finished_reason) ({rate('vllm:request_success_total')})",
                    "{{dsv4_endpoint}} {{finished_reason}}"),
             ), unit="reqps"),
-            Panel("Errors / s by HTTP status", (
+            Panel("Errors / s by HTTP status", "Requests answered with an error per second, by HTTP status code.", (
                 _t(f"sum by ({BY_ENDPOINT}, code) ({rate('dsv4_request_errors_total')})",
                    "{{dsv4_endpoint}} {{code}}"),
             ), unit="reqps"),
-            Panel("Tokens / s", (
+            Panel("Tokens / s", "Prompt tokens read and generation tokens produced per second, per endpoint.", (
                 _t(f"{s_ep} ({rate('vllm:prompt_tokens_total')})", "prompt {{dsv4_endpoint}}"),
                 _t(f"{s_ep} ({rate('vllm:generation_tokens_total')})", "generation {{dsv4_endpoint}}"),
             ), unit="short"),
-            Panel("Requests running / waiting per pod", (
+            Panel("Requests running / waiting per pod",
+                  "Requests in the running batch and in the waiting queue of each pod.", (
                 _t(sel("vllm:num_requests_running"), "running {{pod}}"),
                 _t(sel("vllm:num_requests_waiting"), "waiting {{pod}}"),
             ), unit="short"),
@@ -118,33 +125,38 @@ def cache() -> Dashboard:
         "The multi-pool hybrid KV cache: one line per pool (swa, csa, idx, hca, csa_state, hca_state), so a "
         "full state pool is never hidden behind a blended KV-usage number.",
         (
-            Panel("Pool occupancy (max over pods)", (
+            Panel("Pool occupancy (max over pods)",
+                  "Fraction of each cache pool in use on the fullest pod; a pool near 1 forces preemption.", (
                 _t(f"max by ({by_pool}) ({sel('dsv4_cache_pool_occupancy_ratio')})", "{{dsv4_endpoint}} {{pool}}"),
             ), unit="percentunit", max=1.0),
-            Panel("KV usage as routers see it (vllm:kv_cache_usage_perc)", (
+            Panel("KV usage as routers see it (vllm:kv_cache_usage_perc)",
+                  "The single KV-usage number routers read: the fullest pool of each pod.", (
                 _t(sel("vllm:kv_cache_usage_perc"), "{{pod}}"),
             ), unit="percentunit", max=1.0),
-            Panel("Pool bytes used", (
+            Panel("Pool bytes used",
+                  "Bytes of each cache pool holding live entries, summed over the endpoint's pods.", (
                 _t(f"sum by ({by_pool}) ({sel('dsv4_cache_pool_used_bytes')})", "used {{dsv4_endpoint}} {{pool}}"),
             ), unit="bytes", stack=True),
-            Panel("Pool bytes allocated", (
+            Panel("Pool bytes allocated",
+                  "Bytes reserved for each cache pool at start-up, summed over the endpoint's pods.", (
                 _t(f"sum by ({by_pool}) ({sel('dsv4_cache_pool_allocated_bytes')})",
                    "allocated {{dsv4_endpoint}} {{pool}}"),
             ), unit="bytes", stack=True),
-            Panel("Tokens held per pool", (
+            Panel("Tokens held per pool", "Tokens whose KV (or state) each pool currently holds.", (
                 _t(f"sum by ({by_pool}) ({sel('dsv4_cache_pool_tokens_held')})", "{{dsv4_endpoint}} {{pool}}"),
             ), unit="short"),
-            Panel("Prefix-cache hit rate (tokens)", (
+            Panel("Prefix-cache hit rate (tokens)",
+                  "Tokens served from the prefix cache divided by tokens looked up.", (
                 _t(f"sum by ({BY_ENDPOINT}) ({rate('vllm:prefix_cache_hits_total')}) / "
                    f"sum by ({BY_ENDPOINT}) ({rate('vllm:prefix_cache_queries_total')})", "{{dsv4_endpoint}}"),
             ), unit="percentunit", max=1.0),
-            Panel("Evictions / s per pool", (
+            Panel("Evictions / s per pool", "Cache entries evicted per second from each pool to make room.", (
                 _t(f"sum by ({by_pool}) ({rate('dsv4_cache_pool_evictions_total')})", "{{dsv4_endpoint}} {{pool}}"),
             ), unit="short"),
-            Panel("SWA checkpoints kept", (
+            Panel("SWA checkpoints kept", "Sliding-window state checkpoints each pod keeps for prefix reuse.", (
                 _t(sel("dsv4_swa_checkpoints_kept"), "{{pod}}"),
             ), unit="short"),
-            Panel("Preemptions / s", (
+            Panel("Preemptions / s", "Running requests preempted per second because a cache pool was full.", (
                 _t(f"sum by ({BY_ENDPOINT}) ({rate('vllm:num_preemptions_total')})", "{{dsv4_endpoint}}"),
             ), unit="short"),
         ),
@@ -156,18 +168,28 @@ def latency() -> Dashboard:
         "dsv4-latency", "dsv4 / Latency",
         "Request latency percentiles (p50/p90/p99 from the histograms), batching-delay waits and engine steps.",
         (
-            Panel("Time to first token", _percentiles("vllm:time_to_first_token_seconds", "TTFT"), unit="s"),
-            Panel("Inter-token latency", _percentiles("vllm:inter_token_latency_seconds", "ITL"), unit="s"),
-            Panel("End-to-end request latency", _percentiles("vllm:e2e_request_latency_seconds", "e2e"), unit="s"),
-            Panel("Queue time", _percentiles("vllm:request_queue_time_seconds", "queue"), unit="s"),
-            Panel("Batching-delay wait", _percentiles("dsv4_batching_delay_wait_seconds", "wait"), unit="s",
-                  description="How long prefill work actually waited for the batching delay."),
-            Panel("Batching-delay waits / s", (
+            Panel("Time to first token",
+                  "p50/p90/p99 time from request arrival to the first generated token.",
+                  _percentiles("vllm:time_to_first_token_seconds", "TTFT"), unit="s"),
+            Panel("Inter-token latency",
+                  "p50/p90/p99 time between two generated tokens of one request.",
+                  _percentiles("vllm:inter_token_latency_seconds", "ITL"), unit="s"),
+            Panel("End-to-end request latency",
+                  "p50/p90/p99 time from request arrival to its last token.",
+                  _percentiles("vllm:e2e_request_latency_seconds", "e2e"), unit="s"),
+            Panel("Queue time",
+                  "p50/p90/p99 time requests waited in the queue before their first step.",
+                  _percentiles("vllm:request_queue_time_seconds", "queue"), unit="s"),
+            Panel("Batching-delay wait",
+                  "How long prefill work actually waited for the batching delay.",
+                  _percentiles("dsv4_batching_delay_wait_seconds", "wait"), unit="s"),
+            Panel("Batching-delay waits / s", "Prefill batches that waited for the batching delay, per second.", (
                 _t(f"sum by ({BY_ENDPOINT}) ({rate('dsv4_batching_delay_wait_seconds_count')})", "{{dsv4_endpoint}}"),
             ), unit="short"),
             Panel("Engine step duration p99 by phase",
+                  "p99 duration of one engine step, by phase (prefill, decode, total).",
                   (_t(quantile(0.99, "dsv4_step_duration_seconds", by="phase"), "p99 {{phase}}"),), unit="s"),
-            Panel("Engine steps / s", (
+            Panel("Engine steps / s", "Engine steps completed per second on each pod.", (
                 _t(f"sum by (pod) ({rate('dsv4_step_duration_seconds_count', extra=_PHASE_TOTAL)})", "{{pod}}"),
             ), unit="short"),
         ),
@@ -182,29 +204,34 @@ def autoscaler() -> Dashboard:
         "dsv4-autoscaler", "dsv4 / Autoscaler",
         "What the operator's autoscaler saw and decided for each DSV4Endpoint.",
         (
-            Panel("Replicas: desired, current, ready, min, max", (
+            Panel("Replicas: desired, current, ready, min, max",
+                  "The autoscaler's desired replicas against current, ready and the spec's bounds.", (
                 _t(op("dsv4_operator_endpoint_desired_replicas"), "desired {{dsv4_endpoint}}"),
                 _t(op("dsv4_operator_endpoint_current_replicas"), "current {{dsv4_endpoint}}"),
                 _t(op("dsv4_operator_endpoint_ready_replicas"), "ready {{dsv4_endpoint}}"),
                 _t(op("dsv4_operator_endpoint_min_replicas"), "min {{dsv4_endpoint}}"),
                 _t(op("dsv4_operator_endpoint_max_replicas"), "max {{dsv4_endpoint}}"),
             ), width=24),
-            Panel("Scaling decisions / 5m by direction and reason", (
+            Panel("Scaling decisions / 5m by direction and reason",
+                  "Scale up/down decisions in the last 5 minutes, with the reason the autoscaler gave.", (
                 _t(f"sum by ({OP_BY_ENDPOINT}, direction, reason) "
                    f"(increase({sel('dsv4_operator_scaling_decisions_total', OPERATOR_SEL)}[5m]))",
                    "{{dsv4_endpoint}} {{direction}} {{reason}}"),
             )),
-            Panel("Panic mode", (_t(op("dsv4_operator_autoscaler_panic_mode"), "{{dsv4_endpoint}}"),), unit="bool"),
-            Panel("Signal vs target", (
+            Panel("Panic mode",
+                  "1 while the autoscaler is in panic mode (scales up on the short window, never down).",
+                  (_t(op("dsv4_operator_autoscaler_panic_mode"), "{{dsv4_endpoint}}"),), unit="bool"),
+            Panel("Signal vs target", "The signal the autoscaler observed and the target it scales to, per signal.", (
                 _t(f"max by ({OP_BY_ENDPOINT}, signal) ({sel('dsv4_operator_autoscaler_signal', OPERATOR_SEL)})",
                    "observed {{dsv4_endpoint}} {{signal}}"),
                 _t(f"max by ({OP_BY_ENDPOINT}, signal) ({sel('dsv4_operator_autoscaler_target', OPERATOR_SEL)})",
                    "target {{dsv4_endpoint}} {{signal}}"),
             ), width=24),
-            Panel("Queue depth per endpoint (runtime)", (
+            Panel("Queue depth per endpoint (runtime)", "Requests waiting in the queues of all pods of the endpoint.", (
                 _t(f"sum by ({BY_ENDPOINT}) ({sel('vllm:num_requests_waiting')})", "{{dsv4_endpoint}}"),
             )),
-            Panel("Fullest pool per endpoint (runtime)", (
+            Panel("Fullest pool per endpoint (runtime)",
+                  "Occupancy of the fullest cache pool over the endpoint's pods.", (
                 _t(f"max by ({BY_ENDPOINT}) ({sel('dsv4_cache_pool_occupancy_ratio')})", "{{dsv4_endpoint}}"),
             ), unit="percentunit", max=1.0),
         ),
@@ -215,24 +242,27 @@ def operator_health() -> Dashboard:
     return Dashboard(
         "dsv4-operator", "dsv4 / Operator health", "The kopf operator itself: handlers, errors, latency.",
         (
-            Panel("Managed endpoints", (_t(sel("dsv4_operator_endpoints", ""), "endpoints"),), kind="stat", width=6),
-            Panel("Reconcile errors (1h)", (
-                _t(f"sum(increase({sel('dsv4_operator_reconcile_errors_total', '')}[1h]))", "errors"),
+            Panel("Managed endpoints", "DSV4Endpoints the operator currently manages.",
+                  (_t(sel("dsv4_operator_endpoints", SCRAPE_SEL), "endpoints"),), kind="stat", width=6),
+            Panel("Reconcile errors (1h)", "Reconciles that ended in an error over the last hour.", (
+                _t(f"sum(increase({sel('dsv4_operator_reconcile_errors_total', SCRAPE_SEL)}[1h]))", "errors"),
             ), kind="stat", width=6),
-            Panel("Pod /metrics scrape errors / s", (
+            Panel("Pod /metrics scrape errors / s",
+                  "Failures of the operator's own scrapes of runtime pods (its autoscaling signals).", (
                 _t(f"sum by ({OP_BY_ENDPOINT}) ({rate('dsv4_operator_pod_scrape_errors_total', OPERATOR_SEL)})",
                    "{{dsv4_endpoint}}"),
             )),
-            Panel("Reconciles / s by handler and result", (
-                _t(f"sum by (handler, result) ({rate('dsv4_operator_reconciles_total', '')})",
+            Panel("Reconciles / s by handler and result", "Reconciles per second by kopf handler and result.", (
+                _t(f"sum by (handler, result) ({rate('dsv4_operator_reconciles_total', SCRAPE_SEL)})",
                    "{{handler}} {{result}}"),
             )),
-            Panel("Reconcile errors / s by handler and error", (
-                _t(f"sum by (handler, error) ({rate('dsv4_operator_reconcile_errors_total', '')})",
+            Panel("Reconcile errors / s by handler and error",
+                  "Reconcile errors per second by kopf handler and error kind.", (
+                _t(f"sum by (handler, error) ({rate('dsv4_operator_reconcile_errors_total', SCRAPE_SEL)})",
                    "{{handler}} {{error}}"),
             )),
-            Panel("Reconcile duration p99 by handler", (
-                _t(quantile(0.99, "dsv4_operator_reconcile_duration_seconds", by="handler", selector=""),
+            Panel("Reconcile duration p99 by handler", "p99 time one reconcile takes, by kopf handler.", (
+                _t(quantile(0.99, "dsv4_operator_reconcile_duration_seconds", by="handler", selector=SCRAPE_SEL),
                    "p99 {{handler}}"),
             ), unit="s", width=24),
         ),
@@ -246,22 +276,26 @@ DASHBOARDS = (overview, cache, latency, autoscaler, operator_health)
 
 
 def _variables() -> list[dict[str, Any]]:
-    def query_var(name: str, label: str, matcher: str) -> dict[str, Any]:
-        series = f"{VARIABLE_SERIES}{{{matcher}}}" if matcher else VARIABLE_SERIES
-        q = f"label_values({series}, {label})"
+    def query_var(name: str, label: str, matcher: str, series: str = VARIABLE_SERIES,
+                  all_value: str = ".*") -> dict[str, Any]:
+        selector = f"{series}{{{matcher}}}" if matcher else series
+        q = f"label_values({selector}, {label})"
         return {
-            "name": name, "label": name, "type": "query", "datasource": DATASOURCE,
+            "name": name, "label": name.title(), "type": "query", "datasource": DATASOURCE,
             "query": {"query": q, "refId": f"var-{name}"}, "definition": q,
-            "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*", "sort": 1,
+            "refresh": 2, "includeAll": True, "multi": True, "allValue": all_value, "sort": 1,
             "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
         }  # fmt: skip
 
     return [
-        {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
+        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
          "current": {}, "hide": 0, "refresh": 1},
         query_var("namespace", mc.NAMESPACE_LABEL, ""),
         query_var("endpoint", mc.ENDPOINT_LABEL, f'{mc.NAMESPACE_LABEL}=~"$namespace"'),
         query_var("pod", mc.POD_LABEL, f'{mc.NAMESPACE_LABEL}=~"$namespace", {mc.ENDPOINT_LABEL}=~"$endpoint"'),
+        # `up` (not the runtime series) so that the operator's own scrape job is listed too
+        query_var("job", "job", "", series="up", all_value=".+"),
+        query_var("instance", "instance", 'job=~"$job"', series="up", all_value=".+"),
     ]  # fmt: skip
 
 
@@ -301,7 +335,7 @@ def render(dashboard: Dashboard) -> dict[str, Any]:
         x, row_h = x + panel.width, max(row_h, panel.height)
     return {
         "uid": dashboard.uid, "title": dashboard.title, "description": dashboard.description, "tags": TAGS,
-        "schemaVersion": SCHEMA_VERSION, "version": 1, "editable": True, "graphTooltip": 1,
+        "schemaVersion": SCHEMA_VERSION, "version": 1, "editable": False, "graphTooltip": 1,
         "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "timezone": "",
         "templating": {"list": _variables()}, "annotations": {"list": []}, "links": [],
         "panels": panels,

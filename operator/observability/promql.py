@@ -15,12 +15,14 @@ from dsv4 import metrics_catalog as mc
 
 RATE_WINDOW = "$__rate_interval"
 
+# Every dashboard selector: the scrape's job and instance (grafana dashboard-linter's convention; "All" is `.+`).
+SCRAPE_SEL = 'job=~"$job", instance=~"$instance"'
 # Runtime series: one pod of one endpoint in one namespace.
 RUNTIME_SEL = (
-    f'{mc.NAMESPACE_LABEL}=~"$namespace", {mc.ENDPOINT_LABEL}=~"$endpoint", {mc.POD_LABEL}=~"$pod"'
+    f'{mc.NAMESPACE_LABEL}=~"$namespace", {mc.ENDPOINT_LABEL}=~"$endpoint", {mc.POD_LABEL}=~"$pod", {SCRAPE_SEL}'
 )
 # Operator series about one endpoint.
-OPERATOR_SEL = f'{mc.ENDPOINT_NAMESPACE_LABEL}=~"$namespace", {mc.ENDPOINT_LABEL}=~"$endpoint"'
+OPERATOR_SEL = f'{mc.ENDPOINT_NAMESPACE_LABEL}=~"$namespace", {mc.ENDPOINT_LABEL}=~"$endpoint", {SCRAPE_SEL}'
 
 # Group runtime series per endpoint (alerts and endpoint-level panels).
 BY_ENDPOINT = f"{mc.NAMESPACE_LABEL}, {mc.ENDPOINT_LABEL}"
