@@ -243,11 +243,14 @@ def test_examples_are_planned_ready_and_serve(local_cluster, examples_ns):
         assert seen["chat"]["batchingDelayMs"] < seen["agents"]["batchingDelayMs"]
         assert seen["agents"]["cachePolicy"] == "checkpoint" and seen["chat"]["cachePolicy"] == "recompute"
 
-        table = kubectl(local_cluster, "get", "dsv4ep", "-n", ns).stdout
+        # the default columns are checked in test_e2e_operator.py; -o wide adds model, profile and plan summary
+        table = kubectl(local_cluster, "get", "dsv4ep", "-n", ns, "-o", "wide").stdout
         header = table.splitlines()[0].split()
-        assert header == ["NAME", "MODEL", "PROFILE", "TP", "REPLICAS", "READY", "MAXCACHE", "AGE"], table
-        rows = {ln.split()[0]: ln.split() for ln in table.splitlines()[1:]}
-        assert rows["chat"][1:4] == ["tiny", "short-chat", "1"] and rows["agents"][2] == "long-context-agent"
+        assert header == ["NAME", "READY", "URL", "REPLICAS", "TP", "MAXCACHE", "REASON", "AGE", "MODEL", "PROFILE",
+                          "PLAN"], table
+        rows = {ln.split()[0]: ln for ln in table.splitlines()[1:]}
+        assert " tiny " in rows["chat"] and " short-chat " in rows["chat"], table
+        assert " long-context-agent " in rows["agents"], table
 
         for name, model in (("chat", "deepseek-v4-tiny"), ("agents", "agents")):
             ips = ready_ips(disc, ns, name)
