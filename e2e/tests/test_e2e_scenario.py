@@ -15,6 +15,7 @@ Pending and cost no CPU.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -237,6 +238,15 @@ def test_examples_are_planned_ready_and_serve(local_cluster, examples_ns):
             c0 = dep.spec.template.spec.containers[0]
             assert "--config" in (c0.command or []) + (c0.args or [])
             assert "nvidia.com/gpu" not in (c0.resources.limits or {})  # accelerator.type cpu: no GPU requested
+            # the planned CPU / memory requests reach the pods, which are not BestEffort (issue 21)
+            planned = c0.resources.requests or {}
+            assert {"cpu", "memory"} <= set(planned) and "memory" in (c0.resources.limits or {}), c0.resources
+            selector = ",".join(f"{k}={v}" for k, v in dep.spec.selector.match_labels.items())
+            pods = core.list_namespaced_pod(ns, label_selector=selector).items
+            assert pods and all(p.spec.containers[0].resources.requests == planned for p in pods)
+            described = kubectl(local_cluster, "describe", "pod", "-n", ns, "-l", selector).stdout
+            qos = re.findall(r"^QoS Class:\s+(\S+)", described, re.M)
+            assert qos and set(qos) <= {"Burstable", "Guaranteed"}, described[-2000:]
             seen[name] = plan
             assert condition(ep, "PlanValid")["status"] == "True"
         # two profiles, two different plans (short-chat: tight batching delay; long-context-agent: reuse kept)
