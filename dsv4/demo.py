@@ -25,6 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "e2e" / "short-chat.yaml"
 
 
+
+def _print_message(message) -> None:
+    """V4 answers in thinking mode by default: the reasoning comes apart from the answer (which a short
+    max_tokens may not reach)."""
+    reasoning = (message.model_extra or {}).get("reasoning_content")
+    if reasoning:
+        print(f"  reasoning: {reasoning!r}")
+    print(f"  answer:    {message.content!r}")
+
 def say(msg: str) -> None:
     print(f"dsv4 demo: {msg}", flush=True)
 
@@ -51,7 +60,7 @@ def run_local(args: argparse.Namespace) -> int:
         say(f"answer ({u.completion_tokens} tokens in {time.monotonic() - t1:.2f} s, "
             f"finish_reason={resp.choices[0].finish_reason}; the tiny model has random weights, so the text "
             f"is gibberish):")
-        print(f"  {resp.choices[0].message.content!r}")
+        _print_message(resp.choices[0].message)
         say(f"metrics at {server.base_url}/metrics")
         _, body = server.get("/metrics")
         for ln in body.decode().splitlines():
@@ -151,7 +160,7 @@ def run_cluster(args: argparse.Namespace) -> int:
                                    max_tokens=args.max_tokens, temperature=0.0)
     say(f"answer ({r.usage.completion_tokens} tokens, finish_reason={r.choices[0].finish_reason}; random weights, "
         f"so gibberish):")
-    print(f"  {r.choices[0].message.content!r}")
+    _print_message(r.choices[0].message)
     print(opproc.kubectl(["get", "dsv4ep", "-n", NAMESPACE], c.kubeconfig).stdout.rstrip())
 
     if not args.no_prometheus and "prometheus" not in records:
