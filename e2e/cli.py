@@ -15,13 +15,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu per node (default 8)")
     up.add_argument("--no-pod-runner", action="store_true", help="do not back pods with local processes")
     down = sub.add_parser("down", help="stop every recorded process and remove the cluster's state")
-    down.add_argument("--name", default="default")
+    down.add_argument("--name", help="cluster name (default: the only running cluster, else the only recorded one)")
     down.add_argument("--keep-state", action="store_true", help="keep logs, certificates and etcd data")
     st = sub.add_parser("status", help="what runs, where, and whether /readyz answers")
     st.add_argument("--name", help="cluster name (default: the only or most recently started running cluster)")
     st.add_argument("--json", action="store_true")
     b = sub.add_parser("build", help="only build/check the cached binaries")
     b.add_argument("--force", action="store_true")
+
+
+def down_target(live: list[str], recorded: list[str]) -> str:
+    """The cluster `dsv4 cluster down` without --name stops: never a guess between several."""
+    for candidates, what in ((live, "running"), (recorded, "recorded")):
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) > 1:
+            raise ValueError(f"{len(candidates)} clusters are {what} ({', '.join(candidates)}): name one with --name")
+    raise ValueError("no cluster is recorded: nothing to stop")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"export KUBECONFIG={c.kubeconfig}")
             return 0
         if args.action == "down":
+            args.name = args.name or down_target(cluster.live_clusters(), cluster.recorded_clusters())
             stopped = cluster.down(args.name, keep_state=args.keep_state)
             print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
             return 0

@@ -239,3 +239,16 @@ def test_build_progress_has_a_total_elapsed_time_and_an_eta(monkeypatch):
     p.done = 2000
     assert p.line() == "kubernetes: 2000/2000 packages compiled, 5 min elapsed"
     assert build.Progress("kwok", None, done=7, t0=clock[0]).line() == "kwok: 7 packages compiled, 0 s elapsed"
+
+
+def test_down_without_a_name_stops_the_only_cluster_and_never_guesses_between_several():
+    from dsv4.e2e.cli import down_target
+
+    assert down_target(["demo"], ["stale", "demo"]) == "demo"  # the running one, not the newest state
+    assert down_target([], ["stale"]) == "stale"
+    with pytest.raises(ValueError, match="2 clusters are running \\(e2e, demo\\): name one with --name"):
+        down_target(["e2e", "demo"], ["e2e", "demo"])
+    with pytest.raises(ValueError, match="2 clusters are recorded"):
+        down_target([], ["a", "b"])
+    with pytest.raises(ValueError, match="no cluster is recorded"):
+        down_target([], [])
