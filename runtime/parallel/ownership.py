@@ -1,10 +1,14 @@
-"""Which checkpoint tensors a TP rank holds a 1/N slice of, and which it holds whole (`shard.py`'s table), and
+"""Which checkpoint tensors a TP (or EP) rank holds a 1/N slice of, and which it holds whole (`shard.py`'s table), and
 which TP sizes a config can be split into (`check_tp`). Torch-free, so the planner and `dsv4 model info` use it.
 
 Split over the N ranks: the query heads' `attn.wq_b`, `attn.attn_sink`, `attn.wo_a`, `attn.wo_b` (with their
 `.scale`), the routed experts (each rank owns E/N of them), the shared expert (slices of its width), `embed` and
 `head` (vocab rows). Everything else — `wq_a`, `q_norm`, the K=V head, compressors, indexer, norms, mHC, the router
 and the MTP block (not sharded by `shard_model`) — is replicated on every rank.
+
+Expert parallelism (`dsv4 serve --dp N --ep`, docs/parallel.md) splits only the routed experts (rank k owns
+experts [k·E/N, (k+1)·E/N)); every other tensor, the shared expert included, is whole on every rank
+(`split_over_ep_ranks`, `owned_part(..., mode="ep")`, `check_ep`).
 
 Names may be in the published layout (`layers.N.`, `embed.weight`) or the Hugging Face one (`model.layers.N.`,
 `model.embed_tokens.weight`).
@@ -29,11 +33,21 @@ def split_over_ranks(name: str) -> bool:
     return _SPLIT.match(name) is not None
 
 
-def split_and_whole(entries: Iterable[tuple[str, int]]) -> tuple[int, int]:
-    """(bytes of the split tensors, bytes of the replicated ones) of the (name, bytes) tensors `entries`."""
+_EP_SPLIT = re.compile(r"^(model\.)?layers\.\d+\.ffn\.experts\.")
+
+
+def split_over_ep_ranks(name: str) -> bool:
+    """True when each of N expert-parallel ranks holds 1/N of tensor `name` (routed experts only)."""
+    return _EP_SPLIT.match(name) is not None
+
+
+def split_and_whole(entries: Iterable[tuple[str, int]], mode: str = "tp") -> tuple[int, int]:
+    """(bytes of the split tensors, bytes of the replicated ones) of the (name, bytes) tensors `entries`, for
+    tensor parallelism (`mode="tp"`) or expert parallelism (`mode="ep"`)."""
+    split_test = split_over_ep_ranks if mode == "ep" else split_over_ranks
     split = whole = 0
     for name, n in entries:
-        if split_over_ranks(name):
+        if split_test(name):
             split += n
         else:
             whole += n
@@ -62,6 +76,15 @@ def check_tp(cfg: Any, tp: int) -> None:
         raise TPConfigError(f"tp={tp} and the model's o_groups ({g}) must divide one another")
 
 
+def check_ep(cfg: Any, ranks: int) -> None:
+    """Raise TPConfigError unless the routed experts split evenly over `ranks` expert-parallel ranks."""
+    if ranks < 1:
+        raise TPConfigError(f"dp must be >= 1, got {ranks}")
+    e = int(cfg.n_routed_experts)
+    if e % ranks:
+        raise TPConfigError(f"dp={ranks} must divide the model's n_routed_experts ({e}) for expert parallelism")
+
+
 @dataclass(frozen=True)
 class OwnedPart:
     """The part of one checkpoint tensor a TP rank holds: a row range and/or a column range of the full tensor
@@ -76,13 +99,16 @@ _LAYER = re.compile(r"^layers\.\d+\.(.+)$")
 _EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.w[123]\.weight$")
 
 
-def owned_part(name: str, cfg: Any, rank: int, world: int) -> OwnedPart | None:
+def owned_part(name: str, cfg: Any, rank: int, world: int, mode: str = "tp") -> OwnedPart | None:
     """What rank `rank` of `world` holds of the tensor with module name `name` (Hugging Face name without `model.`,
     e.g. `layers.3.attn.wq_b.weight`), the same cut as `shard.shard_model`; None when it holds none of it. The MTP
     block is not sharded. `expert` is set only where the rank's expert row differs from the file's expert id."""
     m = _LAYER.match(name)
     if world == 1 or not (m or name in ("embed_tokens.weight", "head.weight")):
         return OwnedPart()
+    if mode == "ep":
+        expert = _EXPERT.match(m.group(1)) if m else None
+        return _owned_expert(int(expert.group(1)), cfg, rank, world) if expert else OwnedPart()
     if not m:  # embedding / head: vocab rows
         per = cfg.vocab_size // world
         return OwnedPart(rows=(rank * per, (rank + 1) * per))
@@ -110,8 +136,11 @@ def owned_part(name: str, cfg: Any, rank: int, world: int) -> OwnedPart | None:
     if rest == "ffn.shared_experts.w2.weight":
         return OwnedPart(cols=(rank * inter, (rank + 1) * inter))
     expert = _EXPERT.match(rest)
-    if expert:
-        el = cfg.n_routed_experts // world
-        e = int(expert.group(1)) - rank * el
-        return OwnedPart(expert=e) if 0 <= e < el else None
-    return OwnedPart()
+    return _owned_expert(int(expert.group(1)), cfg, rank, world) if expert else OwnedPart()
+
+
+def _owned_expert(e_file: int, cfg: Any, rank: int, world: int) -> OwnedPart | None:
+    """Rank `rank` of `world` owns experts [rank·E/world, (rank+1)·E/world), stacked from row 0."""
+    el = cfg.n_routed_experts // world
+    e = e_file - rank * el
+    return OwnedPart(expert=e) if 0 <= e < el else None

@@ -53,7 +53,12 @@ class ServeConfig(BaseModel):
     tp: int = Field(1, description="tensor parallel size: ranks (processes, devices) of this replica")
     tp_timeout_s: float = Field(60.0, description="timeout of every TP collective; a dead or hung rank ends the "
                                                   "server within it")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (with tp > 1: cuda, rank k on cuda:k)")
+    dp: int = Field(1, description="data-parallel attention ranks of this replica (processes, devices): each owns "
+                                   "its requests and a full per-device KV cache; needs ep")
+    ep: bool = Field(False, description="expert parallelism over the dp ranks: each holds 1/dp of the routed "
+                                        "experts and tokens are exchanged for the MoE layers")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (with tp or dp > 1: cuda, rank k on "
+                                            "cuda:k)")
     batching_delay_ms: float = Field(0.0, description="how long the scheduler may hold new prefill work to batch it")
     max_num_batched_tokens: int = Field(2048, description="token budget of one scheduler step")
     chunked_prefill_size: int | None = Field(None, description="largest prefill chunk of one request per step "
@@ -138,9 +143,18 @@ class ServeConfig(BaseModel):
 
         need(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
         need(1 <= self.tp <= MAX_TP, f"tp (tensor parallel size) must be an integer in [1, {MAX_TP}], got {self.tp!r}")
+        need(1 <= self.dp <= MAX_TP, f"dp (data-parallel attention ranks) must be an integer in [1, {MAX_TP}], "
+                                     f"got {self.dp!r}")
         need(self.tp_timeout_s > 0, f"tp_timeout_s must be > 0, got {self.tp_timeout_s}")
-        need(self.tp == 1 or not self.device.startswith("cuda:"),
-             f"device {self.device!r} pins one GPU; with tp {self.tp} use device cuda (rank k runs on cuda:k)")
+        need(self.tp == 1 or self.dp == 1, f"tp {self.tp} with dp {self.dp}: tensor parallelism inside data-parallel "
+                                           f"attention ranks is not supported yet; use one of them")
+        need(self.dp == 1 or self.ep, f"dp {self.dp} needs ep (expert parallelism): without it every rank would hold "
+                                      f"every expert; run {self.dp} replicas instead")
+        need(not self.ep or self.dp > 1, "ep splits the experts over the dp ranks: set dp > 1 (with tp the experts "
+                                         "are already split over the tp ranks)")
+        for name, n in (("tp", self.tp), ("dp", self.dp)):
+            need(n == 1 or not self.device.startswith("cuda:"),
+                 f"device {self.device!r} pins one GPU; with {name} {n} use device cuda (rank k runs on cuda:k)")
         need(self.batching_delay_ms >= 0, f"batching_delay_ms must be >= 0, got {self.batching_delay_ms}")
         need(self.batching_delay_ms <= 10_000, f"batching_delay_ms must be <= 10000, got {self.batching_delay_ms}")
         need(self.max_num_batched_tokens >= 1,
