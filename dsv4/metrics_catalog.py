@@ -45,6 +45,8 @@ COMPONENTS = (RUNTIME, OPERATOR)
 POOLS = ("swa", "csa", "idx", "hca", "csa_state", "hca_state")
 # Stages timed inside one engine step; "total" is the whole step (so its _count is the step rate).
 STEP_PHASES = ("schedule", "forward", "sample", "total")
+# Why the front end sent a request to a data-parallel rank (runtime/engine/dispatch.py).
+DISPATCH_REASONS = ("prefix", "load")
 # Why a request finished (vLLM's finished_reason values).
 FINISHED_REASONS = ("stop", "length", "abort")
 # Operator handlers and their outcomes.
@@ -56,6 +58,7 @@ SCALE_DIRECTIONS = ("up", "down", "none")
 MODEL_LABEL = "model_name"
 ENGINE_LABEL = "engine"
 POOL_LABEL = "pool"
+RANK_LABEL = "rank"  # data-parallel attention rank of the replica (`dsv4 serve --dp N --ep`; 0 when dp = 1)
 NAMESPACE_LABEL = "namespace"  # added by the scrape (target label) on runtime series
 POD_LABEL = "pod"  # added by the scrape (target label) on runtime series
 ENDPOINT_LABEL = "dsv4_endpoint"  # runtime: relabelled from the pod label; operator: its own label
@@ -150,6 +153,7 @@ class MetricSpec:
 
 _VLLM = (MODEL_LABEL, ENGINE_LABEL)
 _POOL = (MODEL_LABEL, ENGINE_LABEL, POOL_LABEL)
+_RANK = (MODEL_LABEL, ENGINE_LABEL, RANK_LABEL)
 _EP = (ENDPOINT_NAMESPACE_LABEL, ENDPOINT_LABEL)
 _POOLS_ENUM = {POOL_LABEL: POOLS}
 
@@ -218,6 +222,21 @@ RUNTIME_METRICS: tuple[MetricSpec, ...] = (
     _rt("dsv4_batching_delay_wait_seconds", HISTOGRAM,
         "How long prefill work actually waited for the batching delay before being scheduled.",
         unit="seconds", buckets=BATCHING_DELAY_BUCKETS),
+    # ---- per data-parallel attention rank (dp = 1: rank 0 = the replica) -----------------------------------------
+    _rt("dsv4_rank_requests_running", GAUGE, "Requests running on the data-parallel attention rank.",
+        labels=_RANK, unit="requests"),
+    _rt("dsv4_rank_requests_waiting", GAUGE, "Requests queued on the data-parallel attention rank.",
+        labels=_RANK, unit="requests"),
+    _rt("dsv4_rank_cache_pool_occupancy_ratio", GAUGE,
+        "Fraction 0-1 of the rank's pool blocks in use (each rank has its own KV cache; the replica's "
+        "dsv4_cache_pool_occupancy_ratio is the max over ranks).",
+        labels=(*_RANK, POOL_LABEL), unit="ratio", label_values=_POOLS_ENUM),
+    _rt("dsv4_rank_prefix_cache_hit_tokens_total", COUNTER,
+        "Prompt tokens the rank served from its own prefix cache.", labels=_RANK, unit="tokens"),
+    _rt("dsv4_rank_dispatched_requests_total", COUNTER,
+        "Requests the front end assigned to the rank, by reason (prefix: the rank held the longest cached "
+        "prefix of the prompt; load: the least-loaded rank). Only with dp > 1.",
+        labels=(*_RANK, "reason"), unit="requests", label_values={"reason": DISPATCH_REASONS}),
     _rt("dsv4_step_duration_seconds", HISTOGRAM, "Engine step duration by phase (phase=\"total\" is the whole step).",
         labels=(*_VLLM, "phase"), unit="seconds", buckets=STEP_DURATION_BUCKETS,
         label_values={"phase": STEP_PHASES}),

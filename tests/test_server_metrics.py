@@ -93,6 +93,7 @@ def test_every_catalog_metric_is_present_and_moves(server):
                 "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total"):
         assert grew(fam), fam
     assert grew("vllm:request_success_total", finished_reason="length")
+    assert grew("dsv4_rank_prefix_cache_hit_tokens_total", rank="0")  # dp = 1: the replica is rank 0
     assert grew("dsv4_request_errors_total", code="400")
     assert any(grew("dsv4_cache_pool_evictions_total", pool=p) for p in catalog.POOLS)
     for fam in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",

@@ -7,7 +7,7 @@ them; their "All" is `.+`, so by default they match every scrape):
 | uid | What |
 |---|---|
 | `dsv4-overview` | replicas desired/ready, endpoint ready, requests/s, tokens/s, errors/s, running and waiting |
-| `dsv4-cache` | per-pool occupancy, bytes used vs allocated, tokens held, prefix hit rate, evictions, SWA checkpoints |
+| `dsv4-cache` | per-pool occupancy, bytes, tokens held, prefix hit rate, evictions, SWA checkpoints, per DP rank |
 | `dsv4-latency` | TTFT, ITL, end-to-end and queue-time percentiles; batching-delay waits; step duration by phase |
 | `dsv4-autoscaler` | desired vs current vs ready (min/max), decisions by direction/reason, panic mode, signal |
 | `dsv4-operator` | reconciles and errors by handler, reconcile latency, managed endpoints, pod scrape errors |
@@ -158,6 +158,26 @@ def cache() -> Dashboard:
             ), unit="short"),
             Panel("Preemptions / s", "Running requests preempted per second because a cache pool was full.", (
                 _t(f"sum by ({BY_ENDPOINT}) ({rate('vllm:num_preemptions_total')})", "{{dsv4_endpoint}}"),
+            ), unit="short"),
+            Panel("Pool occupancy per data-parallel rank",
+                  "With dp > 1 each attention rank of a pod has its own KV cache: each rank's pools. One rank far "
+                  "above the others means the dispatcher's prefix affinity is concentrating work.", (
+                _t(f"max by (pod, rank, pool) ({sel('dsv4_rank_cache_pool_occupancy_ratio')})",
+                   "{{pod}} rank {{rank}} {{pool}}"),
+            ), unit="percentunit", max=1.0),
+            Panel("Requests per data-parallel rank",
+                  "Running and waiting requests of each attention rank (dp = 1: rank 0 is the whole pod).", (
+                _t(sel("dsv4_rank_requests_running"), "running {{pod}} rank {{rank}}"),
+                _t(sel("dsv4_rank_requests_waiting"), "waiting {{pod}} rank {{rank}}"),
+            ), unit="short"),
+            Panel("Dispatch per rank and prefix hits / s",
+                  "Requests/s the front end sends to each rank, by reason (prefix: the rank held the longest "
+                  "cached prefix; load: the least-loaded rank), and prompt tokens/s each rank served from its "
+                  "own prefix cache.", (
+                _t(f"sum by (pod, rank, reason) ({rate('dsv4_rank_dispatched_requests_total')})",
+                   "{{pod}} rank {{rank}} {{reason}}"),
+                _t(f"sum by (pod, rank) ({rate('dsv4_rank_prefix_cache_hit_tokens_total')})",
+                   "hit tokens {{pod}} rank {{rank}}"),
             ), unit="short"),
         ),
     )  # fmt: skip

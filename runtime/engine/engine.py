@@ -32,9 +32,9 @@ from dsv4.runtime.engine.request import (
     Sequence,
     TokenLogprob,
 )
-from dsv4.runtime.engine.runner import ModelRunner
+from dsv4.runtime.engine.runner import ModelRunner, StepLogits
 from dsv4.runtime.engine.sampling import INVALID, RowSpec, make_generator, sample, take_rows, token_logprob
-from dsv4.runtime.engine.scheduler import Scheduler, SchedulerConfig
+from dsv4.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from dsv4.runtime.engine.seams import Detokenizer, ForwardModel
 
 if TYPE_CHECKING:
@@ -74,6 +74,15 @@ class StepInfo:
     num_preempted: int
     num_running: int
     num_waiting: int
+
+
+@dataclass
+class StepPlan:
+    """A scheduled step waiting for its logits (`LLMEngine.begin_step` -> `finish_step`)."""
+
+    sched: SchedulerOutput
+    t0: float  # monotonic: the step began
+    t1: float  # monotonic: scheduling done
 
 
 class EngineObserver:
@@ -162,6 +171,19 @@ class LLMEngine:
     def step(self) -> tuple[list[RequestOutput], float | None]:
         """Run one step. Returns the outputs and, when nothing ran because of the batching delay, the
         monotonic time at which work becomes schedulable."""
+        plan = self.begin_step()
+        if plan.sched.is_empty:
+            return [], plan.sched.wake_at
+        try:
+            result: StepLogits | str = self.runner.execute(plan.sched.scheduled)
+        except Exception as e:  # a model failure fails the requests of this step, not the server
+            log.exception("model forward failed")
+            result = f"model forward failed: {type(e).__name__}: {e}"
+        return self.finish_step(plan, result), None
+
+    # The two halves of a step, for engines that run several ranks' batches in one forward
+    # (engine/data_parallel.py): begin_step schedules, finish_step samples and commits.
+    def begin_step(self) -> StepPlan:
         t0 = time.monotonic()
         sched = self.scheduler.schedule(t0)
         t1 = time.monotonic()
@@ -169,20 +191,18 @@ class LLMEngine:
             self.observer.on_admitted(seq, t1 - seq.request.arrival_time, seq.batching_wait)
             if seq.index == 0 and seq.num_preemptions == 0:
                 self.observer.on_prompt(seq.request)
-        if sched.is_empty:
-            return [], sched.wake_at
-        failed: str | None = None
-        try:
-            result = self.runner.execute(sched.scheduled)
-        except Exception as e:  # a model failure fails the requests of this step, not the server
-            log.exception("model forward failed")
-            failed = f"model forward failed: {type(e).__name__}: {e}"
+        return StepPlan(sched, t0, t1)
+
+    def finish_step(self, plan: StepPlan, result: StepLogits | str) -> list[RequestOutput]:
+        """Sample from the step's logits (or fail its requests with `result`, an error message), commit the
+        step in the cache, and return the outputs."""
+        sched, t0, t1 = plan.sched, plan.t0, plan.t1
         t2 = time.monotonic()
         outputs: dict[str, list[SeqDelta]] = {}
-        if failed is not None:
+        if isinstance(result, str):
             reqs = {s.seq.request.request_id for s in sched.scheduled}
-            outs = [self._fail(rid, failed) for rid in reqs]
-            return [o for o in outs if o is not None], None
+            outs = [self._fail(rid, result) for rid in reqs]
+            return [o for o in outs if o is not None]
         # gather prompt logprobs, collect rows to sample
         to_sample: list[tuple[Sequence, int]] = []
         for sch, (r0, r1) in zip(sched.scheduled, result.rows, strict=True):
@@ -233,7 +253,7 @@ class LLMEngine:
                         sched.num_tokens, sched.num_prefill_tokens, len(sched.preempted),
                         self.num_running_requests(), self.num_waiting_requests())
         self.observer.on_step(info, self.cache.stats())
-        return outs, None
+        return outs
 
     def _row_spec(self, seq: Sequence) -> RowSpec:
         p = seq.request.params
@@ -531,7 +551,7 @@ class AsyncEngine:
                     outs = eng.fail_all(f"engine error: {e}")
                 for out in outs:
                     self._deliver(out)
-                if wake_at is None and not outs and eng.has_work and not eng.scheduler.running:
+                if wake_at is None and not outs and eng.has_work and not eng.num_running_requests():
                     wake_at = time.monotonic() + 0.005  # waiting work that cannot be placed yet: poll
             self.num_running = eng.num_running_requests()
             self.num_waiting = eng.num_waiting_requests()

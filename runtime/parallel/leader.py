@@ -298,6 +298,16 @@ def capacity_lines(leader: Leader, mcfg: Any, cache: Any, context: int) -> list[
     n = leader.info.world
     r = cache.capacity_report(context)
     nb = ",".join(f"{p}:{v}" for p, v in sorted(cache.num_blocks.items()))
+    if leader.data_parallel:
+        return [
+            f"data parallel: {n} attention ranks with expert parallelism ({leader.info.backend}, collective timeout "
+            f"{leader.info.timeout_s:g} s); per rank: {mcfg.n_routed_experts // n} of {mcfg.n_routed_experts} "
+            f"routed experts, everything else whole, its own requests and KV cache",
+            f"dp capacity: ranks={n} per_rank_cache_bytes={r['total_bytes']} "
+            f"replica_cache_bytes={n * r['total_bytes']} context={r['context']} "
+            f"sessions_per_rank={r['concurrent_sequences']} replica_sessions={n * r['concurrent_sequences']} "
+            f"max_request_tokens={r['max_request_tokens']} num_blocks={nb}",
+        ]
     return [
         f"tensor parallel: {n} ranks ({leader.info.backend}, collective timeout {leader.info.timeout_s:g} s); "
         + shard_summary(mcfg, n),

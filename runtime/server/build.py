@@ -109,14 +109,16 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
 
         keep_freed_memory()  # per-step temporaries reuse freed heap instead of faulting fresh pages in
     group = None
-    if cfg.tp > 1:  # spawn ranks 1..tp-1 first: they load the checkpoint while this process does
+    if cfg.tp > 1 or cfg.dp > 1:  # spawn ranks 1..N-1 first: they load the checkpoint while this process does
         from dsv4.runtime.parallel.leader import start_for_serving
 
         group = start_for_serving(cfg, model_dir, device)
         device = group.info.device
     say(f"loading {model_dir} on {device} (weights {cfg.weights_dtype})")
-    # with tp > 1 only rank 0's rows / columns / experts are read, like the other ranks (parallel/worker.py)
-    shard = TPShard(0, cfg.tp, group.info.pg) if group is not None else None
+    # with tp > 1 only rank 0's rows / columns / experts are read, like the other ranks (parallel/worker.py);
+    # with dp > 1 (EP) every tensor but the routed experts is whole, and rank 0 reads its 1/dp of the experts
+    shard = (TPShard(0, group.info.world, group.info.pg, mode="ep" if group.data_parallel else "tp")
+             if group is not None else None)
     model, mcfg, tok = load_model(str(model_dir), device=device, progress=False, shard=shard,
                                   weights_dtype=cfg.weights_dtype)
     if tok is None:
@@ -134,15 +136,17 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
         kv_dtype = "fp32" if device == "cpu" and str(mcfg.torch_dtype) in ("float32", "torch.float32") else "bf16"
     spec = cache_spec(cfg, mcfg, kv_dtype)
     context = None
-    # on CPU every TP rank holds a full replica of the pools (docs/parallel.md): each gets 1/tp of the host
-    host_share = host_available_bytes() // cfg.tp if device == "cpu" else 0
+    # on CPU every TP or DP rank holds full pools of its own (docs/parallel.md): each gets 1/ranks of the host
+    host_share = host_available_bytes() // max(cfg.tp, cfg.dp) if device == "cpu" else 0
     if cfg.num_blocks is not None:
         num_blocks = {p: int(cfg.num_blocks) for p in spec.pools}
         if device == "cpu" and (err := check_cpu_blocks(pools_bytes(spec, num_blocks), host_share,
                                                         cfg.host_memory_fraction)):
             raise ServeConfigError(err)
-        cache = CacheManager(spec, num_blocks, policy=cfg.cache_policy, checkpoint_every=cfg.checkpoint_every,
-                             enable_prefix_caching=cfg.enable_prefix_caching)
+
+        def make_cache() -> CacheManager:
+            return CacheManager(spec, num_blocks, policy=cfg.cache_policy, checkpoint_every=cfg.checkpoint_every,
+                                enable_prefix_caching=cfg.enable_prefix_caching)
     else:
         if cfg.cache_budget_gib is not None:
             budget = int(cfg.cache_budget_gib * 2**30)
@@ -156,7 +160,10 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
             if warning:
                 log.warning(warning)
         context = expected_context(cfg, int(mcfg.max_position_embeddings))
-        cache = cache_for_budget(cfg, spec, budget, context)
+
+        def make_cache() -> CacheManager:
+            return cache_for_budget(cfg, spec, budget, context)
+    cache = make_cache()
     num_blocks = dict(cache.num_blocks)
     try:
         pools = KVPools.for_model(mcfg, spec, num_blocks, device=device)
@@ -165,7 +172,8 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
                                f"GiB on {device}): {e}; lower cache_budget_gib or num_blocks") from None
     if group is not None:
         group.setup_workers(spec, num_blocks)
-        model = group.wrap(model)
+        if not group.data_parallel:
+            model = group.wrap(model)
     cache_limit = int(cache.max_request_tokens())
     max_len = min(int(mcfg.max_position_embeddings), cache_limit)
     if cfg.max_model_len is not None:
@@ -179,8 +187,21 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     sched = SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
                             batching_delay_s=cfg.batching_delay_ms / 1000.0,
                             chunked_prefill_size=cfg.chunked_prefill_size)
-    llm = LLMEngine(model, mcfg, tok, cache, pools, EngineConfig(sched, max_len, cfg.max_queue), device, metrics)
-    metrics.update_cache(cache.stats())
+    engine_cfg = EngineConfig(sched, max_len, cfg.max_queue)
+    llm: Any = LLMEngine(model, mcfg, tok, cache, pools, engine_cfg, device, metrics)
+    if group is not None and group.data_parallel:  # rank k's scheduler + cache here, its pools in process k
+        from dsv4.runtime.engine.data_parallel import DataParallelEngine
+
+        ranks = [llm] + [LLMEngine(model, mcfg, tok, make_cache(), None, engine_cfg, device)
+                         for _ in range(1, cfg.dp)]
+        metrics.data_parallel = True
+
+        def step_all(batches: list[Any], _model: Any = model, _pools: Any = pools) -> list[Any]:
+            return group.step_all(_model, batches, _pools)
+
+        llm = DataParallelEngine(ranks, step_all, metrics)
+    metrics.init_ranks(cfg.dp, cache.stats())
+    metrics.update_cache(llm.stats_snapshot())
     report = capacity_report(spec, cache, num_blocks, max_len, kv_dtype, cfg)
     if group is not None:
         from dsv4.runtime.parallel.leader import capacity_lines

@@ -43,6 +43,8 @@ class EngineMetrics(EngineObserver):
             self.c["dsv4_request_errors_total"].labels(code=str(code))
         self._prev_queries = 0
         self._prev_hits = 0
+        self.data_parallel = False  # True: a DataParallelEngine reports each rank (update_rank, on_dispatch)
+        self._prev_rank_hits: dict[str, int] = {}
         self._prev_evictions: dict[str, int] = {}
         self._generation_tokens = self.c["vllm:generation_tokens_total"].labels()
         self._ttft = self.c["vllm:time_to_first_token_seconds"].labels()
@@ -93,6 +95,31 @@ class EngineMetrics(EngineObserver):
         self._prev_queries, self._prev_hits = max(q, self._prev_queries), max(h, self._prev_hits)
         self.c["dsv4_swa_checkpoints_kept"].set(int(_get(cache_stats, "swa_checkpoints_kept", 0)))
 
+    def init_ranks(self, ranks: int, cache_stats: Any) -> None:
+        """Every rank's series exist from the start (counters at 0): dashboards and alerts see each rank."""
+        for k in range(ranks):
+            for reason in catalog.DISPATCH_REASONS:
+                self.c["dsv4_rank_dispatched_requests_total"].labels(rank=str(k), reason=reason)
+            self.update_rank(k, 0, 0, cache_stats)
+
+    def update_rank(self, rank: int, num_running: int, num_waiting: int, cache_stats: Any) -> None:
+        """The `rank`-labelled series of one data-parallel attention rank."""
+        r = str(rank)
+        self.c["dsv4_rank_requests_running"].labels(rank=r).set(num_running)
+        self.c["dsv4_rank_requests_waiting"].labels(rank=r).set(num_waiting)
+        for pool, ps in pool_stats(cache_stats).items():
+            self.c["dsv4_rank_cache_pool_occupancy_ratio"].labels(rank=r, pool=pool).set(
+                float(_get(ps, "occupancy", 0.0)))
+        hits = int(_get(cache_stats, "prefix_hit_tokens", 0))
+        prev = self._prev_rank_hits.get(r, 0)
+        counter = self.c["dsv4_rank_prefix_cache_hit_tokens_total"].labels(rank=r)
+        if hits > prev:
+            counter.inc(hits - prev)
+        self._prev_rank_hits[r] = max(hits, prev)
+
+    def on_dispatch(self, rank: int, reason: str) -> None:
+        self.c["dsv4_rank_dispatched_requests_total"].labels(rank=str(rank), reason=reason).inc()
+
     # ---- observer hooks (engine thread) ---------------------------------------------------------------
     def on_step(self, info: StepInfo, cache_stats: Any) -> None:
         for phase, secs in info.durations.items():
@@ -102,11 +129,15 @@ class EngineMetrics(EngineObserver):
         self.c["vllm:num_requests_running"].set(info.num_running)
         self.c["vllm:num_requests_waiting"].set(info.num_waiting)
         self.update_cache(cache_stats)
+        if not self.data_parallel:
+            self.update_rank(0, info.num_running, info.num_waiting, cache_stats)
 
     def on_idle(self, num_running: int, num_waiting: int, cache_stats: Any) -> None:
         self.c["vllm:num_requests_running"].set(num_running)
         self.c["vllm:num_requests_waiting"].set(num_waiting)
         self.update_cache(cache_stats)
+        if not self.data_parallel:
+            self.update_rank(0, num_running, num_waiting, cache_stats)
 
     def on_admitted(self, seq: Sequence, queue_time: float, batching_wait: float | None) -> None:
         if seq.index != 0:
