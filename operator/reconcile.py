@@ -67,8 +67,9 @@ def _deployment_counts(dep: dict[str, Any] | None) -> tuple[int, int, int]:
 
 
 # The plan's choices a replan reports old -> new (status.planHistory, the Planned event).
-PLAN_CHOICES = ("tensorParallelSize", "cachePolicy", "hcaState", "batchingDelayMs", "maxNumBatchedTokens",
-                "chunkedPrefillSize", "maxModelLen", "maxServableContext", "sessionsPerReplica", "initialReplicas")
+PLAN_CHOICES = ("parallelism", "tensorParallelSize", "cachePolicy", "hcaState", "batchingDelayMs",
+                "maxNumBatchedTokens", "chunkedPrefillSize", "maxModelLen", "maxServableContext", "sessionsPerReplica",
+                "initialReplicas")
 
 
 def plan_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
@@ -137,7 +138,7 @@ def reconcile(name: str, namespace: str, uid: str, generation: int | None, raw_s
     replicas, ready, updated = _deployment_counts(observed.deployment)
     if desired is None:  # KEDA owns replicas: read what it chose
         desired = int(((observed.deployment or {}).get("spec") or {}).get("replicas") or p.initial_replicas)
-    plan_msg = (f"TP{p.tensor_parallel_size}, {p.cache_policy} cache, {p.sessions_per_replica} sessions/replica, "
+    plan_msg = (f"{p.parallelism.label}, {p.cache_policy} cache, {p.sessions_per_replica} sessions/replica, "
                 f"max_model_len {p.max_model_len} (servable {p.max_servable_context})")
     new_plan = p.to_status().wire()
     old_plan = prev.plan.wire() if prev.plan else None

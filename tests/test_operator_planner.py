@@ -19,7 +19,8 @@ from dsv4.runtime.config import flash, pro
 
 from dsv4.settings_enums import PROFILE_NAMES
 
-REASON_KEYS = {"tensorParallelSize", "batchingDelayMs", "maxNumBatchedTokens", "chunkedPrefillSize", "cachePolicy",
+REASON_KEYS = {"layout", "tensorParallelSize", "dataParallelSize",
+               "batchingDelayMs", "maxNumBatchedTokens", "chunkedPrefillSize", "cachePolicy",
                "hcaState", "poolSplit", "maxServableContext", "maxModelLen", "sessionsPerReplica", "initialReplicas"}
 
 
@@ -66,17 +67,23 @@ def test_plan_table(variant: str, gpu: str, profile: str) -> None:
         assert math.ceil(wbytes / usable) > 8
         return
     p = plan(s)
-    tp = p.tensor_parallel_size
+    tp, dp = p.tensor_parallel_size, p.data_parallel_size
     assert tp <= 8 and cfg.num_attention_heads % tp == 0 and cfg.n_routed_experts % tp == 0
-    # memory adds up: the rank's weights (split parts / tp + replicated parts whole) + cache within one GPU
-    assert W.weight_bytes_per_gpu(cfg, tp, "fp8-fp4") + p.cache_bytes_per_gpu < usable
+    assert p.gpus_per_replica == tp * dp <= 8 and (tp == 1 or dp == 1) and cfg.n_routed_experts % dp == 0
+    assert p.layout == ("dp-ep" if dp > 1 else "tp")
+    # memory adds up: the rank's weights (TP: split parts / tp + replicated parts whole; DP+EP: experts / dp + the
+    # rest whole) + cache within one GPU
+    held = W.weight_bytes_per_gpu_ep(cfg, dp, "fp8-fp4") if dp > 1 else W.weight_bytes_per_gpu(cfg, tp, "fp8-fp4")
+    assert p.weight_bytes_per_gpu == held and held + p.cache_bytes_per_gpu < usable
     assert p.cache_bytes_per_gpu > 1 * GIB
     # TP1 is chosen whenever the weights leave room for a cache on one GPU and it holds as many per GPU
-    if tp > 1 and wbytes + 3 * GIB > usable:
-        assert "TP1: no" in p.reasons["tensorParallelSize"]
+    if tp * dp > 1 and wbytes + 3 * GIB > usable:
+        assert "TP1: no" in p.reasons["tensorParallelSize"] + p.reasons["dataParallelSize"]
     assert p.max_servable_context >= wl.context_max and p.max_model_len == wl.context_max
     assert p.context_length_range == f"0-{wl.context_max}"
-    assert 1 <= p.sessions_per_replica <= 256 and p.max_num_seqs == min(256, p.sessions_per_replica)
+    # each DP rank has its own scheduler: max_num_seqs is one rank's share of the replica's sessions
+    assert p.sessions_per_replica % dp == 0
+    assert 1 <= p.sessions_per_replica <= 256 * dp and p.max_num_seqs == min(256, p.sessions_per_replica // dp)
     assert p.initial_replicas == max(1, math.ceil(wl.concurrency / p.sessions_per_replica))
     assert p.decode_step_ms <= wl.itl_target_ms
     assert p.chunked_prefill_size <= p.max_num_batched_tokens
@@ -89,7 +96,9 @@ def test_plan_table(variant: str, gpu: str, profile: str) -> None:
     assert p.hca_state in ("raw", "online")
     assert REASON_KEYS <= set(p.reasons) and all(p.reasons[k].strip() for k in REASON_KEYS)
     st = p.to_status().wire()
-    assert st["tensorParallelSize"] == tp and st["reasons"]["cachePolicy"] == p.reasons["cachePolicy"]
+    assert st["tensorParallelSize"] == tp and st["dataParallelSize"] == dp and st["layout"] == p.layout
+    assert st["parallelism"] == (f"DP{dp}+EP" if dp > 1 else f"TP{tp}")
+    assert st["reasons"]["cachePolicy"] == p.reasons["cachePolicy"]
 
 
 def test_more_memory_never_gives_fewer_sessions_per_gpu() -> None:
@@ -97,7 +106,7 @@ def test_more_memory_never_gives_fewer_sessions_per_gpu() -> None:
         per_gpu = []
         for gpu in ("H200", "B200", "B200-192"):
             p = plan(spec(variant, gpu, "coding-agent", overrides={"cachePolicy": "recompute"}))
-            per_gpu.append(p.sessions_per_replica / p.tensor_parallel_size)
+            per_gpu.append(p.sessions_per_replica / p.gpus_per_replica)
         assert per_gpu == sorted(per_gpu), (variant, per_gpu)
 
 
@@ -124,13 +133,16 @@ def test_hca_state_is_online_only_when_the_cache_bounds_the_raw_layout() -> None
     # Flash short-chat on H200 without window reuse: the raw layout holds more sessions than the batch allows
     h200 = plan(spec("flash", "H200", "short-chat", overrides={"cachePolicy": "recompute"}))
     assert h200.hca_state == "raw" and "raw keeps the fused compressor kernel" in h200.reasons["hcaState"]
-    # on B200 TP1 the cache bounds the sessions: online holds more, and more than the raw layout forced
+    # on B200 (DP2+EP) the cache bounds each rank's sessions: online holds more, and more than the raw state forced
+    # on the same layout
     b200 = plan(spec("flash", "B200", "short-chat"))
-    raw = plan(spec("flash", "B200", "short-chat", overrides={"hcaState": "raw", "tensorParallelSize":
-                                                            b200.tensor_parallel_size}))
-    assert b200.hca_state == "online" and raw.hca_state == "raw"
+    dp = b200.data_parallel_size
+    same_layout = {"dataParallelSize": dp} if dp > 1 else {"tensorParallelSize": b200.tensor_parallel_size}
+    raw = plan(spec("flash", "B200", "short-chat", overrides={"hcaState": "raw", **same_layout}))
+    assert b200.hca_state == "online" and raw.hca_state == "raw" and raw.data_parallel_size == dp
     assert b200.sessions_per_replica > raw.sessions_per_replica
-    assert f"{b200.sessions_per_replica} sessions (raw {raw.sessions_per_replica})" in b200.reasons["hcaState"]
+    per_rank = f"{b200.sessions_per_replica // dp} sessions (raw {raw.sessions_per_replica // dp})"
+    assert per_rank in b200.reasons["hcaState"]
     assert b200.to_status().wire()["hcaState"] == "online"
     forced = plan(spec("flash", "H200", "short-chat", overrides={"cachePolicy": "recompute", "hcaState": "online"}))
     assert forced.hca_state == "online" and "overrides.hcaState" in forced.reasons["hcaState"]
@@ -183,7 +195,7 @@ def test_custom_model_config_is_planned_from_its_shapes() -> None:
                                          "profile": {"name": "short-chat"}, "accelerator": {"type": "H100"}})
     p = plan(s)
     assert p.weight_bytes < W.weight_bytes(flash()) / 2
-    assert p.tensor_parallel_size < plan(spec("flash", "H100", "short-chat")).tensor_parallel_size
+    assert p.gpus_per_replica < plan(spec("flash", "H100", "short-chat")).gpus_per_replica
     bad = DSV4EndpointSpec.model_validate({"model": {"variant": "custom", "config": {"num_hidden_layers": 2},
                                                      "weights": {"pvc": {"claimName": "w"}}},
                                            "profile": {"name": "short-chat"}})
