@@ -496,14 +496,15 @@ def _layout_reasons(spec: DSV4EndpointSpec, wbytes: int, c: _Candidate,
         rivals = [r for par, r in results.items() if par.layout == other and isinstance(r, _Candidate)]
         if rivals:
             rival = _describe(_best(rivals))
-            tie = " (a tie per GPU: fewer GPUs per replica, then TP, wins)" if _per_gpu(_best(rivals)) == _per_gpu(
-                c) else ""
         else:
             why = [str(r) for par, r in results.items() if par.layout == other]
             rival = "; ".join(why) if why else f"no {other} size fits accelerator.gpusPerNode"
-            tie = ""
-        reasons["layout"] = (f"{_describe(c)}; vs {rival}{tie} (sessions per GPU compared under the recompute "
-                             "policy)")
+        tied = [par.label for par, r in results.items()
+                if isinstance(r, _Candidate) and par != c.par and _per_gpu(r) == _per_gpu(c)]
+        tie = (f"; tied with {', '.join(tied)} at {_per_gpu(c):.1f}/GPU: the fewest GPUs per replica wins, then TP "
+               "(it exchanges no tokens)") if tied else ""
+        reasons["layout"] = (f"{_describe(c)}; vs {rival} (sessions per GPU compared under the recompute policy)"
+                             f"{tie}")
     if ov and ov.tensor_parallel_size:
         reasons["tensorParallelSize"] = f"set by overrides.tensorParallelSize ({c.cache_bytes / 1e9:.1f} GB cache/GPU)"
     elif c.par.layout == "dp-ep":
