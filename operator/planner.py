@@ -252,10 +252,35 @@ def _decode_step_s(cfg: ModelConfig, quant: str, acc: Accelerator, par: Parallel
     return (W.decode_weight_bytes_ep(cfg, quant, par.dp, batch) + batch * kv_read) / hbm + exchange
 
 
-def _weights_per_gpu(cfg: ModelConfig, par: Parallelism, quant: str) -> int:
-    if par.layout == "tp":
-        return W.weight_bytes_per_gpu(cfg, par.tp, quant)
-    return W.weight_bytes_per_gpu_ep(cfg, par.dp, quant)
+def step_token_budget(chunk: int) -> int:
+    """max_num_batched_tokens for a prefill chunk: the chunk + MAX_NUM_SEQS decode slots, rounded up to 256."""
+    return int(math.ceil((chunk + MAX_NUM_SEQS) / 256) * 256)
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One GPU of a layout: usable bytes, the rank's weights, the reserve and what is left for its KV cache (a
+    TP group shares one cache; each DP rank has its own). `cache` <= 0: the layout does not fit."""
+
+    usable: int
+    weights: int
+    reserve: int
+
+    @property
+    def cache(self) -> int:
+        return self.usable - self.weights - self.reserve
+
+
+def gpu_memory(cfg: ModelConfig, acc: Accelerator, par: Parallelism, quant: str, max_num_batched_tokens: int
+               ) -> GpuMemory:
+    """The per-GPU memory split of the module docstring (also `dsv4 bench capacity`'s layouts section)."""
+    mnbt = max_num_batched_tokens
+    reserve = acc.reserve_bytes + mnbt * cfg.hidden_size * 2 * ACTIVATION_FACTOR + MAX_NUM_SEQS * cfg.vocab_size * 4
+    if par.dp > 1:
+        reserve += 2 * par.dp * mnbt * cfg.hidden_size * EXCHANGE_BYTES
+    weights = W.weight_bytes_per_gpu(cfg, par.tp, quant) if par.layout == "tp" else W.weight_bytes_per_gpu_ep(
+        cfg, par.dp, quant)
+    return GpuMemory(int(acc.memory_bytes * GPU_MEMORY_UTILIZATION), weights, int(reserve))
 
 
 def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheSpec], acc: Accelerator,
@@ -270,19 +295,15 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
     # a TP group's or one DP rank's)
     step_rate = par.tp * per_gpu_rate
     chunk = min(MAX_CHUNK, max(MIN_CHUNK, _pow2_floor(step_rate * wl.itl_target_ms / 1000 * 0.5)))
-    mnbt = int(math.ceil((chunk + MAX_NUM_SEQS) / 256) * 256)
+    mnbt = step_token_budget(chunk)
     if ov and ov.max_num_batched_tokens:
         mnbt = ov.max_num_batched_tokens
         chunk = min(chunk, mnbt)
-    usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION
-    reserve = acc.reserve_bytes + mnbt * cfg.hidden_size * 2 * ACTIVATION_FACTOR + MAX_NUM_SEQS * cfg.vocab_size * 4
-    if par.dp > 1:
-        reserve += 2 * par.dp * mnbt * cfg.hidden_size * EXCHANGE_BYTES
-    per_gpu = _weights_per_gpu(cfg, par, quant)
-    cache_bytes = int(usable - per_gpu - reserve)
+    mem = gpu_memory(cfg, acc, par, quant, mnbt)
+    per_gpu, cache_bytes = mem.weights, mem.cache
     if cache_bytes <= 0:
-        return (f"{name}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {reserve / 1e9:.1f} GB exceed "
-                f"{usable / 1e9:.1f} GB usable")
+        return (f"{name}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {mem.reserve / 1e9:.1f} GB exceed "
+                f"{mem.usable / 1e9:.1f} GB usable")
     limit = cfg.max_position_embeddings
     if ov and ov.max_model_len:
         limit = min(limit, ov.max_model_len)
