@@ -122,11 +122,13 @@ def _plan(files: dict[str, TensorMeta], cfg: ModelConfig, raw_config: dict[str, 
 
 @dataclass(frozen=True)
 class TPShard:
-    """Load only what rank `rank` of `world` tensor-parallel ranks holds (`parallel/ownership.py`)."""
+    """Load only what rank `rank` of `world` tensor-parallel ranks (`mode="tp"`) or expert-parallel data-parallel
+    ranks (`mode="ep"`: only the routed experts are split) holds (`parallel/ownership.py`)."""
 
     rank: int
     world: int
-    pg: Any = None  # the process group the sharded modules all-reduce over
+    pg: Any = None  # the process group the sharded modules all-reduce / exchange over
+    mode: str = "tp"
 
 
 
@@ -176,13 +178,19 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     with _parameters_on_meta():
         model = DeepseekV4Model(cfg, wdtype, with_mtp=has_mtp)
     world = shard.world if shard else 1
-    if world > 1:
+    if world > 1 and shard.mode == "ep":
+        from dsv4.runtime.parallel.ep import shard_model_ep
+        from dsv4.runtime.parallel.expert_exchange import AllGatherExchange
+
+        model.expert_exchange = AllGatherExchange(shard.rank, world, shard.pg, act_dtype=wdtype)
+        shard_model_ep(model, cfg, shard.rank, world, model.expert_exchange)  # on the meta device
+    elif world > 1:
         from dsv4.runtime.parallel.shard import shard_model
 
         shard_model(model, cfg, shard.rank, world, shard.pg)  # on the meta device: only the shapes change
 
     def part_of(hf: str) -> OwnedPart | None:
-        return owned_part(hf.removeprefix("model."), cfg, shard.rank, world) if shard else OwnedPart()
+        return owned_part(hf.removeprefix("model."), cfg, shard.rank, world, shard.mode) if shard else OwnedPart()
 
     if weights_dtype == "checkpoint":
         _keep_quantised(model, plan, wdtype, part_of)

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from dsv4.runtime.parallel.codec import CMD_NOOP, CMD_STEP, CMD_STOP
+from dsv4.runtime.parallel.dp_channel import DPChannel
 from dsv4.runtime.parallel.group import (
     ENV_ADDR,
     ENV_PORT,
@@ -53,23 +54,30 @@ def _describe_exit(code: int) -> str:
 
 
 class Leader:
-    def __init__(self, info: GroupInfo, workers: dict[int, subprocess.Popen]):
+    def __init__(self, info: GroupInfo, workers: dict[int, subprocess.Popen], data_parallel: bool = False):
         self.info = info
         self.workers = workers
-        self.channel = Channel(info)
+        self.data_parallel = data_parallel  # dp ranks with EP (DPChannel, step_all) instead of TP shards
+        self.channel: Channel | DPChannel = DPChannel(info) if data_parallel else Channel(info)
         self.lock = threading.Lock()
         self.closing = False
         self._fatal_once = threading.Lock()
         self.last_send = time.monotonic()
         self.heartbeat_s = max(0.05, min(1.0, info.timeout_s / 4))
 
+    @property
+    def kind(self) -> str:
+        return "data parallel" if self.data_parallel else "tensor parallel"
+
     # ---- start-up ----------------------------------------------------------------------------------
     @classmethod
     def start(cls, cfg: Any, device: str) -> Leader:
-        """Spawn the workers for `cfg.tp` ranks and join the group as rank 0 on `device` (cpu or cuda:0)."""
+        """Spawn the workers for `cfg.tp` (or `cfg.dp`) ranks and join the group as rank 0 on `device`."""
         from dsv4.runtime.server.launch import free_port
 
-        world = int(cfg.tp)
+        data_parallel = int(cfg.dp) > 1
+        world = int(cfg.dp) if data_parallel else int(cfg.tp)
+        kind = "data parallel" if data_parallel else "tensor parallel"
         addr = os.environ.get(ENV_ADDR, "127.0.0.1")
         port = int(os.environ.get(ENV_PORT) or free_port())
         conf = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "config"})
@@ -79,7 +87,7 @@ class Leader:
                    "DSV4_TP_CONFIG": conf, "DSV4_TP_DEVICE": device}
             workers[r] = subprocess.Popen([sys.executable, "-m", "dsv4.runtime.parallel.worker"], env=env,
                                           start_new_session=True)
-            log.info("tensor parallel: started rank %d (pid %d)", r, workers[r].pid)
+            log.info("%s: started rank %d (pid %d)", kind, r, workers[r].pid)
         atexit.register(_kill_all, workers)
         leader_box: list[Leader] = []
         watcher = threading.Thread(target=_watch_startup, args=(workers, leader_box), daemon=True,
@@ -87,11 +95,11 @@ class Leader:
         watcher.start()
         _set_threads(world, device)
         info = init_group(0, world, addr, port, device, float(cfg.tp_timeout_s))
-        leader = cls(info, workers)
+        leader = cls(info, workers, data_parallel)
         leader_box.append(leader)
         atexit.register(leader._at_exit)  # runs before _kill_all (LIFO): no false alarm from the watcher
         threading.Thread(target=leader._watch, daemon=True, name="dsv4-tp-watch").start()
-        log.info("tensor parallel: %d ranks joined (%s on %s:%d, collective timeout %g s)", world, info.backend,
+        log.info("%s: %d ranks joined (%s on %s:%d, collective timeout %g s)", kind, world, info.backend,
                  addr, port, info.timeout_s)
         return leader
 
@@ -110,6 +118,19 @@ class Leader:
             try:
                 self.channel.send(CMD_STEP, batch)
                 out = model.forward(batch, pools)
+            except BaseException as e:
+                self.fatal(f"step {self.channel.seq_no} failed on rank 0: {type(e).__name__}: {e}")
+            self.last_send = time.monotonic()
+            return out
+
+    def step_all(self, model: Any, batches: list[Any], pools: Any) -> list[Any]:
+        """Data parallel: rank k runs batches[k] (None = idle); returns every rank's logits rows (rank order)."""
+        from dsv4.runtime.parallel.dp_channel import rank_step
+
+        with self.lock:
+            try:
+                header = self.channel.send(CMD_STEP, batches)
+                out = rank_step(model, batches[0], pools, header, self.info)
             except BaseException as e:
                 self.fatal(f"step {self.channel.seq_no} failed on rank 0: {type(e).__name__}: {e}")
             self.last_send = time.monotonic()
@@ -146,8 +167,8 @@ class Leader:
         dead = self._dead_workers(wait_s=0.5)
         if dead and not why.startswith(dead[0]):  # a collective noticed first: name the rank that died
             why = f"{'; '.join(dead)} (noticed as: {_short(why)})"
-        log.critical("tensor-parallel group broken: %s; exiting with code %d (the pod restarts)", _short(why, 600),
-                     FATAL_EXIT_CODE)
+        log.critical("%s group broken: %s; exiting with code %d (the pod restarts)", self.kind.replace(" ", "-"),
+                     _short(why, 600), FATAL_EXIT_CODE)
         _kill_all(self.workers)
         for h in logging.getLogger().handlers:
             h.flush()
@@ -177,20 +198,20 @@ class Leader:
             try:
                 self.channel.send(CMD_STOP)
             except BaseException as e:  # a worker already gone: nothing left to stop cleanly
-                log.warning("tensor parallel: stop message failed (%s)", e)
+                log.warning("%s: stop message failed (%s)", self.kind, e)
         deadline = time.monotonic() + timeout
         for r, p in self.workers.items():
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("tensor parallel: rank %d did not stop in %.0f s; killing it", r, timeout)
+                log.warning("%s: rank %d did not stop in %.0f s; killing it", self.kind, r, timeout)
                 p.kill()
                 p.wait()
         try:
             dist.destroy_process_group()
         except Exception:  # already torn down
             pass
-        log.info("tensor parallel: %d workers stopped", len(self.workers))
+        log.info("%s: %d workers stopped", self.kind, len(self.workers))
 
 
 class GroupModel:
@@ -247,23 +268,25 @@ def _watch_startup(workers: dict[int, subprocess.Popen], leader_box: list) -> No
 
 
 def start_for_serving(cfg: Any, model_dir: Any, device: str) -> Leader:
-    """`dsv4 serve --tp N`: check the model splits over N ranks (before any process starts), pick rank 0's device,
-    spawn the workers and join the group. Raises ServeConfigError naming the field."""
+    """`dsv4 serve --tp N` (or `--dp N --ep`): check the model splits over N ranks (before any process starts),
+    pick rank 0's device, spawn the workers and join the group. Raises ServeConfigError naming the field."""
     from dsv4.runtime.config import ConfigError, ModelConfig
     from dsv4.runtime.parallel.group import rank_device
+    from dsv4.runtime.parallel.ownership import check_ep
     from dsv4.runtime.parallel.shard import TPConfigError, check_tp
     from dsv4.runtime.server.config import ServeConfigError
 
+    name, ranks = ("dp", int(cfg.dp)) if cfg.dp > 1 else ("tp", int(cfg.tp))
     try:
-        check_tp(ModelConfig.from_file(model_dir), int(cfg.tp))
+        (check_ep if name == "dp" else check_tp)(ModelConfig.from_file(model_dir), ranks)
     except (TPConfigError, ConfigError) as e:
         raise ServeConfigError(f"{model_dir}: {e}") from e
     if device.startswith("cuda"):
         import torch
 
         n = torch.cuda.device_count()
-        if n < cfg.tp:
-            raise ServeConfigError(f"tp {cfg.tp} needs {cfg.tp} GPUs (one per rank); this machine has {n}")
+        if n < ranks:
+            raise ServeConfigError(f"{name} {ranks} needs {ranks} GPUs (one per rank); this machine has {n}")
     return Leader.start(cfg, rank_device(device, 0))
 
 

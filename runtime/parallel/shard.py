@@ -98,6 +98,37 @@ class VocabParallelHead(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
+def routed_partial(ex: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, e0: int, el: int
+                   ) -> torch.Tensor:
+    """Σ over the (token t, expert e) pairs with e in [e0, e0+el) of w_te · expert_e(x_t); other rows zero.
+    `ex` holds exactly those el experts (row j = expert e0 + j). Ids outside the range (other ranks' experts,
+    padding's -1) contribute nothing."""
+    from dsv4.runtime.model.layers import swiglu
+
+    out = torch.zeros_like(x)
+    k = idx.shape[1]
+    flat_e = idx.reshape(-1) - e0
+    keep = (flat_e >= 0) & (flat_e < el)
+    if not bool(keep.any()):
+        return out
+    tok_all = torch.arange(idx.shape[0], device=x.device).repeat_interleave(k)
+    e, tok, wts = flat_e[keep], tok_all[keep], w.reshape(-1)[keep]
+    order = torch.argsort(e, stable=True)
+    e, tok, wts = e[order], tok[order], wts[order]
+    counts = torch.bincount(e, minlength=el).tolist()
+    start = 0
+    for j, c in enumerate(counts):
+        if c == 0:
+            continue
+        rows = tok[start:start + c]
+        xe = x[rows]
+        y = F.linear(swiglu(F.linear(xe, ex.matrix("w1", j)), F.linear(xe, ex.matrix("w3", j)), ex.limit),
+                     ex.matrix("w2", j))
+        out.index_add_(0, rows, (y * wts[start:start + c, None].to(y.dtype)).to(out.dtype))
+        start += c
+    return out
+
+
 class ParallelMoE(nn.Module):
     """The rank's routed experts [e0, e0+el) plus its slice of the shared expert; one all-reduce.
 
@@ -121,36 +152,9 @@ class ParallelMoE(nn.Module):
         self.shared_experts = sh
         self.pg = pg
 
-    def _routed(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ex = self.experts
-        out = torch.zeros_like(x)
-        k = idx.shape[1]
-        flat_e = idx.reshape(-1) - self.e0
-        keep = (flat_e >= 0) & (flat_e < self.el)
-        if not bool(keep.any()):
-            return out
-        tok_all = torch.arange(idx.shape[0], device=x.device).repeat_interleave(k)
-        e, tok, wts = flat_e[keep], tok_all[keep], w.reshape(-1)[keep]
-        order = torch.argsort(e, stable=True)
-        e, tok, wts = e[order], tok[order], wts[order]
-        counts = torch.bincount(e, minlength=self.el).tolist()
-        from dsv4.runtime.model.layers import swiglu
-
-        start = 0
-        for j, c in enumerate(counts):
-            if c == 0:
-                continue
-            rows = tok[start:start + c]
-            xe = x[rows]
-            y = F.linear(swiglu(F.linear(xe, ex.matrix("w1", j)), F.linear(xe, ex.matrix("w3", j)), ex.limit),
-                         ex.matrix("w2", j))
-            out.index_add_(0, rows, (y * wts[start:start + c, None].to(y.dtype)).to(out.dtype))
-            start += c
-        return out
-
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x, input_ids)
-        out = self._routed(x, idx, w) + self.shared_experts(x)
+        out = routed_partial(self.experts, x, idx, w, self.e0, self.el) + self.shared_experts(x)
         dist.all_reduce(out, group=self.pg)
         return out
 

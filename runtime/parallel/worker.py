@@ -1,4 +1,5 @@
-"""Ranks 1..N-1 of a TP group: `python -m dsv4.runtime.parallel.worker`, started by rank 0 (`Leader.start`).
+"""Ranks 1..N-1 of a TP group, or of data-parallel attention ranks with EP (`--dp N --ep`):
+`python -m dsv4.runtime.parallel.worker`, started by rank 0 (`Leader.start`).
 
 Environment: DSV4_TP_RANK, DSV4_TP_WORLD, MASTER_ADDR, MASTER_PORT, DSV4_TP_CONFIG (the server's ServeConfig as
 JSON), DSV4_TP_DEVICE (the server's resolved device). The worker joins the group, reads its part of the
@@ -37,6 +38,7 @@ def _run(rank: int, world: int, conf: dict) -> int:
     from dsv4.runtime.checkpoint.loader import TPShard
     from dsv4.runtime.model import KVPools, load_model
     from dsv4.runtime.parallel.codec import CMD_NOOP, CMD_STEP, CMD_STOP
+    from dsv4.runtime.parallel.dp_channel import DPChannel, rank_step
     from dsv4.runtime.parallel.group import ENV_ADDR, ENV_PORT, Channel, broadcast_setup, init_group, rank_device
     from dsv4.runtime.parallel.leader import _set_threads
     from dsv4.runtime.server.config import ServeConfig
@@ -50,18 +52,23 @@ def _run(rank: int, world: int, conf: dict) -> int:
 
         keep_freed_memory()
     info = init_group(rank, world, os.environ[ENV_ADDR], int(os.environ[ENV_PORT]), device, float(cfg.tp_timeout_s))
+    data_parallel = cfg.dp > 1  # own requests + own cache; experts split (EP) instead of a TP shard
     # only this rank's rows / columns / experts are read: no rank ever holds the full model
     model, mcfg, _ = load_model(str(cfg.model_dir), device=device, progress=False,
-                                shard=TPShard(rank, world, info.pg), weights_dtype=cfg.weights_dtype)
+                                shard=TPShard(rank, world, info.pg, mode="ep" if data_parallel else "tp"),
+                                weights_dtype=cfg.weights_dtype)
     setup = broadcast_setup(None, info)
     pools = KVPools.for_model(mcfg, setup["spec"], setup["num_blocks"], device=device)
     log.info("rank %d ready on %s: %.1f MiB of KV pools", rank, device, pools.bytes_allocated() / 2**20)
-    chan = Channel(info)
+    chan = DPChannel(info) if data_parallel else Channel(info)
     steps = 0
     with torch.inference_mode():
         while True:
-            cmd, batch = chan.recv()
-            if cmd == CMD_STEP:
+            cmd, batch, *header = chan.recv()
+            if cmd == CMD_STEP and data_parallel:
+                rank_step(model, batch, pools, header[0], info)
+                steps += 1
+            elif cmd == CMD_STEP:
                 model.forward(batch, pools)
                 steps += 1
             elif cmd == CMD_STOP:
