@@ -66,8 +66,9 @@ def _deployment_counts(dep: dict[str, Any] | None) -> tuple[int, int, int]:
     return int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0), int(st.get("updatedReplicas") or 0)
 
 
-# The plan's choices a replan reports old -> new (status.planHistory, the Planned event).
-PLAN_CHOICES = ("parallelism", "tensorParallelSize", "cachePolicy", "hcaState", "batchingDelayMs",
+# The plan's choices a replan reports old -> new (status.planHistory, the Planned event). layout and
+# dataParallelSize default to tp / 1 in a status written before they existed, so a TP plan is no change.
+PLAN_CHOICES = ("layout", "tensorParallelSize", "dataParallelSize", "cachePolicy", "hcaState", "batchingDelayMs",
                 "maxNumBatchedTokens", "chunkedPrefillSize", "maxModelLen", "maxServableContext", "sessionsPerReplica",
                 "initialReplicas")
 
