@@ -33,11 +33,12 @@ replica), the routed experts split over them (E/d each), everything else whole o
     sessions       = d * min(cache holds, ITL batch, max_num_seqs)           (the replica: d independent caches)
     prefill rate   = d * fp8_flops * MFU / (2 * active_params)               (d prefills at once, one per rank)
     decode step(b) = (decode_weight_bytes_ep(d, b) + b * kv_read(p95)) / (hbm_bw * MBU)
-                     + moe_layers * 2 * (d - 1) * b * hidden * 2 B / interconnect
+                     + layers * 2 * (d - 1) * b * hidden * 2 B / interconnect
 where b is one rank's batch; decode_weight_bytes_ep is the rank's dense weights plus its E/d experts touched by
-all d*b gathered tokens, 1-(1-k/E)^(d*b); the last term is the token exchange of every MoE layer: an all-gather
-that brings in the other d-1 ranks' b hidden states (bf16) and a reduce-scatter that returns as many (collective
-latency is ignored, as for TP's all-reduces).
+all d*b gathered tokens, 1-(1-k/E)^(d*b); the last term is the token exchange of every MoE layer (every V4 layer
+is one): an all-gather that brings in the other d-1 ranks' b hidden states (bf16) and a reduce-scatter that
+returns as many. Collective latency is ignored, and TP's two all-reduces per layer are not charged (as before
+this layout existed), so the estimate leans towards TP when the exchange matters.
 
 Layout choice: TP group sizes that divide the attention heads and the routed experts, and DP sizes d >= 2 that
 divide the routed experts, all <= gpusPerNode; those where the weights fit, the longest context is servable and
