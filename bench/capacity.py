@@ -13,6 +13,18 @@ is split over `ranks` data-parallel attention ranks (one per GPU: the single KV 
 by tensor parallelism, so each rank owns a separate cache); one rank is replayed and its results are
 multiplied by `ranks` (sessions are routed to ranks, ranks share nothing).
 
+The replay's budget is the ideal split (every byte of weights stored once on the node). The `layouts` section
+gives what a replica of `--gpus` GPUs (`--gpu`, default 8 x H200) really holds in each layout the runtime serves,
+per GPU exactly as the operator's planner computes it (`planner.gpu_memory`: usable = 90 % of memory, minus the
+rank's weights and the step reserve) and sized by the same allocator (`capacity()` = `CacheSizing.from_budget`,
+recompute policy, each workload's length and chunk):
+
+- TP N: one KV cache (the single K=V head is not split: every rank holds all of it), weights split over N ranks;
+- DP N + EP: N caches, one per attention rank, each GPU holding 1/N of the routed experts and every other tensor
+  whole (`weight_bytes_per_gpu_ep`).
+
+Sessions = caches x the sessions of `length` tokens one cache holds; tokens = sessions x length.
+
 Reported per policy: context tokens held (sum over sessions of the compressed history a session can
 continue from without recomputing it, shared prefix counted per session), unique tokens held
 (physical compressed history), sessions fully resident, recompute tokens paid on hits; plus the
@@ -171,9 +183,47 @@ def workloads(smoke: bool, rank_bound_tokens: int) -> list[Workload]:
             Workload("chat", n(4096, 1024), 4096, 1024, 768, 256, running=128)]
 
 
+def layouts(model: str, ws: list[Workload], gpu: str = "H200", gpus: int = 8, hca_state: str = "raw") -> dict:
+    """TP `gpus` vs DP `gpus` + EP on one replica of `gpus` x `gpu`: per-GPU memory, caches, sessions and tokens of
+    each workload's length (module docstring)."""
+    from dsv4.operator.capacity import capacity
+    from dsv4.operator.hardware import accelerator
+    from dsv4.operator.planner import Parallelism, gpu_memory, step_token_budget
+    from dsv4.runtime.cache.spec import CacheSpec
+    from dsv4.runtime.config import preset
+
+    cfg, acc = preset(model), accelerator(gpu)
+    # the planner's cache layout (fp8 KV, fp4 indexer keys, state blocks of the runtime's default size)
+    spec = CacheSpec.from_model(cfg, "fp8", index_dtype="fp4", hca_state=hca_state)
+    out: dict = {"accelerator": gpu, "gpus": gpus, "quantization": "fp8-fp4", "policy": "recompute", "rows": [],
+                 "dp_ep_vs_tp_tokens": {}}
+    for w in ws:
+        tokens = {}
+        for par in (Parallelism("tp", gpus), Parallelism("dp-ep", gpus)):
+            mem = gpu_memory(cfg, acc, par, "fp8-fp4", step_token_budget(w.chunk))
+            caches = par.dp  # a TP group shares one cache
+            row = {"workload": w.name, "length": w.length, "layout": par.label, "caches": caches,
+                   "weights_per_gpu": mem.weights, "reserve_per_gpu": mem.reserve, "usable_per_gpu": mem.usable,
+                   "cache_bytes_per_gpu": max(0, mem.cache), "fits": mem.cache > 0}
+            cap = None if mem.cache <= 0 else capacity(
+                spec, mem.cache, expected_context=w.length, policy="recompute",
+                max_context_limit=cfg.max_position_embeddings, prefill_chunk=w.chunk)
+            row["sessions_per_cache"] = cap.sessions if cap else 0
+            row["sessions"] = caches * row["sessions_per_cache"]
+            row["tokens"] = row["sessions"] * w.length
+            row["longest_request"] = cap.max_request_tokens if cap else 0
+            tokens[par.layout] = row["tokens"]
+            out["rows"].append(row)
+        out["dp_ep_vs_tp_tokens"][w.name] = tokens["dp-ep"] / tokens["tp"] if tokens["tp"] else None
+    if model == "pro":  # issue 20's target
+        out["targets"] = {"DP+EP >= 7x TP tokens (agent)": (out["dp_ep_vs_tp_tokens"].get("agent") or 0) >= 7}
+    return out
+
+
 def run_capacity(model: str = "flash", budget_gib: float | None = None, smoke: bool = False, ranks: int = 8,
                  checkpoint_every: int = 16, state_block_size: int | None = 4,
-                 only: tuple[str, ...] = ("agent", "chat"), hca_state: str = "raw") -> dict:
+                 only: tuple[str, ...] = ("agent", "chat"), hca_state: str = "raw", layout_gpu: str = "H200",
+                 layouts_only: bool = False) -> dict:
     from dsv4.runtime.cache.spec import CacheSpec
     from dsv4.runtime.config import preset
 
@@ -194,9 +244,10 @@ def run_capacity(model: str = "flash", budget_gib: float | None = None, smoke: b
            "slope_bytes_per_token": slope, "fixed_bytes_per_request": fixed, "smoke": smoke,
            "checkpoint_every": checkpoint_every, "selected_workloads": list(only), "hca_state": hca_state,
            "workloads": []}
-    for w in workloads(smoke, int((rank_budget - 8 * fixed) / slope)):
-        if w.name not in only:
-            continue
+    ws = [w for w in workloads(smoke, int((rank_budget - 8 * fixed) / slope)) if w.name in only]
+    out["layouts"] = layouts(model, ws, layout_gpu, hca_state=hca_state)
+    out["layouts_only"] = layouts_only
+    for w in [] if layouts_only else ws:
         t0 = time.time()
         bound_tokens = int((budget - w.running * ranks * fixed) / slope)
         res = {"workload": asdict(w), "physical_bound_tokens": bound_tokens,
@@ -252,7 +303,28 @@ def markdown(out: dict) -> str:
         frac = res["policies"][res["best_policy"]]["fraction_of_bound"]
         lines += ["", f"best policy `{res['best_policy']}`: {res['best_vs_full']:.1f}x `full`, {100 * frac:.1f}% of "
                   f"the bound; {verdict}", ""]
+    if "layouts" in out:
+        lines += layouts_markdown(out["layouts"])
     return "\n".join(lines)
+
+
+def layouts_markdown(lay: dict) -> list[str]:
+    gb = GB
+    lines = [f"**Layouts of one replica on {lay['gpus']} x {lay['accelerator']}** ({lay['quantization']} weights, "
+             f"{lay['policy']} policy, per GPU as the planner computes it)", "",
+             "| workload | layout | KV caches | weights/GPU | reserve/GPU | cache/GPU | sessions | tokens | "
+             "longest request |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in lay["rows"]:
+        cache = (f"{r['cache_bytes_per_gpu'] / gb:.1f} GB" if r["fits"] else
+                 f"does not fit ({r['usable_per_gpu'] / gb:.1f} GB usable)")
+        lines.append(f"| {r['workload']} ({r['length']:,}) | {r['layout']} | {r['caches']} | "
+                     f"{r['weights_per_gpu'] / gb:.1f} GB | {r['reserve_per_gpu'] / gb:.1f} GB | {cache} | "
+                     f"{r['sessions']:,} | {r['tokens']:,} | {r['longest_request']:,} |")
+    ratios = ", ".join(f"{k}: {'-' if v is None else f'{v:.2f}x'}" for k, v in lay["dp_ep_vs_tp_tokens"].items())
+    lines += ["", f"DP+EP / TP tokens: {ratios}"]
+    if lay.get("targets"):
+        lines[-1] += "; " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in lay["targets"].items())
+    return lines + [""]
 
 
 def plot(out: dict, path: Path) -> None:
@@ -261,6 +333,17 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not out["workloads"]:  # --layouts-only: tokens per layout and workload
+        lay = out["layouts"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar([f"{r['workload']}\n{r['layout']}" for r in lay["rows"]], [r["tokens"] / 1e6 for r in lay["rows"]],
+               color=["#447", "#4a4"] * len(lay["rows"]))
+        ax.set_title(f"{out['model']}: one replica on {lay['gpus']} x {lay['accelerator']}")
+        ax.set_ylabel("tokens held (M)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     fig, axes = plt.subplots(1, len(out["workloads"]), figsize=(6 * len(out["workloads"]), 4))
     if len(out["workloads"]) == 1:
         axes = [axes]
@@ -280,6 +363,9 @@ def write_results(out: dict, out_dir: Path) -> dict[str, Path]:
     sel = out.get("selected_workloads", ["agent", "chat"])
     part = f"_{sel[0]}" if len(sel) == 1 else ""  # `--workload chat` must not overwrite the full results
     part += "_hca_online" if out.get("hca_state") == "online" else ""
+    gpu = out.get("layouts", {}).get("accelerator", "H200")
+    part += f"_{gpu}" if gpu != "H200" else ""
+    part += "_layouts" if out.get("layouts_only") else ""
     return write_triplet(out, out_dir, f"capacity_{out['model']}{part}", markdown, plot)
 
 
@@ -296,6 +382,10 @@ def add_arguments(p) -> None:
     p.add_argument("--workload", choices=["agent", "chat", "all"], default="all")
     p.add_argument("--hca-state", choices=HCA_STATES, default="raw",
                    help="HCA compressor tail: raw rows (default) or the online-softmax single slot per group")
+    p.add_argument("--layout-gpu", choices=["H100", "H200", "B200", "B200-192"], default="H200",
+                   help="accelerator of the layouts section (TP 8 vs DP 8 + EP on 8 of them)")
+    p.add_argument("--layouts-only", action="store_true",
+                   help="only the layouts section (TP vs DP + EP, seconds), not the policy replay")
     p.add_argument("--out", default="bench/results")
 
 
@@ -304,7 +394,7 @@ def run(args) -> int:
         raise SystemExit(f"--ranks must be >= 1, got {args.ranks}")
     out = run_capacity(args.model, args.budget_gib, args.smoke, args.ranks, args.checkpoint_every,
                        args.state_block_size, ("agent", "chat") if args.workload == "all" else (args.workload,),
-                       args.hca_state)
+                       args.hca_state, args.layout_gpu, args.layouts_only)
     paths = write_results(out, Path(args.out))
     print(markdown(out))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -218,8 +218,24 @@ class AcceleratorSpec(_Model):
         return self
 
 
+Layout = Literal["tp", "dp-ep"]
+_DP_CONFLICT = ("overrides.dataParallelSize and overrides.layout dp-ep mean data-parallel attention with expert "
+                "parallelism: they exclude tensorParallelSize > 1 (no TP inside the ranks yet) and layout tp")
+
+
 class Overrides(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("!(has(self.dataParallelSize) || (has(self.layout) && self.layout == 'dp-ep')) "
+             "|| ((!has(self.tensorParallelSize) || self.tensorParallelSize == 1) "
+             "&& (!has(self.layout) || self.layout == 'dp-ep'))", _DP_CONFLICT),
+    ]})
     tensor_parallel_size: int | None = Field(None, ge=1, le=64, description="GPUs per replica (TP group size).")
+    layout: Layout | None = Field(
+        None, description="How a replica uses its GPUs: tp (one tensor-parallel group, one KV cache) or dp-ep "
+                          "(data-parallel attention ranks, each with its own KV cache, experts split over them).")
+    data_parallel_size: int | None = Field(
+        None, ge=2, le=64, description="Data-parallel attention ranks (GPUs) per replica with expert parallelism; "
+                                       "implies layout dp-ep.")
     batching_delay_ms: float | None = Field(None, ge=0, le=1000, description="Scheduler batching delay, milliseconds.")
     cache_policy: CachePolicy | None = Field(
         None, description="Sliding-window cache policy for prefix reuse: full, checkpoint, or recompute.")
@@ -228,6 +244,13 @@ class Overrides(_Model):
     max_num_batched_tokens: int | None = Field(None, ge=16, le=1 << 20,
                                                description="Token budget of one scheduler step.")
     max_model_len: int | None = Field(None, ge=16, le=1 << 21, description="Cap on context length per request.")
+
+    @model_validator(mode="after")
+    def _parallel(self) -> Overrides:
+        data_parallel = self.data_parallel_size is not None or self.layout == "dp-ep"
+        if data_parallel and ((self.tensor_parallel_size or 1) > 1 or self.layout == "tp"):
+            raise ValueError(_DP_CONFLICT)
+        return self
 
 
 class AutoscalingSpec(_Model):
@@ -326,6 +349,9 @@ class DSV4EndpointSpec(_Model):
         _cel("!has(self.overrides) || !has(self.overrides.tensorParallelSize) "
              "|| self.overrides.tensorParallelSize <= self.accelerator.gpusPerNode",
              "overrides.tensorParallelSize must be <= accelerator.gpusPerNode (one pod per replica)"),
+        _cel("!has(self.overrides) || !has(self.overrides.dataParallelSize) "
+             "|| self.overrides.dataParallelSize <= self.accelerator.gpusPerNode",
+             "overrides.dataParallelSize must be <= accelerator.gpusPerNode (one pod per replica)"),
     ]})
     model: ModelSpec = Field(description="The model to serve and where its weights are.")
     profile: ProfileSpec = Field(description="The workload the endpoint is planned for.")
@@ -360,6 +386,10 @@ class DSV4EndpointSpec(_Model):
         if tp is not None and tp > self.accelerator.gpus_per_node:
             raise ValueError(f"overrides.tensorParallelSize ({tp}) must be <= accelerator.gpusPerNode "
                              f"({self.accelerator.gpus_per_node}) (one pod per replica)")
+        dp = self.overrides.data_parallel_size if self.overrides else None
+        if dp is not None and dp > self.accelerator.gpus_per_node:
+            raise ValueError(f"overrides.dataParallelSize ({dp}) must be <= accelerator.gpusPerNode "
+                             f"({self.accelerator.gpus_per_node}) (one pod per replica)")
         return self
 
     @property
@@ -384,17 +414,25 @@ class Condition(_Model):
 
 
 class PlanStatus(_Model):
-    tensor_parallel_size: int = Field(description="GPUs per replica.")
+    layout: Layout = Field("tp", description="tp: one tensor-parallel group with one KV cache; dp-ep: "
+                                             "dataParallelSize attention ranks, each with its own KV cache, "
+                                             "the routed experts split over them.")
+    parallelism: str = Field("", description="The layout in one word (TP8, DP8+EP), for the printer column.")
+    tensor_parallel_size: int = Field(description="Tensor-parallel ranks (GPUs per replica with layout tp).")
+    data_parallel_size: int = Field(1, description="Data-parallel attention ranks (GPUs per replica with layout "
+                                                   "dp-ep).")
     batching_delay_ms: float = Field(description="Scheduler batching delay, milliseconds.")
     max_num_batched_tokens: int = Field(description="Token budget of one scheduler step.")
     chunked_prefill_size: int = Field(description="Largest prefill chunk of one request per step.")
     cache_policy: str = Field(description="Sliding-window cache policy.")
     hca_state: str = Field("raw", description="HCA compressor state: raw or online.")
     pool_split: dict[str, float] = Field(description="Fraction of the cache budget per pool.")
-    cache_bytes_per_gpu: int = Field(description="Bytes per GPU left for the KV cache after weights and overhead.")
+    cache_bytes_per_gpu: int = Field(description="Bytes per GPU left for the KV cache after weights and overhead "
+                                                 "(one rank's pools).")
     max_servable_context: int = Field(description="Longest context one request can have on one replica.")
     max_model_len: int = Field(description="Longest context the runtime accepts (the profile's range).")
-    sessions_per_replica: int = Field(description="Concurrent sessions of the profile one replica holds.")
+    sessions_per_replica: int = Field(description="Concurrent sessions of the profile one replica holds (all its "
+                                                  "data-parallel ranks together).")
     initial_replicas: int = Field(description="Replicas the plan starts with.")
     weight_bytes: int = Field(description="Bytes of weights at the chosen quantization.")
     context_length_range: str = Field(description="Router label value: the context range the pods serve.")

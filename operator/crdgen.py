@@ -31,8 +31,9 @@ PRINTER_COLUMNS = [
      "description": "At least one replica serves."},
     {"name": "URL", "type": "string", "jsonPath": ".status.endpoint", "description": "OpenAI-compatible API."},
     {"name": "Replicas", "type": "string", "jsonPath": ".status.replicaCounts", "description": "Ready/desired."},
-    {"name": "TP", "type": "integer", "jsonPath": ".status.plan.tensorParallelSize",
-     "description": "GPUs per replica."},
+    {"name": "TP", "type": "string", "jsonPath": ".status.plan.parallelism",
+     "description": "GPUs per replica and their layout (TP8: one tensor-parallel group; DP8+EP: 8 data-parallel "
+                    "attention ranks with expert parallelism)."},
     {"name": "MaxCache", "type": "string", "jsonPath": ".status.maxCacheOccupancy",
      "description": "Fullest cache pool and its occupancy."},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason",

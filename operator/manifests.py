@@ -76,6 +76,9 @@ def runtime_config(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan) -> dict
     cfg: dict[str, Any] = {
         "served_model_name": spec.model.served_name or ref.name,
         "tp": plan.tensor_parallel_size,
+        # dp/ep only for a DP+EP plan: a TP plan's config (and its hash, which rolls the pods) stays as it was
+        "dp": plan.data_parallel_size if plan.layout == "dp-ep" else None,
+        "ep": True if plan.layout == "dp-ep" else None,
         "profile": plan.profile if plan.profile != "custom" else None,
         "batching_delay_ms": plan.batching_delay_ms,
         "max_num_batched_tokens": plan.max_num_batched_tokens,
@@ -135,9 +138,9 @@ def spread_constraints(name: str, spec: DSV4EndpointSpec, replicas: int | None) 
 
 def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: int | None,
                config_hash: str, default_image: str = DEFAULT_IMAGE) -> dict[str, Any]:
-    """One pod per replica holding the TP group's GPUs. `replicas=None` omits spec.replicas (another
-    writer, e.g. KEDA/HPA, owns it: server-side apply then leaves it alone)."""
-    tp = plan.tensor_parallel_size
+    """One pod per replica holding its GPUs (the TP group's or the DP ranks'). `replicas=None` omits spec.replicas
+    (another writer, e.g. KEDA/HPA, owns it: server-side apply then leaves it alone)."""
+    gpus = plan.gpus_per_replica
     pod_labels = {**common_labels(ref.name), ENGINE_TYPE_LABEL: "vllm",
                   CONTEXT_RANGE_LABEL: plan.context_length_range,
                   "serving.dsv4.dev/profile": plan.profile, "serving.dsv4.dev/model": spec.model.variant}
@@ -147,7 +150,7 @@ def deployment(ref: EndpointRef, spec: DSV4EndpointSpec, plan: Plan, replicas: i
     if spec.accelerator.type == "cpu":
         resources = {"requests": sized.requests, "limits": sized.limits}
     else:
-        resources = {"requests": {**sized.requests, gpu: str(tp)}, "limits": {**sized.limits, gpu: str(tp)}}
+        resources = {"requests": {**sized.requests, gpu: str(gpus)}, "limits": {**sized.limits, gpu: str(gpus)}}
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "tmp", "mountPath": "/tmp"},
               {"name": "dshm", "mountPath": "/dev/shm"}]

@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
 def format_plan(name: str, p) -> str:
     gb = 1e9
     rows = [
+        ("layout", p.parallelism.label),
         ("tensorParallelSize", p.tensor_parallel_size),
+        ("dataParallelSize", p.data_parallel_size),
         ("batchingDelayMs", p.batching_delay_ms),
         ("maxNumBatchedTokens", p.max_num_batched_tokens),
         ("chunkedPrefillSize", p.chunked_prefill_size),
@@ -83,7 +85,8 @@ def format_plan(name: str, p) -> str:
         ("initialReplicas", p.initial_replicas),
     ]
     out = [f"{name}: {p.model} on {p.accelerator}, profile {p.profile}",
-           f"  weights {p.weight_bytes / gb:.1f} GB, cache {p.cache_bytes_per_gpu / gb:.1f} GB/GPU, "
+           f"  weights {p.weight_bytes / gb:.1f} GB ({p.weight_bytes_per_gpu / gb:.1f} GB/GPU), "
+           f"cache {p.cache_bytes_per_gpu / gb:.1f} GB/GPU, "
            f"decode step ~{p.decode_step_ms:.1f} ms, prefill ~{p.prefill_tokens_per_s:,.0f} tokens/s"]
     for key, value in rows:
         why = p.reasons.get(key)

@@ -22,11 +22,29 @@ where decode_weight_bytes counts the expected fraction 1-(1-k/E)^B of routed exp
 kv_read is what one decode token reads from the cache at the p95 context (all indexer keys, top-k
 CSA entries, all HCA entries, the window).
 
-TP choice: among group sizes that divide the attention heads and the routed experts and fit on a
-node, those where the weights fit, the longest context is servable and one decode step meets the ITL
-target; the one holding the most sessions per GPU wins (ties: the smaller group). Sessions are
-compared under the recompute policy (the most any policy holds) so the later, reuse-driven policy
-choice does not bias the group size.
+Data-parallel attention with expert parallelism (layout dp-ep, `dsv4 serve --dp d --ep`): d ranks, each with
+its own requests, scheduler and KV cache (the full per-GPU budget, sized by the same `capacity()` call as a TP1
+replica), the routed experts split over them (E/d each), everything else whole on every rank. Per rank:
+
+    weights/GPU    = weight_bytes_per_gpu_ep(quantization, d)
+    reserve        = as above + 2 * d * max_num_batched_tokens * hidden * 2 B  (the MoE's gathered input and its
+                     output before the reduce-scatter: every rank's tokens)
+    cache          = usable - weights/GPU - reserve
+    sessions       = d * min(cache holds, ITL batch, max_num_seqs)           (the replica: d independent caches)
+    prefill rate   = d * fp8_flops * MFU / (2 * active_params)               (d prefills at once, one per rank)
+    decode step(b) = (decode_weight_bytes_ep(d, b) + b * kv_read(p95)) / (hbm_bw * MBU)
+                     + layers * 2 * (d - 1) * b * hidden * 2 B / interconnect
+where b is one rank's batch; decode_weight_bytes_ep is the rank's dense weights plus its E/d experts touched by
+all d*b gathered tokens, 1-(1-k/E)^(d*b); the last term is the token exchange of every MoE layer (every V4 layer
+is one): an all-gather that brings in the other d-1 ranks' b hidden states (bf16) and a reduce-scatter that
+returns as many. Collective latency is ignored, and TP's two all-reduces per layer are not charged (as before
+this layout existed), so the estimate leans towards TP when the exchange matters.
+
+Layout choice: TP group sizes that divide the attention heads and the routed experts, and DP sizes d >= 2 that
+divide the routed experts, all <= gpusPerNode; those where the weights fit, the longest context is servable and
+one decode step meets the ITL target; the one holding the most sessions per GPU wins (ties: fewer GPUs per
+replica, then TP, which exchanges no tokens). Sessions are compared under the recompute policy (the most any
+policy holds) so the later, reuse-driven policy choice does not bias the layout.
 """
 
 from __future__ import annotations
@@ -38,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from dsv4.operator import weights as W
-from dsv4.operator.api import DSV4EndpointSpec, PlanStatus
+from dsv4.operator.api import DSV4EndpointSpec, Layout, PlanStatus
 from dsv4.operator.capacity import Capacity, capacity
 from dsv4.operator.hardware import MBU, MFU, Accelerator, accelerator
 from dsv4.operator.profiles import Workload, resolve
@@ -54,6 +72,7 @@ REUSE_FOR_PREFIX_CACHE = 0.2
 _GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64)  # TP sizes the planner considers
 MAX_GROUP = _GROUP_SIZES[-1]
 MIN_CHUNK, MAX_CHUNK = 256, 16384
+EXCHANGE_BYTES = 2  # bf16 hidden states in the DP+EP token exchange
 
 
 class PlanError(ValueError):
@@ -66,11 +85,34 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
+class Parallelism:
+    """How one replica uses its GPUs: one tensor-parallel group of `size` ranks sharing one KV cache (tp), or
+    `size` data-parallel attention ranks with their own caches and the routed experts split over them (dp-ep)."""
+
+    layout: Layout
+    size: int
+
+    @property
+    def tp(self) -> int:
+        return self.size if self.layout == "tp" else 1
+
+    @property
+    def dp(self) -> int:
+        return self.size if self.layout == "dp-ep" else 1
+
+    @property
+    def label(self) -> str:
+        return f"TP{self.size}" if self.layout == "tp" else f"DP{self.size}+EP"
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     accelerator: str
     profile: ProfileName | Literal["custom"]
+    layout: Layout
     tensor_parallel_size: int
+    data_parallel_size: int
     batching_delay_ms: float
     max_num_batched_tokens: int
     chunked_prefill_size: int
@@ -87,6 +129,7 @@ class Plan:
     sessions_per_replica: int
     initial_replicas: int
     weight_bytes: int
+    weight_bytes_per_gpu: int
     decode_step_ms: float
     prefill_tokens_per_s: float
     reasons: dict[str, str]
@@ -96,9 +139,18 @@ class Plan:
     def context_length_range(self) -> str:
         return f"0-{self.max_model_len}"
 
+    @property
+    def parallelism(self) -> Parallelism:
+        return Parallelism(self.layout, self.tensor_parallel_size * self.data_parallel_size)
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.parallelism.size
+
     def to_status(self) -> PlanStatus:
         return PlanStatus(
-            tensor_parallel_size=self.tensor_parallel_size, batching_delay_ms=self.batching_delay_ms,
+            layout=self.layout, parallelism=self.parallelism.label, tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_size=self.data_parallel_size, batching_delay_ms=self.batching_delay_ms,
             max_num_batched_tokens=self.max_num_batched_tokens, chunked_prefill_size=self.chunked_prefill_size,
             cache_policy=self.cache_policy, hca_state=self.hca_state,
             pool_split={k: round(v, 4) for k, v in self.pool_split.items()},
@@ -110,6 +162,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["context_length_range"] = self.context_length_range
+        d["parallelism"] = self.parallelism.label
         return d
 
 
@@ -144,7 +197,8 @@ def _pow2_floor(x: float) -> int:
 
 @dataclass(frozen=True)
 class _Candidate:
-    tp: int
+    par: Parallelism
+    weights_per_gpu: int
     cache_bytes: int
     cap: Capacity
     policy: CachePolicy
@@ -154,9 +208,10 @@ class _Candidate:
     prefill_rate: float
     itl_batch: int
     step_ms: float
-    sessions: int
+    sessions_per_rank: int  # one scheduler's (a TP group's or a DP rank's) sessions
+    sessions: int  # the replica's: dp x sessions_per_rank
     max_context: int
-    rank: int  # sessions under the recompute policy (the most a group can hold): compares TP sizes fairly
+    rank: int  # the replica's sessions under the recompute policy (the most it can hold): compares layouts fairly
     hca_state: HcaState = "raw"
     hca_state_reason: str = ""
 
@@ -187,41 +242,80 @@ def hca_state_choice(override: str | None, choose: Callable[[str], tuple[str, st
                    "the fused compressor kernel"), raw_choice
 
 
-def _decode_step_s(cfg: ModelConfig, quant: str, acc: Accelerator, tp: int, batch: int, kv_read: int) -> float:
-    return (W.decode_weight_bytes(cfg, quant, batch) / tp + batch * kv_read) / (acc.hbm_bytes_per_s * MBU)
+def _decode_step_s(cfg: ModelConfig, quant: str, acc: Accelerator, par: Parallelism, batch: int,
+                   kv_read: int) -> float:
+    """One decode step of `batch` sequences per scheduler (the TP group's, or each DP rank's): module docstring."""
+    hbm = acc.hbm_bytes_per_s * MBU
+    if par.layout == "tp":
+        return (W.decode_weight_bytes(cfg, quant, batch) / par.tp + batch * kv_read) / hbm
+    exchange = (cfg.num_hidden_layers * 2 * (par.dp - 1) * batch * cfg.hidden_size * EXCHANGE_BYTES
+                / acc.interconnect_bytes_per_s)
+    return (W.decode_weight_bytes_ep(cfg, quant, par.dp, batch) + batch * kv_read) / hbm + exchange
+
+
+def step_token_budget(chunk: int) -> int:
+    """max_num_batched_tokens for a prefill chunk: the chunk + MAX_NUM_SEQS decode slots, rounded up to 256."""
+    return int(math.ceil((chunk + MAX_NUM_SEQS) / 256) * 256)
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One GPU of a layout: usable bytes, the rank's weights, the reserve and what is left for its KV cache (a
+    TP group shares one cache; each DP rank has its own). `cache` <= 0: the layout does not fit."""
+
+    usable: int
+    weights: int
+    reserve: int
+
+    @property
+    def cache(self) -> int:
+        return self.usable - self.weights - self.reserve
+
+
+def gpu_memory(cfg: ModelConfig, acc: Accelerator, par: Parallelism, quant: str, max_num_batched_tokens: int
+               ) -> GpuMemory:
+    """The per-GPU memory split of the module docstring (also `dsv4 bench capacity`'s layouts section)."""
+    mnbt = max_num_batched_tokens
+    reserve = acc.reserve_bytes + mnbt * cfg.hidden_size * 2 * ACTIVATION_FACTOR + MAX_NUM_SEQS * cfg.vocab_size * 4
+    if par.dp > 1:
+        reserve += 2 * par.dp * mnbt * cfg.hidden_size * EXCHANGE_BYTES
+    weights = W.weight_bytes_per_gpu(cfg, par.tp, quant) if par.layout == "tp" else W.weight_bytes_per_gpu_ep(
+        cfg, par.dp, quant)
+    return GpuMemory(int(acc.memory_bytes * GPU_MEMORY_UTILIZATION), weights, int(reserve))
 
 
 def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheSpec], acc: Accelerator,
-              wl: Workload, tp: int) -> _Candidate | str:
-    """A candidate at group size `tp`, or a string saying why it does not work."""
+              wl: Workload, par: Parallelism) -> _Candidate | str:
+    """A candidate layout, or a string saying why it does not work."""
     ov = spec.overrides
     quant = spec.model.quantization
-    active = W.active_params_per_token(cfg)
-    prefill_rate = tp * acc.fp8_flops * MFU / (2 * active)
-    # a prefill chunk shares a step with the decodes: keep it within half the ITL target
-    chunk = min(MAX_CHUNK, max(MIN_CHUNK, _pow2_floor(prefill_rate * wl.itl_target_ms / 1000 * 0.5)))
-    mnbt = int(math.ceil((chunk + MAX_NUM_SEQS) / 256) * 256)
+    name = par.label
+    per_gpu_rate = acc.fp8_flops * MFU / (2 * W.active_params_per_token(cfg))
+    prefill_rate = par.size * per_gpu_rate  # a TP group splits each prefill; DP ranks prefill side by side
+    # a prefill chunk shares a step with the decodes: keep it within half the ITL target (one scheduler's chunk:
+    # a TP group's or one DP rank's)
+    step_rate = par.tp * per_gpu_rate
+    chunk = min(MAX_CHUNK, max(MIN_CHUNK, _pow2_floor(step_rate * wl.itl_target_ms / 1000 * 0.5)))
+    mnbt = step_token_budget(chunk)
     if ov and ov.max_num_batched_tokens:
         mnbt = ov.max_num_batched_tokens
         chunk = min(chunk, mnbt)
-    usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION
-    reserve = acc.reserve_bytes + mnbt * cfg.hidden_size * 2 * ACTIVATION_FACTOR + MAX_NUM_SEQS * cfg.vocab_size * 4
-    per_gpu = W.weight_bytes_per_gpu(cfg, tp, quant)
-    cache_bytes = int(usable - per_gpu - reserve)
+    mem = gpu_memory(cfg, acc, par, quant, mnbt)
+    per_gpu, cache_bytes = mem.weights, mem.cache
     if cache_bytes <= 0:
-        return (f"TP{tp}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {reserve / 1e9:.1f} GB exceed "
-                f"{usable / 1e9:.1f} GB usable")
+        return (f"{name}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {mem.reserve / 1e9:.1f} GB exceed "
+                f"{mem.usable / 1e9:.1f} GB usable")
     limit = cfg.max_position_embeddings
     if ov and ov.max_model_len:
         limit = min(limit, ov.max_model_len)
     expected = min(limit, wl.context_p95 + wl.output_tokens)
     kv_read = kv_read_bytes(cfg, caches["raw"], wl.context_p95)
-    step1 = _decode_step_s(cfg, quant, acc, tp, 1, kv_read)
+    step1 = _decode_step_s(cfg, quant, acc, par, 1, kv_read)
     if step1 * 1000 > wl.itl_target_ms:
-        return f"TP{tp}: one decode step takes ~{step1 * 1000:.1f} ms > ITL target {wl.itl_target_ms} ms"
+        return f"{name}: one decode step takes ~{step1 * 1000:.1f} ms > ITL target {wl.itl_target_ms} ms"
     itl_batch = 1
     for b in range(2, MAX_NUM_SEQS + 1):
-        if _decode_step_s(cfg, quant, acc, tp, b, kv_read) * 1000 > wl.itl_target_ms:
+        if _decode_step_s(cfg, quant, acc, par, b, kv_read) * 1000 > wl.itl_target_ms:
             break
         itl_batch = b
     def cap_for(policy: str, state: str) -> Capacity:
@@ -256,21 +350,61 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
         ov.hca_state if ov else None, choose_policy, need_ctx, min(itl_batch, MAX_NUM_SEQS))
     max_context = min(cap.max_request_tokens, limit)
     if max_context < need_ctx:
-        return (f"TP{tp}: the longest servable context is {max_context} tokens < the profile's contextMax "
+        return (f"{name}: the longest servable context is {max_context} tokens < the profile's contextMax "
                 f"{wl.context_max} ({cache_bytes / 1e9:.1f} GB of cache per GPU)")
     sessions = max(0, min(cap.sessions, itl_batch, MAX_NUM_SEQS))
     if sessions < 1:
-        return f"TP{tp}: not one session of {expected} tokens fits in {cache_bytes / 1e9:.1f} GB of cache"
-    step_ms = _decode_step_s(cfg, quant, acc, tp, sessions, kv_read) * 1000
+        return f"{name}: not one session of {expected} tokens fits in {cache_bytes / 1e9:.1f} GB of cache"
+    step_ms = _decode_step_s(cfg, quant, acc, par, sessions, kv_read) * 1000
     rank_cap = cap if policy == "recompute" else cap_for("recompute", state)
-    rank = max(0, min(rank_cap.sessions, itl_batch, MAX_NUM_SEQS))
-    return _Candidate(tp, cache_bytes, cap, policy, why, chunk, mnbt, prefill_rate, itl_batch, step_ms, sessions,
-                      max_context, rank, state, state_why)
+    rank = par.dp * max(0, min(rank_cap.sessions, itl_batch, MAX_NUM_SEQS))
+    return _Candidate(par, per_gpu, cache_bytes, cap, policy, why, chunk, mnbt, prefill_rate, itl_batch, step_ms,
+                      sessions, par.dp * sessions, max_context, rank, state, state_why)
 
 
-def _tp_options(cfg: ModelConfig, gpus_per_node: int) -> list[int]:
-    return [t for t in _GROUP_SIZES if t <= gpus_per_node and cfg.num_attention_heads % t == 0
+def _tp_options(cfg: ModelConfig, gpus_per_node: int) -> list[Parallelism]:
+    return [Parallelism("tp", t) for t in _GROUP_SIZES if t <= gpus_per_node and cfg.num_attention_heads % t == 0
             and cfg.n_routed_experts % t == 0]
+
+
+def _dp_options(cfg: ModelConfig, gpus_per_node: int) -> list[Parallelism]:
+    return [Parallelism("dp-ep", d) for d in range(2, gpus_per_node + 1) if cfg.n_routed_experts % d == 0]
+
+
+def _options(cfg: ModelConfig, spec: DSV4EndpointSpec) -> list[Parallelism]:
+    """The layouts to evaluate: every TP and DP+EP size that fits the node, or what the overrides fix."""
+    ov = spec.overrides
+    gpn = spec.accelerator.gpus_per_node
+    if ov and ov.data_parallel_size:
+        dp = ov.data_parallel_size
+        if cfg.n_routed_experts % dp:
+            raise PlanError("InvalidDataParallel", f"overrides.dataParallelSize={dp} must divide n_routed_experts "
+                                                   f"({cfg.n_routed_experts}): each rank owns E/{dp} experts")
+        return [Parallelism("dp-ep", dp)]
+    if ov and ov.layout == "dp-ep":
+        return _dp_options(cfg, gpn)
+    if ov and ov.tensor_parallel_size:
+        tp = ov.tensor_parallel_size
+        if cfg.num_attention_heads % tp or cfg.n_routed_experts % tp:
+            raise PlanError("InvalidTensorParallel",
+                            f"overrides.tensorParallelSize={tp} must divide num_attention_heads "
+                            f"({cfg.num_attention_heads}) and n_routed_experts ({cfg.n_routed_experts})")
+        if tp > gpn:
+            raise PlanError("InvalidTensorParallel",
+                            f"overrides.tensorParallelSize={tp} exceeds accelerator.gpusPerNode={gpn}")
+        return [Parallelism("tp", tp)]
+    if ov and ov.layout == "tp":
+        return _tp_options(cfg, gpn)
+    return _tp_options(cfg, gpn) + _dp_options(cfg, gpn)
+
+
+def _per_gpu(c: _Candidate) -> float:
+    return c.rank / c.par.size
+
+
+def _best(good: list[_Candidate]) -> _Candidate:
+    """Most sessions per GPU; ties: fewer GPUs per replica, then TP (it exchanges no tokens)."""
+    return max(good, key=lambda c: (_per_gpu(c), -c.par.size, c.par.layout == "tp"))
 
 
 def _gpus_needed(cfg: ModelConfig, quant: str, usable: float) -> int | None:
@@ -317,38 +451,25 @@ def plan(spec: DSV4EndpointSpec) -> Plan:
               for s in HCA_STATES}
     wbytes = W.weight_bytes(cfg, quant)
     ov = spec.overrides
-    gpn = spec.accelerator.gpus_per_node
-    if ov and ov.tensor_parallel_size:
-        tp = ov.tensor_parallel_size
-        if cfg.num_attention_heads % tp or cfg.n_routed_experts % tp:
-            raise PlanError("InvalidTensorParallel",
-                            f"overrides.tensorParallelSize={tp} must divide num_attention_heads "
-                            f"({cfg.num_attention_heads}) and n_routed_experts ({cfg.n_routed_experts})")
-        if tp > gpn:
-            raise PlanError("InvalidTensorParallel",
-                            f"overrides.tensorParallelSize={tp} exceeds accelerator.gpusPerNode={gpn}")
-        options = [tp]
-    else:
-        options = _tp_options(cfg, gpn)
+    options = _options(cfg, spec)
     if wl.context_max > cfg.max_position_embeddings and not (ov and ov.max_model_len):
         raise PlanError("ContextDoesNotFit",
                         f"the profile's contextMax ({wl.context_max}) exceeds the model's max_position_embeddings "
                         f"({cfg.max_position_embeddings}); lower it or set overrides.maxModelLen")
-    results = {t: _evaluate(spec, cfg, caches, acc, wl, t) for t in options}
+    results = {par: _evaluate(spec, cfg, caches, acc, wl, par) for par in options}
     good = [c for c in results.values() if isinstance(c, _Candidate)]
     if not good:
         raise _infeasible(spec, cfg, acc, wl, wbytes, results)
-    best = max(good, key=lambda c: (c.rank / c.tp, -c.tp))
-    return _finish(spec, cfg, acc, wl, wbytes, best, results)
+    return _finish(spec, cfg, acc, wl, wbytes, _best(good), results)
 
 
 def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Workload, wbytes: int,
-                results: dict[int, _Candidate | str]) -> PlanError:
+                results: dict[Parallelism, _Candidate | str]) -> PlanError:
     name = f"V4-{spec.model.variant.capitalize()}" if spec.model.variant in ("flash", "pro") else spec.model.variant
     usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION - acc.reserve_bytes
     need = _gpus_needed(cfg, spec.model.quantization, usable)
     at_least = f"at least {need}" if need else f"more than {MAX_GROUP}"
-    tp_max = max(results)
+    tp_max = max(par.size for par in results)
     if all("exceed" in r for r in results.values() if isinstance(r, str)) and all(
             isinstance(r, str) for r in results.values()):
         return PlanError(
@@ -357,38 +478,87 @@ def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: 
             f"{at_least} x {acc.name} ({acc.memory_bytes / 1e9:.0f} GB each, {GPU_MEMORY_UTILIZATION:.0%} usable) "
             f"but one replica is one pod of at most {tp_max} GPUs (accelerator.gpusPerNode="
             f"{spec.accelerator.gpus_per_node}, overrides.tensorParallelSize="
-            f"{spec.overrides.tensor_parallel_size if spec.overrides else None})")
+            f"{spec.overrides.tensor_parallel_size if spec.overrides else None}); "
+            + "; ".join(str(r) for r in results.values()))
     if any("ITL target" in r for r in results.values() if isinstance(r, str)) and not any(
             "longest servable" in r for r in results.values() if isinstance(r, str)):
         return PlanError("LatencyTargetUnreachable",
-                         f"no TP size meets the ITL target {wl.itl_target_ms} ms on {acc.name}: "
+                         f"no layout meets the ITL target {wl.itl_target_ms} ms on {acc.name}: "
                          + "; ".join(str(r) for r in results.values()))
     return PlanError("ContextDoesNotFit",
                      f"profile context up to {wl.context_max} tokens cannot be served by {name} on {acc.name}: "
                      + "; ".join(str(r) for r in results.values()))
 
 
-def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Workload, wbytes: int, c: _Candidate,
-            results: dict[int, _Candidate | str]) -> Plan:
+def _describe(c: _Candidate) -> str:
+    """One layout's capacity in words, for the layout reason."""
+    gb = 1e9
+    if c.par.layout == "tp":
+        what = f"one cache of {c.sessions} sessions"
+    else:
+        what = f"{c.par.dp} caches of {c.sessions_per_rank} sessions = {c.sessions}"
+    return (f"{c.par.label}: {what} ({c.cache_bytes / gb:.1f} GB cache/GPU after {c.weights_per_gpu / gb:.1f} GB of "
+            f"weights/GPU, decode step ~{c.step_ms:.1f} ms) on {c.par.size} GPUs, {_per_gpu(c):.1f}/GPU")
+
+
+def _layout_reasons(spec: DSV4EndpointSpec, wbytes: int, c: _Candidate,
+                    results: dict[Parallelism, _Candidate | str]) -> dict[str, str]:
     ov = spec.overrides
     reasons: dict[str, str] = {}
-    warnings: list[str] = []
+    others = ", ".join(f"{par.label}: {_per_gpu(r):.1f}" if isinstance(r, _Candidate) else f"{par.label}: no"
+                       for par, r in results.items())
+    forced = next((f"set by overrides.{k}" for k, v in (("dataParallelSize", ov and ov.data_parallel_size),
+                                                        ("tensorParallelSize", ov and ov.tensor_parallel_size),
+                                                        ("layout", ov and ov.layout)) if v), None)
+    if forced:
+        reasons["layout"] = f"{forced}: {_describe(c)}"
+    else:
+        # the best candidate of the other layout, or why none of it works
+        other = "dp-ep" if c.par.layout == "tp" else "tp"
+        rivals = [r for par, r in results.items() if par.layout == other and isinstance(r, _Candidate)]
+        if rivals:
+            rival = _describe(_best(rivals))
+        else:
+            why = [str(r) for par, r in results.items() if par.layout == other]
+            rival = "; ".join(why) if why else f"no {other} size fits accelerator.gpusPerNode"
+        tied = [par.label for par, r in results.items()
+                if isinstance(r, _Candidate) and par != c.par and _per_gpu(r) == _per_gpu(c)]
+        tie = (f"; tied with {', '.join(tied)} at {_per_gpu(c):.1f}/GPU: the fewest GPUs per replica wins, then TP "
+               "(it exchanges no tokens)") if tied else ""
+        reasons["layout"] = (f"{_describe(c)}; vs {rival} (sessions per GPU compared under the recompute policy)"
+                             f"{tie}")
     if ov and ov.tensor_parallel_size:
         reasons["tensorParallelSize"] = f"set by overrides.tensorParallelSize ({c.cache_bytes / 1e9:.1f} GB cache/GPU)"
+    elif c.par.layout == "dp-ep":
+        reasons["tensorParallelSize"] = "1: each data-parallel rank runs the whole attention (layout dp-ep)"
     else:
-        others = ", ".join(f"TP{t}: {r.rank / r.tp:.1f}" if isinstance(r, _Candidate) else f"TP{t}: no"
-                           for t, r in results.items())
         reasons["tensorParallelSize"] = (
-            f"{wbytes / 1e9:.0f} GB of {spec.model.quantization} weights; TP{c.tp} holds the most sessions per GPU "
-            f"({others})")
+            f"{wbytes / 1e9:.0f} GB of {spec.model.quantization} weights; TP{c.par.tp} holds the most sessions per "
+            f"GPU ({others})")
+    if ov and ov.data_parallel_size:
+        reasons["dataParallelSize"] = "set by overrides.dataParallelSize"
+    elif c.par.layout == "dp-ep":
+        reasons["dataParallelSize"] = (f"DP{c.par.dp}+EP holds the most sessions per GPU ({others}); each rank owns "
+                                       f"its requests and cache and 1/{c.par.dp} of the routed experts")
+    else:
+        reasons["dataParallelSize"] = "1 (layout tp)"
+    return reasons
+
+
+def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Workload, wbytes: int, c: _Candidate,
+            results: dict[Parallelism, _Candidate | str]) -> Plan:
+    ov = spec.overrides
+    reasons = _layout_reasons(spec, wbytes, c, results)
+    warnings: list[str] = []
     if ov and ov.batching_delay_ms is not None:
         delay, reasons["batchingDelayMs"] = ov.batching_delay_ms, "set by overrides.batchingDelayMs"
     else:
         delay = round(min(0.1 * wl.itl_target_ms, 0.01 * wl.ttft_target_ms, 20.0) * 2) / 2
         reasons["batchingDelayMs"] = (f"min(10% of ITL target {wl.itl_target_ms} ms, 1% of TTFT target "
                                       f"{wl.ttft_target_ms} ms, 20 ms): groups prefills without eating the budget")
-    reasons["chunkedPrefillSize"] = (f"prefill ~{c.prefill_rate:,.0f} tokens/s at TP{c.tp}: a {c.chunk}-token chunk "
-                                     f"stays within half the {wl.itl_target_ms} ms ITL target")
+    scheduler = "per rank" if c.par.layout == "dp-ep" else f"at TP{c.par.tp}"
+    reasons["chunkedPrefillSize"] = (f"prefill ~{c.prefill_rate / c.par.dp:,.0f} tokens/s {scheduler}: a "
+                                     f"{c.chunk}-token chunk stays within half the {wl.itl_target_ms} ms ITL target")
     reasons["maxNumBatchedTokens"] = ("set by overrides.maxNumBatchedTokens" if ov and ov.max_num_batched_tokens
                                       else f"one prefill chunk ({c.chunk}) + {MAX_NUM_SEQS} decode slots")
     reasons["cachePolicy"] = c.policy_reason
@@ -406,8 +576,9 @@ def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Work
                                   "and routers send them elsewhere (llm-d.ai/context-length-range)")
     limits = {"cache": c.cap.sessions, "ITL": c.itl_batch, "max_num_seqs": MAX_NUM_SEQS}
     bound = min(limits, key=lambda k: limits[k])
-    reasons["sessionsPerReplica"] = (f"min(cache holds {c.cap.sessions} at p95+output, ITL {wl.itl_target_ms} ms "
-                                     f"allows batch {c.itl_batch}, cap {MAX_NUM_SEQS}): bound by {bound}")
+    ranks = f"{c.par.dp} ranks x " if c.par.dp > 1 else ""
+    reasons["sessionsPerReplica"] = (f"{ranks}min(cache holds {c.cap.sessions} at p95+output, ITL {wl.itl_target_ms} "
+                                     f"ms allows batch {c.itl_batch}, cap {MAX_NUM_SEQS}): bound by {bound}")
     a = spec.autoscaling
     wanted = max(1, math.ceil(wl.concurrency / c.sessions))
     if spec.replicas is not None and not (a and a.enabled):  # under autoscaling spec.replicas is an output
@@ -426,12 +597,14 @@ def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Work
         warnings.append(f"p95 prefill of {uncached:,.0f} uncached tokens takes ~{ttft_s:.1f} s > TTFT target "
                         f"{wl.ttft_target_ms} ms")
     return Plan(
-        model=spec.model.variant, accelerator=acc.name, profile=wl.name, tensor_parallel_size=c.tp,
+        model=spec.model.variant, accelerator=acc.name, profile=wl.name, layout=c.par.layout,
+        tensor_parallel_size=c.par.tp, data_parallel_size=c.par.dp,
         batching_delay_ms=float(delay), max_num_batched_tokens=c.mnbt, chunked_prefill_size=c.chunk,
-        max_num_seqs=min(MAX_NUM_SEQS, max(c.sessions, 1)), cache_policy=c.policy, hca_state=c.hca_state,
+        max_num_seqs=min(MAX_NUM_SEQS, max(c.sessions_per_rank, 1)), cache_policy=c.policy, hca_state=c.hca_state,
         expected_context=c.cap.expected_context, kv_dtype=spec.model.kv_dtype,
         pool_split=dict(c.cap.pool_split), num_blocks=dict(c.cap.num_blocks), cache_bytes_per_gpu=c.cache_bytes,
         max_servable_context=c.max_context, max_model_len=max_model_len, sessions_per_replica=c.sessions,
         initial_replicas=replicas,
-        weight_bytes=wbytes, decode_step_ms=round(c.step_ms, 3), prefill_tokens_per_s=round(c.prefill_rate, 1),
+        weight_bytes=wbytes, weight_bytes_per_gpu=c.weights_per_gpu, decode_step_ms=round(c.step_ms, 3),
+        prefill_tokens_per_s=round(c.prefill_rate, 1),
         reasons=reasons, warnings=warnings)

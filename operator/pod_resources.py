@@ -1,10 +1,11 @@
 """CPU, memory and disk of a runtime pod, from its plan (pure): requests, limits, and the QoS class they give.
 
-Host memory of one pod = the processes (the server with its tokenizer, and one process per TP rank: Python,
-torch, the CUDA context's host side) + the loader's peak (each rank stages its share of the checkpoint through
-host memory, a bounded buffer at a time) + on `cpu` the weights and the KV cache themselves (they live in host
-memory there). The memory-backed `/dev/shm` (NCCL, torch tensors shared between ranks) counts toward the
-container's memory limit, so the limit is the request plus its size.
+Host memory of one pod = the processes (the server with its tokenizer, and one process per rank — TP or DP:
+Python, torch, the CUDA context's host side) + the loader's peak (each rank stages its share of the checkpoint
+through host memory, a bounded buffer at a time) + on `cpu` the weights and the KV cache themselves (they live
+in host memory there; with data-parallel ranks each has its own cache and its own copy of the unsplit weights).
+The memory-backed `/dev/shm` (NCCL, torch tensors shared between ranks) counts toward the container's memory
+limit, so the limit is the request plus its size.
 
 QoS: **Burstable** by design: a memory limit above the request (room for /dev/shm) and no CPU limit (a CPU
 limit throttles the scheduler and tokenizer threads in the middle of a step, which shows as latency spikes).
@@ -28,7 +29,7 @@ SHM_GIB = 16                # the /dev/shm emptyDir's sizeLimit
 TMP_GIB = 4                 # the /tmp emptyDir's sizeLimit: HOME, compile caches (Triton, inductor)
 LOGS_GIB = 1                # the container's logs (the root filesystem is read-only: no writable layer to speak of)
 SERVER_GIB = 4              # the server process: Python, torch, the HTTP server, the tokenizer
-RANK_GIB = 2                # each further TP rank's process
+RANK_GIB = 2                # each further rank's process (TP or DP)
 LOADER_BUFFER_GIB = 4       # what one rank holds in host memory while loading its share of the weights
 CPU_PER_RANK = 1
 CPU_SERVER = 2
@@ -56,11 +57,13 @@ def qos_class(requests: dict[str, str], limits: dict[str, str]) -> str:
 
 
 def pod_resources(spec: DSV4EndpointSpec, plan: Plan) -> PodResources:
-    tp = plan.tensor_parallel_size
+    tp = plan.gpus_per_replica  # ranks (processes), TP or DP
+    dp = plan.data_parallel_size
     on_cpu = spec.accelerator.type == "cpu"
     processes = SERVER_GIB + RANK_GIB * (tp - 1)
-    loader = tp * min(LOADER_BUFFER_GIB, plan.weight_bytes / tp / GIB)
-    resident = (plan.weight_bytes + plan.cache_bytes_per_gpu) / GIB if on_cpu else 0.0
+    loader = tp * min(LOADER_BUFFER_GIB, plan.weight_bytes_per_gpu / GIB)
+    weights = plan.weight_bytes if dp == 1 else dp * plan.weight_bytes_per_gpu
+    resident = (weights + dp * plan.cache_bytes_per_gpu) / GIB if on_cpu else 0.0
     memory = processes + loader + resident
     cpu = CPU_SERVER + CPU_PER_RANK * tp
     reasons = {

@@ -66,9 +66,11 @@ def _deployment_counts(dep: dict[str, Any] | None) -> tuple[int, int, int]:
     return int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0), int(st.get("updatedReplicas") or 0)
 
 
-# The plan's choices a replan reports old -> new (status.planHistory, the Planned event).
-PLAN_CHOICES = ("tensorParallelSize", "cachePolicy", "hcaState", "batchingDelayMs", "maxNumBatchedTokens",
-                "chunkedPrefillSize", "maxModelLen", "maxServableContext", "sessionsPerReplica", "initialReplicas")
+# The plan's choices a replan reports old -> new (status.planHistory, the Planned event). layout and
+# dataParallelSize default to tp / 1 in a status written before they existed, so a TP plan is no change.
+PLAN_CHOICES = ("layout", "tensorParallelSize", "dataParallelSize", "cachePolicy", "hcaState", "batchingDelayMs",
+                "maxNumBatchedTokens", "chunkedPrefillSize", "maxModelLen", "maxServableContext", "sessionsPerReplica",
+                "initialReplicas")
 
 
 def plan_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
@@ -137,7 +139,7 @@ def reconcile(name: str, namespace: str, uid: str, generation: int | None, raw_s
     replicas, ready, updated = _deployment_counts(observed.deployment)
     if desired is None:  # KEDA owns replicas: read what it chose
         desired = int(((observed.deployment or {}).get("spec") or {}).get("replicas") or p.initial_replicas)
-    plan_msg = (f"TP{p.tensor_parallel_size}, {p.cache_policy} cache, {p.sessions_per_replica} sessions/replica, "
+    plan_msg = (f"{p.parallelism.label}, {p.cache_policy} cache, {p.sessions_per_replica} sessions/replica, "
                 f"max_model_len {p.max_model_len} (servable {p.max_servable_context})")
     new_plan = p.to_status().wire()
     old_plan = prev.plan.wire() if prev.plan else None

@@ -13,7 +13,9 @@ Parameters are logical elements (a packed FP4 byte holds 2, scales are not param
 without the MTP block), Pro 1.599e12; released bytes Flash 159.6 GB, Pro 864.7 GB (805 GiB).
 `weight_bytes_per_gpu` divides the tensors `parallel/ownership.py` marks as split over the TP ranks and counts the
 replicated ones whole, in the format the rank holds them (the file's, but RMSNorm weights fp32): what one rank of
-`parallel/shard.py` holds after loading. `dsv4 model info` reports the same numbers from
+`parallel/shard.py` holds after loading. `weight_bytes_per_gpu_ep` is the same for one of `dp` expert-parallel ranks
+(`dsv4 serve --dp N --ep`): only the routed experts are split (`split_and_whole(..., mode="ep")`), the shared expert,
+attention, embedding and head are whole on every rank. `dsv4 model info` reports the same numbers from
 a checkpoint's headers (`tests/test_model_info.py` checks they agree).
 """
 
@@ -61,6 +63,7 @@ class _Summary:
     counts: ParamCounts
     file_bytes: dict[str, int]  # quantization -> bytes of the checkpoint files
     split_whole: dict[str, tuple[int, int]]  # quantization -> (held bytes split over TP ranks, held replicated)
+    split_whole_ep: dict[str, tuple[int, int]]  # the same over expert-parallel ranks (routed experts split)
 
 
 _SUMMARIES: dict[str, _Summary] = {}  # repr(config) -> summary: the inventory of a large model takes seconds
@@ -79,9 +82,10 @@ def _summarise(cfg: ModelConfig) -> _Summary:
     for t in tensors:
         counts[_component(t.name)] += t.parameters
     file_bytes = {q: sum(n for t in tensors for _, _, n in _file_entries(t, q)) for q in QUANTIZATIONS}
-    split_whole = {q: split_and_whole((name, held_nbytes(name, dtype, n)) for t in tensors
-                                      for name, dtype, n in _file_entries(t, q)) for q in QUANTIZATIONS}
-    return _Summary(ParamCounts(**counts), file_bytes, split_whole)
+    held = {q: [(name, held_nbytes(name, dtype, n)) for t in tensors for name, dtype, n in _file_entries(t, q)]
+            for q in QUANTIZATIONS}
+    return _Summary(ParamCounts(**counts), file_bytes, {q: split_and_whole(held[q]) for q in QUANTIZATIONS},
+                    {q: split_and_whole(held[q], mode="ep") for q in QUANTIZATIONS})
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
@@ -113,25 +117,32 @@ def weight_bytes_per_gpu(cfg: ModelConfig, tp: int = 1, quantization: str = "fp8
     """Weight bytes one of `tp` tensor-parallel ranks holds once loaded with the weights kept as stored (split
     tensors / tp + replicated ones whole; RMSNorm weights, bf16 in the files, held fp32: `layout.held_nbytes`).
     `tests/test_weights_held.py` checks it equals the parameters + buffers of a loaded rank, byte for byte."""
+    _check(quantization)
+    return rank_bytes(*_summary(cfg).split_whole[quantization], tp)
+
+
+def weight_bytes_per_gpu_ep(cfg: ModelConfig, dp: int, quantization: str = "fp8-fp4") -> int:
+    """Weight bytes one of `dp` expert-parallel ranks holds (E/dp routed experts + every other tensor whole), in
+    the format held as for `weight_bytes_per_gpu`."""
+    _check(quantization)
+    return rank_bytes(*_summary(cfg).split_whole_ep[quantization], dp)
+
+
+def _check(quantization: str) -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    return rank_bytes(*_summary(cfg).split_whole[quantization], tp)
 
 
 def weight_bytes(cfg: ModelConfig, quantization: str = "fp8-fp4") -> int:
     """Bytes of all weights as stored (the checkpoint size at `quantization`)."""
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    _check(quantization)
     return _summary(cfg).file_bytes[quantization]
 
 
 def active_bytes_per_token(cfg: ModelConfig, quantization: str = "fp8-fp4") -> int:
     """Weight bytes one decode token touches: dense parts plus num_experts_per_tok routed experts."""
-    counts, bpp = param_counts(cfg), bytes_per_param(quantization)
-    routed_per_token = counts.routed * cfg.num_experts_per_tok / cfg.n_routed_experts
-    dense = counts.attention * bpp["attention"] + counts.shared * bpp["shared"] + counts.router * bpp["router"]
-    lm_head = cfg.vocab_size * cfg.hidden_size * bpp["embeddings"]
-    return int(dense + routed_per_token * bpp["routed"] + lm_head)
+    dense, routed = _dense_and_routed_bytes(cfg, quantization)
+    return int(dense + routed * cfg.num_experts_per_tok / cfg.n_routed_experts)
 
 
 def active_params_per_token(cfg: ModelConfig) -> int:
@@ -141,12 +152,28 @@ def active_params_per_token(cfg: ModelConfig) -> int:
                + cfg.vocab_size * cfg.hidden_size)
 
 
+def _dense_and_routed_bytes(cfg: ModelConfig, quantization: str) -> tuple[float, float]:
+    """(bytes every decode step reads whole: dense parts + lm_head, bytes of all routed experts)."""
+    counts, bpp = param_counts(cfg), bytes_per_param(quantization)
+    dense = counts.attention * bpp["attention"] + counts.shared * bpp["shared"] + counts.router * bpp["router"]
+    return dense + cfg.vocab_size * cfg.hidden_size * bpp["embeddings"], counts.routed * bpp["routed"]
+
+
+def experts_touched(cfg: ModelConfig, tokens: int) -> float:
+    """Expected fraction of routed experts `tokens` tokens touch: 1 - (1 - k/E)^tokens (k experts per token)."""
+    return 1.0 - (1.0 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** max(1, tokens)
+
+
 def decode_weight_bytes(cfg: ModelConfig, quantization: str, batch: int) -> int:
     """Weight bytes one decode step of `batch` sequences reads: all dense weights plus the expected
     fraction of routed experts touched, 1 - (1 - k/E)^batch (k experts per token, E experts)."""
-    counts, bpp = param_counts(cfg), bytes_per_param(quantization)
-    k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
-    touched = 1.0 - (1.0 - k / e) ** max(1, batch)
-    dense = counts.attention * bpp["attention"] + counts.shared * bpp["shared"] + counts.router * bpp["router"]
-    lm_head = cfg.vocab_size * cfg.hidden_size * bpp["embeddings"]
-    return int(dense + counts.routed * bpp["routed"] * touched + lm_head)
+    dense, routed = _dense_and_routed_bytes(cfg, quantization)
+    return int(dense + routed * experts_touched(cfg, batch))
+
+
+def decode_weight_bytes_ep(cfg: ModelConfig, quantization: str, dp: int, rank_batch: int) -> int:
+    """Weight bytes one of `dp` expert-parallel ranks reads in a decode step where every rank decodes `rank_batch`
+    sequences: its whole dense weights, plus its E/dp experts touched by the tokens of all ranks (the MoE layer
+    sees the dp x rank_batch gathered tokens)."""
+    dense, routed = _dense_and_routed_bytes(cfg, quantization)
+    return int(dense + routed / dp * experts_touched(cfg, dp * rank_batch))

@@ -36,6 +36,46 @@ def test_capacity_smoke_cli(tmp_path, capsys):
         assert pol["full"]["recompute_tokens"] == 0 and pol["recompute"]["swa_checkpoints_kept"] == 0
         assert res["dense_v32_tokens"] < res["physical_bound_tokens"]
     assert "physical bound" in capsys.readouterr().out
+    # the runtime's real layouts on 8 x H200: TP8 keeps one cache, DP8+EP one per GPU
+    check_layouts(out["layouts"], "flash")
+    assert "Layouts of one replica on 8 x H200" in (tmp_path / "capacity_flash_smoke.md").read_text()
+
+
+def check_layouts(lay: dict, model: str) -> None:
+    from dsv4.operator import weights as W
+    from dsv4.runtime.config import preset
+
+    cfg = preset(model)
+    rows = {(r["workload"], r["layout"]): r for r in lay["rows"]}
+    assert {layout for _, layout in rows} == {"TP8", "DP8+EP"}
+    for (name, layout), r in rows.items():
+        assert r["caches"] == (8 if layout == "DP8+EP" else 1)
+        held = W.weight_bytes_per_gpu_ep(cfg, 8) if layout == "DP8+EP" else W.weight_bytes_per_gpu(cfg, 8)
+        assert r["weights_per_gpu"] == held
+        assert r["fits"] == (r["usable_per_gpu"] - held - r["reserve_per_gpu"] > 0)
+        assert r["sessions"] == r["caches"] * r["sessions_per_cache"] and r["tokens"] == r["sessions"] * r["length"]
+        tp = rows[(name, "TP8")]["tokens"]
+        if layout == "DP8+EP" and tp:
+            assert lay["dp_ep_vs_tp_tokens"][name] == pytest.approx(r["tokens"] / tp)
+
+
+def test_pro_layouts_on_h200_and_b200(tmp_path) -> None:
+    """Pro as DP8+EP holds 145 GB of weights per GPU (experts / 8, attention, shared expert, embedding, head and MTP
+    block whole): more than an H200's 135.7 GB usable, so only TP8 fits there; on B200 each of the 8 caches is
+    half TP8's one, about 4x the tokens (docs/benchmarks.md)."""
+    for gpu in ("H200", "B200"):
+        assert main(["bench", "capacity", "--smoke", "--model", "pro", "--layouts-only", "--layout-gpu", gpu,
+                     "--out", str(tmp_path)]) == 0
+    stem = tmp_path / "capacity_pro_layouts_smoke"
+    out = json.loads(stem.with_suffix(".json").read_text())
+    assert out["workloads"] == [] and stem.with_suffix(".png").stat().st_size > 1000
+    h200 = out["layouts"]
+    check_layouts(h200, "pro")
+    assert [r["fits"] for r in h200["rows"] if r["layout"] == "DP8+EP"] == [False, False]
+    assert h200["targets"] == {"DP+EP >= 7x TP tokens (agent)": False}
+    b200 = json.loads((tmp_path / "capacity_pro_B200_layouts_smoke.json").read_text())["layouts"]
+    check_layouts(b200, "pro")
+    assert all(r["fits"] for r in b200["rows"]) and all(3 < v < 7 for v in b200["dp_ep_vs_tp_tokens"].values())
 
 
 def test_online_hca_state_frees_fixed_bytes_for_history(tmp_path):

@@ -23,7 +23,8 @@ def dsv4(*args: str) -> subprocess.CompletedProcess:
 def test_plan_prints_choices_with_reasons() -> None:
     res = dsv4("plan", "-f", "examples/short-chat.yaml")
     assert res.returncode == 0, res.stderr
-    for key in ("tensorParallelSize", "cachePolicy", "sessionsPerReplica", "initialReplicas", "# "):
+    for key in ("layout", "tensorParallelSize", "dataParallelSize", "cachePolicy", "sessionsPerReplica",
+                "initialReplicas", "# "):
         assert key in res.stdout
     # the pod's resources and QoS class, explained
     assert "qosClass             Burstable" in res.stdout and "/dev/shm" in res.stdout and "memory=" in res.stdout
@@ -33,10 +34,14 @@ def test_plan_json_and_manifests() -> None:
     res = dsv4("plan", "-f", "examples/long-context-agent.yaml", "-o", "json")
     assert res.returncode == 0, res.stderr
     p = json.loads(res.stdout)
-    assert p["name"] == "agents" and p["tensor_parallel_size"] == 8 and p["initial_replicas"] == 2
+    # Pro on 8 x B200: 8 data-parallel attention ranks with their own caches hold the most sessions per GPU
+    assert p["name"] == "agents" and p["layout"] == "dp-ep" and p["parallelism"] == "DP8+EP"
+    assert (p["tensor_parallel_size"], p["data_parallel_size"], p["initial_replicas"]) == (1, 8, 2)
     res = dsv4("plan", "-f", "examples/long-context-agent.yaml", "-o", "manifests", "--namespace", "x")
     docs = [d for d in yaml.safe_load_all(res.stdout) if d]
     assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+    config = yaml.safe_load(docs[0]["data"]["config.yaml"])
+    assert (config["tp"], config["dp"], config["ep"]) == (1, 8, True)
     assert {d["metadata"]["namespace"] for d in docs} == {"x"}
 
 

@@ -106,8 +106,10 @@ def test_printer_columns_read_what_the_operator_writes() -> None:
     obj["status"] = reconcile("agents", "ns", "uid", 1, obj["spec"], None, Observed(deployment=dep), 0.0).status
     cols = column_values(obj)
     assert cols["Ready"] == "True" and cols["URL"] == "http://agents.ns.svc:8000/v1" and cols["Replicas"] == "1/2"
-    assert cols["TP"] == obj["status"]["plan"]["tensorParallelSize"] and cols["Reason"] == ""
-    assert cols["Plan"].startswith(f"TP{cols['TP']}, ")
+    # Pro on 8 x B200: data-parallel attention with expert parallelism; the TP column names the layout
+    assert cols["TP"] == obj["status"]["plan"]["parallelism"] == "DP8+EP" and cols["Reason"] == ""
+    assert obj["status"]["plan"]["dataParallelSize"] == 8 and obj["status"]["plan"]["tensorParallelSize"] == 1
+    assert cols["Plan"].startswith(f"{cols['TP']}, ")
     bad = _example("invalid-pro-on-h100.yaml")
     bad["status"] = reconcile("too-big", "ns", "uid", 1, bad["spec"], None, Observed(), 0.0).status
     cols = column_values(bad)

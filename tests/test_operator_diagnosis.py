@@ -175,6 +175,21 @@ def test_replan_reports_old_to_new_in_the_event_and_plan_history() -> None:
     api.DSV4EndpointStatus.model_validate(same.status)
 
 
+def test_status_from_before_layouts_is_no_replan_and_a_layout_change_is() -> None:
+    spec = example("long-context-agent.yaml")
+    spec["accelerator"]["type"] = "H200"  # Pro stays TP8 on H200
+    first = reconcile("agents", "ns", "uid", 1, spec, None, Observed(), 10.0)
+    assert first.status["plan"]["parallelism"] == "TP8"
+    old = {**first.status, "plan": {k: v for k, v in first.status["plan"].items()
+                                    if k not in ("layout", "parallelism", "dataParallelSize")}}
+    again = reconcile("agents", "ns", "uid", 1, spec, old, Observed(), 20.0)
+    assert again.events == [] and again.status["planHistory"] == []
+    spec["accelerator"]["type"] = "B200"  # DP8+EP there
+    moved = reconcile("agents", "ns", "uid", 2, spec, again.status, Observed(), 30.0)
+    (entry,) = moved.status["planHistory"]
+    assert entry["changes"][:3] == ["layout: tp -> dp-ep", "tensorParallelSize: 8 -> 1", "dataParallelSize: 1 -> 8"]
+
+
 def test_plan_changes_lists_only_changed_choices() -> None:
     assert plan_changes(None, {"tensorParallelSize": 2}) == []
     assert plan_changes({"tensorParallelSize": 2, "cachePolicy": "full"},

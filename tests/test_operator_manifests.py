@@ -52,8 +52,9 @@ def test_pod_shape_security_probes_and_router_labels() -> None:
     pod = dep["spec"]["template"]
     (c,) = pod["spec"]["containers"]
     assert c["command"] == ["dsv4", "serve", "--config", "/etc/dsv4/config.yaml"]
-    tp = str(p.tensor_parallel_size)
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == tp and c["resources"]["requests"]["nvidia.com/gpu"] == tp
+    gpus = str(p.gpus_per_replica)  # the TP group's or the DP ranks' GPUs
+    assert p.gpus_per_replica == p.tensor_parallel_size * p.data_parallel_size
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus and c["resources"]["requests"]["nvidia.com/gpu"] == gpus
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["startupProbe"]["httpGet"]["path"] == "/health"
@@ -178,9 +179,15 @@ def test_server_sizes_the_pools_of_its_plan_block_for_block(example: str) -> Non
     p = plan(spec)
     values = yaml.safe_load(kinds(manifests.children(REF, spec, p))["ConfigMap"]["data"]["config.yaml"])
     cfg = ServeConfig(**values)
-    # Pro over 8 B200s holds 123 GB of weights per GPU (replicated parts whole), leaving a cache where the raw
-    # tail holds 16 sessions and the online state 17: online
-    assert cfg.hca_state == p.hca_state == ("raw" if example == "short-chat.yaml" else "online")
+    # Pro over 8 B200s as DP8+EP holds 145 GB of weights per GPU (the experts split, the rest whole), leaving each
+    # rank a cache where the raw tail and the online state both hold 9 sessions: raw (the fused kernel); the
+    # b200-chat TP1 cache holds more with the online state
+    want_hca = "online" if example == "b200-chat" else "raw"
+    assert cfg.hca_state == p.hca_state == want_hca
+    if p.layout == "dp-ep":  # each rank sizes its own pools from this per-GPU budget
+        assert (cfg.dp, cfg.ep, cfg.tp) == (p.data_parallel_size, True, 1)
+    else:
+        assert (cfg.dp, cfg.ep, cfg.tp) == (1, False, p.tensor_parallel_size) and "dp" not in values
     mcfg = model_config(spec)
     budget = int(cfg.cache_budget_gib * 2**30)
     assert budget == p.cache_bytes_per_gpu
@@ -199,8 +206,9 @@ def test_runtime_pods_get_planned_cpu_and_memory_and_are_burstable() -> None:
         res = dep["spec"]["template"]["spec"]["containers"][0]["resources"]
         mem = int(res["requests"]["memory"].removesuffix("Gi"))
         # server + ranks + loader buffers; the limit adds the memory-backed /dev/shm; no CPU limit
-        assert mem >= 4 + 2 * (p.tensor_parallel_size - 1) and res["limits"]["memory"] == f"{mem + SHM_GIB}Gi"
-        assert int(res["requests"]["cpu"]) == 2 + p.tensor_parallel_size and "cpu" not in res["limits"]
+        ranks = p.gpus_per_replica  # one process per TP or DP rank
+        assert mem >= 4 + 2 * (ranks - 1) and res["limits"]["memory"] == f"{mem + SHM_GIB}Gi"
+        assert int(res["requests"]["cpu"]) == 2 + ranks and "cpu" not in res["limits"]
         assert qos_class(res["requests"], res["limits"]) == "Burstable" == pod_resources(spec, p).qos
     # on cpu the weights and the KV cache live in host memory
     spec = api.parse_spec({"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},

@@ -19,7 +19,8 @@ from dsv4.runtime.config import flash, pro
 
 from dsv4.settings_enums import PROFILE_NAMES
 
-REASON_KEYS = {"tensorParallelSize", "batchingDelayMs", "maxNumBatchedTokens", "chunkedPrefillSize", "cachePolicy",
+REASON_KEYS = {"layout", "tensorParallelSize", "dataParallelSize",
+               "batchingDelayMs", "maxNumBatchedTokens", "chunkedPrefillSize", "cachePolicy",
                "hcaState", "poolSplit", "maxServableContext", "maxModelLen", "sessionsPerReplica", "initialReplicas"}
 
 
@@ -66,17 +67,23 @@ def test_plan_table(variant: str, gpu: str, profile: str) -> None:
         assert math.ceil(wbytes / usable) > 8
         return
     p = plan(s)
-    tp = p.tensor_parallel_size
+    tp, dp = p.tensor_parallel_size, p.data_parallel_size
     assert tp <= 8 and cfg.num_attention_heads % tp == 0 and cfg.n_routed_experts % tp == 0
-    # memory adds up: the rank's weights (split parts / tp + replicated parts whole) + cache within one GPU
-    assert W.weight_bytes_per_gpu(cfg, tp, "fp8-fp4") + p.cache_bytes_per_gpu < usable
+    assert p.gpus_per_replica == tp * dp <= 8 and (tp == 1 or dp == 1) and cfg.n_routed_experts % dp == 0
+    assert p.layout == ("dp-ep" if dp > 1 else "tp")
+    # memory adds up: the rank's weights (TP: split parts / tp + replicated parts whole; DP+EP: experts / dp + the
+    # rest whole) + cache within one GPU
+    held = W.weight_bytes_per_gpu_ep(cfg, dp, "fp8-fp4") if dp > 1 else W.weight_bytes_per_gpu(cfg, tp, "fp8-fp4")
+    assert p.weight_bytes_per_gpu == held and held + p.cache_bytes_per_gpu < usable
     assert p.cache_bytes_per_gpu > 1 * GIB
     # TP1 is chosen whenever the weights leave room for a cache on one GPU and it holds as many per GPU
-    if tp > 1 and wbytes + 3 * GIB > usable:
-        assert "TP1: no" in p.reasons["tensorParallelSize"]
+    if tp * dp > 1 and wbytes + 3 * GIB > usable:
+        assert "TP1: no" in p.reasons["tensorParallelSize"] + p.reasons["dataParallelSize"]
     assert p.max_servable_context >= wl.context_max and p.max_model_len == wl.context_max
     assert p.context_length_range == f"0-{wl.context_max}"
-    assert 1 <= p.sessions_per_replica <= 256 and p.max_num_seqs == min(256, p.sessions_per_replica)
+    # each DP rank has its own scheduler: max_num_seqs is one rank's share of the replica's sessions
+    assert p.sessions_per_replica % dp == 0
+    assert 1 <= p.sessions_per_replica <= 256 * dp and p.max_num_seqs == min(256, p.sessions_per_replica // dp)
     assert p.initial_replicas == max(1, math.ceil(wl.concurrency / p.sessions_per_replica))
     assert p.decode_step_ms <= wl.itl_target_ms
     assert p.chunked_prefill_size <= p.max_num_batched_tokens
@@ -89,7 +96,9 @@ def test_plan_table(variant: str, gpu: str, profile: str) -> None:
     assert p.hca_state in ("raw", "online")
     assert REASON_KEYS <= set(p.reasons) and all(p.reasons[k].strip() for k in REASON_KEYS)
     st = p.to_status().wire()
-    assert st["tensorParallelSize"] == tp and st["reasons"]["cachePolicy"] == p.reasons["cachePolicy"]
+    assert st["tensorParallelSize"] == tp and st["dataParallelSize"] == dp and st["layout"] == p.layout
+    assert st["parallelism"] == (f"DP{dp}+EP" if dp > 1 else f"TP{tp}")
+    assert st["reasons"]["cachePolicy"] == p.reasons["cachePolicy"]
 
 
 def test_more_memory_never_gives_fewer_sessions_per_gpu() -> None:
@@ -97,7 +106,7 @@ def test_more_memory_never_gives_fewer_sessions_per_gpu() -> None:
         per_gpu = []
         for gpu in ("H200", "B200", "B200-192"):
             p = plan(spec(variant, gpu, "coding-agent", overrides={"cachePolicy": "recompute"}))
-            per_gpu.append(p.sessions_per_replica / p.tensor_parallel_size)
+            per_gpu.append(p.sessions_per_replica / p.gpus_per_replica)
         assert per_gpu == sorted(per_gpu), (variant, per_gpu)
 
 
@@ -124,13 +133,16 @@ def test_hca_state_is_online_only_when_the_cache_bounds_the_raw_layout() -> None
     # Flash short-chat on H200 without window reuse: the raw layout holds more sessions than the batch allows
     h200 = plan(spec("flash", "H200", "short-chat", overrides={"cachePolicy": "recompute"}))
     assert h200.hca_state == "raw" and "raw keeps the fused compressor kernel" in h200.reasons["hcaState"]
-    # on B200 TP1 the cache bounds the sessions: online holds more, and more than the raw layout forced
+    # on B200 (DP2+EP) the cache bounds each rank's sessions: online holds more, and more than the raw state forced
+    # on the same layout
     b200 = plan(spec("flash", "B200", "short-chat"))
-    raw = plan(spec("flash", "B200", "short-chat", overrides={"hcaState": "raw", "tensorParallelSize":
-                                                            b200.tensor_parallel_size}))
-    assert b200.hca_state == "online" and raw.hca_state == "raw"
+    dp = b200.data_parallel_size
+    same_layout = {"dataParallelSize": dp} if dp > 1 else {"tensorParallelSize": b200.tensor_parallel_size}
+    raw = plan(spec("flash", "B200", "short-chat", overrides={"hcaState": "raw", **same_layout}))
+    assert b200.hca_state == "online" and raw.hca_state == "raw" and raw.data_parallel_size == dp
     assert b200.sessions_per_replica > raw.sessions_per_replica
-    assert f"{b200.sessions_per_replica} sessions (raw {raw.sessions_per_replica})" in b200.reasons["hcaState"]
+    per_rank = f"{b200.sessions_per_replica // dp} sessions (raw {raw.sessions_per_replica // dp})"
+    assert per_rank in b200.reasons["hcaState"]
     assert b200.to_status().wire()["hcaState"] == "online"
     forced = plan(spec("flash", "H200", "short-chat", overrides={"cachePolicy": "recompute", "hcaState": "online"}))
     assert forced.hca_state == "online" and "overrides.hcaState" in forced.reasons["hcaState"]
@@ -183,7 +195,7 @@ def test_custom_model_config_is_planned_from_its_shapes() -> None:
                                          "profile": {"name": "short-chat"}, "accelerator": {"type": "H100"}})
     p = plan(s)
     assert p.weight_bytes < W.weight_bytes(flash()) / 2
-    assert p.tensor_parallel_size < plan(spec("flash", "H100", "short-chat")).tensor_parallel_size
+    assert p.gpus_per_replica < plan(spec("flash", "H100", "short-chat")).gpus_per_replica
     bad = DSV4EndpointSpec.model_validate({"model": {"variant": "custom", "config": {"num_hidden_layers": 2},
                                                      "weights": {"pvc": {"claimName": "w"}}},
                                            "profile": {"name": "short-chat"}})
@@ -216,21 +228,112 @@ def test_planned_sessions_really_fit_in_the_runtime_allocator() -> None:
     assert p.hca_state == "online"  # cache-bound: the online HCA slot holds more (test_hca_state_choice)
     mgr = CacheManager(CacheSpec.from_model(model_config(s), kv_dtype="fp8", index_dtype="fp4", hca_state="online"),
                        p.num_blocks, policy=p.cache_policy)
+    assert all(prefill(mgr, i, p.expected_context, p.chunked_prefill_size) for i in range(p.sessions_per_replica))
+    assert not prefill(mgr, p.sessions_per_replica, p.expected_context, p.chunked_prefill_size)
 
-    def prefill(i: int) -> bool:
-        toks = [(i * 7919 + j) % 120_000 for j in range(p.expected_context)]
-        mgr.start(f"r{i}", toks)
-        n = 0
-        while n < p.expected_context:
-            n2 = min(p.expected_context, n + p.chunked_prefill_size)
-            if not mgr.allocate(f"r{i}", n2):
-                return False
-            mgr.commit(f"r{i}", toks, n2)
-            n = n2
-        return True
 
-    assert all(prefill(i) for i in range(p.sessions_per_replica))
-    assert not prefill(p.sessions_per_replica)
+def prefill(mgr: CacheManager, i: int, context: int, chunk: int) -> bool:
+    """Prefill request i of `context` distinct tokens chunk by chunk; False when a chunk does not fit."""
+    toks = [(i * 7919 + j) % 120_000 for j in range(context)]
+    mgr.start(f"r{i}", toks)
+    n = 0
+    while n < context:
+        n2 = min(context, n + chunk)
+        if not mgr.allocate(f"r{i}", n2):
+            return False
+        mgr.commit(f"r{i}", toks, n2)
+        n = n2
+    return True
+
+
+@pytest.mark.parametrize("layout", ["tp", "dp-ep"])
+def test_sessions_per_replica_equal_what_each_rank_allocator_admits(layout: str) -> None:
+    """Pro long-context-agent on 8 x B200 in both layouts: every rank builds the pools its pod's config gives (the
+    runtime's `cache_for_budget`: a TP group's one cache, or each DP rank's own); ranks with a cache x the requests
+    one admits == sessionsPerReplica, and one more request does not fit."""
+    from dsv4.operator import manifests
+    from dsv4.runtime.server.build import cache_for_budget, cache_spec, expected_context
+    from dsv4.runtime.server.config import ServeConfig
+
+    s = spec("pro", "B200", "long-context-agent", overrides={"layout": layout})
+    p = plan(s)
+    assert p.layout == layout and "bound by cache" in p.reasons["sessionsPerReplica"]
+    values = manifests.runtime_config(manifests.EndpointRef("agents", "ns", "uid"), s, p)
+    cfg = ServeConfig.checked(**values)
+    assert (cfg.tp, cfg.dp, cfg.ep) == ((8, 1, False) if layout == "tp" else (1, 8, True))
+    mcfg = model_config(s)
+    context = expected_context(cfg, int(mcfg.max_position_embeddings))
+    assert context == p.expected_context
+    mgr = cache_for_budget(cfg, cache_spec(cfg, mcfg, values["kv_dtype"]), int(cfg.cache_budget_gib * 2**30), context)
+    chunk = min(cfg.chunked_prefill_size or cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
+    admitted = 0
+    while prefill(mgr, admitted, context, chunk):
+        admitted += 1
+    assert cfg.dp * admitted == p.sessions_per_replica
+    assert admitted == cfg.max_num_seqs  # each rank's scheduler runs as many as its cache holds
+
+
+def test_pro_on_b200_chooses_dp_ep_and_says_why() -> None:
+    p = plan(spec("pro", "B200", "long-context-agent"))
+    tp8 = plan(spec("pro", "B200", "long-context-agent", overrides={"layout": "tp"}))
+    assert (p.parallelism.label, tp8.parallelism.label) == ("DP8+EP", "TP8")
+    assert p.sessions_per_replica > 4 * tp8.sessions_per_replica
+    why = p.reasons["layout"]
+    assert why.startswith(f"DP8+EP: 8 caches of {p.sessions_per_replica // 8} sessions = {p.sessions_per_replica} ")
+    assert f"vs TP8: one cache of {tp8.sessions_per_replica} sessions" in why
+    assert "overrides" in tp8.reasons["layout"] and "overrides" not in why
+
+
+def test_pro_does_not_fit_dp_ep_on_h200() -> None:
+    """EP keeps attention, the shared expert, embedding, head and the MTP block whole on every rank: 145 GB of Pro
+    per GPU, more than an H200's 135.7 GB usable, so Pro stays TP8 there."""
+    p = plan(spec("pro", "H200", "coding-agent"))
+    assert p.parallelism.label == "TP8"
+    assert "DP8+EP: weights 145.4 GB/GPU + reserve" in p.reasons["layout"]
+    with pytest.raises(PlanError) as err:
+        plan(spec("pro", "H200", "coding-agent", overrides={"dataParallelSize": 8}))
+    assert err.value.reason == "WeightsDoNotFit" and "DP8+EP: weights 145.4 GB/GPU" in err.value.message
+
+
+def test_layout_overrides() -> None:
+    forced = plan(spec("flash", "H200", "coding-agent", overrides={"dataParallelSize": 4}))
+    assert (forced.layout, forced.data_parallel_size, forced.tensor_parallel_size) == ("dp-ep", 4, 1)
+    assert forced.reasons["dataParallelSize"] == "set by overrides.dataParallelSize"
+    assert forced.reasons["layout"].startswith("set by overrides.dataParallelSize: DP4+EP: 4 caches of ")
+    tp = plan(spec("flash", "H200", "coding-agent", overrides={"layout": "tp"}))
+    assert tp.layout == "tp" and tp.data_parallel_size == 1 and "DP" not in tp.reasons["tensorParallelSize"]
+    dp = plan(spec("flash", "H200", "coding-agent", overrides={"layout": "dp-ep"}))
+    assert dp.layout == "dp-ep" and dp.data_parallel_size > 1
+    with pytest.raises(PlanError) as err:
+        plan(spec("flash", "H200", "coding-agent", overrides={"dataParallelSize": 3}))
+    assert err.value.reason == "InvalidDataParallel" and "n_routed_experts (256)" in err.value.message
+
+
+def test_ties_go_to_the_fewest_gpus_and_are_explained() -> None:
+    # Flash short-chat on H200: every DP size holds 256 sessions per GPU (each rank's batch is capped at 256)
+    p = plan(spec("flash", "H200", "short-chat"))
+    assert p.parallelism.label == "DP2+EP"
+    assert "tied with DP4+EP, DP8+EP at 256.0/GPU: the fewest GPUs per replica wins" in p.reasons["layout"]
+    # the tiny model on a CPU: the experts are too small for EP to free memory, TP1 ties with DP and wins
+    tiny = plan(DSV4EndpointSpec.model_validate({"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
+                                                 "accelerator": {"type": "cpu"}}))
+    assert tiny.parallelism.label == "TP1"
+
+
+def test_dp_decode_step_charges_the_token_exchange() -> None:
+    """decode step = (the rank's dense weights + its experts touched by all ranks' tokens + b x kv_read) / (hbm x MBU)
+    + layers x 2 x (dp - 1) x b x hidden x 2 B / interconnect (module docstring of planner.py)."""
+    from dsv4.operator.hardware import MBU
+    from dsv4.operator.planner import kv_read_bytes
+
+    s = spec("flash", "H200", "coding-agent", overrides={"dataParallelSize": 8, "cachePolicy": "recompute"})
+    p, cfg, acc, wl = plan(s), flash(), accelerator("H200"), NAMED["coding-agent"]
+    b = p.sessions_per_replica // 8
+    kv = kv_read_bytes(cfg, CacheSpec.from_model(cfg, kv_dtype="fp8", index_dtype="fp4", hca_state="raw"),
+                       wl.context_p95)
+    hbm = (W.decode_weight_bytes_ep(cfg, "fp8-fp4", 8, b) + b * kv) / (acc.hbm_bytes_per_s * MBU)
+    exchange = cfg.num_hidden_layers * 2 * 7 * b * cfg.hidden_size * 2 / acc.interconnect_bytes_per_s
+    assert exchange > 0 and p.decode_step_ms == pytest.approx((hbm + exchange) * 1000, abs=1e-3)
 
 
 def test_replicated_weights_do_not_divide_over_the_group() -> None:

@@ -57,6 +57,20 @@ def test_planner_bytes_per_gpu_equal_what_each_rank_holds(published, world):
         assert got == want, (world, rank, got, want, per_dtype)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_planner_bytes_per_gpu_equal_what_each_ep_rank_holds(published, world):
+    """Expert parallelism (`dsv4 serve --dp N --ep`): each rank holds 1/N of the routed experts and every other
+    tensor whole; the planner's `weight_bytes_per_gpu_ep` is what the loader's `mode="ep"` rank holds."""
+    cfg, path = published
+    for rank in range(world):
+        model, loaded_cfg = load_checkpoint(path, progress=False, shard=TPShard(rank, world, mode="ep"),
+                                            weights_dtype="checkpoint")
+        got, per_dtype = held_bytes(model)
+        want = W.weight_bytes_per_gpu_ep(loaded_cfg, world, "fp8-fp4")
+        assert got == want, (world, rank, got, want, per_dtype)
+        assert want > W.weight_bytes_per_gpu(loaded_cfg, world, "fp8-fp4")  # TP splits more than the experts
+
+
 def test_replicated_parts_do_not_divide(published):
     cfg, _ = published
     one, two = W.weight_bytes_per_gpu(cfg, 1), W.weight_bytes_per_gpu(cfg, 2)

@@ -72,7 +72,7 @@ def owned(items: list, uid: str) -> list:
 
 
 def cheap_endpoint(name: str, replicas: int = 2) -> dict:
-    """A DSV4Endpoint the planner plans for real (Flash on H200, TP2) whose pods can never schedule."""
+    """A DSV4Endpoint the planner plans for real (Flash on H200, DP2+EP) whose pods can never schedule."""
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DSV4Endpoint", "metadata": {"name": name},
             "spec": {"model": {"variant": "flash", "weights": {"pvc": {"claimName": "flash-weights"}}},
                      "profile": {"name": "short-chat"}, "accelerator": {"type": "H200"}, "replicas": replicas,
@@ -553,7 +553,7 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(local_cluste
         assert len(core.list_namespaced_pod(namespace).items) == 2 * len(names)
         for n in names:
             st = get_ep(co, namespace, n)["status"]
-            assert st["plan"]["maxModelLen"] > 0 and st["plan"]["tensorParallelSize"] == 2  # H200 status accepted
+            assert st["plan"]["maxModelLen"] > 0 and st["plan"]["parallelism"] == "DP2+EP"  # H200 status accepted
     print(f"\n[kill] operator SIGKILLed with {at_kill} of {len(names)} endpoints' children created; restart converged, "
           f"no duplicates: {counts}")
 

@@ -1,0 +1,58 @@
+"""Weight bytes per GPU of an expert-parallel rank (`dsv4 serve --dp N --ep`), from the published inventory, against
+a hand count from the config's shapes: only the routed experts of the main layers are split over the ranks; the
+shared expert, attention, embedding, head and the whole MTP block stay on every rank."""
+
+from __future__ import annotations
+
+import pytest
+from dsv4.operator import weights as W
+from dsv4.runtime.config import ModelConfig, flash, pro, tiny
+
+# bytes per routed-expert element as stored: FP4 e2m1 two per byte + one UE8M0 scale byte per 32 values; FP8 e4m3
+# + one UE8M0 scale byte per 128x128 block; bf16 two bytes
+_EXPERT_ELEMENT = {"fp8-fp4": 0.5 + 1 / 32, "fp8": 1 + 1 / (128 * 128), "bf16": 2.0}
+
+
+def main_layer_expert_bytes(cfg: ModelConfig, quantization: str) -> float:
+    """Hand count: num_hidden_layers x E experts x (w1, w3: I x H; w2: H x I) x bytes per element."""
+    per_expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size
+    return cfg.num_hidden_layers * cfg.n_routed_experts * per_expert * _EXPERT_ELEMENT[quantization]
+
+
+@pytest.mark.parametrize("make", [tiny, flash, pro], ids=["tiny", "flash", "pro"])
+@pytest.mark.parametrize("quantization", ["fp8-fp4", "bf16"])
+def test_ep_rank_holds_its_share_of_the_main_layer_experts_and_everything_else_whole(make, quantization) -> None:
+    cfg = make()
+    whole = W.weight_bytes_per_gpu_ep(cfg, 1, quantization)
+    assert whole == W.weight_bytes_per_gpu(cfg, 1, quantization)  # one rank holds everything
+    experts = main_layer_expert_bytes(cfg, quantization)
+    for dp in (2, 4, 8):
+        if cfg.n_routed_experts % dp:
+            continue
+        held = W.weight_bytes_per_gpu_ep(cfg, dp, quantization)
+        assert held == pytest.approx(whole - experts * (1 - 1 / dp), abs=8), dp
+        # TP splits more (query heads, output projections, shared expert, vocab): a TP rank holds less
+        assert held > W.weight_bytes_per_gpu(cfg, dp, quantization)
+
+
+def test_pro_over_eight_h200s_as_dp_ep_holds_more_than_an_h200_offers() -> None:
+    """The numbers behind the planner's Pro-on-H200 verdict (docs/parallel.md): 822 GB of main-layer experts / 8
+    + 42 GB whole on every rank (attention 20.6, MTP block 14.0, shared expert 4.0, embedding + head 3.7) is
+    145 GB per rank, above the 135.7 GB usable of a 141 GB H200 at 90 %; TP8 holds 123 GB."""
+    cfg = pro()
+    experts = main_layer_expert_bytes(cfg, "fp8-fp4")
+    assert experts == pytest.approx(822.0e9, rel=1e-3)
+    assert W.weight_bytes_per_gpu_ep(cfg, 8) == pytest.approx(145.4e9, rel=1e-3)
+    assert W.weight_bytes_per_gpu(cfg, 8) == pytest.approx(123.4e9, rel=1e-3)
+
+
+def test_ep_decode_reads_the_rank_experts_touched_by_every_rank_tokens() -> None:
+    cfg = flash()
+    dense_and_head = W.decode_weight_bytes(cfg, "fp8-fp4", 1) - W.param_counts(cfg).routed * (0.5 + 1 / 32) * (
+        1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts))
+    for dp, b in ((2, 1), (8, 4), (8, 64)):
+        touched = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** (dp * b)
+        want = dense_and_head + W.param_counts(cfg).routed * (0.5 + 1 / 32) / dp * touched
+        assert W.decode_weight_bytes_ep(cfg, "fp8-fp4", dp, b) == pytest.approx(want, rel=1e-9)
+    # one rank at dp=1 is a TP1 replica
+    assert W.decode_weight_bytes_ep(cfg, "fp8-fp4", 1, 16) == W.decode_weight_bytes(cfg, "fp8-fp4", 16)
