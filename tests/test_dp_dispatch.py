@@ -25,9 +25,12 @@ def test_load_wins_when_the_prefix_holder_is_overloaded_or_the_hit_is_below_a_bl
     assert choose_rank([RankLoad(40, 0.0, 0), RankLoad(61, 0.0, 512)], BLOCK) == (0, LOAD)
 
 
-def test_least_loaded_then_emptiest_cache_then_lowest_rank():
+def test_least_loaded_then_emptiest_cache_then_least_recently_used_rank():
     assert choose_rank([RankLoad(2, 0.0, 0), RankLoad(1, 0.9, 0), RankLoad(1, 0.3, 0)], BLOCK) == (2, LOAD)
     assert choose_rank([RankLoad(1, 0.3, 0), RankLoad(1, 0.3, 0)], BLOCK) == (0, LOAD)
+    # sequential requests on an idle replica alternate: the rank used last waits its turn
+    assert choose_rank([RankLoad(0, 0.0, 0, last_dispatch=5), RankLoad(0, 0.0, 0, last_dispatch=4)], BLOCK) == (1, LOAD)
+    assert choose_rank([RankLoad(0, 0.0, 0, last_dispatch=5), RankLoad(0, 0.0, 0)], BLOCK) == (1, LOAD)
     with pytest.raises(ValueError, match="no ranks"):
         choose_rank([], BLOCK)
 

@@ -125,6 +125,46 @@ def test_endpoint_children_serve_and_are_collected(local_cluster, namespace, ope
     assert os.path.exists(operator_process.log)
 
 
+def test_a_data_parallel_endpoint_serves_the_openai_client(local_cluster, namespace, operator_process):
+    """overrides.layout dp-ep, dataParallelSize 2: one pod running `dsv4 serve --dp 2 --ep` (two rank processes,
+    each with its own KV cache) behind one front end; the openai client gets answers and both ranks serve."""
+    import httpx
+    from kubernetes import client
+    from openai import OpenAI
+
+    endpoint = {
+        "apiVersion": "serving.dsv4.dev/v1alpha1", "kind": "DSV4Endpoint",
+        "metadata": {"name": "chat-dp", "namespace": namespace},
+        "spec": {"model": {"variant": "tiny"}, "profile": {"name": "short-chat"}, "accelerator": {"type": "cpu"},
+                 "overrides": {"layout": "dp-ep", "dataParallelSize": 2}},
+    }
+    with local_cluster.api_client() as api:
+        core, co = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        co.create_namespaced_custom_object("serving.dsv4.dev", "v1alpha1", namespace, "dsv4endpoints", endpoint)
+        cm = wait_for("the ConfigMap", lambda: core.read_namespaced_config_map("chat-dp-config", namespace),
+                      timeout=60)
+        conf = yaml.safe_load(cm.data["config.yaml"])
+        assert (conf["dp"], conf["ep"], conf.get("tp", 1)) == (2, True, 1), conf
+        pod = wait_for("the DP pod Ready", lambda: next((p for p in pods(core, namespace, "dsv4.io/endpoint=chat-dp")
+                                                         if ready(p)), None), timeout=240, interval=1)
+        ip = pod["status"]["podIP"]
+        oc = OpenAI(base_url=f"http://{ip}:8000/v1", api_key="unused", max_retries=0, timeout=120)
+        for i in range(4):  # the idle replica spreads them over both ranks
+            r = oc.completions.create(model="chat-dp", prompt=f"request {i}: hello", max_tokens=4, temperature=0)
+            assert r.usage.completion_tokens == 4
+        chat = oc.chat.completions.create(model="chat-dp", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4)
+        assert chat.usage.completion_tokens >= 1
+        metrics = httpx.get(f"http://{ip}:8000/metrics", timeout=10).text
+        ranks = {line.split('rank="')[1].split('"')[0] for line in metrics.splitlines()
+                 if line.startswith("dsv4_rank_dispatched_requests_total{") and not line.endswith(" 0.0")}
+        assert ranks == {"0", "1"}, metrics[-2000:]
+        ep = co.get_namespaced_custom_object("serving.dsv4.dev", "v1alpha1", namespace, "dsv4endpoints", "chat-dp")
+        assert ep["status"]["plan"]["parallelism"] == "DP2+EP"
+        co.delete_namespaced_custom_object("serving.dsv4.dev", "v1alpha1", namespace, "dsv4endpoints", "chat-dp")
+    assert procs.is_alive(operator_process), f"the operator died; see {operator_process.log}"
+
+
 # ---- issue 23: conditions that name the cause, /scale in every mode, printer columns ----------------------
 GROUP, VERSION, PLURAL = "serving.dsv4.dev", "v1alpha1", "dsv4endpoints"
 # An accelerator no node has: the pods stay Pending (no runtime process), the planner is instant.
@@ -272,6 +312,6 @@ def test_printer_columns(local_cluster, namespace, operator_process):
     table = _kubectl(local_cluster, "get", "dsv4ep", "-n", namespace).stdout.splitlines()
     assert table[0].split() == ["NAME", "READY", "URL", "REPLICAS", "TP", "MAXCACHE", "REASON", "AGE"], table
     row = table[1].split()
-    assert row[:5] == ["cols", "False", f"http://cols.{namespace}.svc:8000/v1", "0/1", "1"], table
+    assert row[:5] == ["cols", "False", f"http://cols.{namespace}.svc:8000/v1", "0/1", "TP1"], table
     wide = _kubectl(local_cluster, "get", "dsv4ep", "-n", namespace, "-o", "wide").stdout.splitlines()
     assert wide[0].split()[-4:] == ["AGE", "MODEL", "PROFILE", "PLAN"] and "TP1, " in wide[1], wide

@@ -74,6 +74,8 @@ class DataParallelEngine:
         for r in ranks:
             r.observer = RankObserver(self.observer)
         self.owner: dict[str, int] = {}  # request id -> rank
+        self.last_dispatch = [-1] * len(ranks)  # per rank: the number of the last request sent to it
+        self.dispatched = 0
         self.block_size = int(ranks[0].cache.spec.block_size)
 
     # ---- what AsyncEngine and the server read -----------------------------------------------------
@@ -124,12 +126,15 @@ class DataParallelEngine:
             stats = r.cache.stats()
             occ = max((p.occupancy for p in stats.pools.values()), default=0.0)
             hit = r.cache.peek(prompt_ids).cached_tokens if r.cache.enable_prefix_caching else 0
-            loads.append(RankLoad(r.num_running_requests() + r.num_waiting_requests(), occ, hit))
+            loads.append(RankLoad(r.num_running_requests() + r.num_waiting_requests(), occ, hit,
+                                  self.last_dispatch[len(loads)]))
         return loads
 
     def add(self, request: Request) -> None:
         rank, reason = choose_rank(self.rank_loads(request.prompt_ids), self.block_size)
         self.owner[request.request_id] = rank
+        self.last_dispatch[rank] = self.dispatched
+        self.dispatched += 1
         on_dispatch = getattr(self.observer, "on_dispatch", None)
         if on_dispatch is not None:
             on_dispatch(rank, reason)

@@ -8,7 +8,7 @@ A pure decision over each rank's load and the prefix this prompt would hit in ea
   cache hits first until the imbalance passes a threshold). Prefix reuse thus survives DP: a conversation's next
   turn lands where its history is cached.
 * **load**: otherwise the rank with the fewest requests (running + waiting), then the emptiest cache, then the
-  lowest rank.
+  rank that was sent a request least recently (so sequential traffic alternates instead of piling on rank 0).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class RankLoad:
     requests: int  # running + waiting on the rank
     occupancy: float  # fullest pool's fraction of blocks in use
     prefix_hit_tokens: int  # tokens of this prompt the rank's cache holds (`CacheManager.peek`)
+    last_dispatch: int = -1  # sequence number of the last request sent to the rank (-1: none yet)
 
 
 def choose_rank(loads: list[RankLoad], block_size: int) -> tuple[int, str]:
@@ -39,4 +40,5 @@ def choose_rank(loads: list[RankLoad], block_size: int) -> tuple[int, str]:
     best = loads[by_hit]
     if best.prefix_hit_tokens >= block_size and best.requests - least <= slack:
         return by_hit, PREFIX
-    return min(range(len(loads)), key=lambda k: (loads[k].requests, loads[k].occupancy, k)), LOAD
+    return min(range(len(loads)), key=lambda k: (loads[k].requests, loads[k].occupancy, loads[k].last_dispatch,
+                                                 k)), LOAD
