@@ -12,6 +12,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "kernels": ("dsv4.bench.kernels", "Decode kernel GB/s and % of HBM peak (Triton on CUDA; torch reference on CPU)."),
     "scaling": ("dsv4.bench.scaling", "Prefill / decode cost vs context: our runtime vs transformers' reference."),
     "scaling-profile": ("dsv4.bench.scaling_profile", "Where our prefill / decode time goes (profilers)."),
+    "parallel": ("dsv4.bench.parallel", "Decode step time of one replica: --dp N --ep vs --tp N vs one rank (CPU)."),
     "scheduler": ("dsv4.bench.scheduler", "Engine time per step outside the model forward at 64 / 256 sequences."),
     "serving": ("dsv4.bench.serving", "guidellm vs a live `dsv4 serve`: concurrency, batching delay, prompt mixes."),
     "structured": ("dsv4.bench.structured", "Sampler step cost of grammar-constrained rows at batch 1 / 64."),
