@@ -278,7 +278,7 @@ class Reference:
 # ---------------------------------------------------------------------------------------------------
 def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int = 256, smoke: bool = False,
                 chunk: int = 512, decode_steps: int = 16, ref_limit_s: float = 120.0,
-                skip_reference: bool = False, threads: int = 1) -> dict:
+                skip_reference: bool = False, threads: int = 1, compile_mode: str = "off") -> dict:
     import torch
 
     if threads < 1:
@@ -320,6 +320,18 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
     for c in contexts:
         for b in batches:
             mine[c].decode_tok_s[b], mine[c].decode_step_s[b] = ours.decode(prompt[:c], b)
+    compiled_rows: dict[int, Measure] = {}
+    compile_state = "off"
+    if compile_mode == "both":  # the same engine and cache, decode again with `--compile on` (one run: ratios)
+        from dsv4.runtime.model import compiled
+
+        compile_state = compiled.setup("on", cfg, "cpu", ours.model.dtype, say=lambda *_: None)
+        for c in contexts:
+            m = compiled_rows[c] = Measure("ours --compile on", c, note=f"decode only; {compile_state}")
+            for b in batches:
+                ours.decode(prompt[:c], b)  # first calls at this batch's shapes
+                m.decode_tok_s[b], m.decode_step_s[b] = ours.decode(prompt[:c], b)
+        compiled.use_eager()
     budget = ours.budget
     del ours
 
@@ -335,7 +347,7 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
                       "max_abs_logit_diff": float((our_logits.float() - ref_logits.float()).abs().max()),
                       "same_argmax": bool(our_logits.argmax() == ref_logits.argmax())}
         del ref
-    rows = [m for c in contexts for m in (mine[c], theirs[c])]
+    rows = [m for c in contexts for m in (mine[c], *([compiled_rows[c]] if compiled_rows else []), theirs[c])]
     out = {
         "bench": "scaling", "smoke": smoke, "hidden": hidden, "parameters": n_params,
         "config": {k: v for k, v in cfg.to_dict().items() if k in (
@@ -346,7 +358,7 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
         "ref_limit_s": ref_limit_s, "cache_budget_bytes": budget, "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
         "load_average": list(os.getloadavg()), "malloc_keeps_freed_memory": malloc_keeps_freed,
-        "parity": parity, "rows": [asdict(r) for r in rows],
+        "parity": parity, "rows": [asdict(r) for r in rows], "compile": compile_state,
     }
     out["targets"] = targets(out)
     out["seconds"] = round(time.time() - t_start, 1)
@@ -496,6 +508,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-reference", action="store_true", help="measure our runtime only")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared CPU, OpenMP spin-waits make 2 threads ~25x slower)")
+    p.add_argument("--compile", choices=("off", "both"), default="off",
+                   help="both: after the eager decode, decode again with the torch.compile'd mHC functions "
+                        "(`dsv4 serve --compile on`), same engine and cache: one run, ratios")
     p.add_argument("--smoke", action="store_true",
                    help="hidden 64, contexts 256/512, batches 1/2, 4 decode steps: seconds")
     p.add_argument("--out", default="bench/results")
@@ -515,7 +530,7 @@ def run(args) -> int:
     hidden = 64 if args.smoke and args.hidden == 256 else args.hidden
     try:
         out = run_scaling(contexts, batches, hidden, args.smoke, chunk, steps, args.ref_limit_s,
-                          args.no_reference, args.threads)
+                          args.no_reference, args.threads, args.compile)
     except ValueError as e:
         raise SystemExit(str(e)) from e
     paths = write_results(out, Path(args.out))

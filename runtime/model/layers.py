@@ -36,9 +36,18 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     comb = Sinkhorn(softmax(m_comb·s2 + b_comb) + eps) (column-normalise, then iters-1 row/column rounds);
     collapsed = Σ_i pre_i · h_i.
     """
-    T = h.shape[0]
     flat = rms(h.flatten(1).float(), norm_eps)
     mixes = F.linear(flat, fn.float())
+    pre, post, comb = MHC.weights(mixes, base, scale, hc, iters, hc_eps)
+    collapsed = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
+    return collapsed, post, comb
+
+
+def mhc_weights(mixes: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int, iters: int, hc_eps: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre [T, hc], post [T, hc], comb [T, hc, hc]) from the mixing logits [T, (2 + hc)·hc]: ~120 tiny
+    elementwise / reduction operators (the Sinkhorn rounds), the part `--compile` fuses into one kernel."""
+    T = mixes.shape[0]
     pre_w, post_w, comb_w = mixes.split([hc, hc, hc * hc], dim=-1)
     pre_b, post_b, comb_b = base.float().split([hc, hc, hc * hc])
     s = scale.float()
@@ -49,8 +58,7 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     for _ in range(iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + hc_eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
-    collapsed = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
-    return collapsed, post, comb
+    return pre, post, comb
 
 
 def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -66,6 +74,16 @@ def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
     mixes = F.linear(flat, fn.float())
     pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
     return (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
+
+
+class MHC:
+    """The mHC functions the model calls. `runtime/model/compiled.py` swaps in torch.compile'd versions
+    (`dsv4 serve --compile`) and back; the eager definitions above stay the reference."""
+
+    pre = staticmethod(hc_pre)
+    weights = staticmethod(mhc_weights)
+    post = staticmethod(hc_post)
+    head = staticmethod(hc_head)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dsv4.runtime.model.attention import Attention
 from dsv4.runtime.model.batch import ForwardBatch
 from dsv4.runtime.model.context import StepContext
 from dsv4.runtime.model.kv_pools import KVPools
-from dsv4.runtime.model.layers import MoE, RMSNorm, hc_head, hc_post, hc_pre
+from dsv4.runtime.model.layers import MHC, MoE, RMSNorm
 from dsv4.runtime.model.rope import inv_freq_for
 from torch import nn
 
@@ -38,17 +38,17 @@ class Block(nn.Module):
 
     def _pre(self, h: torch.Tensor, sub: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.cfg
-        return hc_pre(h, getattr(self, f"hc_{sub}_fn"), getattr(self, f"hc_{sub}_base"),
-                      getattr(self, f"hc_{sub}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+        return MHC.pre(h, getattr(self, f"hc_{sub}_fn"), getattr(self, f"hc_{sub}_base"),
+                       getattr(self, f"hc_{sub}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor,
                 input_ids: torch.Tensor) -> torch.Tensor:
         x, post, comb = self._pre(h, "attn")
         a = self.attn(self.attn_norm(x), ctx, pools, layer, inv_freq)
-        h = hc_post(a, h, post, comb)
+        h = MHC.post(a, h, post, comb)
         x, post, comb = self._pre(h, "ffn")
         f = self.ffn(self.ffn_norm(x), input_ids)
-        return hc_post(f, h, post, comb)
+        return MHC.post(f, h, post, comb)
 
 
 class HyperHead(nn.Module):
@@ -114,7 +114,7 @@ class DeepseekV4Model(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        y = hc_head(h, self.hc_head.hc_fn, self.hc_head.hc_base, self.hc_head.hc_scale, c.hc_eps, c.rms_norm_eps)
+        y = MHC.head(h, self.hc_head.hc_fn, self.hc_head.hc_base, self.hc_head.hc_scale, c.hc_eps, c.rms_norm_eps)
         return self.head(self.norm(y)).float()
 
     @torch.inference_mode()

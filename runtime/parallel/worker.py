@@ -57,6 +57,9 @@ def _run(rank: int, world: int, conf: dict) -> int:
     model, mcfg, _ = load_model(str(cfg.model_dir), device=device, progress=False,
                                 shard=TPShard(rank, world, info.pg, mode="ep" if data_parallel else "tp"),
                                 weights_dtype=cfg.weights_dtype)
+    from dsv4.runtime.model.compiled import setup as setup_compile
+
+    setup_compile("off" if cfg.compile == "off" else "on", mcfg, device, model.dtype, log.info)
     setup = broadcast_setup(None, info)
     pools = KVPools.for_model(mcfg, setup["spec"], setup["num_blocks"], device=device)
     log.info("rank %d ready on %s: %.1f MiB of KV pools", rank, device, pools.bytes_allocated() / 2**20)

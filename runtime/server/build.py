@@ -131,6 +131,11 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
         except (OSError, ValueError) as e:
             raise ServeConfigError(f"chat_template: {e}") from None
     model.eval()
+    from dsv4.runtime.model.compiled import setup as setup_compile
+
+    # every rank decides the same way (auto is resolved to on in a group: replicated parts must match bitwise)
+    compile_mode = "on" if cfg.compile == "auto" and group is not None else cfg.compile
+    compile_state = setup_compile(compile_mode, mcfg, device, model.dtype, say)
     kv_dtype = cfg.kv_dtype
     if kv_dtype == "auto":
         kv_dtype = "fp32" if device == "cpu" and str(mcfg.torch_dtype) in ("float32", "torch.float32") else "bf16"
@@ -202,7 +207,7 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
         llm = DataParallelEngine(ranks, step_all, metrics)
     metrics.init_ranks(cfg.dp, cache.stats())
     metrics.update_cache(llm.stats_snapshot())
-    report = capacity_report(spec, cache, num_blocks, max_len, kv_dtype, cfg)
+    report = capacity_report(spec, cache, num_blocks, max_len, kv_dtype, cfg) + [f"compile: {compile_state}"]
     if group is not None:
         from dsv4.runtime.parallel.leader import capacity_lines
 

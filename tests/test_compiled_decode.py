@@ -1,0 +1,85 @@
+"""`--compile on`: the torch.compile'd mHC functions give the eager tokens and logprobs (<= 1e-5, fp32) through
+the paged cache — prompts crossing the CSA (4) and HCA (128) compression boundaries, decode batches of several
+sizes, a prefix hit and a preemption — and `off` / `auto` / a failing compiler behave as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dsv4.runtime.engine.engine import EngineObserver
+from dsv4.runtime.engine.request import Request, SamplingParams
+from dsv4.runtime.model import compiled
+from dsv4.runtime.server.build import build_engine
+from dsv4.runtime.server.config import ServeConfig
+
+pytestmark = pytest.mark.slow
+
+BASE = [(37 * i + 5) % 1000 + 2 for i in range(300)]
+PROMPTS = [BASE[:5], BASE[:150], BASE[:300], [9] * 64, BASE[:200] + [4, 4], [(13 * i) % 997 + 2 for i in range(140)]]
+
+
+def run(mode: str) -> list[tuple[list[int], list[float]]]:
+    """Every prompt concurrently (greedy, 8 tokens, logprobs), then a prefix hit, in a cache small enough to
+    preempt. Returns (tokens, chosen-token logprobs) per request."""
+    built = build_engine(ServeConfig(compile=mode, num_blocks=12, device="cpu", max_num_seqs=6,
+                                     max_num_batched_tokens=256), say=lambda *_: None)
+    eng = built.engine.engine
+    assert compiled.is_compiled() == (mode == "on")
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0, ignore_eos=True)
+    outs: dict[str, tuple[list[int], list[float]]] = {}
+    preempted = [0]
+
+    class CountPreemptions(EngineObserver):
+        def on_step(self, info, cache_stats) -> None:
+            preempted[0] += info.num_preempted
+
+    eng.observer = CountPreemptions()
+
+    def drain() -> None:
+        while eng.has_work:
+            for o in eng.step()[0]:
+                for d in o.deltas:
+                    toks, lps = outs.setdefault(o.request_id, ([], []))
+                    toks += d.token_ids
+                    lps += [lp.logprob for lp in d.logprobs]
+
+    for i, p in enumerate(PROMPTS):
+        eng.add(Request(f"r{i}", list(p), params))
+    drain()
+    eng.add(Request("hit", BASE[:150] + [7, 7, 7], params))  # its first two blocks are cached
+    drain()
+    assert eng.cache.stats().prefix_hit_tokens >= 128
+    return [outs[k] for k in sorted(outs)], preempted[0]
+
+
+def test_compiled_mhc_gives_the_eager_tokens_and_logprobs():
+    eager, pre_e = run("off")
+    comp, pre_c = run("on")
+    compiled.use_eager()
+    assert pre_e == pre_c and pre_e > 0  # the small cache preempted (and recomputed) someone, in both runs
+    worst = 0.0
+    for (te, le), (tc, lc) in zip(eager, comp, strict=True):
+        assert te == tc and len(te) == 8
+        worst = max(worst, max(abs(a - b) for a, b in zip(le, lc, strict=True)))
+    assert worst <= 1e-5, worst
+
+
+def test_off_is_eager_and_a_failing_compiler_falls_back_with_one_warning(monkeypatch, caplog):
+    from dsv4.runtime.config import tiny
+
+    assert compiled.setup("off", tiny(), "cpu", torch.float32) == "off" and not compiled.is_compiled()
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(compiled, "warm_up", broken)
+    with caplog.at_level("WARNING", logger="dsv4.compile"):
+        state = compiled.setup("on", tiny(), "cpu", torch.float32)
+    assert state == "off (compilation failed: RuntimeError)" and not compiled.is_compiled()
+    assert [r.message for r in caplog.records] == [
+        "torch.compile failed (RuntimeError: no C++ compiler found); serving with eager mHC functions"]
+    monkeypatch.setattr(compiled, "warm_up", lambda *a, **k: 0.9)  # compiled measured slower: auto keeps eager
+    assert compiled.setup("auto", tiny(), "cpu", torch.float32).startswith("off (auto: compiled mHC ran 0.90x")
+    assert not compiled.is_compiled()
+    with pytest.raises(ValueError, match="compile must be auto, on or off"):
+        compiled.setup("fast", tiny(), "cpu", torch.float32)
