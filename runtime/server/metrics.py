@@ -177,6 +177,10 @@ def cache_info_labels(spec: Any, num_blocks: dict[str, int], policy: str, prefix
 
 
 
+# Families added after the rename, by issue (the changelog of docs/metrics.md).
+ADDED_FAMILIES = {20: ("dsv4_rank_requests_running", "dsv4_rank_requests_waiting",
+                       "dsv4_rank_cache_pool_occupancy_ratio", "dsv4_rank_prefix_cache_hit_tokens_total",
+                       "dsv4_rank_dispatched_requests_total")}
 # The families once exported as `dsv4:<name>`, now `dsv4_<name>` (the changelog of docs/metrics.md).
 RENAMED_FROM_COLON = (
     "request_errors_total", "cache_pool_occupancy_ratio", "cache_pool_used_bytes", "cache_pool_allocated_bytes",
@@ -207,13 +211,17 @@ def metrics_doc() -> str:
         "step back (0 when the delay is 0 or the batch was already full).\n"
         "- `dsv4_step_duration_seconds{phase}`: `schedule` (scheduler + cache allocation), `forward` (model), "
         "`sample` (sampling, detokenisation, stop checks), `total`.\n"
-        "- `vllm:request_success_total{finished_reason=\"abort\"}` counts client disconnects and aborts.\n\n"
+        "- `vllm:request_success_total{finished_reason=\"abort\"}` counts client disconnects and aborts.\n"
+        "- With `--dp N --ep` the replica-level series aggregate the attention ranks (occupancy: max over ranks; "
+        "counts: sums); `dsv4_rank_*{rank}` show each rank (dp = 1: rank 0).\n\n"
         "## Runtime (`dsv4 serve`, `/metrics`)\n\n"
     )
     mid = "\n## Operator\n\n"
     changelog = (
         "\n## Changelog\n\n"
-        "- **`dsv4:` families renamed to `dsv4_`** (issue 21). Prometheus reserves `:` for recording rules and "
+        + "".join(f"- Added (issue {issue}): " + ", ".join(f"`{n}`" for n in names) + "\n"
+                  for issue, names in ADDED_FAMILIES.items())
+        + "- **`dsv4:` families renamed to `dsv4_`** (issue 21). Prometheus reserves `:` for recording rules and "
         "`promtool check metrics` flagged every one; `tests/test_server_metrics.py` now runs it on a live "
         "server's `/metrics` and allows findings only for the `vllm:` names, which stay as vLLM spells them. The "
         "chart's dashboards and alert rules, the operator's KEDA queries and these docs use the new names; "
