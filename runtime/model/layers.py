@@ -130,6 +130,11 @@ class Experts(nn.Module):
         q = codes[e]
         return dequantize(q, self._buffers[name + "_s"][e], (q.shape[0], 2 * q.shape[1]), name).to(self.dtype)
 
+    def expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
+        """Expert `e` (row e of the stacks) on rows xe: w2 · swiglu(w1 · x, w3 · x)."""
+        return F.linear(swiglu(F.linear(xe, self.matrix("w1", e)), F.linear(xe, self.matrix("w3", e)), self.limit),
+                        self.matrix("w2", e))
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x). Loops over experts that received tokens.
 
@@ -146,10 +151,7 @@ class Experts(nn.Module):
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            rows = tok[start:start + c]
-            xe = x[rows]
-            y = F.linear(swiglu(F.linear(xe, self.matrix("w1", e)), F.linear(xe, self.matrix("w3", e)), self.limit),
-                         self.matrix("w2", e))
+            y = self.expert(e, x[tok[start:start + c]])
             ys[order[start:start + c]] = (y * wts[start:start + c, None].to(y.dtype)).to(x.dtype)
             start += c
         return ys.view(T, k, -1).sum(dim=1)

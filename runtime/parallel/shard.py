@@ -103,8 +103,6 @@ def routed_partial(ex: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.T
     """Σ over the (token t, expert e) pairs with e in [e0, e0+el) of w_te · expert_e(x_t); other rows zero.
     `ex` holds exactly those el experts (row j = expert e0 + j). Ids outside the range (other ranks' experts,
     padding's -1) contribute nothing."""
-    from dsv4.runtime.model.layers import swiglu
-
     out = torch.zeros_like(x)
     k = idx.shape[1]
     flat_e = idx.reshape(-1) - e0
@@ -121,9 +119,7 @@ def routed_partial(ex: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.T
         if c == 0:
             continue
         rows = tok[start:start + c]
-        xe = x[rows]
-        y = F.linear(swiglu(F.linear(xe, ex.matrix("w1", j)), F.linear(xe, ex.matrix("w3", j)), ex.limit),
-                     ex.matrix("w2", j))
+        y = ex.expert(j, x[rows])
         out.index_add_(0, rows, (y * wts[start:start + c, None].to(y.dtype)).to(out.dtype))
         start += c
     return out
