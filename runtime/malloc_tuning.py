@@ -64,7 +64,7 @@ def retained_heap_bytes(env: dict[str, str] | None = None) -> int | None:
 def serving_working_set_bytes() -> int:
     """What a CPU `dsv4 serve` holds beyond weights and KV pools at its peak: the one figure the operator's
     memory request and the serving bench's bound use."""
-    return STEP_WORKING_SET_BYTES + RETAINED_HEAP_BYTES
+    return STEP_WORKING_SET_BYTES + RETAINED_HEAP_BYTES + TOP_PAD_BYTES  # glibc keeps the pad above the cap
 
 
 def settings(retained: int | None) -> tuple[tuple[int, int], ...]:
