@@ -203,3 +203,25 @@ def test_gathered_rows_are_attended_in_bounded_blocks(monkeypatch):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         # window gathers of the run path: the window alone sets the block (5 * (8 + C) / 8 queries)
         assert sizes and max(sizes) <= 5 * (8 + comp_idx.shape[1]) // 8 < T, (sizes, T)
+
+
+def test_long_prefill_step_attention_memory_does_not_grow_with_its_tokens():
+    """2,048 query rows with their own top-256 compressed rows and a 128-row window (D 128): unblocked, the
+    gathers alone were 2048 x 384 x 128 fp32 = 384 MiB; blocked, the step's peak stays near one block."""
+    import os
+
+    from dsv4.bench.rss_watch import RssWatch
+
+    T, H, D, W, K, N = 2048, 8, 128, 128, 256, 4096
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(T, H, D, generator=g)
+    kv = torch.randn(N, D, generator=g)
+    swa_idx = torch.randint(0, N, (T, W), generator=g)
+    comp_idx = torch.randint(0, N, (T, K), generator=g)  # top-k rows: no prefix runs
+    sink = torch.randn(H, generator=g)
+    sparse_attention_shared(q[:64], kv, swa_idx[:64], kv, comp_idx[:64], sink, D ** -0.5)  # warm-up
+    watch = RssWatch(os.getpid(), interval_s=0.005)
+    out = sparse_attention_shared(q, kv, swa_idx, kv, comp_idx, sink, D ** -0.5)
+    grown = watch.stop() - watch.start_rss
+    assert out.shape == (T, H, D)
+    assert grown < 160 * 2**20, grown / 2**20
