@@ -138,6 +138,7 @@ def parse_report(report: dict) -> list[dict]:
         totals = m["request_totals"]
         dur = float(b["duration"])
         out_tok = float(_dist(m, "output_token_count")["total_sum"])
+        all_tok = out_tok + float(_dist(m, "prompt_token_count")["total_sum"])
         ttft, itl = _dist(m, "time_to_first_token_ms"), _dist(m, "inter_token_latency_ms")
         ok = int(totals["successful"])
         rows.append({
@@ -146,6 +147,7 @@ def parse_report(report: dict) -> list[dict]:
             "duration_s": dur,
             "requests_per_s": ok / dur if dur > 0 else 0.0,
             "output_tokens_per_s": out_tok / dur if dur > 0 else 0.0,
+            "tokens_per_s": all_tok / dur if dur > 0 else 0.0,  # prompt + output: long prompts' throughput
             "ttft_ms_p50": float(ttft["percentiles"]["p50"]) if ok else None,
             "ttft_ms_p99": float(ttft["percentiles"]["p99"]) if ok else None,
             "itl_ms_p50": float(itl["percentiles"]["p50"]) if ok else None,
@@ -168,7 +170,7 @@ def heap_effect(runs: list[dict]) -> list[dict]:
     """Same mix, delay and concurrency with the retained-heap bound against without it (bounded / unbounded):
     throughput, latency and the mix's peak RSS."""
     return [{"mix": e["mix"], "streams": e["streams"], "delay_ms": e["delay_ms"], **{k: e[k] for k in (
-        "throughput_ratio", "ttft_p50_ratio", "itl_p50_ratio", "peak_rss_ratio")}}
+        "throughput_ratio", "tokens_ratio", "ttft_p50_ratio", "itl_p50_ratio", "peak_rss_ratio")}}
             for e in effect(runs, "heap", base="unbounded")]
 
 
@@ -195,6 +197,7 @@ def effect(runs: list[dict], field: str, base: Any = None) -> list[dict]:
         out.append({"mix": r["mix"], "streams": n, "delay_ms": r["delay_ms"], "heap": r.get("heap", "bounded"),
                     "vs_heap": br.get("heap", "bounded"), "value": v, "vs": base,
                     "throughput_ratio": p["output_tokens_per_s"] / b["output_tokens_per_s"],
+                    "tokens_ratio": (p["tokens_per_s"] / b["tokens_per_s"] if b.get("tokens_per_s") else None),
                     "ttft_p50_ratio": p["ttft_ms_p50"] / b["ttft_ms_p50"],
                     "itl_p50_ratio": p["itl_ms_p50"] / b["itl_ms_p50"],
                     "peak_rss_ratio": peak / bpeak if peak and bpeak else None})
@@ -351,7 +354,7 @@ def markdown(out: dict) -> str:
             lines.append(
                 f"| {r['mix']} ({r['prompt_tokens']} -> {r['output_tokens']}) | {r['delay_ms']:g} ms{heap} "
                 f"| {p['streams']} | {p['successful']} / {p['errored'] + p['incomplete']} | {p['requests_per_s']:.2f} "
-                f"| {p['output_tokens_per_s']:.0f} | {_f(p['ttft_ms_p50'])} | {_f(p['ttft_ms_p99'])} "
+                f"| {p['output_tokens_per_s']:.1f} | {_f(p['ttft_ms_p50'])} | {_f(p['ttft_ms_p99'])} "
                 f"| {_f(p['itl_ms_p50'])} | {_f(p['itl_ms_p99'])} | {_gib(r.get('start_rss_bytes'))} / "
                 f"{_gib(r.get('peak_rss_bytes'))} |")
     if out["delay_effect"]:
@@ -364,11 +367,12 @@ def markdown(out: dict) -> str:
     if out.get("heap_effect"):
         lines += ["", "Retained-heap bound, same mix, delay and streams (ratio = bounded / unbounded; the peak RSS "
                   "is the mix's, over all its streams):", "",
-                  "| mix | delay | streams | output tok/s ratio | TTFT p50 ratio | ITL p50 ratio | peak RSS ratio |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| mix | delay | streams | output tok/s ratio | prompt + output tok/s ratio | TTFT p50 ratio "
+                  "| ITL p50 ratio | peak RSS ratio |", "|---|---|---|---|---|---|---|---|"]
         for e in out["heap_effect"]:
             lines.append(f"| {e['mix']} | {e['delay_ms']:g} ms | {e['streams']} | {e['throughput_ratio']:.2f} "
-                         f"| {e['ttft_p50_ratio']:.2f} | {e['itl_p50_ratio']:.2f} | {_f(e['peak_rss_ratio'], '.2f')} |")
+                         f"| {_f(e['tokens_ratio'], '.2f')} | {e['ttft_p50_ratio']:.2f} | {e['itl_p50_ratio']:.2f} "
+                         f"| {_f(e['peak_rss_ratio'], '.2f')} |")
     lines.append(f"\nWall time {out['seconds']:g} s.")
     return "\n".join(lines)
 
@@ -430,7 +434,8 @@ def plan_from_args(args: Any) -> Plan:
         if bad:
             raise ValueError(f"--mixes: unknown {bad}; known: {sorted(known)}")
         mixes = tuple(known[n] for n in names)
-    plan = Plan(delays, mixes, args.requests if args.requests is not None else base.min_requests, base.max_seconds)
+    max_s = getattr(args, "max_seconds", None) or base.max_seconds
+    plan = Plan(delays, mixes, args.requests if args.requests is not None else base.min_requests, max_s)
     validate_plan(plan)
     return plan
 
@@ -449,6 +454,7 @@ def add_arguments(p) -> None:
     p.add_argument("--streams", default=None,
                    help="concurrency sweep for every mix (default short 1,4,16,64; long 1,4,16; smoke 2)")
     p.add_argument("--requests", type=int, default=None, help="least requests per point (default 16; smoke 4)")
+    p.add_argument("--max-seconds", type=float, default=None, help="longest a point may run (default 120; smoke 30)")
     p.add_argument("--smoke", action="store_true", help="one server (delay 0), short 32->8 mix, 2 streams: ~20 s")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--raw", default=None, help="folder for guidellm's scenarios, reports and logs and the server "

@@ -25,6 +25,8 @@ def test_serving_smoke_cli(tmp_path, capsys):
     # the server's usage: guidellm's synthetic prompts have the exact length, ignore_eos gives every token
     assert p["prompt_tokens_mean"] == 32 and p["output_tokens_mean"] == 8
     assert p["requests_per_s"] > 0 and p["output_tokens_per_s"] == pytest.approx(8 * p["requests_per_s"])
+    assert p["tokens_per_s"] == pytest.approx(40 * p["requests_per_s"])
+    assert 0 < run["start_rss_bytes"] <= run["peak_rss_bytes"] < 8 * 2**30  # the server's, sampled over the mix
     assert 0 < p["ttft_ms_p50"] <= p["ttft_ms_p99"] and 0 < p["itl_ms_p50"] <= p["itl_ms_p99"]
     assert p["requests_per_s"] * p["duration_s"] == pytest.approx(4)
     # guidellm's own report and the scenario we generated are kept in --raw
@@ -86,12 +88,14 @@ def test_heap_effect_pairs_bounded_with_unbounded_and_reports_peak_rss():
     [e] = serving.heap_effect(runs)
     assert (e["mix"], e["streams"], e["delay_ms"]) == ("long4k", 4, 0.0)
     assert (e["throughput_ratio"], e["itl_p50_ratio"], e["peak_rss_ratio"]) == (0.9, 1.25, 0.75)
+    assert e["tokens_ratio"] is None  # points without prompt + output throughput
     assert serving.delay_effect(runs) == []  # one delay: nothing to compare
     for p in (r["points"][0] for r in runs):
         p.update(errored=0, incomplete=0, requests_per_s=1.0, ttft_ms_p99=1.0, itl_ms_p99=1.0)
     md = serving.markdown({"smoke": False, "guidellm_version": "0.8.1", "model": "/m/x", "machine": "m",
                            "endpoint": "e", "runs": runs, "delay_effect": [], "heap_effect": [e], "seconds": 1})
-    assert "| 2.00 / 3.00 |" in md and "| 0 ms, heap unbounded | 4 |" in md and "| 0.90 | 1.00 | 1.25 | 0.75 |" in md
+    assert "| 2.00 / 3.00 |" in md and "| 0 ms, heap unbounded | 4 |" in md
+    assert "| 0.90 | — | 1.00 | 1.25 | 0.75 |" in md
 
 
 def test_rss_watch_reads_this_process_peak():
