@@ -10,6 +10,9 @@ mix against its OpenAI endpoint (`/v1/completions`, streaming):
                  `ignore_eos`, so every request generates its output length)
     profile      `concurrent` with N streams (closed loop: N requests in flight), swept over N
     per point    max(16, 2 N) requests (max_requests constraint), at most 120 s
+    memory       the server's peak RSS per mix (`bench/rss_watch.py`: VmHWM reset at the mix's start + sampling);
+                 `--heap both` runs every point against a server with the retained-heap bound and one without
+                 (`DSV4_RETAINED_HEAP_MIB=unbounded`, runtime/malloc_tuning.py) and reports the ratios
 
 From guidellm's JSON report (`benchmarks[].metrics`) each point keeps: requests/s and output tokens/s (totals of
 successful requests over the benchmark's duration), TTFT and ITL p50/p99 in ms, the mean prompt/output tokens
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import subprocess
@@ -38,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4.bench.results_io import write_triplet
+from dsv4.bench.rss_watch import RssWatch
 
 DEFAULT_MODEL = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4" / "models" / "tiny"
 
@@ -64,6 +69,11 @@ PLANS = {
                  min_requests=16, max_seconds=120.0),
     "smoke": Plan(delays_ms=(0.0,), mixes=(Mix("short", 32, 8, (2,)),), min_requests=4, max_seconds=30.0),
 }
+
+
+# selectable with --mixes, not in the default sweep: the long-prompt memory check of docs/benchmarks.md
+EXTRA_MIXES = (Mix("long4k", 4096, 16, (4,)),)
+HEAPS = {"bounded": {}, "unbounded": {"DSV4_RETAINED_HEAP_MIB": "unbounded"}}
 
 
 def validate_plan(plan: Plan, max_model_len: int | None = None) -> None:
@@ -128,6 +138,7 @@ def parse_report(report: dict) -> list[dict]:
         totals = m["request_totals"]
         dur = float(b["duration"])
         out_tok = float(_dist(m, "output_token_count")["total_sum"])
+        all_tok = out_tok + float(_dist(m, "prompt_token_count")["total_sum"])
         ttft, itl = _dist(m, "time_to_first_token_ms"), _dist(m, "inter_token_latency_ms")
         ok = int(totals["successful"])
         rows.append({
@@ -136,6 +147,7 @@ def parse_report(report: dict) -> list[dict]:
             "duration_s": dur,
             "requests_per_s": ok / dur if dur > 0 else 0.0,
             "output_tokens_per_s": out_tok / dur if dur > 0 else 0.0,
+            "tokens_per_s": all_tok / dur if dur > 0 else 0.0,  # prompt + output: long prompts' throughput
             "ttft_ms_p50": float(ttft["percentiles"]["p50"]) if ok else None,
             "ttft_ms_p99": float(ttft["percentiles"]["p99"]) if ok else None,
             "itl_ms_p50": float(itl["percentiles"]["p50"]) if ok else None,
@@ -149,19 +161,46 @@ def parse_report(report: dict) -> list[dict]:
 
 def delay_effect(runs: list[dict]) -> list[dict]:
     """For each mix and concurrency measured at the first delay and another: the other's figures / the first's."""
-    by = {(r["mix"], r["delay_ms"], p["streams"]): p for r in runs for p in r["points"]}
-    delays = sorted({r["delay_ms"] for r in runs})
-    if len(delays) < 2:
+    return [{"mix": e["mix"], "streams": e["streams"], "delay_ms": e["value"], "vs_delay_ms": e["vs"],
+             **{k: e[k] for k in ("throughput_ratio", "ttft_p50_ratio", "itl_p50_ratio")}}
+            for e in effect(runs, "delay_ms") if e["heap"] == e["vs_heap"]]
+
+
+def heap_effect(runs: list[dict]) -> list[dict]:
+    """Same mix, delay and concurrency with the retained-heap bound against without it (bounded / unbounded):
+    throughput, latency and the mix's peak RSS."""
+    return [{"mix": e["mix"], "streams": e["streams"], "delay_ms": e["delay_ms"], **{k: e[k] for k in (
+        "throughput_ratio", "tokens_ratio", "ttft_p50_ratio", "itl_p50_ratio", "peak_rss_ratio")}}
+            for e in effect(runs, "heap", base="unbounded")]
+
+
+def effect(runs: list[dict], field: str, base: Any = None) -> list[dict]:
+    """Ratios of every point to the same point (mix, streams, the other run keys) at `base` (default: the
+    smallest value of `field`)."""
+    values = sorted({r.get(field, "bounded") for r in runs})
+    base = values[0] if base is None else base
+    if len(values) < 2 or base not in values:
         return []
-    base, out = delays[0], []
-    for (mix, d, n), p in sorted(by.items()):
-        b = by.get((mix, base, n))
-        if d == base or b is None or not b["successful"] or not p["successful"]:
+    key = ("mix", "delay_ms", "heap")
+
+    def ident(r: dict) -> tuple:
+        return tuple(r.get(k, "bounded") for k in key if k != field)
+
+    by = {(ident(r), r.get(field, "bounded"), p["streams"]): (r, p) for r in runs for p in r["points"]}
+    out = []
+    for (rid, v, n), (r, p) in sorted(by.items(), key=lambda kv: str(kv[0])):
+        found = by.get((rid, base, n))
+        if v == base or found is None or not found[1]["successful"] or not p["successful"]:
             continue
-        out.append({"mix": mix, "streams": n, "delay_ms": d, "vs_delay_ms": base,
+        br, b = found
+        peak, bpeak = r.get("peak_rss_bytes"), br.get("peak_rss_bytes")
+        out.append({"mix": r["mix"], "streams": n, "delay_ms": r["delay_ms"], "heap": r.get("heap", "bounded"),
+                    "vs_heap": br.get("heap", "bounded"), "value": v, "vs": base,
                     "throughput_ratio": p["output_tokens_per_s"] / b["output_tokens_per_s"],
+                    "tokens_ratio": (p["tokens_per_s"] / b["tokens_per_s"] if b.get("tokens_per_s") else None),
                     "ttft_p50_ratio": p["ttft_ms_p50"] / b["ttft_ms_p50"],
-                    "itl_p50_ratio": p["itl_ms_p50"] / b["itl_ms_p50"]})
+                    "itl_p50_ratio": p["itl_ms_p50"] / b["itl_ms_p50"],
+                    "peak_rss_ratio": peak / bpeak if peak and bpeak else None})
     return out
 
 
@@ -184,7 +223,7 @@ class Server:
     """`dsv4 serve` as a subprocess on a free port; `stop()` sends SIGTERM (drain) then waits."""
 
     def __init__(self, model_dir: Path, delay_ms: float, log: Path, extra: list[str] | None = None,
-                 startup_s: float = 120.0) -> None:
+                 startup_s: float = 120.0, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -193,7 +232,7 @@ class Server:
                "--log-level", "warning", *(extra or [])]
         self.cmd = cmd
         self._f = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._f, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self._f, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
         deadline = time.time() + startup_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -238,7 +277,7 @@ def run_guidellm(exe: Path, scenario_path: Path, log: Path, timeout_s: float) ->
 
 
 def run_serving(plan: Plan, smoke: bool, model_dir: Path, raw_dir: Path,
-                say: Any = print) -> dict:
+                say: Any = print, serve_args: list[str] | None = None, heaps: tuple[str, ...] = ("bounded",)) -> dict:
     from dsv4.bench import guidellm_env
 
     validate_plan(plan)
@@ -252,13 +291,14 @@ def run_serving(plan: Plan, smoke: bool, model_dir: Path, raw_dir: Path,
     raw_dir.mkdir(parents=True)
     t0 = time.time()
     runs = []
-    for delay in plan.delays_ms:
-        say(f"[serving] dsv4 serve --batching-delay-ms {delay:g} ...")
-        server = Server(model_dir, delay, raw_dir / f"serve_delay{delay:g}.log")
+    for heap, delay in [(h, d) for h in heaps for d in plan.delays_ms]:
+        name = f"delay{delay:g}" + ("" if heaps == ("bounded",) else f"_{heap}")
+        say(f"[serving] dsv4 serve --batching-delay-ms {delay:g} {' '.join(serve_args or [])} (heap {heap}) ...")
+        server = Server(model_dir, delay, raw_dir / f"serve_{name}.log", extra=serve_args, env=HEAPS[heap])
         try:
             validate_plan(plan, server.max_model_len)
             for mix in plan.mixes:
-                tag = f"{mix.name}_delay{delay:g}"
+                tag = f"{mix.name}_{name}"
                 report_path = raw_dir / f"guidellm_{tag}.json"
                 scen = scenario(server.url, server.model_name, str(model_dir), mix, plan, report_path)
                 scen_path = raw_dir / f"scenario_{tag}.json"
@@ -266,15 +306,19 @@ def run_serving(plan: Plan, smoke: bool, model_dir: Path, raw_dir: Path,
                 say(f"[serving]   guidellm: mix {mix.name} ({mix.prompt_tokens} -> {mix.output_tokens} tokens), "
                     f"streams {','.join(map(str, mix.streams))}")
                 t1 = time.time()
-                run_guidellm(exe, scen_path, raw_dir / f"guidellm_{tag}.log",
-                             timeout_s=60 + len(mix.streams) * (plan.max_seconds + 30))
+                watch = RssWatch(server.proc.pid)
+                try:
+                    run_guidellm(exe, scen_path, raw_dir / f"guidellm_{tag}.log",
+                                 timeout_s=60 + len(mix.streams) * (plan.max_seconds + 30))
+                finally:
+                    peak = watch.stop()
                 points = parse_report(json.loads(report_path.read_text()))
                 if not any(p["successful"] for p in points):
                     raise RuntimeError(f"guidellm: no successful request for mix {mix.name} at delay {delay:g} ms "
                                        f"(see {raw_dir}); server log:\n{server.tail()}")
-                runs.append({"delay_ms": delay, "mix": mix.name, "prompt_tokens": mix.prompt_tokens,
+                runs.append({"delay_ms": delay, "heap": heap, "mix": mix.name, "prompt_tokens": mix.prompt_tokens,
                              "output_tokens": mix.output_tokens, "seconds": round(time.time() - t1, 1),
-                             "points": points})
+                             "start_rss_bytes": watch.start_rss, "peak_rss_bytes": peak, "points": points})
         finally:
             server.stop()
     import torch
@@ -285,7 +329,8 @@ def run_serving(plan: Plan, smoke: bool, model_dir: Path, raw_dir: Path,
             "load_average": list(os.getloadavg()),
             "plan": {"delays_ms": list(plan.delays_ms), "mixes": [asdict(m) for m in plan.mixes],
                      "min_requests": plan.min_requests, "max_seconds": plan.max_seconds},
-            "runs": runs, "delay_effect": delay_effect(runs), "seconds": round(time.time() - t0, 1)}
+            "serve_args": list(serve_args or []), "runs": runs, "delay_effect": delay_effect(runs),
+            "heap_effect": heap_effect(runs), "seconds": round(time.time() - t0, 1)}
 
 
 # ---- outputs ------------------------------------------------------------------------------------------------
@@ -293,19 +338,25 @@ def _f(v: float | None, fmt: str = ".1f") -> str:
     return "—" if v is None else format(v, fmt)
 
 
+def _gib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**30:.2f}"
+
+
 def markdown(out: dict) -> str:
     lines = [f"### serving{' (smoke)' if out['smoke'] else ''} — guidellm {out['guidellm_version']} against "
              f"`dsv4 serve` ({Path(out['model']).name} model, CPU, {out['machine']}), {out['endpoint']}", "",
              "| mix (prompt -> output) | batching delay | streams | requests ok / err | req/s | output tok/s "
-             "| TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | server RSS start / peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["runs"]:
+        heap = "" if r.get("heap", "bounded") == "bounded" else f", heap {r['heap']}"
         for p in r["points"]:
             lines.append(
-                f"| {r['mix']} ({r['prompt_tokens']} -> {r['output_tokens']}) | {r['delay_ms']:g} ms | {p['streams']} "
-                f"| {p['successful']} / {p['errored'] + p['incomplete']} | {p['requests_per_s']:.2f} "
-                f"| {p['output_tokens_per_s']:.0f} | {_f(p['ttft_ms_p50'])} | {_f(p['ttft_ms_p99'])} "
-                f"| {_f(p['itl_ms_p50'])} | {_f(p['itl_ms_p99'])} |")
+                f"| {r['mix']} ({r['prompt_tokens']} -> {r['output_tokens']}) | {r['delay_ms']:g} ms{heap} "
+                f"| {p['streams']} | {p['successful']} / {p['errored'] + p['incomplete']} | {p['requests_per_s']:.2f} "
+                f"| {p['output_tokens_per_s']:.1f} | {_f(p['ttft_ms_p50'])} | {_f(p['ttft_ms_p99'])} "
+                f"| {_f(p['itl_ms_p50'])} | {_f(p['itl_ms_p99'])} | {_gib(r.get('start_rss_bytes'))} / "
+                f"{_gib(r.get('peak_rss_bytes'))} |")
     if out["delay_effect"]:
         lines += ["", "Batching delay, same mix and streams (ratio = delayed / undelayed):", "",
                   "| mix | streams | delay | output tok/s ratio | TTFT p50 ratio | ITL p50 ratio |",
@@ -313,6 +364,15 @@ def markdown(out: dict) -> str:
         for e in out["delay_effect"]:
             lines.append(f"| {e['mix']} | {e['streams']} | {e['delay_ms']:g} vs {e['vs_delay_ms']:g} ms "
                          f"| {e['throughput_ratio']:.2f} | {e['ttft_p50_ratio']:.2f} | {e['itl_p50_ratio']:.2f} |")
+    if out.get("heap_effect"):
+        lines += ["", "Retained-heap bound, same mix, delay and streams (ratio = bounded / unbounded; the peak RSS "
+                  "is the mix's, over all its streams):", "",
+                  "| mix | delay | streams | output tok/s ratio | prompt + output tok/s ratio | TTFT p50 ratio "
+                  "| ITL p50 ratio | peak RSS ratio |", "|---|---|---|---|---|---|---|---|"]
+        for e in out["heap_effect"]:
+            lines.append(f"| {e['mix']} | {e['delay_ms']:g} ms | {e['streams']} | {e['throughput_ratio']:.2f} "
+                         f"| {_f(e['tokens_ratio'], '.2f')} | {e['ttft_p50_ratio']:.2f} | {e['itl_p50_ratio']:.2f} "
+                         f"| {_f(e['peak_rss_ratio'], '.2f')} |")
     lines.append(f"\nWall time {out['seconds']:g} s.")
     return "\n".join(lines)
 
@@ -369,12 +429,13 @@ def plan_from_args(args: Any) -> Plan:
         mixes = tuple(Mix(m.name, m.prompt_tokens, m.output_tokens, streams) for m in mixes)
     if args.mixes:
         names = [x.strip() for x in args.mixes.split(",") if x.strip()]
-        known = {m.name: m for m in PLANS["full"].mixes} | {m.name: m for m in mixes}
+        known = {m.name: m for m in PLANS["full"].mixes + EXTRA_MIXES} | {m.name: m for m in mixes}
         bad = [n for n in names if n not in known]
         if bad:
             raise ValueError(f"--mixes: unknown {bad}; known: {sorted(known)}")
         mixes = tuple(known[n] for n in names)
-    plan = Plan(delays, mixes, args.requests if args.requests is not None else base.min_requests, base.max_seconds)
+    max_s = getattr(args, "max_seconds", None) or base.max_seconds
+    plan = Plan(delays, mixes, args.requests if args.requests is not None else base.min_requests, max_s)
     validate_plan(plan)
     return plan
 
@@ -383,10 +444,17 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder with tokenizer.json "
                    "(default: the tiny model built by `make setup`)")
     p.add_argument("--delays", default=None, help="batching delays in ms, comma-separated (default 0,20; smoke 0)")
-    p.add_argument("--mixes", default=None, help="prompt mixes: short (128->64), long (2048->64) (default both)")
+    p.add_argument("--mixes", default=None, help="prompt mixes: short (128->64), long (2048->64) (default both); "
+                   "long4k (4096->16, 4 streams: the memory check)")
+    p.add_argument("--serve-args", default="", help="extra `dsv4 serve` flags, one string (e.g. "
+                   "'--cache-budget-gib 1')")
+    p.add_argument("--heap", choices=("bounded", "unbounded", "both"), default="bounded",
+                   help="the servers' retained-heap bound (runtime/malloc_tuning.py); both: each point with and "
+                   "without it, and their ratios (default bounded)")
     p.add_argument("--streams", default=None,
                    help="concurrency sweep for every mix (default short 1,4,16,64; long 1,4,16; smoke 2)")
     p.add_argument("--requests", type=int, default=None, help="least requests per point (default 16; smoke 4)")
+    p.add_argument("--max-seconds", type=float, default=None, help="longest a point may run (default 120; smoke 30)")
     p.add_argument("--smoke", action="store_true", help="one server (delay 0), short 32->8 mix, 2 streams: ~20 s")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--raw", default=None, help="folder for guidellm's scenarios, reports and logs and the server "
@@ -399,7 +467,9 @@ def run(args) -> int:
         out_dir = Path(args.out)
         stem = f"dsv4-bench-serving{'-smoke' if args.smoke else ''}"
         raw = Path(args.raw) if args.raw else Path(tempfile.gettempdir()) / stem
-        out = run_serving(plan, args.smoke, Path(args.model).expanduser(), raw)
+        heaps = ("bounded", "unbounded") if args.heap == "both" else (args.heap,)
+        out = run_serving(plan, args.smoke, Path(args.model).expanduser(), raw,
+                          serve_args=shlex.split(args.serve_args or ""), heaps=heaps)
     except (ValueError, RuntimeError) as e:  # bad flags; server, guidellm or its install failing (message says)
         raise SystemExit(f"dsv4 bench serving: {e}") from e
     paths = write_results(out, out_dir)

@@ -28,6 +28,15 @@ RUN_MIN = 4  # shorter runs gain nothing over the batched gather
 MIN_RUN_COLS = 64  # attention looks for runs from this many compressed rows (fewer: the gather is as cheap)
 FEW_ROWS = 32  # fewer rows (no run, <= 2x the window of compressed rows): the reference is faster (~30-120 µs)
 BLOCK_ELEMS = 1 << 22  # fp32 [rows, heads, C] per GEMM block (16 MiB: 8-32 rows measured fastest on CPU)
+# fp32 rows gathered per block of queries ([t, W + K, D]: window + compressed rows, 32 MiB). Unblocked, a 2,048-token
+# prefill step gathered ~400 MiB per layer at W 128 + top-k 256, D 128 (and 4x that at an 8,192-token step budget),
+# which the process then keeps as heap (runtime/malloc_tuning.py): the working set grew with the step budget.
+GATHER_BLOCK_ELEMS = 1 << 23
+
+
+def gather_rows_per_block(window: int, comp: int, head_dim: int) -> int:
+    """Queries per block whose gathered window + compressed rows stay within GATHER_BLOCK_ELEMS."""
+    return max(1, GATHER_BLOCK_ELEMS // max(1, (window + comp) * head_dim))
 
 
 def prefix_runs(cand_idx: torch.Tensor) -> list[tuple[int, int]]:
@@ -134,7 +143,7 @@ def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torc
     covered = torch.zeros(T, dtype=torch.bool, device=q.device)
     if has_comp and comp_idx.shape[1] >= MIN_RUN_COLS:
         C = comp_idx.shape[1]
-        block = max(1, BLOCK_ELEMS // max(1, H * C))
+        block = min(max(1, BLOCK_ELEMS // max(1, H * C)), gather_rows_per_block(swa_idx.shape[1], 0, D))
         for start, end in prefix_runs(comp_idx):
             comp, _ = gather_kv(comp_kv, comp_idx[end - 1:end], D, rope_dim)
             comp = comp[0]  # [C, D]
@@ -155,19 +164,29 @@ def sparse_attention_shared(q: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torc
     if whole and T < FEW_ROWS and n_comp <= 2 * swa_idx.shape[1]:  # few rows, short lists: the reference's
         # fewer operators cost less than the concatenation they need
         return sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale, rope_dim=rope_dim)
-    rows_left = slice(None) if whole else torch.nonzero(~covered).flatten()
-    qs = q[rows_left].float()
-    win, lw = _window(qs, swa_kv, swa_idx[rows_left], scale, rope_dim)
-    if has_comp:
-        rows, ok = gather_kv(comp_kv, comp_idx[rows_left], D, rope_dim)  # [t, K, D]
+    rows_left = torch.arange(T, device=q.device) if whole else torch.nonzero(~covered).flatten()
+    step = gather_rows_per_block(swa_idx.shape[1], n_comp, D)
+    if whole and T <= step:
+        return _attend_gathered(q.float(), swa_kv, swa_idx, comp_kv if has_comp else None, comp_idx, sink, scale,
+                                rope_dim)
+    for b in range(0, rows_left.numel(), step):
+        r = rows_left[b:b + step]
+        out[r] = _attend_gathered(q[r].float(), swa_kv, swa_idx[r], comp_kv if has_comp else None,
+                                  comp_idx[r] if has_comp else None, sink, scale, rope_dim)
+    return out
+
+
+def _attend_gathered(qs: torch.Tensor, swa_kv: torch.Tensor, swa_idx: torch.Tensor, comp_kv: torch.Tensor | None,
+                     comp_idx: torch.Tensor | None, sink: torch.Tensor, scale: float,
+                     rope_dim: int | None) -> torch.Tensor:
+    """Attention of queries `qs` [t, H, D] over their own gathered window (and compressed) rows."""
+    win, lw = _window(qs, swa_kv, swa_idx, scale, rope_dim)
+    if comp_kv is not None:
+        rows, ok = gather_kv(comp_kv, comp_idx, qs.shape[-1], rope_dim)  # [t, K, D]
         lc = torch.einsum("thd,tkd->thk", qs, rows).mul_(scale).masked_fill_(~ok[:, None, :], float("-inf"))
         (pw, pc), den = _softmax_with_sink([lw, lc], sink)
         o = torch.einsum("thw,twd->thd", pw, win) + torch.einsum("thk,tkd->thd", pc, rows)
     else:
         (pw,), den = _softmax_with_sink([lw], sink)
         o = torch.einsum("thw,twd->thd", pw, win)
-    o = o.div_(den[..., None])
-    if whole:
-        return o
-    out[rows_left] = o
-    return out
+    return o.div_(den[..., None])

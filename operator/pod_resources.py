@@ -3,7 +3,9 @@
 Host memory of one pod = the processes (the server with its tokenizer, and one process per rank — TP or DP:
 Python, torch, the CUDA context's host side) + the loader's peak (each rank stages its share of the checkpoint
 through host memory, a bounded buffer at a time) + on `cpu` the weights and the KV cache themselves (they live
-in host memory there; with data-parallel ranks each has its own cache and its own copy of the unsplit weights).
+in host memory there; with data-parallel ranks each has its own cache and its own copy of the unsplit weights)
++ on `cpu` each rank's step working set (`runtime/malloc_tuning.serving_working_set_bytes`: one step's
+temporaries and the bounded free heap kept for the next, which on an accelerator live in device memory).
 The memory-backed `/dev/shm` (NCCL, torch tensors shared between ranks) counts toward the container's memory
 limit, so the limit is the request plus its size.
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 from dsv4.operator.api import DSV4EndpointSpec
 from dsv4.operator.planner import Plan
+from dsv4.runtime.malloc_tuning import serving_working_set_bytes
 
 GIB = 1 << 30
 SHM_GIB = 16                # the /dev/shm emptyDir's sizeLimit
@@ -47,6 +50,11 @@ def _gib(n: float) -> str:
     return f"{math.ceil(n)}Gi"
 
 
+def cpu_working_set_gib(ranks: int) -> float:
+    """Host memory the ranks of a CPU replica hold beyond weights and KV cache while serving (GiB)."""
+    return ranks * serving_working_set_bytes() / GIB
+
+
 def qos_class(requests: dict[str, str], limits: dict[str, str]) -> str:
     """The QoS class Kubernetes gives one container with these cpu/memory requests and limits."""
     keys = ("cpu", "memory")
@@ -64,12 +72,14 @@ def pod_resources(spec: DSV4EndpointSpec, plan: Plan) -> PodResources:
     loader = tp * min(LOADER_BUFFER_GIB, plan.weight_bytes_per_gpu / GIB)
     weights = plan.weight_bytes if dp == 1 else dp * plan.weight_bytes_per_gpu
     resident = (weights + dp * plan.cache_bytes_per_gpu) / GIB if on_cpu else 0.0
-    memory = processes + loader + resident
+    working = cpu_working_set_gib(tp) if on_cpu else 0.0
+    memory = processes + loader + resident + working
     cpu = CPU_SERVER + CPU_PER_RANK * tp
     reasons = {
         "memory": (f"processes {processes} GiB (server + tokenizer {SERVER_GIB}, {tp - 1} more ranks x {RANK_GIB}) + "
                    f"loader {loader:.1f} GiB ({tp} ranks x min({LOADER_BUFFER_GIB} GiB, their weight share))"
-                   + (f" + weights and KV cache in host memory {resident:.1f} GiB" if on_cpu else "")),
+                   + (f" + weights and KV cache in host memory {resident:.1f} GiB + step working set "
+                      f"{working:.2f} GiB ({tp} ranks)" if on_cpu else "")),
         "memoryLimit": f"request + /dev/shm {SHM_GIB} GiB (a memory-backed emptyDir counts toward the limit)",
         "cpu": f"{CPU_SERVER} for the server and tokenizer + {CPU_PER_RANK} per rank; no CPU limit (no throttling)",
         "ephemeral-storage": f"/tmp {TMP_GIB} GiB + logs {LOGS_GIB} GiB, request = limit (evicted, not the node, "

@@ -25,6 +25,8 @@ def test_serving_smoke_cli(tmp_path, capsys):
     # the server's usage: guidellm's synthetic prompts have the exact length, ignore_eos gives every token
     assert p["prompt_tokens_mean"] == 32 and p["output_tokens_mean"] == 8
     assert p["requests_per_s"] > 0 and p["output_tokens_per_s"] == pytest.approx(8 * p["requests_per_s"])
+    assert p["tokens_per_s"] == pytest.approx(40 * p["requests_per_s"])
+    assert 0 < run["start_rss_bytes"] <= run["peak_rss_bytes"] < 8 * 2**30  # the server's, sampled over the mix
     assert 0 < p["ttft_ms_p50"] <= p["ttft_ms_p99"] and 0 < p["itl_ms_p50"] <= p["itl_ms_p99"]
     assert p["requests_per_s"] * p["duration_s"] == pytest.approx(4)
     # guidellm's own report and the scenario we generated are kept in --raw
@@ -76,3 +78,35 @@ def test_bad_arguments_name_the_flag(kw, msg):
 def test_prompt_longer_than_the_server_allows_is_refused():
     with pytest.raises(ValueError, match="exceeds the server's max_model_len 100"):
         serving.validate_plan(serving.PLANS["full"], max_model_len=100)
+
+
+def test_heap_effect_pairs_bounded_with_unbounded_and_reports_peak_rss():
+    runs = [{"delay_ms": 0.0, "heap": "bounded", "mix": "long4k", "prompt_tokens": 4096, "output_tokens": 16,
+             "start_rss_bytes": 2 * 2**30, "peak_rss_bytes": 3 * 2**30, "points": [_point(4, 90, 10, 5)]},
+            {"delay_ms": 0.0, "heap": "unbounded", "mix": "long4k", "prompt_tokens": 4096, "output_tokens": 16,
+             "start_rss_bytes": 2 * 2**30, "peak_rss_bytes": 4 * 2**30, "points": [_point(4, 100, 10, 4)]}]
+    [e] = serving.heap_effect(runs)
+    assert (e["mix"], e["streams"], e["delay_ms"]) == ("long4k", 4, 0.0)
+    assert (e["throughput_ratio"], e["itl_p50_ratio"], e["peak_rss_ratio"]) == (0.9, 1.25, 0.75)
+    assert e["tokens_ratio"] is None  # points without prompt + output throughput
+    assert serving.delay_effect(runs) == []  # one delay: nothing to compare
+    for p in (r["points"][0] for r in runs):
+        p.update(errored=0, incomplete=0, requests_per_s=1.0, ttft_ms_p99=1.0, itl_ms_p99=1.0)
+    md = serving.markdown({"smoke": False, "guidellm_version": "0.8.1", "model": "/m/x", "machine": "m",
+                           "endpoint": "e", "runs": runs, "delay_effect": [], "heap_effect": [e], "seconds": 1})
+    assert "| 2.00 / 3.00 |" in md and "| 0 ms, heap unbounded | 4 |" in md
+    assert "| 0.90 | — | 1.00 | 1.25 | 0.75 |" in md
+
+
+def test_rss_watch_reads_this_process_peak():
+    import os
+
+    import numpy as np
+    from dsv4.bench.rss_watch import RssWatch, status_bytes
+
+    watch = RssWatch(os.getpid(), interval_s=0.01)
+    a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    peak = watch.stop()
+    assert peak is not None and peak >= watch.start_rss + 60 * 2**20 and status_bytes(os.getpid(), "VmRSS")
+    del a
+    assert RssWatch(2**31 - 1).stop() is None  # no such process

@@ -230,3 +230,29 @@ def test_async_engine_drain_and_abort_all(loaded):
         assert eng.call(lambda e: e.cache.stats().running_requests) == 0
     finally:
         eng.shutdown()
+
+
+def test_async_engine_calls_on_idle_once_after_its_steps(loaded):
+    """`dsv4 serve` on CPU trims the freed heap here (runtime/malloc_tuning.trim_free_heap): once per busy
+    period, when the last request finishes, never while it still has work."""
+    import asyncio
+
+    from dsv4.runtime.engine.engine import AsyncEngine
+
+    busy_when_called = []
+    eng = AsyncEngine(make_engine(loaded), on_idle=lambda: busy_when_called.append(eng.engine.has_work))
+    eng.start()
+
+    async def run_one(seed: int) -> None:
+        async for _ in eng.generate(prompt(8, seed), greedy(max_tokens=4)):
+            pass
+
+    try:
+        asyncio.run(run_one(1))
+        eng.call(lambda e: None)  # a call without steps does not count as a busy period
+        assert busy_when_called == [False]
+        asyncio.run(run_one(2))
+        eng.call(lambda e: None)
+        assert busy_when_called == [False, False]
+    finally:
+        eng.shutdown()

@@ -171,3 +171,57 @@ def test_decode_rows_after_a_shared_prompt_skip_the_gather(monkeypatch):
     alone, _ = _batch([(62, 1, 0)] * 16, shared=0, holes=False, seed=5)
     indexer_scores_shared(q, w, keys, alone)
     assert calls == [1]
+
+
+def test_gathered_rows_are_attended_in_bounded_blocks(monkeypatch):
+    """Rows outside runs (and every row's window) are gathered a block of queries at a time, so a long prefill
+    step's temporaries do not grow with its token count; blocked results equal the reference."""
+    import dsv4.kernels.prefix_gemm as mod
+
+    assert 1 < mod.gather_rows_per_block(128, 256, 128) <= mod.GATHER_BLOCK_ELEMS // ((128 + 256) * 128)
+    comp_idx, _ = _batch([(40, 30, 1), (3, 1, 0), (0, 20, 2)], shared=2, holes=True, seed=3)
+    T, H, D = comp_idx.shape[0], 4, 32
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(T, H, D, generator=g)
+    comp_kv = torch.randn(int(comp_idx.max()) + 1, D, generator=g)
+    swa_idx, swa_kv = _window(T, 8, 3)
+    sink = torch.randn(H, generator=g)
+    ref = reference.sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, D ** -0.5)
+    sizes = []
+    real_gather = mod.gather_kv
+
+    def counted_gather(pool, idx, *a):
+        sizes.append(idx.shape[0])
+        return real_gather(pool, idx, *a)
+
+    monkeypatch.setattr(mod, "gather_kv", counted_gather)
+    monkeypatch.setattr(mod, "GATHER_BLOCK_ELEMS", 5 * (8 + comp_idx.shape[1]) * D)  # 5 queries per block
+    for cols in (0, 10_000):  # runs through the GEMM path, or every row gathered
+        monkeypatch.setattr(mod, "MIN_RUN_COLS", cols)
+        sizes.clear()
+        out = sparse_attention_shared(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, D ** -0.5)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        # window gathers of the run path: the window alone sets the block (5 * (8 + C) / 8 queries)
+        assert sizes and max(sizes) <= 5 * (8 + comp_idx.shape[1]) // 8 < T, (sizes, T)
+
+
+def test_long_prefill_step_attention_memory_does_not_grow_with_its_tokens():
+    """2,048 query rows with their own top-256 compressed rows and a 128-row window (D 128): unblocked, the
+    gathers alone were 2048 x 384 x 128 fp32 = 384 MiB; blocked, the step's peak stays near one block."""
+    import os
+
+    from dsv4.bench.rss_watch import RssWatch
+
+    T, H, D, W, K, N = 2048, 8, 128, 128, 256, 4096
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(T, H, D, generator=g)
+    kv = torch.randn(N, D, generator=g)
+    swa_idx = torch.randint(0, N, (T, W), generator=g)
+    comp_idx = torch.randint(0, N, (T, K), generator=g)  # top-k rows: no prefix runs
+    sink = torch.randn(H, generator=g)
+    sparse_attention_shared(q[:64], kv, swa_idx[:64], kv, comp_idx[:64], sink, D ** -0.5)  # warm-up
+    watch = RssWatch(os.getpid(), interval_s=0.005)
+    out = sparse_attention_shared(q, kv, swa_idx, kv, comp_idx, sink, D ** -0.5)
+    grown = watch.stop() - watch.start_rss
+    assert out.shape == (T, H, D)
+    assert grown < 160 * 2**20, grown / 2**20

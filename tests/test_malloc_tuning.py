@@ -1,5 +1,6 @@
 """runtime/malloc_tuning.py: with the glibc settings, a step whose temporaries grow a little each time reuses
-freed heap memory instead of faulting fresh pages in (what a long-context prefill does)."""
+freed heap memory instead of faulting fresh pages in (what a long-context prefill does), and the free heap a
+process keeps is bounded (`DSV4_RETAINED_HEAP_MIB`, `trim_free_heap`)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,55 @@ def test_keep_freed_memory_reports_false_without_mallopt(monkeypatch) -> None:
     monkeypatch.setattr(ctypes, "CDLL", NoLibc)
     assert m.keep_freed_memory() is False
     monkeypatch.setattr(m, "_applied", None)  # the next caller finds the real state again
+
+
+RETAIN = r"""
+import sys, torch
+from dsv4.runtime import malloc_tuning as m
+def rss():
+    with open("/proc/self/status") as f:
+        return [int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS")][0]
+assert m.keep_freed_memory() is True
+base = rss()
+step = torch.ones(2**27)  # a long step's temporaries: 512 MiB, touched
+del step
+kept = rss() - base
+m.trim_free_heap()
+print(kept / 2**20, (rss() - base) / 2**20)
+"""
+
+
+def retained_after_a_step(cap: str) -> tuple[float, float]:
+    """(MiB kept after the step's temporaries are freed, MiB kept after trim_free_heap)."""
+    import os
+
+    env = dict(os.environ, DSV4_RETAINED_HEAP_MIB=cap)
+    r = subprocess.run([sys.executable, "-c", RETAIN], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    kept, trimmed = r.stdout.split()[-2:]
+    return float(kept), float(trimmed)
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_freed_heap_kept_is_bounded_and_trimmed_when_idle() -> None:
+    kept, trimmed = retained_after_a_step("unbounded")  # the former setting: the whole step stays resident
+    assert kept > 400 and trimmed > 400, (kept, trimmed)
+    # default cap: the free heap top above it goes back on free when nothing was allocated above the step's
+    # blocks (layout-dependent, not asserted); whatever is left goes back on the idle trim
+    _kept, trimmed = retained_after_a_step("")
+    assert trimmed < 64, trimmed
+    assert retained_after_a_step("64")[1] < 64
+
+
+def test_retained_heap_setting_parses_and_sizes_the_working_set() -> None:
+    from dsv4.runtime import malloc_tuning as m
+
+    assert m.retained_heap_bytes({}) == m.RETAINED_HEAP_BYTES
+    assert m.retained_heap_bytes({m.ENV_RETAINED: "64"}) == 64 * 2**20
+    assert m.retained_heap_bytes({m.ENV_RETAINED: " Unbounded "}) is None
+    for bad in ("lots", "-1", "3000"):
+        with pytest.raises(ValueError, match=m.ENV_RETAINED):
+            m.retained_heap_bytes({m.ENV_RETAINED: bad})
+    assert dict(m.settings(None))[m.M_TRIM_THRESHOLD] == 2**31 - 1
+    assert dict(m.settings(64 * 2**20))[m.M_TRIM_THRESHOLD] == 64 * 2**20
+    assert m.serving_working_set_bytes() >= m.RETAINED_HEAP_BYTES + m.TOP_PAD_BYTES + m.STEP_WORKING_SET_BYTES

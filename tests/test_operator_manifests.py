@@ -3,6 +3,7 @@ config file the runtime's own `ServeConfig` accepts."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,27 @@ def test_runtime_pods_get_planned_cpu_and_memory_and_are_burstable() -> None:
     r = pod_resources(spec, plan(spec))
     assert r.requests["cpu"] == "8" and r.limits["memory"] == "64Gi" and r.qos == "Guaranteed"
     assert qos_class({}, {}) == "BestEffort"
+
+
+def test_cpu_pods_request_the_bounded_step_working_set() -> None:
+    """On cpu the request adds each rank's working set beyond weights + cache (runtime/malloc_tuning.py, the
+    figure the serving bench checks peak RSS against); on accelerators it lives in device memory."""
+    from dsv4.operator.pod_resources import cpu_working_set_gib, pod_resources
+    from dsv4.runtime.malloc_tuning import serving_working_set_bytes
+
+    assert cpu_working_set_gib(2) == 2 * serving_working_set_bytes() / 2**30 > 0
+    spec = api.parse_spec({"model": {"variant": "tiny"}, "profile": {"name": "short-chat"},
+                           "accelerator": {"type": "cpu"}})
+    p = plan(spec)
+    r = pod_resources(spec, p)
+    ranks = p.gpus_per_replica
+    loader = ranks * min(4, p.weight_bytes_per_gpu / 2**30)
+    resident = (p.weight_bytes + p.cache_bytes_per_gpu) / 2**30
+    without = 4 + 2 * (ranks - 1) + loader + resident
+    assert int(r.requests["memory"].removesuffix("Gi")) == math.ceil(without + cpu_working_set_gib(ranks))
+    assert "step working set" in r.reasons["memory"]
+    gpu = load("short-chat.yaml")
+    assert "step working set" not in pod_resources(gpu, plan(gpu)).reasons["memory"]
 
 
 def test_runtime_pods_run_as_the_images_user_and_bound_their_disk() -> None:

@@ -369,8 +369,9 @@ class AsyncEngine:
     """Runs `LLMEngine` in a daemon thread; `generate()` admits and queues a request and returns its
     `RequestStream` (an async iterator of `RequestOutput`s)."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_idle: Callable[[], Any] | None = None):
         self.engine = engine
+        self.on_idle = on_idle  # called in the engine thread when it runs out of work after steps (heap trim)
         self._cv = threading.Condition()
         self._inbox: list[tuple[str, Any]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -517,6 +518,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         eng = self.engine
         wake_at: float | None = None
+        stepped = False
         while True:
             with self._cv:
                 while not self._stop and not self._inbox:
@@ -543,6 +545,7 @@ class AsyncEngine:
                 elif kind == "call":
                     item(eng)
             if eng.has_work:
+                stepped = True
                 try:
                     outs, wake_at = eng.step()
                 except BaseException as e:  # keep serving other requests; fail what was running
@@ -558,4 +561,7 @@ class AsyncEngine:
             self.cache_stats = eng.stats_snapshot()
             if not eng.has_work:
                 eng.observer.on_idle(self.num_running, self.num_waiting, self.cache_stats)
+                if stepped and self.on_idle is not None:
+                    stepped = False
+                    self.on_idle()
 

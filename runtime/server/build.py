@@ -104,10 +104,12 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     if cfg.model is None:
         ensure_tiny_model(model_dir, say)
     device = resolve_device(cfg.device)
+    on_idle = None
     if device == "cpu":
-        from dsv4.runtime.malloc_tuning import keep_freed_memory
+        from dsv4.runtime.malloc_tuning import keep_freed_memory, trim_free_heap
 
-        keep_freed_memory()  # per-step temporaries reuse freed heap instead of faulting fresh pages in
+        keep_freed_memory()  # per-step temporaries reuse freed heap (up to a bound) instead of faulting pages in
+        on_idle = trim_free_heap  # an idle server gives the steps' freed heap back
     group = None
     if cfg.tp > 1 or cfg.dp > 1:  # spawn ranks 1..N-1 first: they load the checkpoint while this process does
         from dsv4.runtime.parallel.leader import start_for_serving
@@ -212,7 +214,7 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
         from dsv4.runtime.parallel.leader import capacity_lines
 
         report += capacity_lines(group, mcfg, cache, context or max_len)
-    return Built(AsyncEngine(llm), tok, name, max_len, metrics, report, cache, spec, mcfg, group)
+    return Built(AsyncEngine(llm, on_idle), tok, name, max_len, metrics, report, cache, spec, mcfg, group)
 
 
 def capacity_report(spec: CacheSpec, cache: CacheManager, num_blocks: dict[str, int], max_len: int, kv_dtype: str,
