@@ -98,15 +98,28 @@ def test_heap_effect_pairs_bounded_with_unbounded_and_reports_peak_rss():
     assert "| 0.90 | — | 1.00 | 1.25 | 0.75 |" in md
 
 
-def test_rss_watch_reads_this_process_peak():
-    import os
+def test_rss_watch_reads_another_process_peak():
+    """A fresh child touches 64 MiB and frees it; the watch sees the peak (not this test process: its retained
+    heap, shared with the rest of the suite, can hold the 64 MiB already)."""
+    import subprocess
+    import sys
 
-    import numpy as np
     from dsv4.bench.rss_watch import RssWatch, status_bytes
 
-    watch = RssWatch(os.getpid(), interval_s=0.01)
-    a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-    peak = watch.stop()
-    assert peak is not None and peak >= watch.start_rss + 60 * 2**20 and status_bytes(os.getpid(), "VmRSS")
-    del a
+    code = ("import sys, time; sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.readline(); "
+            "a = bytearray(b'\\x01' * (64 * 2**20)); time.sleep(0.5); del a; "
+            "sys.stdout.write('freed\\n'); sys.stdout.flush(); sys.stdin.readline()")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        watch = RssWatch(child.pid, interval_s=0.01)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "freed\n"
+        peak = watch.stop()
+        assert status_bytes(child.pid, "VmRSS")
+        assert peak is not None and peak >= watch.start_rss + 60 * 2**20, (peak, watch.start_rss)
+    finally:
+        child.kill()
+        child.wait()
     assert RssWatch(2**31 - 1).stop() is None  # no such process
