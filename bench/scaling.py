@@ -33,6 +33,8 @@ from typing import Any
 
 from dsv4.bench.results_io import write_triplet
 
+from dsv4.paths import cache_root
+
 FULL_CONTEXTS = (1024, 8192, 32768, 65536)
 FULL_BATCHES = (1, 16)
 SMOKE_CONTEXTS = (256, 512)
@@ -62,8 +64,7 @@ def scaling_config(hidden: int = 256, smoke: bool = False):
 
 
 def checkpoint_dir(hidden: int, smoke: bool) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dsv4" / "models" / f"scaling-h{hidden}{'-smoke' if smoke else ''}"
+    return cache_root() / "models" / f"scaling-h{hidden}{'-smoke' if smoke else ''}"
 
 
 def ensure_checkpoint(path: Path, cfg) -> Path:

@@ -44,7 +44,9 @@ from typing import Any
 from dsv4.bench.results_io import write_triplet
 from dsv4.bench.rss_watch import RssWatch
 
-DEFAULT_MODEL = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4" / "models" / "tiny"
+from dsv4.paths import cache_root
+
+DEFAULT_MODEL = cache_root() / "models" / "tiny"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsv4.paths import cache_root
+
 K8S_VERSION = os.environ.get("DSV4_K8S_VERSION", "v1.36.3")
 ETCD_VERSION = os.environ.get("DSV4_ETCD_VERSION", "v3.6.16")
 KWOK_VERSION = os.environ.get("DSV4_KWOK_VERSION", "v0.8.0")
@@ -84,11 +86,6 @@ class Versions:
 
 
 KWOK_NODE_STAGES = ("fast/node-initialize.yaml", "heartbeat-with-lease/node-heartbeat-with-lease.yaml")
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dsv4"
 
 
 def k8s_dir(versions: Versions | None = None) -> Path:

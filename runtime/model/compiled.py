@@ -32,6 +32,8 @@ import torch
 from dsv4.runtime.model import layers
 from dsv4.runtime.model.layers import MHC
 
+from dsv4.paths import cache_root
+
 log = logging.getLogger("dsv4.compile")
 
 EAGER: dict[str, Callable[..., Any]] = {"weights": layers.mhc_weights}
@@ -40,8 +42,7 @@ AUTO_MIN_GAIN = 1.05  # auto keeps compiled code when it is at least this much f
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dsv4" / "inductor"
+    return cache_root() / "inductor"
 
 
 def use_compiled() -> None:

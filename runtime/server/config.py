@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dsv4.paths import cache_root
 from dsv4.settings_enums import CachePolicy, HcaState, ProfileName, WeightsDtype
 
 KvDtypeSetting = Literal["auto", "fp32", "bf16", "fp8"]
@@ -31,8 +32,7 @@ class ServeConfigError(ValueError):
 
 
 def default_model_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dsv4" / "models" / "tiny"
+    return cache_root() / "models" / "tiny"
 
 
 class ServeConfig(BaseModel):
