@@ -326,7 +326,7 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
     if compile_mode == "both":  # the same engine and cache, decode again with `--compile on` (one run: ratios)
         from dsv4.runtime.model import compiled
 
-        compile_state = compiled.setup("on", cfg, "cpu", ours.model.dtype, say=lambda *_: None)
+        compile_state = compiled.setup("on", cfg, "cpu", say=lambda *_: None)
         for c in contexts:
             m = compiled_rows[c] = Measure("ours --compile on", c, note=f"decode only; {compile_state}")
             for b in batches:

@@ -5,7 +5,6 @@ sizes, a prefix hit and a preemption — and `off` / `auto` / a failing compiler
 from __future__ import annotations
 
 import pytest
-import torch
 from dsv4.runtime.engine.engine import EngineObserver
 from dsv4.runtime.engine.request import Request, SamplingParams
 from dsv4.runtime.model import compiled
@@ -67,19 +66,19 @@ def test_compiled_mhc_gives_the_eager_tokens_and_logprobs():
 def test_off_is_eager_and_a_failing_compiler_falls_back_with_one_warning(monkeypatch, caplog):
     from dsv4.runtime.config import tiny
 
-    assert compiled.setup("off", tiny(), "cpu", torch.float32) == "off" and not compiled.is_compiled()
+    assert compiled.setup("off", tiny(), "cpu") == "off" and not compiled.is_compiled()
 
     def broken(*_a, **_k):
         raise RuntimeError("no C++ compiler found\nmore detail")
 
     monkeypatch.setattr(compiled, "warm_up", broken)
     with caplog.at_level("WARNING", logger="dsv4.compile"):
-        state = compiled.setup("on", tiny(), "cpu", torch.float32)
+        state = compiled.setup("on", tiny(), "cpu")
     assert state == "off (compilation failed: RuntimeError)" and not compiled.is_compiled()
     assert [r.message for r in caplog.records] == [
         "torch.compile failed (RuntimeError: no C++ compiler found); serving with eager mHC functions"]
     monkeypatch.setattr(compiled, "warm_up", lambda *a, **k: 0.9)  # compiled measured slower: auto keeps eager
-    assert compiled.setup("auto", tiny(), "cpu", torch.float32).startswith("off (auto: compiled mHC ran 0.90x")
+    assert compiled.setup("auto", tiny(), "cpu").startswith("off (auto: compiled mHC ran 0.90x")
     assert not compiled.is_compiled()
     with pytest.raises(ValueError, match="compile must be auto, on or off"):
-        compiled.setup("fast", tiny(), "cpu", torch.float32)
+        compiled.setup("fast", tiny(), "cpu")

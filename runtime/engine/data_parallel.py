@@ -143,16 +143,16 @@ class DataParallelEngine:
     def abort(self, request_id: str) -> RequestOutput | None:
         rank = self.owner.pop(request_id, None)
         out = None if rank is None else self.ranks[rank].abort(request_id)
-        self.report_ranks()
+        self.report_ranks(self.rank_stats())
         return out
 
-    def report_ranks(self) -> None:
-        """Each rank's requests and cache occupancy to the observer's `rank`-labelled series."""
+    def report_ranks(self, stats: list[CacheStats]) -> None:
+        """Each rank's requests and cache occupancy (`stats`, one per rank) to the `rank`-labelled series."""
         update = getattr(self.observer, "update_rank", None)
         if update is None:
             return
-        for k, r in enumerate(self.ranks):
-            update(k, r.num_running_requests(), r.num_waiting_requests(), r.cache.stats())
+        for k, (r, s) in enumerate(zip(self.ranks, stats, strict=True)):
+            update(k, r.num_running_requests(), r.num_waiting_requests(), s)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         self.owner.clear()
@@ -191,6 +191,7 @@ class DataParallelEngine:
                         num_tokens, sum(p.sched.num_prefill_tokens for p in plans),
                         sum(len(p.sched.preempted) for p in plans), self.num_running_requests(),
                         self.num_waiting_requests())
-        self.observer.on_step(info, self.stats_snapshot())
-        self.report_ranks()
+        stats = self.rank_stats()  # once per step: the replica's aggregate and each rank's series
+        self.observer.on_step(info, aggregate_stats(stats))
+        self.report_ranks(stats)
         return outs, None

@@ -79,7 +79,7 @@ def _time(fns: dict[str, Callable[..., Any]], args: list[dict[str, tuple]], reps
 
 
 @torch.inference_mode()
-def warm_up(cfg: Any, device: str, dtype: torch.dtype, say: Callable[[str], None] = log.info) -> float:
+def warm_up(cfg: Any, device: str, say: Callable[[str], None] = log.info) -> float:
     """Compile (first calls) on every warm-up shape; returns eager time / compiled time on those shapes."""
     args = [_inputs(cfg, t, device) for t in WARM_UP_TOKENS]
     compiled = {name: getattr(MHC, name) for name in EAGER}
@@ -92,7 +92,7 @@ def warm_up(cfg: Any, device: str, dtype: torch.dtype, say: Callable[[str], None
     return _time(EAGER, args, reps) / max(1e-9, _time(compiled, args, reps))
 
 
-def setup(mode: str, cfg: Any, device: str, dtype: torch.dtype, say: Callable[[str], None] = log.info) -> str:
+def setup(mode: str, cfg: Any, device: str, say: Callable[[str], None] = log.info) -> str:
     """Apply `--compile mode` for this process; returns what was decided, for the start-up report."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, got {mode!r}")
@@ -101,7 +101,7 @@ def setup(mode: str, cfg: Any, device: str, dtype: torch.dtype, say: Callable[[s
         return "off"
     use_compiled()
     try:
-        gain = warm_up(cfg, device, dtype, say)
+        gain = warm_up(cfg, device, say)
     except Exception as e:  # inductor missing a compiler, an unsupported op: serve eagerly
         use_eager()
         log.warning("torch.compile failed (%s: %s); serving with eager mHC functions", type(e).__name__,

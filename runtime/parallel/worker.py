@@ -59,7 +59,7 @@ def _run(rank: int, world: int, conf: dict) -> int:
                                 weights_dtype=cfg.weights_dtype)
     from dsv4.runtime.model.compiled import setup as setup_compile
 
-    setup_compile("off" if cfg.compile == "off" else "on", mcfg, device, model.dtype, log.info)
+    setup_compile("off" if cfg.compile == "off" else "on", mcfg, device, log.info)
     setup = broadcast_setup(None, info)
     pools = KVPools.for_model(mcfg, setup["spec"], setup["num_blocks"], device=device)
     log.info("rank %d ready on %s: %.1f MiB of KV pools", rank, device, pools.bytes_allocated() / 2**20)

@@ -137,7 +137,7 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
 
     # every rank decides the same way (auto is resolved to on in a group: replicated parts must match bitwise)
     compile_mode = "on" if cfg.compile == "auto" and group is not None else cfg.compile
-    compile_state = setup_compile(compile_mode, mcfg, device, model.dtype, say)
+    compile_state = setup_compile(compile_mode, mcfg, device, say)
     kv_dtype = cfg.kv_dtype
     if kv_dtype == "auto":
         kv_dtype = "fp32" if device == "cpu" and str(mcfg.torch_dtype) in ("float32", "torch.float32") else "bf16"
