@@ -4,7 +4,6 @@ exchange, and gets the logits the dense model gives for those sequences alone.""
 
 from __future__ import annotations
 
-import datetime
 import os
 import tempfile
 
@@ -50,22 +49,19 @@ def dense_logits(model_dir: str) -> list[list[torch.Tensor | None]]:
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def _rank_main(rank: int, world: int, tp: int, port: int, model_dir: str, out: str) -> None:
     import torch.distributed as dist
-    from dsv4.runtime.checkpoint.loader import TPShard
     from dsv4.runtime.model import KVPools, cache_spec, load_model
     from dsv4.runtime.parallel.codec import CMD_STEP, CMD_STOP
     from dsv4.runtime.parallel.dp_channel import DPChannel, rank_step
-    from dsv4.runtime.parallel.group import GroupInfo
+    from dsv4.runtime.parallel.group import init_group, shard_for
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    info = init_group(rank, world, "127.0.0.1", port, "cpu", 120.0, tp=tp)
     try:
-        info = GroupInfo(rank, world, "gloo", "cpu", 120.0, None)
-        model, cfg, _ = load_model(model_dir, progress=False, shard=TPShard(rank, world, None, mode="ep"))
-        held = {n for n, _ in model.named_parameters() if ".experts." in n}
-        assert all(model.layers[0].ffn.experts.w1.shape[0] == cfg.n_routed_experts // world for _ in held)
+        model, cfg, _ = load_model(model_dir, progress=False, shard=shard_for(info, data_parallel=True))
+        assert model.layers[0].ffn.experts.w1.shape[0] == cfg.n_routed_experts // world
+        assert model.layers[0].attn.n_heads == cfg.num_attention_heads // tp
         pools = KVPools.for_model(cfg, cache_spec(cfg, kv_dtype="fp32"), NUM_BLOCKS)
         chan = DPChannel(info)
         scripts = rank_scripts(cfg.vocab_size)
@@ -96,8 +92,9 @@ def test_check_ep_names_the_field():
         check_ep(cfg, 3)
 
 
-@pytest.mark.parametrize("world", [2])
-def test_each_rank_gets_the_dense_logits_of_its_own_sequences(world: int):
+@pytest.mark.parametrize(("dp", "tp"), [(2, 1), (2, 2)])
+def test_each_rank_gets_the_dense_logits_of_its_own_sequences(dp: int, tp: int):
+    """dp attention ranks (each a TP group of tp processes when tp > 1), routed experts over all dp x tp."""
     import torch.multiprocessing as mp
     from dsv4.runtime.server.build import ensure_tiny_model
     from dsv4.runtime.server.config import default_model_dir
@@ -108,12 +105,13 @@ def test_each_rank_gets_the_dense_logits_of_its_own_sequences(world: int):
     dense = dense_logits(model_dir)
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "logits.pt")
-        mp.start_processes(_rank_main, args=(world, free_port(), model_dir, out), nprocs=world, join=True,
+        mp.start_processes(_rank_main, args=(dp * tp, tp, free_port(), model_dir, out), nprocs=dp * tp, join=True,
                            start_method="fork")
         got = torch.load(out)
     assert len(got) == len(dense[0])
     for step, per_rank in enumerate(got):
-        for r in range(world):
+        assert len(per_rank) == dp
+        for r in range(dp):
             want = dense[r][step]
             if want is None:  # the idle rank sent no rows
                 assert per_rank[r].shape[0] == 0, (step, r)

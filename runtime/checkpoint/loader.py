@@ -129,6 +129,8 @@ class TPShard:
     world: int
     pg: Any = None  # the process group the sharded modules all-reduce / exchange over
     mode: str = "tp"
+    tp: int = 1  # mode "ep" with TP inside each data-parallel rank: the TP group's size ...
+    tp_pg: Any = None  # ... and its process group (the non-expert tensors are cut as TP rank `rank % tp`)
 
 
 
@@ -183,14 +185,15 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
         from dsv4.runtime.parallel.expert_exchange import AllGatherExchange
 
         model.expert_exchange = AllGatherExchange(shard.rank, world, shard.pg, act_dtype=wdtype)
-        shard_model_ep(model, cfg, shard.rank, world, model.expert_exchange)  # on the meta device
+        shard_model_ep(model, cfg, shard.rank, world, model.expert_exchange, shard.tp, shard.tp_pg)  # on meta
     elif world > 1:
         from dsv4.runtime.parallel.shard import shard_model
 
         shard_model(model, cfg, shard.rank, world, shard.pg)  # on the meta device: only the shapes change
 
     def part_of(hf: str) -> OwnedPart | None:
-        return owned_part(hf.removeprefix("model."), cfg, shard.rank, world, shard.mode) if shard else OwnedPart()
+        return (owned_part(hf.removeprefix("model."), cfg, shard.rank, world, shard.mode, shard.tp) if shard
+                else OwnedPart())
 
     if weights_dtype == "checkpoint":
         _keep_quantised(model, plan, wdtype, part_of)

@@ -31,6 +31,16 @@ class GroupInfo:
     device: str
     timeout_s: float
     pg: Any  # the step group (timeout_s)
+    tp: int = 1  # data parallel with TP inside: ranks [d·tp, (d+1)·tp) form data-parallel rank d's TP group
+    tp_pg: Any = None  # this rank's TP group (None when tp == 1)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.tp
 
 
 def backend_for(device: str) -> str:
@@ -43,15 +53,34 @@ def rank_device(device: str, rank: int) -> str:
 
 
 def init_group(rank: int, world: int, addr: str, port: int, device: str, timeout_s: float,
-               startup_timeout_s: float = 1800.0) -> GroupInfo:
-    """Join the TP group (blocks until all `world` ranks joined or `startup_timeout_s` passed)."""
+               startup_timeout_s: float = 1800.0, tp: int = 1) -> GroupInfo:
+    """Join the group (blocks until all `world` ranks joined or `startup_timeout_s` passed). `tp` > 1 (data
+    parallel with TP inside each rank) also creates the world/tp TP groups, every rank all of them in the same
+    order (as torch requires), and keeps this rank's."""
     backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=max(startup_timeout_s, timeout_s)))
-    pg = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s), backend=backend)
-    return GroupInfo(rank, world, backend, device, timeout_s, pg)
+    step_timeout = datetime.timedelta(seconds=timeout_s)
+    pg = dist.new_group(list(range(world)), timeout=step_timeout, backend=backend)
+    tp_pg = None
+    for d in range(world // tp if tp > 1 else 0):
+        members = list(range(d * tp, (d + 1) * tp))
+        g = dist.new_group(members, timeout=step_timeout, backend=backend)
+        if rank in members:
+            tp_pg = g
+    return GroupInfo(rank, world, backend, device, timeout_s, pg, tp, tp_pg)
+
+
+def shard_for(info: GroupInfo, data_parallel: bool) -> Any:
+    """What this rank loads of the checkpoint: its TP shard, or (data parallel) its routed experts plus, with TP
+    inside the data-parallel ranks, its TP group's cut of everything else."""
+    from dsv4.runtime.checkpoint.loader import TPShard
+
+    if not data_parallel:
+        return TPShard(info.rank, info.world, info.pg)
+    return TPShard(info.rank, info.world, info.pg, mode="ep", tp=info.tp, tp_pg=info.tp_pg)
 
 
 def broadcast_setup(obj: Any, info: GroupInfo) -> Any:

@@ -76,7 +76,8 @@ class Leader:
         from dsv4.runtime.server.launch import free_port
 
         data_parallel = int(cfg.dp) > 1
-        world = int(cfg.dp) if data_parallel else int(cfg.tp)
+        world = int(cfg.dp) * int(cfg.tp)  # dp > 1 with tp > 1: dp TP groups of tp ranks
+        tp_in_dp = int(cfg.tp) if data_parallel else 1
         kind = "data parallel" if data_parallel else "tensor parallel"
         addr = os.environ.get(ENV_ADDR, "127.0.0.1")
         port = int(os.environ.get(ENV_PORT) or free_port())
@@ -94,7 +95,7 @@ class Leader:
                                    name="dsv4-tp-watch-startup")
         watcher.start()
         _set_threads(world, device)
-        info = init_group(0, world, addr, port, device, float(cfg.tp_timeout_s))
+        info = init_group(0, world, addr, port, device, float(cfg.tp_timeout_s), tp=tp_in_dp)
         leader = cls(info, workers, data_parallel)
         leader_box.append(leader)
         atexit.register(leader._at_exit)  # runs before _kill_all (LIFO): no false alarm from the watcher
@@ -272,21 +273,23 @@ def start_for_serving(cfg: Any, model_dir: Any, device: str) -> Leader:
     pick rank 0's device, spawn the workers and join the group. Raises ServeConfigError naming the field."""
     from dsv4.runtime.config import ConfigError, ModelConfig
     from dsv4.runtime.parallel.group import rank_device
-    from dsv4.runtime.parallel.ownership import check_ep
+    from dsv4.runtime.parallel.ownership import check_dp_tp
     from dsv4.runtime.parallel.shard import TPConfigError, check_tp
     from dsv4.runtime.server.config import ServeConfigError
 
-    name, ranks = ("dp", int(cfg.dp)) if cfg.dp > 1 else ("tp", int(cfg.tp))
+    dp, tp = int(cfg.dp), int(cfg.tp)
+    name = f"dp {dp} x tp {tp}" if dp > 1 and tp > 1 else f"dp {dp}" if dp > 1 else f"tp {tp}"
     try:
-        (check_ep if name == "dp" else check_tp)(ModelConfig.from_file(model_dir), ranks)
+        mcfg = ModelConfig.from_file(model_dir)
+        check_dp_tp(mcfg, dp, tp) if dp > 1 else check_tp(mcfg, tp)
     except (TPConfigError, ConfigError) as e:
         raise ServeConfigError(f"{model_dir}: {e}") from e
     if device.startswith("cuda"):
         import torch
 
         n = torch.cuda.device_count()
-        if n < ranks:
-            raise ServeConfigError(f"{name} {ranks} needs {ranks} GPUs (one per rank); this machine has {n}")
+        if n < dp * tp:
+            raise ServeConfigError(f"{name} needs {dp * tp} GPUs (one per rank); this machine has {n}")
     return Leader.start(cfg, rank_device(device, 0))
 
 
@@ -299,13 +302,16 @@ def capacity_lines(leader: Leader, mcfg: Any, cache: Any, context: int) -> list[
     r = cache.capacity_report(context)
     nb = ",".join(f"{p}:{v}" for p, v in sorted(cache.num_blocks.items()))
     if leader.data_parallel:
+        dp, tp = leader.info.dp_world, leader.info.tp
+        inside = ("everything else whole" if tp == 1 else
+                  f"in each attention rank a TP group of {tp} ({shard_summary(mcfg, tp).removeprefix('per rank: ')})")
         return [
-            f"data parallel: {n} attention ranks with expert parallelism ({leader.info.backend}, collective timeout "
-            f"{leader.info.timeout_s:g} s); per rank: {mcfg.n_routed_experts // n} of {mcfg.n_routed_experts} "
-            f"routed experts, everything else whole, its own requests and KV cache",
-            f"dp capacity: ranks={n} per_rank_cache_bytes={r['total_bytes']} "
-            f"replica_cache_bytes={n * r['total_bytes']} context={r['context']} "
-            f"sessions_per_rank={r['concurrent_sequences']} replica_sessions={n * r['concurrent_sequences']} "
+            f"data parallel: {dp} attention ranks with expert parallelism over {n} processes ({leader.info.backend}, "
+            f"collective timeout {leader.info.timeout_s:g} s); per process: {mcfg.n_routed_experts // n} of "
+            f"{mcfg.n_routed_experts} routed experts; {inside}; each attention rank its own requests and KV cache",
+            f"dp capacity: ranks={dp} tp={tp} per_rank_cache_bytes={r['total_bytes']} "
+            f"replica_cache_bytes={dp * r['total_bytes']} context={r['context']} "
+            f"sessions_per_rank={r['concurrent_sequences']} replica_sessions={dp * r['concurrent_sequences']} "
             f"max_request_tokens={r['max_request_tokens']} num_blocks={nb}",
         ]
     return [

@@ -8,7 +8,10 @@ and the MTP block (not sharded by `shard_model`) — is replicated on every rank
 
 Expert parallelism (`dsv4 serve --dp N --ep`, docs/parallel.md) splits only the routed experts (rank k owns
 experts [k·E/N, (k+1)·E/N)); every other tensor, the shared expert included, is whole on every rank
-(`split_over_ep_ranks`, `owned_part(..., mode="ep")`, `check_ep`).
+(`split_over_ep_ranks`, `owned_part(..., mode="ep")`, `check_ep`). With TP inside each data-parallel rank
+(`--dp D --tp T --ep`, D·T processes, ranks [d·T, (d+1)·T) one TP group) the routed experts are split over all
+D·T ranks and every other tensor is cut as TP rank `rank % T` of T (`owned_part(..., mode="ep", tp=T)`,
+`check_dp_tp`).
 
 Names may be in the published layout (`layers.N.`, `embed.weight`) or the Hugging Face one (`model.layers.N.`,
 `model.embed_tokens.weight`).
@@ -85,6 +88,18 @@ def check_ep(cfg: Any, ranks: int) -> None:
         raise TPConfigError(f"dp={ranks} must divide the model's n_routed_experts ({e}) for expert parallelism")
 
 
+def check_dp_tp(cfg: Any, dp: int, tp: int) -> None:
+    """Raise TPConfigError unless `dp` data-parallel ranks of `tp` TP ranks each fit the model: the TP cut of
+    `check_tp` inside a rank, and the routed experts split over all dp·tp ranks."""
+    check_tp(cfg, tp)
+    if tp == 1:
+        return check_ep(cfg, dp)
+    e = int(cfg.n_routed_experts)
+    if dp < 1 or e % (dp * tp):
+        raise TPConfigError(f"dp={dp} x tp={tp} = {dp * tp} expert-parallel ranks must divide the model's "
+                            f"n_routed_experts ({e})")
+
+
 @dataclass(frozen=True)
 class OwnedPart:
     """The part of one checkpoint tensor a TP rank holds: a row range and/or a column range of the full tensor
@@ -99,16 +114,19 @@ _LAYER = re.compile(r"^layers\.\d+\.(.+)$")
 _EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.w[123]\.weight$")
 
 
-def owned_part(name: str, cfg: Any, rank: int, world: int, mode: str = "tp") -> OwnedPart | None:
+def owned_part(name: str, cfg: Any, rank: int, world: int, mode: str = "tp", tp: int = 1) -> OwnedPart | None:
     """What rank `rank` of `world` holds of the tensor with module name `name` (Hugging Face name without `model.`,
     e.g. `layers.3.attn.wq_b.weight`), the same cut as `shard.shard_model`; None when it holds none of it. The MTP
-    block is not sharded. `expert` is set only where the rank's expert row differs from the file's expert id."""
+    block is not sharded. `expert` is set only where the rank's expert row differs from the file's expert id.
+    `mode="ep"`: routed experts over all `world` ranks; with `tp` > 1 everything else as TP rank `rank % tp`."""
     m = _LAYER.match(name)
     if world == 1 or not (m or name in ("embed_tokens.weight", "head.weight")):
         return OwnedPart()
     if mode == "ep":
         expert = _EXPERT.match(m.group(1)) if m else None
-        return _owned_expert(int(expert.group(1)), cfg, rank, world) if expert else OwnedPart()
+        if expert:
+            return _owned_expert(int(expert.group(1)), cfg, rank, world)
+        return owned_part(name, cfg, rank % tp, tp) if tp > 1 else OwnedPart()
     if not m:  # embedding / head: vocab rows
         per = cfg.vocab_size // world
         return OwnedPart(rows=(rank * per, (rank + 1) * per))

@@ -125,6 +125,25 @@ def routed_partial(ex: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.T
     return out
 
 
+def shard_shared_expert(sh: nn.Module, rank: int, world: int) -> nn.Module:
+    """Rank `rank`'s slice of the shared expert's width I: w1, w3 column-parallel, w2 row-parallel, so its output
+    is this rank's partial sum (the caller all-reduces)."""
+    inter = sh.w1.weight.shape[0] // world
+    cols = slice(rank * inter, (rank + 1) * inter)
+    sh.w1, sh.w3 = _linear(sh.w1.weight[cols]), _linear(sh.w3.weight[cols])
+    sh.w2 = _linear(sh.w2.weight[:, cols])
+    return sh
+
+
+def shard_tp_parts(model: nn.Module, cfg: Any, rank: int, world: int, pg: Any) -> None:
+    """The TP cut of everything but the MoE layers: vocab-parallel embedding and head, attention heads."""
+    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens.weight, rank, world, pg)
+    for block in model.layers:
+        _shard_attention(block.attn, cfg, rank, world, pg)
+    model.head = VocabParallelHead(model.head.weight, rank, world, pg)
+    model.tp_rank, model.tp_world = rank, world
+
+
 class ParallelMoE(nn.Module):
     """The rank's routed experts [e0, e0+el) plus its slice of the shared expert; one all-reduce.
 
@@ -140,12 +159,7 @@ class ParallelMoE(nn.Module):
         sl = slice(self.e0, self.e0 + self.el)
         ex.w1, ex.w2, ex.w3 = _param(ex.w1[sl]), _param(ex.w2[sl]), _param(ex.w3[sl])
         self.experts = ex
-        sh = moe.shared_experts
-        inter = sh.w1.weight.shape[0] // world
-        cols = slice(rank * inter, (rank + 1) * inter)
-        sh.w1, sh.w3 = _linear(sh.w1.weight[cols]), _linear(sh.w3.weight[cols])
-        sh.w2 = _linear(sh.w2.weight[:, cols])
-        self.shared_experts = sh
+        self.shared_experts = shard_shared_expert(moe.shared_experts, rank, world)
         self.pg = pg
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -183,12 +197,9 @@ def shard_model(model: nn.Module, cfg: Any, rank: int, world: int, pg: Any = Non
     check_tp(cfg, world)
     if world == 1:
         return model
-    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens.weight, rank, world, pg)
+    shard_tp_parts(model, cfg, rank, world, pg)
     for block in model.layers:
-        _shard_attention(block.attn, cfg, rank, world, pg)
         block.ffn = ParallelMoE(block.ffn, rank, world, pg)
-    model.head = VocabParallelHead(model.head.weight, rank, world, pg)
-    model.tp_rank, model.tp_world = rank, world
     return model
 
 

@@ -35,11 +35,18 @@ def main() -> int:
 
 def _run(rank: int, world: int, conf: dict) -> int:
     import torch
-    from dsv4.runtime.checkpoint.loader import TPShard
     from dsv4.runtime.model import KVPools, load_model
     from dsv4.runtime.parallel.codec import CMD_NOOP, CMD_STEP, CMD_STOP
     from dsv4.runtime.parallel.dp_channel import DPChannel, rank_step
-    from dsv4.runtime.parallel.group import ENV_ADDR, ENV_PORT, Channel, broadcast_setup, init_group, rank_device
+    from dsv4.runtime.parallel.group import (
+        ENV_ADDR,
+        ENV_PORT,
+        Channel,
+        broadcast_setup,
+        init_group,
+        rank_device,
+        shard_for,
+    )
     from dsv4.runtime.parallel.leader import _set_threads
     from dsv4.runtime.server.config import ServeConfig
 
@@ -51,12 +58,12 @@ def _run(rank: int, world: int, conf: dict) -> int:
         from dsv4.runtime.malloc_tuning import keep_freed_memory
 
         keep_freed_memory()
-    info = init_group(rank, world, os.environ[ENV_ADDR], int(os.environ[ENV_PORT]), device, float(cfg.tp_timeout_s))
     data_parallel = cfg.dp > 1  # own requests + own cache; experts split (EP) instead of a TP shard
+    info = init_group(rank, world, os.environ[ENV_ADDR], int(os.environ[ENV_PORT]), device, float(cfg.tp_timeout_s),
+                      tp=int(cfg.tp) if data_parallel else 1)
     # only this rank's rows / columns / experts are read: no rank ever holds the full model
     model, mcfg, _ = load_model(str(cfg.model_dir), device=device, progress=False,
-                                shard=TPShard(rank, world, info.pg, mode="ep" if data_parallel else "tp"),
-                                weights_dtype=cfg.weights_dtype)
+                                shard=shard_for(info, data_parallel), weights_dtype=cfg.weights_dtype)
     from dsv4.runtime.model.compiled import setup as setup_compile
 
     setup_compile("off" if cfg.compile == "off" else "on", mcfg, device, log.info)

@@ -94,10 +94,10 @@ def cache_for_budget(cfg: ServeConfig, spec: CacheSpec, budget_bytes: int, conte
 def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     import torch
     from dsv4.runtime.cache.manager import CacheManager
-    from dsv4.runtime.checkpoint.loader import TPShard
     from dsv4.runtime.engine.engine import AsyncEngine, EngineConfig, LLMEngine
     from dsv4.runtime.engine.scheduler import SchedulerConfig
     from dsv4.runtime.model import KVPools, load_model
+    from dsv4.runtime.parallel.group import shard_for
     from dsv4.runtime.server.metrics import EngineMetrics, cache_info_labels
 
     model_dir = cfg.model_dir
@@ -119,8 +119,7 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     say(f"loading {model_dir} on {device} (weights {cfg.weights_dtype})")
     # with tp > 1 only rank 0's rows / columns / experts are read, like the other ranks (parallel/worker.py);
     # with dp > 1 (EP) every tensor but the routed experts is whole, and rank 0 reads its 1/dp of the experts
-    shard = (TPShard(0, group.info.world, group.info.pg, mode="ep" if group.data_parallel else "tp")
-             if group is not None else None)
+    shard = shard_for(group.info, group.data_parallel) if group is not None else None
     model, mcfg, tok = load_model(str(model_dir), device=device, progress=False, shard=shard,
                                   weights_dtype=cfg.weights_dtype)
     if tok is None:
@@ -144,7 +143,7 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     spec = cache_spec(cfg, mcfg, kv_dtype)
     context = None
     # on CPU every TP or DP rank holds full pools of its own (docs/parallel.md): each gets 1/ranks of the host
-    host_share = host_available_bytes() // max(cfg.tp, cfg.dp) if device == "cpu" else 0
+    host_share = host_available_bytes() // (cfg.tp * cfg.dp) if device == "cpu" else 0
     if cfg.num_blocks is not None:
         num_blocks = {p: int(cfg.num_blocks) for p in spec.pools}
         if device == "cpu" and (err := check_cpu_blocks(pools_bytes(spec, num_blocks), host_share,

@@ -50,13 +50,14 @@ class ServeConfig(BaseModel):
     profile: ProfileName | None = Field(
         None, description="workload profile the replica was planned for (a label: the scheduler and cache "
                           "settings are the other keys, which the operator's planner writes)")
-    tp: int = Field(1, description="tensor parallel size: ranks (processes, devices) of this replica")
+    tp: int = Field(1, description="tensor parallel size: ranks (processes, devices) of this replica; with dp > 1 "
+                                   "the TP group inside each data-parallel rank (dp x tp processes)")
     tp_timeout_s: float = Field(60.0, description="timeout of every TP collective; a dead or hung rank ends the "
                                                   "server within it")
     dp: int = Field(1, description="data-parallel attention ranks of this replica (processes, devices): each owns "
                                    "its requests and a full per-device KV cache; needs ep")
-    ep: bool = Field(False, description="expert parallelism over the dp ranks: each holds 1/dp of the routed "
-                                        "experts and tokens are exchanged for the MoE layers")
+    ep: bool = Field(False, description="expert parallelism over the dp (x tp) ranks: each holds 1/(dp x tp) of the "
+                                        "routed experts and tokens are exchanged for the MoE layers")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (with tp or dp > 1: cuda, rank k on "
                                             "cuda:k)")
     batching_delay_ms: float = Field(0.0, description="how long the scheduler may hold new prefill work to batch it")
@@ -150,8 +151,7 @@ class ServeConfig(BaseModel):
         need(1 <= self.dp <= MAX_TP, f"dp (data-parallel attention ranks) must be an integer in [1, {MAX_TP}], "
                                      f"got {self.dp!r}")
         need(self.tp_timeout_s > 0, f"tp_timeout_s must be > 0, got {self.tp_timeout_s}")
-        need(self.tp == 1 or self.dp == 1, f"tp {self.tp} with dp {self.dp}: tensor parallelism inside data-parallel "
-                                           f"attention ranks is not supported yet; use one of them")
+        need(self.tp * self.dp <= MAX_TP, f"dp {self.dp} x tp {self.tp} = {self.tp * self.dp} ranks: at most {MAX_TP}")
         need(self.dp == 1 or self.ep, f"dp {self.dp} needs ep (expert parallelism): without it every rank would hold "
                                       f"every expert; run {self.dp} replicas instead")
         need(not self.ep or self.dp > 1, "ep splits the experts over the dp ranks: set dp > 1 (with tp the experts "
