@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from dsv4.runtime.server.launch import start_servers
+from dsv4.runtime.server.launch import start_server, start_servers
 from openai import AsyncOpenAI, OpenAI
 
 pytestmark = pytest.mark.slow
@@ -46,10 +46,10 @@ def rank_series(server, name: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def test_64_concurrent_seeded_requests_match_dp1_and_use_both_ranks(servers):
-    prompts = [ids(10 + (7 * i) % 90, 100 + i) for i in range(64)]
+def completions(server, prompts: list[list[int]]) -> list:
+    """Greedy seeded completions of every prompt at once (concurrent), with the top-2 logprobs."""
 
-    async def run(server) -> list:
+    async def run() -> list:
         c = AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
         try:
             return await asyncio.gather(*(c.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0,
@@ -57,10 +57,13 @@ def test_64_concurrent_seeded_requests_match_dp1_and_use_both_ranks(servers):
         finally:
             await c.close()
 
-    before = rank_series(servers[1], "dsv4_rank_dispatched_requests_total")
-    r1, r2 = asyncio.run(run(servers[0])), asyncio.run(run(servers[1]))
+    return asyncio.run(run())
+
+
+def assert_same_completions(ref: list, got: list) -> float:
+    """Same tokens and text, every logprob within TOL; returns the largest logprob difference."""
     worst = 0.0
-    for a, b in zip(r1, r2, strict=True):
+    for a, b in zip(ref, got, strict=True):
         ca, cb = a.choices[0], b.choices[0]
         assert ca.logprobs.tokens == cb.logprobs.tokens and ca.text == cb.text
         for x, y in zip(ca.logprobs.token_logprobs, cb.logprobs.token_logprobs, strict=True):
@@ -69,12 +72,40 @@ def test_64_concurrent_seeded_requests_match_dp1_and_use_both_ranks(servers):
             assert set(ta) == set(tb)
             assert all(abs(ta[k] - tb[k]) <= TOL for k in ta), (ta, tb)
     assert worst <= TOL, worst
+    return worst
+
+
+def dispatched_per_rank(server, before: dict) -> dict[str, float]:
+    after = rank_series(server, "dsv4_rank_dispatched_requests_total")
+    return {r: sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == r) for r in ("0", "1")}
+
+
+def test_64_concurrent_seeded_requests_match_dp1_and_use_both_ranks(servers):
+    prompts = [ids(10 + (7 * i) % 90, 100 + i) for i in range(64)]
+    before = rank_series(servers[1], "dsv4_rank_dispatched_requests_total")
+    worst = assert_same_completions(completions(servers[0], prompts), completions(servers[1], prompts))
     print(f"max logprob difference dp2 vs dp1 over 64 requests: {worst:.3g}")
-    after = rank_series(servers[1], "dsv4_rank_dispatched_requests_total")
-    per_rank = {r: sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == r) for r in ("0", "1")}
+    per_rank = dispatched_per_rank(servers[1], before)
     assert sum(per_rank.values()) == 64 and min(per_rank.values()) >= 16, per_rank  # really spread
     # single-rank servers report their one rank as rank 0
     assert set(k[0] for k in rank_series(servers[0], "dsv4_rank_requests_running")) == {"0"}
+
+
+def test_tp_inside_each_data_parallel_rank_matches_dp1(servers):
+    """`--dp 2 --tp 2 --ep`: four processes, two attention ranks each a TP group of two, the routed experts over
+    all four; concurrent seeded requests give dp 1's tokens and logprobs, on both attention ranks."""
+    s = start_server([*COMMON, "--dp", "2", "--tp", "2", "--ep", "--tp-timeout-s", "60"], timeout=300)
+    try:
+        prompts = [ids(10 + (13 * i) % 90, 300 + i) for i in range(24)]
+        before = rank_series(s, "dsv4_rank_dispatched_requests_total")
+        worst = assert_same_completions(completions(servers[0], prompts), completions(s, prompts))
+        print(f"max logprob difference dp2 x tp2 vs dp1 over 24 requests: {worst:.3g}")
+        per_rank = dispatched_per_rank(s, before)
+        assert sum(per_rank.values()) == 24 and min(per_rank.values()) >= 6, per_rank
+        log = s.log()
+        assert "dp capacity: ranks=2 tp=2" in log and "per process: 2 of 8 routed experts" in log, log[-3000:]
+    finally:
+        assert s.stop() == 0, s.log()[-3000:]
 
 
 def dispatched_to(before: dict, after: dict) -> list[tuple[str, str]]:
