@@ -49,3 +49,19 @@ def test_progress_bar_reports_bytes_and_tensors_per_second(checkpoints, capfd):
     load_checkpoint(root / "published", dtype="float32", progress=True, shard=TPShard(1, 2))
     err = capfd.readouterr().err
     assert "loading weights" in err and "B/s" in err and "tensors, " in err and "/s" in err
+
+
+@pytest.mark.parametrize("layout", ["published", "hf"])
+def test_without_mtp_the_main_model_is_the_same_and_the_mtp_bytes_are_not_read(checkpoints, layout, caplog):
+    """What `dsv4 serve` loads (`with_mtp=False`: the MTP block is not run): every main-model tensor equal to a
+    full load, no MTP module, fewer bytes read, one log line naming what was left out."""
+    _, root = checkpoints
+    full, _ = load_checkpoint(root / layout, dtype="float32", progress=False)
+    with caplog.at_level("INFO", logger="dsv4.checkpoint"):
+        lean, _ = load_checkpoint(root / layout, dtype="float32", progress=False, with_mtp=False)
+    assert len(full.mtp) == 1 and len(lean.mtp) == 0
+    a, b = full.state_dict(), lean.state_dict()
+    assert sorted(b) == sorted(k for k in a if not k.startswith("mtp."))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert lean.load_stats["bytes_read"] < full.load_stats["bytes_read"]
+    assert "not loading the MTP block" in caplog.text

@@ -33,6 +33,7 @@ from torch import nn
 from dsv4.settings_enums import WEIGHTS_DTYPES
 
 log = logging.getLogger("dsv4.checkpoint")
+MTP_PREFIX = "mtp."  # canonical names of the MTP block (`names.canonical_name`)
 _QUANTISED = ("F8_E4M3", "F8_E4M3FN", "I8", "U8", "F4")  # weights that mean nothing without their .scale
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -136,12 +137,14 @@ class TPShard:
 
 
 def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, progress: bool = True,
-                    shard: TPShard | None = None, weights_dtype: str = "bf16") -> tuple[Any, ModelConfig]:
+                    shard: TPShard | None = None, weights_dtype: str = "bf16", with_mtp: bool = True
+                    ) -> tuple[Any, ModelConfig]:
     """(DeepseekV4Model in eval mode on `device`, ModelConfig). With `shard`, the model is cut like
     `parallel/shard.shard_model` before any memory is allocated, and only the rank's rows / columns / experts of
     each tensor are read from the files (`model.load_stats` counts the bytes). `weights_dtype="checkpoint"` keeps
     FP8 linears and FP4 routed experts quantised in memory (`model/quantized.py`, dequantised on the fly); "bf16"
-    dequantises them at load into the model dtype."""
+    dequantises them at load into the model dtype. `with_mtp=False` leaves the MTP block's tensors unread (the
+    server does not run it: no speculative decoding), one log line says how much that saved."""
     if weights_dtype not in WEIGHTS_DTYPES:
         raise CheckpointError(f"weights dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
     from dsv4.runtime.model.model import DeepseekV4Model
@@ -154,7 +157,15 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     files = list_tensors(folder)
 
     plan = _plan(files, cfg, _raw_config(folder))
-    has_mtp = any(k.startswith("mtp.") for k in plan)
+    if not with_mtp:
+        mtp = [k for k in plan if k.startswith(MTP_PREFIX)]
+        if mtp:
+            nbytes = sum(plan[k][1].nbytes + (plan[k][2].nbytes if plan[k][2] else 0) for k in mtp)
+            log.info("checkpoint: not loading the MTP block (%d tensors, %.2f GiB in the files): it is not run "
+                     "(no speculative decoding)", len(mtp), nbytes / 2**30)
+            for k in mtp:
+                del plan[k]
+    has_mtp = any(k.startswith(MTP_PREFIX) for k in plan)
     expected = {s.name: s for s in checkpoint_tensors(cfg, include_mtp=has_mtp)}
     missing = sorted(set(expected) - set(plan))
     if missing:

@@ -63,7 +63,8 @@ def _run(rank: int, world: int, conf: dict) -> int:
                       tp=int(cfg.tp) if data_parallel else 1)
     # only this rank's rows / columns / experts are read: no rank ever holds the full model
     model, mcfg, _ = load_model(str(cfg.model_dir), device=device, progress=False,
-                                shard=shard_for(info, data_parallel), weights_dtype=cfg.weights_dtype)
+                                shard=shard_for(info, data_parallel), weights_dtype=cfg.weights_dtype,
+                                with_mtp=False)  # not run: no speculative decoding
     from dsv4.runtime.model.compiled import setup as setup_compile
 
     setup_compile("off" if cfg.compile == "off" else "on", mcfg, device, log.info)

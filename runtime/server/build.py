@@ -121,7 +121,8 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     # with dp > 1 (EP) every tensor but the routed experts is whole, and rank 0 reads its 1/dp of the experts
     shard = shard_for(group.info, group.data_parallel) if group is not None else None
     model, mcfg, tok = load_model(str(model_dir), device=device, progress=False, shard=shard,
-                                  weights_dtype=cfg.weights_dtype)
+                                  weights_dtype=cfg.weights_dtype,
+                                  with_mtp=False)  # not run: no speculative decoding
     if tok is None:
         raise ServeConfigError(f"{model_dir} has no tokenizer.json; the server needs one")
     if cfg.chat_template is not None:
