@@ -56,6 +56,11 @@ def test_load_smoke_tp2_reads_and_holds_rank_0s_part(tmp_path):
     # at smoke size the replicated parts (compressors, norms, mHC, the K=V head) are a large share of the bytes
     assert two["bytes_read"] < 0.9 * one["bytes_read"] and two["model_bytes"] < 0.75 * one["model_bytes"]
     assert one["bytes_read"] <= one["checkpoint_bytes"] and one["seq_read_bytes"] >= one["checkpoint_bytes"] * 0.99
+    assert one["plain_read_bytes"] == one["seq_read_bytes"] and one["plain_MBps"] > 0
+    for m in (one, two):  # issue 17's per-rank targets, computed from the row's own figures
+        assert m["target_rss_bound"] == 1.2 * m["checkpoint_bytes"] / m["tp"] + 256 * 2**20
+        assert m["target_rss_ok"] == (m["extra_rss"] <= m["target_rss_bound"])
+        assert m["throughput_vs_plain"] == m["read_MBps"] / m["plain_MBps"]
     assert "| fp8 tp2 |" in (out / "load_smoke.md").read_text()
 
 

@@ -65,3 +65,17 @@ def test_without_mtp_the_main_model_is_the_same_and_the_mtp_bytes_are_not_read(c
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert lean.load_stats["bytes_read"] < full.load_stats["bytes_read"]
     assert "not loading the MTP block" in caplog.text
+
+
+def test_a_rank_load_does_not_import_sympy(checkpoints):
+    """Cutting and materialising the meta model must not go through torch._refs (its first use imports sympy:
+    ~0.5 s of every cold start, more than the reads of a few hundred MB)."""
+    import subprocess
+    import sys
+
+    _, root = checkpoints
+    code = ("import sys; from dsv4.runtime.checkpoint.loader import TPShard, load_checkpoint; "
+            f"load_checkpoint({str(root / 'published')!r}, progress=False, shard=TPShard(0, 2), "
+            "weights_dtype='checkpoint'); print('sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

@@ -208,7 +208,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
 
     if weights_dtype == "checkpoint":
         _keep_quantised(model, plan, wdtype, part_of)
-    model = model.to_empty(device=device)
+    _materialise(model, device)
     model.inv_freq_main = inv_freq_for(cfg, compressed=False).to(device)
     model.inv_freq_compress = inv_freq_for(cfg, compressed=True).to(device)
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
@@ -248,6 +248,20 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     _validate_values(model, cfg)
     model.eval()
     return model, cfg
+
+
+def _materialise(model: nn.Module, device: Any) -> None:
+    """Uninitialised storage on `device` for every meta parameter and buffer, like `Module.to_empty`, but with
+    `torch.empty(shape)`: `to_empty`'s `empty_like` on meta tensors runs through torch._refs, whose first use
+    imports sympy (~0.5 s of a cold load)."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                        requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
 class _OpenFiles:

@@ -37,6 +37,8 @@ __all__ = ["TPConfigError", "check_tp", "shard_model", "shard_summary"]
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
+    if t.is_meta:  # the loader cuts the meta model; a meta clone would run through torch._refs (imports sympy)
+        return nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False)
     return nn.Parameter(t.detach().clone().contiguous(), requires_grad=False)
 
 
