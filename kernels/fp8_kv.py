@@ -10,8 +10,11 @@ with nope = head_dim - rope_dim. For head_dim 512 / rope 64: 448 + 128 + 7 + 1 =
 
 UE8M0 scale of one 64-value tile (the last tile may be shorter): the power of two
 
-    s = 2^e,   e = ceil(log2(amax / 448)) clamped to [-127, 127],   stored as the byte e + 127,
+    s = 2^e,   e = ceil(log2(max(amax, 1e-4) / 448)),   stored as the byte e + 127,
 
+which is DeepSeek's reference `act_quant(kv[..., :-rope], 64, scale_fmt="ue8m0", inplace=True)` (inference/model.py
+of the V4 release: the sliding-window KV and the main compressor's entries; docs/model.md, "Numerics of the
+published model"): its amax floor 1e-4 puts an all-zero tile at e = -22,
 so |x / s| <= 448 (the e4m3fn maximum) and the tile is stored as e4m3fn(x / s). Decoding is
 x ≈ e4m3(x / s) · s: a relative error of at most 2^-4 per value (3 mantissa bits, round to nearest),
 plus the e4m3 subnormal step 2^-9 · s for values far below the tile maximum. The rope dims round
@@ -28,6 +31,7 @@ import math
 import torch
 
 FP8_TILE = 64  # nope values per UE8M0 scale byte
+AMAX_FLOOR = 1e-4  # DeepSeek's act_quant clamp_min
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 UE8M0_BIAS = 127
 
@@ -54,8 +58,10 @@ def fp8_row_bytes(head_dim: int, rope_dim: int) -> int:
     return (scale_off + n_scales + 7) // 8 * 8
 
 
-def quantize_kv_rows(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """x [N, head_dim] (any float dtype) -> uint8 [N, fp8_row_bytes(head_dim, rope_dim)]."""
+def quantize_kv_rows(x: torch.Tensor, rope_dim: int, *, check_finite: bool = True) -> torch.Tensor:
+    """x [N, head_dim] (any float dtype) -> uint8 [N, fp8_row_bytes(head_dim, rope_dim)].
+
+    `check_finite=False` skips the finiteness check (a device sync; the model's per-layer writes skip it)."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [N, head_dim], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -63,13 +69,13 @@ def quantize_kv_rows(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     n, hd = x.shape
     nope, rope_off, scale_off, n_scales = fp8_layout(hd, rope_dim)
     xf = x.float()
-    if n and not bool(torch.isfinite(xf).all()):
+    if check_finite and n and not bool(torch.isfinite(xf).all()):
         raise ValueError("x must be finite to encode as fp8 KV rows")
     out = torch.zeros(n, fp8_row_bytes(hd, rope_dim), dtype=torch.uint8, device=x.device)
     if nope:
         pad = n_scales * FP8_TILE - nope
         tiles = torch.nn.functional.pad(xf[:, :nope], (0, pad)).view(n, n_scales, FP8_TILE)
-        amax = tiles.abs().amax(dim=-1).clamp(min=1e-30)
+        amax = tiles.abs().amax(dim=-1).clamp(min=AMAX_FLOOR)
         exp = torch.ceil(torch.log2(amax / E4M3_MAX)).clamp(-UE8M0_BIAS, UE8M0_BIAS)
         scaled = (tiles / torch.exp2(exp)[..., None]).clamp(-E4M3_MAX, E4M3_MAX)
         q = scaled.to(torch.float8_e4m3fn).view(torch.uint8).view(n, n_scales * FP8_TILE)[:, :nope]

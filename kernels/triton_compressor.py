@@ -62,16 +62,16 @@ def _bf16_bits(x):
 
 @triton.jit
 def _e2m1_code(v):
-    """v -> e2m1 code = argmin_c |v - E2M1[c]| with the lowest index on ties (0 beats -0)."""
+    """v -> e2m1 code, round to nearest with ties to the even code (`index_quant.e2m1_codes`; 0 for ±0)."""
     a = tl.abs(v)
-    m = ((a > 0.25).to(tl.int32) + (a > 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) + (a > 1.75).to(tl.int32)
-         + (a > 2.5).to(tl.int32) + (a > 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    m = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) + (a >= 1.75).to(tl.int32)
+         + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
     return tl.where((v < 0) & (m > 0), m + 8, m)
 
 
 @triton.jit
 def _pow2_exponent(amax, MANT_LIMIT: tl.constexpr, SHIFT: tl.constexpr):
-    """ceil(log2(amax / (1.M · 2^SHIFT))) exactly, for amax >= 1e-30 (normal) and 1.M given by its 23-bit
+    """ceil(log2(amax / (1.M · 2^SHIFT))) exactly, for normal amax (callers floor it) and 1.M given by its 23-bit
     mantissa MANT_LIMIT (448 = 1.75·2^8: 0x600000, 8; 6 = 1.5·2^2: 0x400000, 2); clamped to [-127, 127]."""
     u = amax.to(tl.int32, bitcast=True)
     e = ((u >> 23) & 255) - 127 - SHIFT + ((u & 0x7FFFFF) > MANT_LIMIT).to(tl.int32)
@@ -107,7 +107,7 @@ def _store_entry(y_e, y_o, p, pm, out_ptr, obase, has, HALF, FMT: tl.constexpr, 
         for tile in tl.static_range(NTILES):
             in_t = pm & (ce >= tile * 64) & (ce < tile * 64 + 64) & (ce < NOPE)
             amax = tl.maximum(tl.max(tl.where(in_t, tl.abs(y_e), 0.0), 0), tl.max(tl.where(in_t, tl.abs(y_o), 0.0), 0))
-            ex = _pow2_exponent(tl.maximum(amax, 1e-30), 0x600000, 8)
+            ex = _pow2_exponent(tl.maximum(amax, 1e-4), 0x600000, 8)  # fp8_kv.AMAX_FLOOR
             inv = ((127 - ex) << 23).to(tl.float32, bitcast=True)
             inv_e = tl.where(in_t, inv, inv_e)
             inv_o = tl.where(in_t, inv, inv_o)
@@ -127,9 +127,11 @@ def _store_entry(y_e, y_o, p, pm, out_ptr, obase, has, HALF, FMT: tl.constexpr, 
         tl.store(obase + rb + 3, (b_o >> 8).to(tl.uint8), mask=rope)
     elif FMT == 2:
         amax = tl.maximum(tl.max(tl.where(pm, tl.abs(y_e), 0.0), 0), tl.max(tl.where(pm, tl.abs(y_o), 0.0), 0))
-        scale = tl.maximum(amax / 448.0, 1e-30)
-        q_e = _e4m3_code(tl.minimum(tl.maximum(y_e / scale, -448.0), 448.0))
-        q_o = _e4m3_code(tl.minimum(tl.maximum(y_o / scale, -448.0), 448.0))
+        ex = _pow2_exponent(tl.maximum(amax, 1e-4), 0x600000, 8)  # index_quant.FP8_AMAX_FLOOR
+        scale = ((ex + 127) << 23).to(tl.float32, bitcast=True)
+        inv = ((127 - ex) << 23).to(tl.float32, bitcast=True)
+        q_e = _e4m3_code(tl.minimum(tl.maximum(y_e * inv, -448.0), 448.0))
+        q_o = _e4m3_code(tl.minimum(tl.maximum(y_o * inv, -448.0), 448.0))
         tl.store(obase + ce, q_e.to(tl.uint8), mask=sm)
         tl.store(obase + co, q_o.to(tl.uint8), mask=sm)
         bits = scale.to(tl.int32, bitcast=True)
@@ -141,10 +143,10 @@ def _store_entry(y_e, y_o, p, pm, out_ptr, obase, has, HALF, FMT: tl.constexpr, 
         for g in tl.static_range(NTILES):
             in_g = pm & (p // 16 == g)
             amax = tl.maximum(tl.max(tl.where(in_g, tl.abs(y_e), 0.0), 0), tl.max(tl.where(in_g, tl.abs(y_o), 0.0), 0))
-            ex = _pow2_exponent(tl.maximum(amax, 1e-30), 0x400000, 2)
+            ex = _pow2_exponent(tl.maximum(amax, 7.052966104933725e-38), 0x400000, 2)  # 6 * 2^-126
             inv = ((127 - ex) << 23).to(tl.float32, bitcast=True)
-            v_e = tl.where(in_g, y_e * inv, v_e)
-            v_o = tl.where(in_g, y_o * inv, v_o)
+            v_e = tl.where(in_g, tl.where(in_g, y_e, 0.0) * inv, v_e)  # other groups' lanes could overflow
+            v_o = tl.where(in_g, tl.where(in_g, y_o, 0.0) * inv, v_o)
             tl.store(obase + HALF + g, (ex + 127 + p * 0).to(tl.uint8), mask=one)
         packed = _e2m1_code(v_e) | (_e2m1_code(v_o) << 4)
         tl.store(obase + p, packed.to(tl.uint8), mask=sm)

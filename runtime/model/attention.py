@@ -3,6 +3,8 @@
 q  = RoPE(RMS_h(W_qb · RMSNorm(W_qa x)))           [T, H, D]   (per-head weightless RMS; RoPE on last r dims)
 kv = RoPE(RMSNorm(W_kv x))                         [T, D]      (one head, K = V) -> swa pool row of (s, p)
 CSA/HCA: compressor state rows -> pooled entries (csa/hca pool); CSA: indexer keys (idx pool) + top-k.
+Quantised indexer keys (index_dtype fp8 / fp4): q and k are Hadamard-rotated (k_s ← H k_s, q ← Q(H q)) before
+quantisation, as in DeepSeek's reference; (H q)·(H k) = q·k, so only the quantisation error changes.
 o  = Σ_{s ∈ window ∪ compressed} softmax(q·k_s / sqrt(D); sink) k_s     (dsv4.kernels.dispatch)
 out = W_ob · groupwise(W_oa) · RoPE⁻¹(o)
 """
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 from dsv4.kernels import dispatch
+from dsv4.kernels.index_quant import fake_quantize_index, hadamard_rotate
 from dsv4.runtime.config import CSA, HCA, SLIDING
 from dsv4.runtime.model import hca_online
 from dsv4.runtime.model.context import Emission, StepContext
@@ -74,10 +77,30 @@ def _run_compressor(comp: Compressor, x: torch.Tensor, ctx: StepContext, kind: s
     fmt = "plain"
     if pools.is_fp8(out_pool):
         fmt = f"{pools.spec.index_dtype}_index" if out_pool == "idx" else "fp8_kv"
+    if out_pool == "idx" and fmt != "plain":
+        _run_rotated_index_compressor(comp, kv, score, ctx, em, pools, layer, state_pool, cols, fmt, inv_freq,
+                                      x.dtype)
+        return
     dispatch.compressor_step(kv, score, pools.tensor(state_pool, layer), ctx.state_slot[kind], em.state_rows,
                              em.entry, em.dest, pools.tensor(out_pool, layer), comp.norm.weight, inv_freq,
                              ratio=comp.ratio, coff=comp.coff, eps=comp.norm.eps, col_offset=cols[0], out_format=fmt,
                              rope_dim=pools.rope_dim, compute_dtype=x.dtype)
+
+
+def _run_rotated_index_compressor(comp: Compressor, kv: torch.Tensor, score: torch.Tensor, ctx: StepContext,
+                                  em: Emission, pools: KVPools, layer: int, state_pool: str, cols: tuple[int, int],
+                                  fmt: str, inv_freq: torch.Tensor, dtype: torch.dtype) -> None:
+    """The indexer's compressor with quantised keys, DeepSeek's order: pool + RMSNorm + RoPE into plain entries,
+    rotate them (`hadamard_rotate`), then quantise into the idx pool (`fmt` "fp8_index" / "fp4_index")."""
+    n_emit = em.dest.shape[0]
+    entries = torch.zeros(n_emit, comp.dim, dtype=dtype, device=kv.device)
+    local = torch.arange(n_emit, dtype=em.dest.dtype, device=em.dest.device)
+    local = torch.where(em.dest >= 0, local, torch.full_like(local, -1))
+    dispatch.compressor_step(kv, score, pools.tensor(state_pool, layer), ctx.state_slot[CSA], em.state_rows,
+                             em.entry, local, entries, comp.norm.weight, inv_freq, ratio=comp.ratio, coff=comp.coff,
+                             eps=comp.norm.eps, col_offset=cols[0], out_format="plain", compute_dtype=dtype)
+    if n_emit:
+        dispatch.store_rows(hadamard_rotate(entries), em.dest, pools.tensor("idx", layer), out_format=fmt)
 
 
 def _run_hca_online(comp: Compressor, kv: torch.Tensor, score: torch.Tensor, ctx: StepContext, em: Emission,
@@ -150,6 +173,8 @@ class Attention(nn.Module):
             _run_compressor(ix.compressor, x, ctx, CSA, pools, layer, "csa_state", (4 * D, 4 * D + 4 * Di), "idx",
                             inv_freq)
             qi = apply_rope(ix.wq_b(qr).view(T, ix.n, ix.d), cos, sin)
+            if pools.is_fp8("idx"):  # the reference's q: rotated like the keys, then quantised like them
+                qi = fake_quantize_index(hadamard_rotate(qi), pools.spec.index_dtype)
             w = ix.weights_proj(x).float() * (ix.n ** -0.5 * ix.d ** -0.5)
             cand = ctx.visible[CSA]
             keys, kidx = pools.gather_view("idx", layer, cand)

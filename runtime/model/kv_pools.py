@@ -66,7 +66,8 @@ class KVPools:
     # ---- row access -----------------------------------------------------------------------------
     def write(self, pool: str, layer: int, rows: torch.Tensor, values: torch.Tensor,
               cols: slice | None = None) -> None:
-        """pool[rows, cols] = values (rows < 0 are skipped); fp8 rows are encoded here."""
+        """pool[rows, cols] = values (rows < 0 are skipped); fp8 rows are encoded here (quantised "idx" keys are
+        expected Hadamard-rotated already, as `attention.py` writes them)."""
         keep = rows >= 0
         if not bool(keep.all()):
             rows, values = rows[keep], values[keep]
