@@ -222,3 +222,19 @@ def test_dequantize_equals_the_format_definition(shape):
     want4 = E2M1[codes] * s4[:, torch.arange(cols) // 32]
     for enc in (s4, torch.log2(s4).add(127).to(torch.uint8)):
         assert torch.equal(dequantize(p, enc, (shape[0], cols), "w"), want4)
+
+
+def test_fp4_codes_are_the_nearest_e2m1_value_ties_to_the_smaller_magnitude():
+    """`quant.quantize_fp4` picks, for every element, the e2m1 value nearest to x / scale (the first of E2M1 on a
+    tie; a value rounding to zero is +0), exactly what argmin over |x / scale - E2M1| gives."""
+    from dsv4.runtime.checkpoint.quant import E2M1, FP4_BLOCK, quantize_fp4
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 256, generator=g) * torch.rand(32, 1, generator=g) * 10
+    w[0, :14] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -5.0, 0.0, -0.0, 6.0, -6.0])
+    packed, scale = quantize_fp4(w)
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(32, 256).long()
+    x = w / scale.repeat_interleave(FP4_BLOCK, dim=1)
+    nearest = (x[..., None] - E2M1).abs().argmin(dim=-1)
+    assert torch.equal(codes, nearest)
+    assert codes[0, :14].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 9, 14, 0, 0, 7, 15]

@@ -18,6 +18,7 @@ FP4_BLOCK = 32
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _PACKED_FP4_DTYPES = ("I8", "U8")  # header shape [out, in/2]; safetensors `F4` headers give the logical shape
 _E2M1_PAIRS = torch.stack([E2M1[torch.arange(256) & 0x0F], E2M1[torch.arange(256) >> 4]], dim=-1)  # byte -> (lo, hi)
+_E2M1_MIDPOINTS = (E2M1[1:8] + E2M1[:7]) / 2  # 0.25, 0.75, ..., 5.0: bucket i of |x| is the i-th magnitude
 
 
 def logical_shape(meta: TensorMeta, scale: TensorMeta | None) -> tuple[int, ...]:
@@ -79,7 +80,9 @@ def quantize_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = t.abs().amax(dim=-1).clamp(min=1e-30)
     scale = torch.exp2(torch.ceil(torch.log2(amax / 6.0)))
     x = (t / scale[..., None]).view(out_f, in_f)
-    codes = (x[..., None] - E2M1[None, None, :]).abs().argmin(dim=-1)  # nearest representable value
-    codes = codes.to(torch.uint8)
+    # nearest representable value, ties to the smaller magnitude (the first of E2M1 = argmin over |x - E2M1|);
+    # codes 8..15 are the negatives, and a value rounding to zero is +0 (code 0)
+    magnitude = torch.bucketize(x.abs(), _E2M1_MIDPOINTS)
+    codes = torch.where((x < 0) & (magnitude > 0), magnitude + 8, magnitude).to(torch.uint8)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return packed, scale
