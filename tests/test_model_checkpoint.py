@@ -231,10 +231,12 @@ def test_fp4_codes_are_the_nearest_e2m1_value_ties_to_the_smaller_magnitude():
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 256, generator=g) * torch.rand(32, 1, generator=g) * 10
+    w[0, :FP4_BLOCK] = 0.1  # one block of exact ties (its amax is 6: scale 1)
     w[0, :14] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -5.0, 0.0, -0.0, 6.0, -6.0])
     packed, scale = quantize_fp4(w)
     codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(32, 256).long()
     x = w / scale.repeat_interleave(FP4_BLOCK, dim=1)
     nearest = (x[..., None] - E2M1).abs().argmin(dim=-1)
     assert torch.equal(codes, nearest)
+    assert float(scale[0, 0]) == 1.0
     assert codes[0, :14].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 9, 14, 0, 0, 7, 15]
