@@ -218,6 +218,21 @@ def _pow2_floor(x: float) -> int:
 
 
 @dataclass(frozen=True)
+class _Rejected:
+    """Why a layout does not work: in words, as one short figure, and the kind of limit."""
+
+    why: str
+    short: str
+    kind: Literal["weights", "latency", "context", "sessions"]
+
+    def __str__(self) -> str:
+        return self.why
+
+
+_DETAIL_CHARS = 600  # longest list of rejections a PlanError gives in full
+
+
+@dataclass(frozen=True)
 class _Candidate:
     par: Parallelism
     weights_per_gpu: int
@@ -316,8 +331,8 @@ def gpu_memory(cfg: ModelConfig, acc: Accelerator, par: Parallelism, quant: str,
 
 
 def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheSpec], acc: Accelerator,
-              wl: Workload, par: Parallelism) -> _Candidate | str:
-    """A candidate layout, or a string saying why it does not work."""
+              wl: Workload, par: Parallelism) -> _Candidate | _Rejected:
+    """A candidate layout, or why it does not work."""
     ov = spec.overrides
     quant = spec.model.quantization
     name = par.label
@@ -334,8 +349,9 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
     mem = gpu_memory(cfg, acc, par, quant, mnbt)
     per_gpu, cache_bytes = mem.weights, mem.cache
     if cache_bytes <= 0:
-        return (f"{name}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {mem.reserve / 1e9:.1f} GB exceed "
-                f"{mem.usable / 1e9:.1f} GB usable")
+        return _Rejected(f"{name}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {mem.reserve / 1e9:.1f} GB exceed "
+                         f"{mem.usable / 1e9:.1f} GB usable",
+                         f"{name} {(per_gpu + mem.reserve) / 1e9:.1f} > {mem.usable / 1e9:.1f} GB", "weights")
     limit = cfg.max_position_embeddings
     if ov and ov.max_model_len:
         limit = min(limit, ov.max_model_len)
@@ -343,7 +359,8 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
     kv_read = kv_read_bytes(cfg, caches["raw"], wl.context_p95)
     step1 = _decode_step_s(cfg, quant, acc, par, 1, kv_read)
     if step1 * 1000 > wl.itl_target_ms:
-        return f"{name}: one decode step takes ~{step1 * 1000:.1f} ms > ITL target {wl.itl_target_ms} ms"
+        return _Rejected(f"{name}: one decode step takes ~{step1 * 1000:.1f} ms > ITL target {wl.itl_target_ms} ms",
+                         f"{name} {step1 * 1000:.1f} ms", "latency")
     itl_batch = 1
     for b in range(2, MAX_NUM_SEQS + 1):
         if _decode_step_s(cfg, quant, acc, par, b, kv_read) * 1000 > wl.itl_target_ms:
@@ -381,11 +398,13 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
         ov.hca_state if ov else None, choose_policy, need_ctx, min(itl_batch, MAX_NUM_SEQS))
     max_context = min(cap.max_request_tokens, limit)
     if max_context < need_ctx:
-        return (f"{name}: the longest servable context is {max_context} tokens < the profile's contextMax "
-                f"{wl.context_max} ({cache_bytes / 1e9:.1f} GB of cache per GPU)")
+        return _Rejected(f"{name}: the longest servable context is {max_context} tokens < the profile's contextMax "
+                         f"{wl.context_max} ({cache_bytes / 1e9:.1f} GB of cache per GPU)",
+                         f"{name} {max_context} tokens", "context")
     sessions = max(0, min(cap.sessions, itl_batch, MAX_NUM_SEQS))
     if sessions < 1:
-        return f"{name}: not one session of {expected} tokens fits in {cache_bytes / 1e9:.1f} GB of cache"
+        return _Rejected(f"{name}: not one session of {expected} tokens fits in {cache_bytes / 1e9:.1f} GB of cache",
+                         f"{name} 0 sessions", "sessions")
     step_ms = _decode_step_s(cfg, quant, acc, par, sessions, kv_read) * 1000
     rank_cap = cap if policy == "recompute" else cap_for("recompute", state)
     rank = par.dp * max(0, min(rank_cap.sessions, itl_batch, MAX_NUM_SEQS))
@@ -518,14 +537,14 @@ def plan(spec: DSV4EndpointSpec) -> Plan:
 
 
 def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Workload, wbytes: int,
-                results: dict[Parallelism, _Candidate | str]) -> PlanError:
+                results: dict[Parallelism, _Candidate | _Rejected]) -> PlanError:
     name = f"V4-{spec.model.variant.capitalize()}" if spec.model.variant in ("flash", "pro") else spec.model.variant
     usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION - acc.reserve_bytes
     need = _gpus_needed(cfg, spec.model.quantization, usable)
     at_least = f"at least {need}" if need else f"more than {MAX_GROUP}"
     tp_max = max(par.size for par in results)
-    if all("exceed" in r for r in results.values() if isinstance(r, str)) and all(
-            isinstance(r, str) for r in results.values()):
+    failed = [r for r in results.values() if isinstance(r, _Rejected)]
+    if all(r.kind == "weights" for r in failed):
         return PlanError(
             "WeightsDoNotFit",
             f"{name} {spec.model.quantization} weights ({wbytes / 1e9:.0f} GB) need more GPUs per replica than given: "
@@ -533,15 +552,23 @@ def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: 
             f"but one replica is one pod of at most {tp_max} GPUs (accelerator.gpusPerNode="
             f"{spec.accelerator.gpus_per_node}, overrides.tensorParallelSize="
             f"{spec.overrides.tensor_parallel_size if spec.overrides else None}); "
-            + "; ".join(str(r) for r in results.values()))
-    if any("ITL target" in r for r in results.values() if isinstance(r, str)) and not any(
-            "longest servable" in r for r in results.values() if isinstance(r, str)):
+            + _rejections(failed, "weights + reserve per GPU"))
+    if any(r.kind == "latency" for r in failed) and not any(r.kind == "context" for r in failed):
         return PlanError("LatencyTargetUnreachable",
                          f"no layout meets the ITL target {wl.itl_target_ms} ms on {acc.name}: "
-                         + "; ".join(str(r) for r in results.values()))
+                         + _rejections(failed, "decode step of one sequence"))
     return PlanError("ContextDoesNotFit",
                      f"profile context up to {wl.context_max} tokens cannot be served by {name} on {acc.name}: "
-                     + "; ".join(str(r) for r in results.values()))
+                     + _rejections(failed, "longest servable context"))
+
+
+def _rejections(failed: list[_Rejected], measure: str) -> str:
+    """Why each layout failed: in full when that stays short, else one figure per layout (a condition message is
+    cut at 1024 characters)."""
+    full = "; ".join(r.why for r in failed)
+    if len(full) <= _DETAIL_CHARS:
+        return full
+    return f"{measure}: " + ", ".join(r.short for r in failed)
 
 
 def _describe(c: _Candidate) -> str:
@@ -556,7 +583,7 @@ def _describe(c: _Candidate) -> str:
 
 
 def _layout_reasons(spec: DSV4EndpointSpec, wbytes: int, c: _Candidate,
-                    results: dict[Parallelism, _Candidate | str]) -> dict[str, str]:
+                    results: dict[Parallelism, _Candidate | _Rejected]) -> dict[str, str]:
     ov = spec.overrides
     reasons: dict[str, str] = {}
     others = ", ".join(f"{par.label}: {_per_gpu(r):.1f}" if isinstance(r, _Candidate) else f"{par.label}: no"
@@ -607,7 +634,7 @@ def _layout_reasons(spec: DSV4EndpointSpec, wbytes: int, c: _Candidate,
 
 
 def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Workload, wbytes: int, c: _Candidate,
-            results: dict[Parallelism, _Candidate | str]) -> Plan:
+            results: dict[Parallelism, _Candidate | _Rejected]) -> Plan:
     ov = spec.overrides
     reasons = _layout_reasons(spec, wbytes, c, results)
     warnings: list[str] = []
