@@ -351,7 +351,7 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
     if cache_bytes <= 0:
         return _Rejected(f"{name}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {mem.reserve / 1e9:.1f} GB exceed "
                          f"{mem.usable / 1e9:.1f} GB usable",
-                         f"{name} {(per_gpu + mem.reserve) / 1e9:.1f} > {mem.usable / 1e9:.1f} GB", "weights")
+                         f"{name} {(per_gpu + mem.reserve) / 1e9:.1f}", "weights")
     limit = cfg.max_position_embeddings
     if ov and ov.max_model_len:
         limit = min(limit, ov.max_model_len)
@@ -360,7 +360,7 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
     step1 = _decode_step_s(cfg, quant, acc, par, 1, kv_read)
     if step1 * 1000 > wl.itl_target_ms:
         return _Rejected(f"{name}: one decode step takes ~{step1 * 1000:.1f} ms > ITL target {wl.itl_target_ms} ms",
-                         f"{name} {step1 * 1000:.1f} ms", "latency")
+                         f"{name} {step1 * 1000:.1f}", "latency")
     itl_batch = 1
     for b in range(2, MAX_NUM_SEQS + 1):
         if _decode_step_s(cfg, quant, acc, par, b, kv_read) * 1000 > wl.itl_target_ms:
@@ -400,11 +400,11 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
     if max_context < need_ctx:
         return _Rejected(f"{name}: the longest servable context is {max_context} tokens < the profile's contextMax "
                          f"{wl.context_max} ({cache_bytes / 1e9:.1f} GB of cache per GPU)",
-                         f"{name} {max_context} tokens", "context")
+                         f"{name} {max_context}", "context")
     sessions = max(0, min(cap.sessions, itl_batch, MAX_NUM_SEQS))
     if sessions < 1:
         return _Rejected(f"{name}: not one session of {expected} tokens fits in {cache_bytes / 1e9:.1f} GB of cache",
-                         f"{name} 0 sessions", "sessions")
+                         f"{name}: no session fits", "sessions")
     step_ms = _decode_step_s(cfg, quant, acc, par, sessions, kv_read) * 1000
     rank_cap = cap if policy == "recompute" else cap_for("recompute", state)
     rank = par.dp * max(0, min(rank_cap.sessions, itl_batch, MAX_NUM_SEQS))
@@ -544,6 +544,7 @@ def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: 
     at_least = f"at least {need}" if need else f"more than {MAX_GROUP}"
     tp_max = max(par.size for par in results)
     failed = [r for r in results.values() if isinstance(r, _Rejected)]
+    usable_gb = acc.memory_bytes * GPU_MEMORY_UTILIZATION / 1e9
     if all(r.kind == "weights" for r in failed):
         return PlanError(
             "WeightsDoNotFit",
@@ -552,14 +553,14 @@ def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: 
             f"but one replica is one pod of at most {tp_max} GPUs (accelerator.gpusPerNode="
             f"{spec.accelerator.gpus_per_node}, overrides.tensorParallelSize="
             f"{spec.overrides.tensor_parallel_size if spec.overrides else None}); "
-            + _rejections(failed, "weights + reserve per GPU"))
+            + _rejections(failed, f"weights + reserve per GPU (GB; {usable_gb:.1f} usable)"))
     if any(r.kind == "latency" for r in failed) and not any(r.kind == "context" for r in failed):
         return PlanError("LatencyTargetUnreachable",
                          f"no layout meets the ITL target {wl.itl_target_ms} ms on {acc.name}: "
-                         + _rejections(failed, "decode step of one sequence"))
+                         + _rejections(failed, "decode step of one sequence (ms)"))
     return PlanError("ContextDoesNotFit",
                      f"profile context up to {wl.context_max} tokens cannot be served by {name} on {acc.name}: "
-                     + _rejections(failed, "longest servable context"))
+                     + _rejections(failed, "longest servable context (tokens)"))
 
 
 def _rejections(failed: list[_Rejected], measure: str) -> str:
