@@ -21,9 +21,13 @@ recompute policy, each workload's length and chunk):
 
 - TP N: one KV cache (the single K=V head is not split: every rank holds all of it), weights split over N ranks;
 - DP N + EP: N caches, one per attention rank, each GPU holding 1/N of the routed experts and every other tensor
-  whole (`weight_bytes_per_gpu_ep`).
+  whole;
+- DP d x TP t + EP (d * t = N, d, t >= 2, every t the model splits into): d caches, one per attention rank of t
+  GPUs; each GPU holds 1/N of the routed experts, 1/t of the heads, output projections, shared expert and vocab,
+  the rest whole (`weight_bytes_per_gpu_dp_tp`).
 
-Sessions = caches x the sessions of `length` tokens one cache holds; tokens = sessions x length.
+Sessions = caches x the sessions of `length` tokens one cache holds; tokens = sessions x length. Per workload the
+section also names the layout holding the most tokens and its ratio to TP N.
 
 Reported per policy: context tokens held (sum over sessions of the compressed history a session can
 continue from without recomputing it, shared prefix counted per session), unique tokens held
@@ -183,28 +187,48 @@ def workloads(smoke: bool, rank_bound_tokens: int) -> list[Workload]:
             Workload("chat", n(4096, 1024), 4096, 1024, 768, 256, running=128)]
 
 
+def replica_layouts(cfg, gpus: int) -> list:
+    """TP `gpus`, DP `gpus` + EP, and every DP d x TP t + EP with d * t = gpus, d, t >= 2, t a TP size the model
+    splits into (`check_tp`) and `gpus` dividing the routed experts."""
+    from dsv4.operator.planner import Parallelism
+    from dsv4.runtime.parallel.ownership import TPConfigError, check_tp
+
+    def splits(t: int) -> bool:
+        try:
+            check_tp(cfg, t)
+        except TPConfigError:
+            return False
+        return True
+
+    out = [Parallelism.tensor(gpus)] if splits(gpus) else []
+    if gpus >= 2 and cfg.n_routed_experts % gpus == 0:
+        out += [Parallelism.data(gpus // t, t) for t in range(1, gpus // 2 + 1) if gpus % t == 0 and splits(t)]
+    return out
+
+
 def layouts(model: str, ws: list[Workload], gpu: str = "H200", gpus: int = 8, hca_state: str = "raw") -> dict:
-    """TP `gpus` vs DP `gpus` + EP on one replica of `gpus` x `gpu`: per-GPU memory, caches, sessions and tokens of
-    each workload's length (module docstring)."""
+    """TP `gpus`, DP `gpus` + EP and DP d x TP t + EP on one replica of `gpus` x `gpu`: per-GPU memory, caches,
+    sessions and tokens of each workload's length (module docstring)."""
     from dsv4.operator.capacity import capacity
     from dsv4.operator.hardware import accelerator
-    from dsv4.operator.planner import Parallelism, gpu_memory, step_token_budget
+    from dsv4.operator.planner import gpu_memory, step_token_budget
     from dsv4.runtime.cache.spec import CacheSpec
     from dsv4.runtime.config import preset
 
     cfg, acc = preset(model), accelerator(gpu)
     # the planner's cache layout (fp8 KV, fp4 indexer keys, state blocks of the runtime's default size)
     spec = CacheSpec.from_model(cfg, "fp8", index_dtype="fp4", hca_state=hca_state)
+    tp_label, dp_label = f"TP{gpus}", f"DP{gpus}+EP"
     out: dict = {"accelerator": gpu, "gpus": gpus, "quantization": "fp8-fp4", "policy": "recompute", "rows": [],
-                 "dp_ep_vs_tp_tokens": {}}
+                 "dp_ep_vs_tp_tokens": {}, "best": {}}
     for w in ws:
         tokens = {}
-        for par in (Parallelism("tp", gpus), Parallelism("dp-ep", gpus)):
+        for par in replica_layouts(cfg, gpus):
             mem = gpu_memory(cfg, acc, par, "fp8-fp4", step_token_budget(w.chunk))
             caches = par.dp  # a TP group shares one cache
-            row = {"workload": w.name, "length": w.length, "layout": par.label, "caches": caches,
-                   "weights_per_gpu": mem.weights, "reserve_per_gpu": mem.reserve, "usable_per_gpu": mem.usable,
-                   "cache_bytes_per_gpu": max(0, mem.cache), "fits": mem.cache > 0}
+            row = {"workload": w.name, "length": w.length, "layout": par.label, "dp": par.dp, "tp": par.tp,
+                   "caches": caches, "weights_per_gpu": mem.weights, "reserve_per_gpu": mem.reserve,
+                   "usable_per_gpu": mem.usable, "cache_bytes_per_gpu": max(0, mem.cache), "fits": mem.cache > 0}
             cap = None if mem.cache <= 0 else capacity(
                 spec, mem.cache, expected_context=w.length, policy="recompute",
                 max_context_limit=cfg.max_position_embeddings, prefill_chunk=w.chunk)
@@ -212,9 +236,13 @@ def layouts(model: str, ws: list[Workload], gpu: str = "H200", gpus: int = 8, hc
             row["sessions"] = caches * row["sessions_per_cache"]
             row["tokens"] = row["sessions"] * w.length
             row["longest_request"] = cap.max_request_tokens if cap else 0
-            tokens[par.layout] = row["tokens"]
+            tokens[par.label] = row["tokens"]
             out["rows"].append(row)
-        out["dp_ep_vs_tp_tokens"][w.name] = tokens["dp-ep"] / tokens["tp"] if tokens["tp"] else None
+        tp = tokens.get(tp_label, 0)
+        out["dp_ep_vs_tp_tokens"][w.name] = tokens[dp_label] / tp if tp and dp_label in tokens else None
+        best = max(tokens, key=lambda k: tokens[k])
+        out["best"][w.name] = {"layout": best if tokens[best] else None, "tokens": tokens[best],
+                               "vs_tp": tokens[best] / tp if tp else None}
     if model == "pro":  # issue 20's target
         out["targets"] = {"DP+EP >= 7x TP tokens (agent)": (out["dp_ep_vs_tp_tokens"].get("agent") or 0) >= 7}
     return out
@@ -320,10 +348,16 @@ def layouts_markdown(lay: dict) -> list[str]:
         lines.append(f"| {r['workload']} ({r['length']:,}) | {r['layout']} | {r['caches']} | "
                      f"{r['weights_per_gpu'] / gb:.1f} GB | {r['reserve_per_gpu'] / gb:.1f} GB | {cache} | "
                      f"{r['sessions']:,} | {r['tokens']:,} | {r['longest_request']:,} |")
+    n = lay["gpus"]
     ratios = ", ".join(f"{k}: {'-' if v is None else f'{v:.2f}x'}" for k, v in lay["dp_ep_vs_tp_tokens"].items())
-    lines += ["", f"DP+EP / TP tokens: {ratios}"]
+    lines += ["", f"DP{n}+EP / TP{n} tokens: {ratios}"]
     if lay.get("targets"):
         lines[-1] += "; " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in lay["targets"].items())
+    best = [f"{name}: " + (f"{b['layout']}, {b['tokens']:,} tokens" + ("" if b["vs_tp"] is None else
+                                                                          f" ({b['vs_tp']:.2f}x TP{n})")
+                            if b["layout"] else "no layout fits") for name, b in lay.get("best", {}).items()]
+    if best:
+        lines += ["", "Most tokens: " + "; ".join(best)]
     return lines + [""]
 
 
@@ -336,8 +370,12 @@ def plot(out: dict, path: Path) -> None:
     if not out["workloads"]:  # --layouts-only: tokens per layout and workload
         lay = out["layouts"]
         fig, ax = plt.subplots(figsize=(6, 4))
+        palette = ["#447", "#4a4", "#c84", "#a4a", "#4aa", "#777"]
+        labels = list(dict.fromkeys(r["layout"] for r in lay["rows"]))
+        fig.set_size_inches(max(6, 0.9 * len(lay["rows"])), 4)
         ax.bar([f"{r['workload']}\n{r['layout']}" for r in lay["rows"]], [r["tokens"] / 1e6 for r in lay["rows"]],
-               color=["#447", "#4a4"] * len(lay["rows"]))
+               color=[palette[labels.index(r["layout"]) % len(palette)] for r in lay["rows"]])
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_title(f"{out['model']}: one replica on {lay['gpus']} x {lay['accelerator']}")
         ax.set_ylabel("tokens held (M)")
         fig.tight_layout()
@@ -383,9 +421,9 @@ def add_arguments(p) -> None:
     p.add_argument("--hca-state", choices=HCA_STATES, default="raw",
                    help="HCA compressor tail: raw rows (default) or the online-softmax single slot per group")
     p.add_argument("--layout-gpu", choices=["H100", "H200", "B200", "B200-192"], default="H200",
-                   help="accelerator of the layouts section (TP 8 vs DP 8 + EP on 8 of them)")
+                   help="accelerator of the layouts section (TP 8, DP 8 + EP and DP x TP + EP on 8 of them)")
     p.add_argument("--layouts-only", action="store_true",
-                   help="only the layouts section (TP vs DP + EP, seconds), not the policy replay")
+                   help="only the layouts section (TP vs DP (x TP) + EP, seconds), not the policy replay")
     p.add_argument("--out", default="bench/results")
 
 

@@ -219,23 +219,24 @@ class AcceleratorSpec(_Model):
 
 
 Layout = Literal["tp", "dp-ep"]
-_DP_CONFLICT = ("overrides.dataParallelSize and overrides.layout dp-ep mean data-parallel attention with expert "
-                "parallelism: they exclude tensorParallelSize > 1 (no TP inside the ranks yet) and layout tp")
+_DP_CONFLICT = ("overrides.dataParallelSize means data-parallel attention ranks with expert parallelism (layout "
+                "dp-ep): it excludes layout tp")
 
 
 class Overrides(_Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        _cel("!(has(self.dataParallelSize) || (has(self.layout) && self.layout == 'dp-ep')) "
-             "|| ((!has(self.tensorParallelSize) || self.tensorParallelSize == 1) "
-             "&& (!has(self.layout) || self.layout == 'dp-ep'))", _DP_CONFLICT),
+        _cel("!has(self.dataParallelSize) || !has(self.layout) || self.layout == 'dp-ep'", _DP_CONFLICT),
     ]})
-    tensor_parallel_size: int | None = Field(None, ge=1, le=64, description="GPUs per replica (TP group size).")
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, le=64, description="TP group size: GPUs per replica (layout tp, the default when set alone), or "
+                                       "GPUs of each data-parallel rank (with dataParallelSize or layout dp-ep).")
     layout: Layout | None = Field(
         None, description="How a replica uses its GPUs: tp (one tensor-parallel group, one KV cache) or dp-ep "
-                          "(data-parallel attention ranks, each with its own KV cache, experts split over them).")
+                          "(data-parallel attention ranks, each a TP group with its own KV cache, the routed experts "
+                          "split over all GPUs).")
     data_parallel_size: int | None = Field(
-        None, ge=2, le=64, description="Data-parallel attention ranks (GPUs) per replica with expert parallelism; "
-                                       "implies layout dp-ep.")
+        None, ge=2, le=64, description="Data-parallel attention ranks per replica with expert parallelism, each a "
+                                       "TP group of tensorParallelSize GPUs (default 1); implies layout dp-ep.")
     batching_delay_ms: float | None = Field(None, ge=0, le=1000, description="Scheduler batching delay, milliseconds.")
     cache_policy: CachePolicy | None = Field(
         None, description="Sliding-window cache policy for prefix reuse: full, checkpoint, or recompute.")
@@ -247,8 +248,7 @@ class Overrides(_Model):
 
     @model_validator(mode="after")
     def _parallel(self) -> Overrides:
-        data_parallel = self.data_parallel_size is not None or self.layout == "dp-ep"
-        if data_parallel and ((self.tensor_parallel_size or 1) > 1 or self.layout == "tp"):
+        if self.data_parallel_size is not None and self.layout == "tp":
             raise ValueError(_DP_CONFLICT)
         return self
 
@@ -344,6 +344,10 @@ class NetworkPolicySpec(_Model):
         json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
 
 
+_DP_TP_ABOVE_NODE = ("overrides.dataParallelSize x overrides.tensorParallelSize must be <= accelerator.gpusPerNode "
+                     "(one pod per replica)")
+
+
 class DSV4EndpointSpec(_Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         _cel("!has(self.overrides) || !has(self.overrides.tensorParallelSize) "
@@ -352,6 +356,10 @@ class DSV4EndpointSpec(_Model):
         _cel("!has(self.overrides) || !has(self.overrides.dataParallelSize) "
              "|| self.overrides.dataParallelSize <= self.accelerator.gpusPerNode",
              "overrides.dataParallelSize must be <= accelerator.gpusPerNode (one pod per replica)"),
+        _cel("!has(self.overrides) || !has(self.overrides.dataParallelSize) "
+             "|| !has(self.overrides.tensorParallelSize) "
+             "|| self.overrides.dataParallelSize * self.overrides.tensorParallelSize <= self.accelerator.gpusPerNode",
+             _DP_TP_ABOVE_NODE),
     ]})
     model: ModelSpec = Field(description="The model to serve and where its weights are.")
     profile: ProfileSpec = Field(description="The workload the endpoint is planned for.")
@@ -390,6 +398,8 @@ class DSV4EndpointSpec(_Model):
         if dp is not None and dp > self.accelerator.gpus_per_node:
             raise ValueError(f"overrides.dataParallelSize ({dp}) must be <= accelerator.gpusPerNode "
                              f"({self.accelerator.gpus_per_node}) (one pod per replica)")
+        if dp is not None and tp is not None and dp * tp > self.accelerator.gpus_per_node:
+            raise ValueError(f"{_DP_TP_ABOVE_NODE}: {dp} x {tp} > {self.accelerator.gpus_per_node}")
         return self
 
     @property
@@ -415,12 +425,14 @@ class Condition(_Model):
 
 class PlanStatus(_Model):
     layout: Layout = Field("tp", description="tp: one tensor-parallel group with one KV cache; dp-ep: "
-                                             "dataParallelSize attention ranks, each with its own KV cache, "
-                                             "the routed experts split over them.")
-    parallelism: str = Field("", description="The layout in one word (TP8, DP8+EP), for the printer column.")
-    tensor_parallel_size: int = Field(description="Tensor-parallel ranks (GPUs per replica with layout tp).")
-    data_parallel_size: int = Field(1, description="Data-parallel attention ranks (GPUs per replica with layout "
-                                                   "dp-ep).")
+                                             "dataParallelSize attention ranks of tensorParallelSize GPUs, each "
+                                             "rank with its own KV cache, the routed experts split over all GPUs.")
+    parallelism: str = Field("", description="The layout in one word (TP8, DP8+EP, DP2xTP4+EP), for the printer "
+                                             "column.")
+    tensor_parallel_size: int = Field(description="Tensor-parallel ranks: GPUs per replica with layout tp, GPUs "
+                                                  "of each data-parallel rank with layout dp-ep.")
+    data_parallel_size: int = Field(1, description="Data-parallel attention ranks (layout dp-ep; GPUs per replica = "
+                                                   "dataParallelSize x tensorParallelSize).")
     batching_delay_ms: float = Field(description="Scheduler batching delay, milliseconds.")
     max_num_batched_tokens: int = Field(description="Token budget of one scheduler step.")
     chunked_prefill_size: int = Field(description="Largest prefill chunk of one request per step.")

@@ -33,7 +33,7 @@ PRINTER_COLUMNS = [
     {"name": "Replicas", "type": "string", "jsonPath": ".status.replicaCounts", "description": "Ready/desired."},
     {"name": "TP", "type": "string", "jsonPath": ".status.plan.parallelism",
      "description": "GPUs per replica and their layout (TP8: one tensor-parallel group; DP8+EP: 8 data-parallel "
-                    "attention ranks with expert parallelism)."},
+                    "attention ranks with expert parallelism; DP2xTP4+EP: 2 such ranks of 4 tensor-parallel GPUs)."},
     {"name": "MaxCache", "type": "string", "jsonPath": ".status.maxCacheOccupancy",
      "description": "Fullest cache pool and its occupancy."},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason",

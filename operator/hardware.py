@@ -6,8 +6,8 @@ decode-step estimate and FLOP/s (at `MFU`) for the prefill-rate estimate.
 
 `interconnect_bytes_per_s` is what one GPU can receive from its peers in the node, one direction: NVLink 4
 (H100/H200 SXM) is 900 GB/s bidirectional per GPU, so 450 GB/s each way; NVLink 5 (B200) 1.8 TB/s, so 900 GB/s.
-The planner charges a data-parallel + expert-parallel decode step its token exchange at this rate
-(`planner._decode_step_s`); `cpu` assumes ~5 GB/s for gloo over loopback.
+The planner charges a decode step its collectives at this rate: the TP group's all-reduces and the expert-parallel
+token exchange (`planner.exchange_bytes_per_layer`); `cpu` assumes ~5 GB/s for gloo over loopback.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Pure functions; `plan(spec)` is what the operator, `dsv4 plan -f endpoint.yaml` and the tests call.
 
-Per GPU of a TP group of size t (one pod per replica, the group's GPUs in that pod):
+Per GPU of a TP group of size t (layout tp; one pod per replica, the group's GPUs in that pod):
 
     usable      = memory * GPU_MEMORY_UTILIZATION
     weights/GPU = weight_bytes_per_gpu(quantization, t)     (what one rank holds after loading: the split
@@ -15,36 +15,43 @@ The KV cache is *not* sharded by TP: DeepSeek-V4 has one shared K=V head, so eve
 group holds every request's rows (as MLA engines do); a replica holds `cache` bytes of KV, and a
 larger group only helps by freeing weight memory per GPU.
 
-Latency estimates (documented, deliberately simple):
-    prefill rate   = t * fp8_flops * MFU / (2 * active_params)           tokens/s
-    decode step(B) = (decode_weight_bytes(B) / t + B * kv_read(p95)) / (hbm_bw * MBU)
-where decode_weight_bytes counts the expected fraction 1-(1-k/E)^B of routed experts touched and
-kv_read is what one decode token reads from the cache at the p95 context (all indexer keys, top-k
-CSA entries, all HCA entries, the window).
+Data-parallel attention with expert parallelism (layout dp-ep, `dsv4 serve --dp d --tp t --ep`): d >= 2 ranks,
+each a TP group of t GPUs (t = 1: one GPU per rank) with its own requests, scheduler and KV cache (the full per-GPU
+budget, sized by the same `capacity()` call as a TP t replica); the routed experts split over all d*t GPUs
+(E/(d*t) each); query heads, output projections, shared expert, embed and head split over the rank's t GPUs; the
+rest whole on every GPU. Per GPU:
 
-Data-parallel attention with expert parallelism (layout dp-ep, `dsv4 serve --dp d --ep`): d ranks, each with
-its own requests, scheduler and KV cache (the full per-GPU budget, sized by the same `capacity()` call as a TP1
-replica), the routed experts split over them (E/d each), everything else whole on every rank. Per rank:
-
-    weights/GPU    = weight_bytes_per_gpu_ep(quantization, d)
+    weights/GPU    = weight_bytes_per_gpu_dp_tp(quantization, d, t)
+                   = routed / (d*t) + tp_split / t + whole                    (a TP group: d = 1)
     reserve        = as above + 2 * d * max_num_batched_tokens * hidden * 2 B  (the MoE's gathered input and its
                      output before the reduce-scatter: every rank's tokens)
     cache          = usable - weights/GPU - reserve
     sessions       = d * min(cache holds, ITL batch, max_num_seqs)           (the replica: d independent caches)
-    prefill rate   = d * fp8_flops * MFU / (2 * active_params)               (d prefills at once, one per rank)
-    decode step(b) = (decode_weight_bytes_ep(d, b) + b * kv_read(p95)) / (hbm_bw * MBU)
-                     + layers * 2 * (d - 1) * b * hidden * 2 B / interconnect
-where b is one rank's batch; decode_weight_bytes_ep is the rank's dense weights plus its E/d experts touched by
-all d*b gathered tokens, 1-(1-k/E)^(d*b); the last term is the token exchange of every MoE layer (every V4 layer
-is one): an all-gather that brings in the other d-1 ranks' b hidden states (bf16) and a reduce-scatter that
-returns as many. Collective latency is ignored, and TP's two all-reduces per layer are not charged (as before
-this layout existed), so the estimate leans towards TP when the exchange matters.
 
-Layout choice: TP group sizes that divide the attention heads and the routed experts, and DP sizes d >= 2 that
-divide the routed experts, all <= gpusPerNode; those where the weights fit, the longest context is servable and
-one decode step meets the ITL target; the one holding the most sessions per GPU wins (ties: fewer GPUs per
-replica, then TP, which exchanges no tokens). Sessions are compared under the recompute policy (the most any
-policy holds) so the later, reuse-driven policy choice does not bias the layout.
+Latency estimates (documented, deliberately simple), for b sequences per scheduler (the TP group's, or one DP
+rank's; a TP layout is d = 1):
+
+    prefill rate   = d * t * fp8_flops * MFU / (2 * active_params)           tokens/s (d prefills side by side)
+    decode step(b) = (decode_weight_bytes_dp_tp(d, t, b) + b * kv_read(p95)) / (hbm_bw * MBU)
+                     + layers * exchange(d, t, b) * hidden * 2 B / interconnect
+    decode_weight_bytes_dp_tp = (dense + routed / d * (1 - (1 - k/E)^(d*b))) / t
+    exchange(d, t, b) = 2 (t-1)/t b                   attention output all-reduce in the TP group (ring)
+                      + (d-1) b                       all-gather of the other ranks' tokens to this GPU's experts
+                      + (d t - 1)/(d t) d b           reduce-scatter of the d*b tokens' partial expert (and shared
+                                                      expert) outputs, each GPU getting b/t of its rank's tokens
+                      + (t-1)/t b                     all-gather of those slices inside the TP group
+
+rows of `hidden` bf16 values received per GPU per layer (every V4 layer is an MoE layer). d = 1 gives TP's two
+all-reduces per layer, 4 (t-1)/t b; t = 1 gives DP+EP's 2 (d-1) b. decode_weight_bytes_dp_tp counts the expected
+fraction of routed experts the d*b gathered tokens touch (k experts per token); kv_read is what one decode token
+reads from the cache at the p95 context (all indexer keys, top-k CSA entries, all HCA entries, the window).
+Collective latency is ignored, and the replicated tensors' reads are charged / t, which leans towards larger t.
+
+Layout choice: TP sizes t the model splits into (`ownership.check_tp`: heads, routed experts, expert width,
+vocab, o_groups) and DP sizes d >= 2 with d*t dividing the routed experts, d*t <= gpusPerNode; those where the
+weights fit, the longest context is servable and one decode step meets the ITL target; the one holding the most
+sessions per GPU wins (ties: fewer GPUs per replica, then the faster decode step). Sessions are compared under the
+recompute policy (the most any policy holds) so the later, reuse-driven policy choice does not bias the layout.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from dsv4.operator.hardware import MBU, MFU, Accelerator, accelerator
 from dsv4.operator.profiles import Workload, resolve
 from dsv4.runtime.cache.spec import CacheSpec
 from dsv4.runtime.config import CSA, HCA, ConfigError, ModelConfig, preset
+from dsv4.runtime.parallel.ownership import TPConfigError, check_tp
 
 from dsv4.settings_enums import CACHE_POLICIES, HCA_STATES, CachePolicy, HcaState, ProfileName
 
@@ -86,23 +94,37 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Parallelism:
-    """How one replica uses its GPUs: one tensor-parallel group of `size` ranks sharing one KV cache (tp), or
-    `size` data-parallel attention ranks with their own caches and the routed experts split over them (dp-ep)."""
+    """How one replica uses its GPUs: one tensor-parallel group of `tp` ranks sharing one KV cache (layout tp,
+    dp = 1), or `dp` >= 2 data-parallel attention ranks, each a TP group of `tp` GPUs with its own KV cache, the
+    routed experts split over all dp x tp GPUs (layout dp-ep)."""
 
     layout: Layout
-    size: int
+    dp: int
+    tp: int
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.dp < 1 or (self.layout == "tp") != (self.dp == 1):
+            raise ValueError(f"Parallelism({self.layout!r}, dp={self.dp}, tp={self.tp}): layout tp has dp 1, "
+                             "layout dp-ep has dp >= 2, tp >= 1")
+
+    @classmethod
+    def tensor(cls, tp: int) -> Parallelism:
+        return cls("tp", 1, tp)
+
+    @classmethod
+    def data(cls, dp: int, tp: int = 1) -> Parallelism:
+        return cls("dp-ep", dp, tp)
 
     @property
-    def tp(self) -> int:
-        return self.size if self.layout == "tp" else 1
-
-    @property
-    def dp(self) -> int:
-        return self.size if self.layout == "dp-ep" else 1
+    def size(self) -> int:
+        """GPUs per replica."""
+        return self.dp * self.tp
 
     @property
     def label(self) -> str:
-        return f"TP{self.size}" if self.layout == "tp" else f"DP{self.size}+EP"
+        if self.layout == "tp":
+            return f"TP{self.tp}"
+        return f"DP{self.dp}+EP" if self.tp == 1 else f"DP{self.dp}xTP{self.tp}+EP"
 
 
 @dataclass(frozen=True)
@@ -141,7 +163,7 @@ class Plan:
 
     @property
     def parallelism(self) -> Parallelism:
-        return Parallelism(self.layout, self.tensor_parallel_size * self.data_parallel_size)
+        return Parallelism(self.layout, self.data_parallel_size, self.tensor_parallel_size)
 
     @property
     def gpus_per_replica(self) -> int:
@@ -196,6 +218,21 @@ def _pow2_floor(x: float) -> int:
 
 
 @dataclass(frozen=True)
+class _Rejected:
+    """Why a layout does not work: in words, as one short figure, and the kind of limit."""
+
+    why: str
+    short: str
+    kind: Literal["weights", "latency", "context", "sessions"]
+
+    def __str__(self) -> str:
+        return self.why
+
+
+_DETAIL_CHARS = 600  # longest list of rejections a PlanError gives in full
+
+
+@dataclass(frozen=True)
 class _Candidate:
     par: Parallelism
     weights_per_gpu: int
@@ -242,15 +279,25 @@ def hca_state_choice(override: str | None, choose: Callable[[str], tuple[str, st
                    "the fused compressor kernel"), raw_choice
 
 
+def exchange_bytes_per_layer(par: Parallelism, batch: int, hidden: int) -> float:
+    """Bytes one GPU receives per layer in a decode step of `batch` sequences per DP rank (module docstring):
+    the TP group's attention all-reduce, the MoE's all-gather of the other ranks' tokens, the reduce-scatter of
+    the experts' partial outputs to their ranks, and the all-gather of the rank's tokens inside its TP group."""
+    d, t, b = par.dp, par.tp, batch
+    rows = (2 * (t - 1) / t * b              # all-reduce of the attention output inside the TP group (ring)
+            + (d - 1) * b                    # all-gather: every other DP rank's b tokens, to this GPU's experts
+            + (d * t - 1) / (d * t) * d * b  # reduce-scatter of the partial outputs of the d*b tokens (ring)
+            + (t - 1) / t * b)               # all-gather of the rank's b tokens inside its TP group
+    return rows * hidden * EXCHANGE_BYTES
+
+
 def _decode_step_s(cfg: ModelConfig, quant: str, acc: Accelerator, par: Parallelism, batch: int,
                    kv_read: int) -> float:
     """One decode step of `batch` sequences per scheduler (the TP group's, or each DP rank's): module docstring."""
     hbm = acc.hbm_bytes_per_s * MBU
-    if par.layout == "tp":
-        return (W.decode_weight_bytes(cfg, quant, batch) / par.tp + batch * kv_read) / hbm
-    exchange = (cfg.num_hidden_layers * 2 * (par.dp - 1) * batch * cfg.hidden_size * EXCHANGE_BYTES
-                / acc.interconnect_bytes_per_s)
-    return (W.decode_weight_bytes_ep(cfg, quant, par.dp, batch) + batch * kv_read) / hbm + exchange
+    weights = W.decode_weight_bytes_dp_tp(cfg, quant, par.dp, par.tp, batch)
+    exchange = cfg.num_hidden_layers * exchange_bytes_per_layer(par, batch, cfg.hidden_size)
+    return (weights + batch * kv_read) / hbm + exchange / acc.interconnect_bytes_per_s
 
 
 def step_token_budget(chunk: int) -> int:
@@ -279,14 +326,13 @@ def gpu_memory(cfg: ModelConfig, acc: Accelerator, par: Parallelism, quant: str,
     reserve = acc.reserve_bytes + mnbt * cfg.hidden_size * 2 * ACTIVATION_FACTOR + MAX_NUM_SEQS * cfg.vocab_size * 4
     if par.dp > 1:
         reserve += 2 * par.dp * mnbt * cfg.hidden_size * EXCHANGE_BYTES
-    weights = W.weight_bytes_per_gpu(cfg, par.tp, quant) if par.layout == "tp" else W.weight_bytes_per_gpu_ep(
-        cfg, par.dp, quant)
+    weights = W.weight_bytes_per_gpu_dp_tp(cfg, par.dp, par.tp, quant)
     return GpuMemory(int(acc.memory_bytes * GPU_MEMORY_UTILIZATION), weights, int(reserve))
 
 
 def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheSpec], acc: Accelerator,
-              wl: Workload, par: Parallelism) -> _Candidate | str:
-    """A candidate layout, or a string saying why it does not work."""
+              wl: Workload, par: Parallelism) -> _Candidate | _Rejected:
+    """A candidate layout, or why it does not work."""
     ov = spec.overrides
     quant = spec.model.quantization
     name = par.label
@@ -303,8 +349,9 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
     mem = gpu_memory(cfg, acc, par, quant, mnbt)
     per_gpu, cache_bytes = mem.weights, mem.cache
     if cache_bytes <= 0:
-        return (f"{name}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {mem.reserve / 1e9:.1f} GB exceed "
-                f"{mem.usable / 1e9:.1f} GB usable")
+        return _Rejected(f"{name}: weights {per_gpu / 1e9:.1f} GB/GPU + reserve {mem.reserve / 1e9:.1f} GB exceed "
+                         f"{mem.usable / 1e9:.1f} GB usable",
+                         f"{name} {(per_gpu + mem.reserve) / 1e9:.1f}", "weights")
     limit = cfg.max_position_embeddings
     if ov and ov.max_model_len:
         limit = min(limit, ov.max_model_len)
@@ -312,7 +359,8 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
     kv_read = kv_read_bytes(cfg, caches["raw"], wl.context_p95)
     step1 = _decode_step_s(cfg, quant, acc, par, 1, kv_read)
     if step1 * 1000 > wl.itl_target_ms:
-        return f"{name}: one decode step takes ~{step1 * 1000:.1f} ms > ITL target {wl.itl_target_ms} ms"
+        return _Rejected(f"{name}: one decode step takes ~{step1 * 1000:.1f} ms > ITL target {wl.itl_target_ms} ms",
+                         f"{name} {step1 * 1000:.1f}", "latency")
     itl_batch = 1
     for b in range(2, MAX_NUM_SEQS + 1):
         if _decode_step_s(cfg, quant, acc, par, b, kv_read) * 1000 > wl.itl_target_ms:
@@ -350,11 +398,13 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
         ov.hca_state if ov else None, choose_policy, need_ctx, min(itl_batch, MAX_NUM_SEQS))
     max_context = min(cap.max_request_tokens, limit)
     if max_context < need_ctx:
-        return (f"{name}: the longest servable context is {max_context} tokens < the profile's contextMax "
-                f"{wl.context_max} ({cache_bytes / 1e9:.1f} GB of cache per GPU)")
+        return _Rejected(f"{name}: the longest servable context is {max_context} tokens < the profile's contextMax "
+                         f"{wl.context_max} ({cache_bytes / 1e9:.1f} GB of cache per GPU)",
+                         f"{name} {max_context}", "context")
     sessions = max(0, min(cap.sessions, itl_batch, MAX_NUM_SEQS))
     if sessions < 1:
-        return f"{name}: not one session of {expected} tokens fits in {cache_bytes / 1e9:.1f} GB of cache"
+        return _Rejected(f"{name}: not one session of {expected} tokens fits in {cache_bytes / 1e9:.1f} GB of cache",
+                         f"{name}: no session fits", "sessions")
     step_ms = _decode_step_s(cfg, quant, acc, par, sessions, kv_read) * 1000
     rank_cap = cap if policy == "recompute" else cap_for("recompute", state)
     rank = par.dp * max(0, min(rank_cap.sessions, itl_batch, MAX_NUM_SEQS))
@@ -362,37 +412,60 @@ def _evaluate(spec: DSV4EndpointSpec, cfg: ModelConfig, caches: dict[str, CacheS
                       sessions, par.dp * sessions, max_context, rank, state, state_why)
 
 
+def _tp_splits(cfg: ModelConfig, tp: int) -> bool:
+    try:
+        check_tp(cfg, tp)
+    except TPConfigError:
+        return False
+    return True
+
+
 def _tp_options(cfg: ModelConfig, gpus_per_node: int) -> list[Parallelism]:
-    return [Parallelism("tp", t) for t in _GROUP_SIZES if t <= gpus_per_node and cfg.num_attention_heads % t == 0
-            and cfg.n_routed_experts % t == 0]
+    return [Parallelism.tensor(t) for t in _GROUP_SIZES if t <= gpus_per_node and _tp_splits(cfg, t)]
 
 
-def _dp_options(cfg: ModelConfig, gpus_per_node: int) -> list[Parallelism]:
-    return [Parallelism("dp-ep", d) for d in range(2, gpus_per_node + 1) if cfg.n_routed_experts % d == 0]
+def _dp_options(cfg: ModelConfig, gpus_per_node: int, tp: int | None = None) -> list[Parallelism]:
+    """DP d x TP t + EP with d >= 2, d*t <= gpus_per_node, t a TP size the model splits into (`check_tp`) and d*t
+    dividing the routed experts (each GPU owns E/(d*t)); t fixed when given."""
+    sizes = [tp] if tp else [t for t in _GROUP_SIZES if _tp_splits(cfg, t)]
+    return [Parallelism.data(d, t) for t in sizes for d in range(2, gpus_per_node // t + 1)
+            if cfg.n_routed_experts % (d * t) == 0]
 
 
 def _options(cfg: ModelConfig, spec: DSV4EndpointSpec) -> list[Parallelism]:
-    """The layouts to evaluate: every TP and DP+EP size that fits the node, or what the overrides fix."""
+    """The layouts to evaluate: every TP and DP x TP + EP size that fits the node, or what the overrides fix.
+    overrides.tensorParallelSize alone fixes a TP layout; with layout dp-ep it fixes the TP size inside each DP
+    rank; overrides.dataParallelSize fixes the DP ranks (TP inside: tensorParallelSize, default 1)."""
     ov = spec.overrides
     gpn = spec.accelerator.gpus_per_node
-    if ov and ov.data_parallel_size:
-        dp = ov.data_parallel_size
-        if cfg.n_routed_experts % dp:
-            raise PlanError("InvalidDataParallel", f"overrides.dataParallelSize={dp} must divide n_routed_experts "
-                                                   f"({cfg.n_routed_experts}): each rank owns E/{dp} experts")
-        return [Parallelism("dp-ep", dp)]
-    if ov and ov.layout == "dp-ep":
-        return _dp_options(cfg, gpn)
-    if ov and ov.tensor_parallel_size:
-        tp = ov.tensor_parallel_size
-        if cfg.num_attention_heads % tp or cfg.n_routed_experts % tp:
-            raise PlanError("InvalidTensorParallel",
-                            f"overrides.tensorParallelSize={tp} must divide num_attention_heads "
-                            f"({cfg.num_attention_heads}) and n_routed_experts ({cfg.n_routed_experts})")
+    tp = ov.tensor_parallel_size if ov else None
+    if tp:
+        try:
+            check_tp(cfg, tp)
+        except TPConfigError as e:
+            raise PlanError("InvalidTensorParallel", f"overrides.tensorParallelSize={tp}: {e}") from e
         if tp > gpn:
             raise PlanError("InvalidTensorParallel",
                             f"overrides.tensorParallelSize={tp} exceeds accelerator.gpusPerNode={gpn}")
-        return [Parallelism("tp", tp)]
+    if ov and ov.data_parallel_size:
+        dp, inner = ov.data_parallel_size, tp or 1
+        if cfg.n_routed_experts % (dp * inner):
+            raise PlanError("InvalidDataParallel",
+                            f"overrides.dataParallelSize={dp} x tensorParallelSize={inner} must divide "
+                            f"n_routed_experts ({cfg.n_routed_experts}): each GPU owns E/{dp * inner} experts")
+        if dp * inner > gpn:
+            raise PlanError("InvalidDataParallel", f"overrides.dataParallelSize={dp} x tensorParallelSize={inner} "
+                                                   f"exceeds accelerator.gpusPerNode={gpn} (one pod per replica)")
+        return [Parallelism.data(dp, inner)]
+    if ov and ov.layout == "dp-ep":
+        options = _dp_options(cfg, gpn, tp)
+        if not options:
+            raise PlanError("InvalidDataParallel",
+                            f"layout dp-ep with tensorParallelSize={tp}: no data-parallel size d >= 2 with d x {tp} "
+                            f"<= accelerator.gpusPerNode={gpn} dividing n_routed_experts ({cfg.n_routed_experts})")
+        return options
+    if tp:
+        return [Parallelism.tensor(tp)]
     if ov and ov.layout == "tp":
         return _tp_options(cfg, gpn)
     return _tp_options(cfg, gpn) + _dp_options(cfg, gpn)
@@ -403,8 +476,8 @@ def _per_gpu(c: _Candidate) -> float:
 
 
 def _best(good: list[_Candidate]) -> _Candidate:
-    """Most sessions per GPU; ties: fewer GPUs per replica, then TP (it exchanges no tokens)."""
-    return max(good, key=lambda c: (_per_gpu(c), -c.par.size, c.par.layout == "tp"))
+    """Most sessions per GPU; ties: fewer GPUs per replica, then the faster decode step (less exchanged)."""
+    return max(good, key=lambda c: (_per_gpu(c), -c.par.size, -c.step_ms))
 
 
 def _gpus_needed(cfg: ModelConfig, quant: str, usable: float) -> int | None:
@@ -464,14 +537,15 @@ def plan(spec: DSV4EndpointSpec) -> Plan:
 
 
 def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Workload, wbytes: int,
-                results: dict[Parallelism, _Candidate | str]) -> PlanError:
+                results: dict[Parallelism, _Candidate | _Rejected]) -> PlanError:
     name = f"V4-{spec.model.variant.capitalize()}" if spec.model.variant in ("flash", "pro") else spec.model.variant
     usable = acc.memory_bytes * GPU_MEMORY_UTILIZATION - acc.reserve_bytes
     need = _gpus_needed(cfg, spec.model.quantization, usable)
     at_least = f"at least {need}" if need else f"more than {MAX_GROUP}"
     tp_max = max(par.size for par in results)
-    if all("exceed" in r for r in results.values() if isinstance(r, str)) and all(
-            isinstance(r, str) for r in results.values()):
+    failed = [r for r in results.values() if isinstance(r, _Rejected)]
+    usable_gb = acc.memory_bytes * GPU_MEMORY_UTILIZATION / 1e9
+    if all(r.kind == "weights" for r in failed):
         return PlanError(
             "WeightsDoNotFit",
             f"{name} {spec.model.quantization} weights ({wbytes / 1e9:.0f} GB) need more GPUs per replica than given: "
@@ -479,15 +553,23 @@ def _infeasible(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: 
             f"but one replica is one pod of at most {tp_max} GPUs (accelerator.gpusPerNode="
             f"{spec.accelerator.gpus_per_node}, overrides.tensorParallelSize="
             f"{spec.overrides.tensor_parallel_size if spec.overrides else None}); "
-            + "; ".join(str(r) for r in results.values()))
-    if any("ITL target" in r for r in results.values() if isinstance(r, str)) and not any(
-            "longest servable" in r for r in results.values() if isinstance(r, str)):
+            + _rejections(failed, f"weights + reserve per GPU (GB; {usable_gb:.1f} usable)"))
+    if any(r.kind == "latency" for r in failed) and not any(r.kind == "context" for r in failed):
         return PlanError("LatencyTargetUnreachable",
                          f"no layout meets the ITL target {wl.itl_target_ms} ms on {acc.name}: "
-                         + "; ".join(str(r) for r in results.values()))
+                         + _rejections(failed, "decode step of one sequence (ms)"))
     return PlanError("ContextDoesNotFit",
                      f"profile context up to {wl.context_max} tokens cannot be served by {name} on {acc.name}: "
-                     + "; ".join(str(r) for r in results.values()))
+                     + _rejections(failed, "longest servable context (tokens)"))
+
+
+def _rejections(failed: list[_Rejected], measure: str) -> str:
+    """Why each layout failed: in full when that stays short, else one figure per layout (a condition message is
+    cut at 1024 characters)."""
+    full = "; ".join(r.why for r in failed)
+    if len(full) <= _DETAIL_CHARS:
+        return full
+    return f"{measure}: " + ", ".join(r.short for r in failed)
 
 
 def _describe(c: _Candidate) -> str:
@@ -502,14 +584,15 @@ def _describe(c: _Candidate) -> str:
 
 
 def _layout_reasons(spec: DSV4EndpointSpec, wbytes: int, c: _Candidate,
-                    results: dict[Parallelism, _Candidate | str]) -> dict[str, str]:
+                    results: dict[Parallelism, _Candidate | _Rejected]) -> dict[str, str]:
     ov = spec.overrides
     reasons: dict[str, str] = {}
     others = ", ".join(f"{par.label}: {_per_gpu(r):.1f}" if isinstance(r, _Candidate) else f"{par.label}: no"
                        for par, r in results.items())
-    forced = next((f"set by overrides.{k}" for k, v in (("dataParallelSize", ov and ov.data_parallel_size),
-                                                        ("tensorParallelSize", ov and ov.tensor_parallel_size),
-                                                        ("layout", ov and ov.layout)) if v), None)
+    fixed = [f"overrides.{k}" for k, v in (("dataParallelSize", ov and ov.data_parallel_size),
+                                           ("tensorParallelSize", ov and ov.tensor_parallel_size),
+                                           ("layout", ov and ov.layout)) if v]
+    forced = f"set by {' and '.join(fixed)}" if fixed else None
     if forced:
         reasons["layout"] = f"{forced}: {_describe(c)}"
     else:
@@ -523,14 +606,19 @@ def _layout_reasons(spec: DSV4EndpointSpec, wbytes: int, c: _Candidate,
             rival = "; ".join(why) if why else f"no {other} size fits accelerator.gpusPerNode"
         tied = [par.label for par, r in results.items()
                 if isinstance(r, _Candidate) and par != c.par and _per_gpu(r) == _per_gpu(c)]
-        tie = (f"; tied with {', '.join(tied)} at {_per_gpu(c):.1f}/GPU: the fewest GPUs per replica wins, then TP "
-               "(it exchanges no tokens)") if tied else ""
+        tie = (f"; tied with {', '.join(tied)} at {_per_gpu(c):.1f}/GPU: the fewest GPUs per replica wins, then the "
+               "faster decode step") if tied else ""
         reasons["layout"] = (f"{_describe(c)}; vs {rival} (sessions per GPU compared under the recompute policy)"
                              f"{tie}")
     if ov and ov.tensor_parallel_size:
         reasons["tensorParallelSize"] = f"set by overrides.tensorParallelSize ({c.cache_bytes / 1e9:.1f} GB cache/GPU)"
-    elif c.par.layout == "dp-ep":
+    elif c.par.layout == "dp-ep" and c.par.tp == 1:
         reasons["tensorParallelSize"] = "1: each data-parallel rank runs the whole attention (layout dp-ep)"
+    elif c.par.layout == "dp-ep":
+        reasons["tensorParallelSize"] = (
+            f"{c.par.tp}: each of the {c.par.dp} data-parallel ranks is a TP{c.par.tp} group (query heads, output "
+            f"projections, shared expert and vocab split over {c.par.tp} GPUs), {c.weights_per_gpu / 1e9:.1f} GB of "
+            f"weights/GPU; sessions per GPU: {others}")
     else:
         reasons["tensorParallelSize"] = (
             f"{wbytes / 1e9:.0f} GB of {spec.model.quantization} weights; TP{c.par.tp} holds the most sessions per "
@@ -538,15 +626,16 @@ def _layout_reasons(spec: DSV4EndpointSpec, wbytes: int, c: _Candidate,
     if ov and ov.data_parallel_size:
         reasons["dataParallelSize"] = "set by overrides.dataParallelSize"
     elif c.par.layout == "dp-ep":
-        reasons["dataParallelSize"] = (f"DP{c.par.dp}+EP holds the most sessions per GPU ({others}); each rank owns "
-                                       f"its requests and cache and 1/{c.par.dp} of the routed experts")
+        reasons["dataParallelSize"] = (f"{c.par.label} holds the most sessions per GPU ({others}); each of the "
+                                       f"{c.par.dp} ranks owns its requests and cache, each GPU 1/{c.par.size} of the "
+                                       "routed experts")
     else:
         reasons["dataParallelSize"] = "1 (layout tp)"
     return reasons
 
 
 def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Workload, wbytes: int, c: _Candidate,
-            results: dict[Parallelism, _Candidate | str]) -> Plan:
+            results: dict[Parallelism, _Candidate | _Rejected]) -> Plan:
     ov = spec.overrides
     reasons = _layout_reasons(spec, wbytes, c, results)
     warnings: list[str] = []
@@ -556,7 +645,8 @@ def _finish(spec: DSV4EndpointSpec, cfg: ModelConfig, acc: Accelerator, wl: Work
         delay = round(min(0.1 * wl.itl_target_ms, 0.01 * wl.ttft_target_ms, 20.0) * 2) / 2
         reasons["batchingDelayMs"] = (f"min(10% of ITL target {wl.itl_target_ms} ms, 1% of TTFT target "
                                       f"{wl.ttft_target_ms} ms, 20 ms): groups prefills without eating the budget")
-    scheduler = "per rank" if c.par.layout == "dp-ep" else f"at TP{c.par.tp}"
+    scheduler = (f"at TP{c.par.tp}" if c.par.layout == "tp" else
+                 "per rank" if c.par.tp == 1 else f"per rank (TP{c.par.tp})")
     reasons["chunkedPrefillSize"] = (f"prefill ~{c.prefill_rate / c.par.dp:,.0f} tokens/s {scheduler}: a "
                                      f"{c.chunk}-token chunk stays within half the {wl.itl_target_ms} ms ITL target")
     reasons["maxNumBatchedTokens"] = ("set by overrides.maxNumBatchedTokens" if ov and ov.max_num_batched_tokens

@@ -3,7 +3,8 @@
 Host memory of one pod = the processes (the server with its tokenizer, and one process per rank — TP or DP:
 Python, torch, the CUDA context's host side) + the loader's peak (each rank stages its share of the checkpoint
 through host memory, a bounded buffer at a time) + on `cpu` the weights and the KV cache themselves (they live
-in host memory there; with data-parallel ranks each has its own cache and its own copy of the unsplit weights)
+in host memory there; with data-parallel ranks every rank process holds its weights and a copy of its DP rank's
+cache, TP inside a rank included)
 + on `cpu` each rank's step working set (`runtime/malloc_tuning.serving_working_set_bytes`: one step's
 temporaries and the bounded free heap kept for the next, which on an accelerator live in device memory).
 The memory-backed `/dev/shm` (NCCL, torch tensors shared between ranks) counts toward the container's memory
@@ -70,8 +71,11 @@ def pod_resources(spec: DSV4EndpointSpec, plan: Plan) -> PodResources:
     on_cpu = spec.accelerator.type == "cpu"
     processes = SERVER_GIB + RANK_GIB * (tp - 1)
     loader = tp * min(LOADER_BUFFER_GIB, plan.weight_bytes_per_gpu / GIB)
-    weights = plan.weight_bytes if dp == 1 else dp * plan.weight_bytes_per_gpu
-    resident = (weights + dp * plan.cache_bytes_per_gpu) / GIB if on_cpu else 0.0
+    # data-parallel ranks: every GPU (rank process) holds its own weights and, with TP inside a rank, its own copy
+    # of the rank's cache (the single K=V head is not split)
+    weights = plan.weight_bytes if dp == 1 else tp * plan.weight_bytes_per_gpu
+    caches = 1 if dp == 1 else tp
+    resident = (weights + caches * plan.cache_bytes_per_gpu) / GIB if on_cpu else 0.0
     working = cpu_working_set_gib(tp) if on_cpu else 0.0
     memory = processes + loader + resident + working
     cpu = CPU_SERVER + CPU_PER_RANK * tp

@@ -11,12 +11,18 @@ Every tensor of the released files (MTP block included: it is loaded) with its e
 
 Parameters are logical elements (a packed FP4 byte holds 2, scales are not parameters): Flash 290.9e9 (284e9
 without the MTP block), Pro 1.599e12; released bytes Flash 159.6 GB, Pro 864.7 GB (805 GiB).
-`weight_bytes_per_gpu` divides the tensors `parallel/ownership.py` marks as split over the TP ranks and counts the
-replicated ones whole, in the format the rank holds them (the file's, but RMSNorm weights fp32): what one rank of
-`parallel/shard.py` holds after loading. `weight_bytes_per_gpu_ep` is the same for one of `dp` expert-parallel ranks
-(`dsv4 serve --dp N --ep`): only the routed experts are split (`split_and_whole(..., mode="ep")`), the shared expert,
-attention, embedding and head are whole on every rank. `dsv4 model info` reports the same numbers from
-a checkpoint's headers (`tests/test_model_info.py` checks they agree).
+What one GPU holds after loading, in the format the rank holds it (the file's, but RMSNorm weights fp32), has one
+formula for every layout: `dp` data-parallel attention ranks, each a tensor-parallel group of `tp` GPUs, the routed
+experts split over all dp x tp GPUs (expert parallelism):
+
+    weights/GPU = routed / (dp * tp) + tp_split / tp + whole
+
+routed = the routed experts (`parallel/ownership.split_over_ep_ranks`), tp_split = the other tensors
+`split_over_ranks` marks as split over TP ranks (query heads, output projections, shared expert, vocab rows of embed
+and head), whole = the rest (K=V head, compressors, indexer, norms, mHC, router, MTP block), replicated everywhere.
+`weight_bytes_per_gpu_dp_tp` is that formula; `weight_bytes_per_gpu` (dp = 1: one TP group, `parallel/shard.py`)
+and `weight_bytes_per_gpu_ep` (tp = 1: `dsv4 serve --dp N --ep`) are its two corners. `dsv4 model info` reports
+the same numbers from a checkpoint's headers (`tests/test_model_info.py` checks they agree).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 
 from dsv4.runtime.checkpoint.layout import FP4, FP8, LayoutTensor, held_nbytes, published_tensors
 from dsv4.runtime.config import ModelConfig
-from dsv4.runtime.parallel.ownership import rank_bytes, split_and_whole
+from dsv4.runtime.parallel.ownership import split_over_ep_ranks, split_over_ranks
 
 QUANTIZATIONS = ("fp8-fp4", "fp8", "bf16")
 _FP8 = 1.0 + 1.0 / (128 * 128)
@@ -59,11 +65,32 @@ def _component(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class _HeldParts:
+    """Held bytes of a model: routed experts (split over every GPU of a replica), the other TP-split tensors
+    (split over one TP group) and the replicated rest."""
+
+    routed: int
+    tp_split: int
+    whole: int
+
+
+def _held_parts(entries: list[tuple[str, int]]) -> _HeldParts:
+    routed = tp_split = whole = 0
+    for name, n in entries:
+        if split_over_ep_ranks(name):
+            routed += n
+        elif split_over_ranks(name):
+            tp_split += n
+        else:
+            whole += n
+    return _HeldParts(routed, tp_split, whole)
+
+
+@dataclass(frozen=True)
 class _Summary:
     counts: ParamCounts
     file_bytes: dict[str, int]  # quantization -> bytes of the checkpoint files
-    split_whole: dict[str, tuple[int, int]]  # quantization -> (held bytes split over TP ranks, held replicated)
-    split_whole_ep: dict[str, tuple[int, int]]  # the same over expert-parallel ranks (routed experts split)
+    held: dict[str, _HeldParts]  # quantization -> held bytes by how a layout splits them
 
 
 _SUMMARIES: dict[str, _Summary] = {}  # repr(config) -> summary: the inventory of a large model takes seconds
@@ -84,8 +111,7 @@ def _summarise(cfg: ModelConfig) -> _Summary:
     file_bytes = {q: sum(n for t in tensors for _, _, n in _file_entries(t, q)) for q in QUANTIZATIONS}
     held = {q: [(name, held_nbytes(name, dtype, n)) for t in tensors for name, dtype, n in _file_entries(t, q)]
             for q in QUANTIZATIONS}
-    return _Summary(ParamCounts(**counts), file_bytes, {q: split_and_whole(held[q]) for q in QUANTIZATIONS},
-                    {q: split_and_whole(held[q], mode="ep") for q in QUANTIZATIONS})
+    return _Summary(ParamCounts(**counts), file_bytes, {q: _held_parts(held[q]) for q in QUANTIZATIONS})
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
@@ -113,19 +139,27 @@ def _file_entries(t: LayoutTensor, quantization: str) -> list[tuple[str, str, in
     return [(t.name, "BF16", 2 * t.parameters)]
 
 
-def weight_bytes_per_gpu(cfg: ModelConfig, tp: int = 1, quantization: str = "fp8-fp4") -> int:
-    """Weight bytes one of `tp` tensor-parallel ranks holds once loaded with the weights kept as stored (split
-    tensors / tp + replicated ones whole; RMSNorm weights, bf16 in the files, held fp32: `layout.held_nbytes`).
-    `tests/test_weights_held.py` checks it equals the parameters + buffers of a loaded rank, byte for byte."""
+def weight_bytes_per_gpu_dp_tp(cfg: ModelConfig, dp: int, tp: int, quantization: str = "fp8-fp4") -> int:
+    """Weight bytes one GPU holds when a replica is `dp` data-parallel attention ranks of `tp` tensor-parallel GPUs
+    each, the routed experts split over all dp x tp GPUs: routed / (dp * tp) + tp_split / tp + whole (module
+    docstring), in the format held (weights as stored, RMSNorm weights fp32: `layout.held_nbytes`). The parts
+    divide evenly when `ownership.check_tp(cfg, tp)` passes and dp x tp divides the routed experts."""
     _check(quantization)
-    return rank_bytes(*_summary(cfg).split_whole[quantization], tp)
+    if dp < 1 or tp < 1:
+        raise ValueError(f"dp and tp must be >= 1, got dp={dp}, tp={tp}")
+    parts = _summary(cfg).held[quantization]
+    return parts.routed // (dp * tp) + parts.tp_split // tp + parts.whole
+
+
+def weight_bytes_per_gpu(cfg: ModelConfig, tp: int = 1, quantization: str = "fp8-fp4") -> int:
+    """Weight bytes one of `tp` tensor-parallel ranks holds (one TP group: dp = 1). `tests/test_weights_held.py`
+    checks it equals the parameters + buffers of a loaded rank, byte for byte."""
+    return weight_bytes_per_gpu_dp_tp(cfg, 1, tp, quantization)
 
 
 def weight_bytes_per_gpu_ep(cfg: ModelConfig, dp: int, quantization: str = "fp8-fp4") -> int:
-    """Weight bytes one of `dp` expert-parallel ranks holds (E/dp routed experts + every other tensor whole), in
-    the format held as for `weight_bytes_per_gpu`."""
-    _check(quantization)
-    return rank_bytes(*_summary(cfg).split_whole_ep[quantization], dp)
+    """Weight bytes one of `dp` expert-parallel ranks holds (E/dp routed experts + every other tensor whole: tp = 1)."""
+    return weight_bytes_per_gpu_dp_tp(cfg, dp, 1, quantization)
 
 
 def _check(quantization: str) -> None:
@@ -164,16 +198,27 @@ def experts_touched(cfg: ModelConfig, tokens: int) -> float:
     return 1.0 - (1.0 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** max(1, tokens)
 
 
-def decode_weight_bytes(cfg: ModelConfig, quantization: str, batch: int) -> int:
-    """Weight bytes one decode step of `batch` sequences reads: all dense weights plus the expected
-    fraction of routed experts touched, 1 - (1 - k/E)^batch (k experts per token, E experts)."""
+def decode_weight_bytes_dp_tp(cfg: ModelConfig, quantization: str, dp: int, tp: int, rank_batch: int) -> int:
+    """Weight bytes one GPU reads in a decode step where each of `dp` data-parallel ranks (TP groups of `tp` GPUs)
+    decodes `rank_batch` sequences:
+
+        (dense + routed / dp * (1 - (1 - k/E)^(dp * rank_batch))) / tp
+
+    dense = the weights every step reads whole (attention, shared expert, router, lm_head), routed = all routed
+    experts; the MoE layer sees the dp x rank_batch gathered tokens, each GPU's E/(dp*tp) experts are touched at
+    the expected fraction 1 - (1 - k/E)^tokens (k experts per token). The dense part is charged / tp as in TP:
+    the replicated tensors (K=V head, compressors, indexer) are small next to the split projections."""
     dense, routed = _dense_and_routed_bytes(cfg, quantization)
-    return int(dense + routed * experts_touched(cfg, batch))
+    return int((dense + routed / dp * experts_touched(cfg, dp * rank_batch)) / tp)
+
+
+def decode_weight_bytes(cfg: ModelConfig, quantization: str, batch: int) -> int:
+    """Weight bytes one decode step of `batch` sequences reads on one GPU: all dense weights plus the expected
+    fraction of routed experts touched, 1 - (1 - k/E)^batch (k experts per token, E experts)."""
+    return decode_weight_bytes_dp_tp(cfg, quantization, 1, 1, batch)
 
 
 def decode_weight_bytes_ep(cfg: ModelConfig, quantization: str, dp: int, rank_batch: int) -> int:
-    """Weight bytes one of `dp` expert-parallel ranks reads in a decode step where every rank decodes `rank_batch`
-    sequences: its whole dense weights, plus its E/dp experts touched by the tokens of all ranks (the MoE layer
-    sees the dp x rank_batch gathered tokens)."""
-    dense, routed = _dense_and_routed_bytes(cfg, quantization)
-    return int(dense + routed / dp * experts_touched(cfg, dp * rank_batch))
+    """Weight bytes one of `dp` expert-parallel ranks (tp = 1) reads in a decode step where every rank decodes
+    `rank_batch` sequences: its whole dense weights plus its E/dp experts touched by all dp x rank_batch tokens."""
+    return decode_weight_bytes_dp_tp(cfg, quantization, dp, 1, rank_batch)

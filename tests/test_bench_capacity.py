@@ -44,25 +44,39 @@ def test_capacity_smoke_cli(tmp_path, capsys):
 def check_layouts(lay: dict, model: str) -> None:
     from dsv4.operator import weights as W
     from dsv4.runtime.config import preset
+    from dsv4.runtime.parallel.ownership import TPConfigError, check_tp
 
     cfg = preset(model)
     rows = {(r["workload"], r["layout"]): r for r in lay["rows"]}
-    assert {layout for _, layout in rows} == {"TP8", "DP8+EP"}
+    # TP8, DP8+EP and every DP d x TP t + EP of 8 GPUs the model splits into
+    inner = []
+    for t in (2, 4):
+        try:
+            check_tp(cfg, t)
+            inner.append(f"DP{8 // t}xTP{t}+EP")
+        except TPConfigError:
+            pass
+    assert {layout for _, layout in rows} == {"TP8", "DP8+EP", *inner} and inner
     for (name, layout), r in rows.items():
-        assert r["caches"] == (8 if layout == "DP8+EP" else 1)
-        held = W.weight_bytes_per_gpu_ep(cfg, 8) if layout == "DP8+EP" else W.weight_bytes_per_gpu(cfg, 8)
-        assert r["weights_per_gpu"] == held
-        assert r["fits"] == (r["usable_per_gpu"] - held - r["reserve_per_gpu"] > 0)
+        assert r["dp"] * r["tp"] == 8 and r["layout"] == (
+            "TP8" if r["dp"] == 1 else f"DP{r['dp']}+EP" if r["tp"] == 1 else f"DP{r['dp']}xTP{r['tp']}+EP")
+        assert r["caches"] == r["dp"]  # a TP group shares one cache; each DP rank has its own
+        assert r["weights_per_gpu"] == W.weight_bytes_per_gpu_dp_tp(cfg, r["dp"], r["tp"])
+        assert r["fits"] == (r["usable_per_gpu"] - r["weights_per_gpu"] - r["reserve_per_gpu"] > 0)
         assert r["sessions"] == r["caches"] * r["sessions_per_cache"] and r["tokens"] == r["sessions"] * r["length"]
         tp = rows[(name, "TP8")]["tokens"]
         if layout == "DP8+EP" and tp:
             assert lay["dp_ep_vs_tp_tokens"][name] == pytest.approx(r["tokens"] / tp)
+    for name, best in lay["best"].items():
+        most = max((r for r in lay["rows"] if r["workload"] == name), key=lambda r: r["tokens"])
+        assert best["tokens"] == most["tokens"] and best["layout"] == (most["layout"] if most["tokens"] else None)
 
 
 def test_pro_layouts_on_h200_and_b200(tmp_path) -> None:
     """Pro as DP8+EP holds 145 GB of weights per GPU (experts / 8, attention, shared expert, embedding, head and MTP
-    block whole): more than an H200's 135.7 GB usable, so only TP8 fits there; on B200 each of the 8 caches is
-    half TP8's one, about 4x the tokens (docs/benchmarks.md)."""
+    block whole): more than an H200's 135.7 GB usable; TP inside the DP ranks splits the rest and fits, and then
+    holds more tokens than TP8 (two caches). On B200 each of DP8+EP's 8 caches is half TP8's one, about 4x the
+    tokens (docs/benchmarks.md)."""
     for gpu in ("H200", "B200"):
         assert main(["bench", "capacity", "--smoke", "--model", "pro", "--layouts-only", "--layout-gpu", gpu,
                      "--out", str(tmp_path)]) == 0
@@ -73,6 +87,11 @@ def test_pro_layouts_on_h200_and_b200(tmp_path) -> None:
     check_layouts(h200, "pro")
     assert [r["fits"] for r in h200["rows"] if r["layout"] == "DP8+EP"] == [False, False]
     assert h200["targets"] == {"DP+EP >= 7x TP tokens (agent)": False}
+    fit_with_tp_inside = [r for r in h200["rows"] if r["fits"] and r["dp"] > 1]
+    assert fit_with_tp_inside and all(r["tp"] > 1 for r in fit_with_tp_inside)
+    for name, best in h200["best"].items():
+        assert best["layout"] in {r["layout"] for r in fit_with_tp_inside} and best["vs_tp"] > 1, name
+    assert "Most tokens: agent: DP" in stem.with_suffix(".md").read_text()
     b200 = json.loads((tmp_path / "capacity_pro_B200_layouts_smoke.json").read_text())["layouts"]
     check_layouts(b200, "pro")
     assert all(r["fits"] for r in b200["rows"]) and all(3 < v < 7 for v in b200["dp_ep_vs_tp_tokens"].values())

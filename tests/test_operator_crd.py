@@ -110,6 +110,12 @@ def test_printer_columns_read_what_the_operator_writes() -> None:
     assert cols["TP"] == obj["status"]["plan"]["parallelism"] == "DP8+EP" and cols["Reason"] == ""
     assert obj["status"]["plan"]["dataParallelSize"] == 8 and obj["status"]["plan"]["tensorParallelSize"] == 1
     assert cols["Plan"].startswith(f"{cols['TP']}, ")
+    # on 8 x H200 DP8+EP does not fit: each data-parallel rank is a TP group (test_operator_planner derives which)
+    obj["spec"]["accelerator"]["type"] = "H200"
+    obj["status"] = reconcile("agents", "ns", "uid", 2, obj["spec"], None, Observed(deployment=dep), 0.0).status
+    cols, p = column_values(obj), obj["status"]["plan"]
+    assert p["dataParallelSize"] > 1 and p["tensorParallelSize"] > 1
+    assert cols["TP"] == f"DP{p['dataParallelSize']}xTP{p['tensorParallelSize']}+EP"
     bad = _example("invalid-pro-on-h100.yaml")
     bad["status"] = reconcile("too-big", "ns", "uid", 1, bad["spec"], None, Observed(), 0.0).status
     cols = column_values(bad)

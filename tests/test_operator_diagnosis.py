@@ -177,7 +177,8 @@ def test_replan_reports_old_to_new_in_the_event_and_plan_history() -> None:
 
 def test_status_from_before_layouts_is_no_replan_and_a_layout_change_is() -> None:
     spec = example("long-context-agent.yaml")
-    spec["accelerator"]["type"] = "H200"  # Pro stays TP8 on H200
+    spec["accelerator"]["type"] = "H200"
+    spec["overrides"] = {**spec.get("overrides", {}), "layout": "tp"}  # a status written before layouts was TP
     first = reconcile("agents", "ns", "uid", 1, spec, None, Observed(), 10.0)
     assert first.status["plan"]["parallelism"] == "TP8"
     old = {**first.status, "plan": {k: v for k, v in first.status["plan"].items()
@@ -185,6 +186,7 @@ def test_status_from_before_layouts_is_no_replan_and_a_layout_change_is() -> Non
     again = reconcile("agents", "ns", "uid", 1, spec, old, Observed(), 20.0)
     assert again.events == [] and again.status["planHistory"] == []
     spec["accelerator"]["type"] = "B200"  # DP8+EP there
+    del spec["overrides"]["layout"]
     moved = reconcile("agents", "ns", "uid", 2, spec, again.status, Observed(), 30.0)
     (entry,) = moved.status["planHistory"]
     assert entry["changes"][:3] == ["layout: tp -> dp-ep", "tensorParallelSize: 8 -> 1", "dataParallelSize: 1 -> 8"]

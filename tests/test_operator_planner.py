@@ -16,6 +16,7 @@ from dsv4.operator.profiles import NAMED
 from dsv4.runtime.cache.manager import CacheManager
 from dsv4.runtime.cache.spec import CacheSpec
 from dsv4.runtime.config import flash, pro
+from dsv4.runtime.parallel.ownership import check_tp
 
 from dsv4.settings_enums import PROFILE_NAMES
 
@@ -68,12 +69,12 @@ def test_plan_table(variant: str, gpu: str, profile: str) -> None:
         return
     p = plan(s)
     tp, dp = p.tensor_parallel_size, p.data_parallel_size
-    assert tp <= 8 and cfg.num_attention_heads % tp == 0 and cfg.n_routed_experts % tp == 0
-    assert p.gpus_per_replica == tp * dp <= 8 and (tp == 1 or dp == 1) and cfg.n_routed_experts % dp == 0
+    check_tp(cfg, tp)  # the runtime can split the model over each rank's TP group
+    assert p.gpus_per_replica == tp * dp <= 8 and cfg.n_routed_experts % (tp * dp) == 0
     assert p.layout == ("dp-ep" if dp > 1 else "tp")
-    # memory adds up: the rank's weights (TP: split parts / tp + replicated parts whole; DP+EP: experts / dp + the
-    # rest whole) + cache within one GPU
-    held = W.weight_bytes_per_gpu_ep(cfg, dp, "fp8-fp4") if dp > 1 else W.weight_bytes_per_gpu(cfg, tp, "fp8-fp4")
+    # memory adds up: the GPU's weights (experts / (dp x tp) + the other TP-split parts / tp + the replicated parts
+    # whole) + cache within one GPU
+    held = W.weight_bytes_per_gpu_dp_tp(cfg, dp, tp, "fp8-fp4")
     assert p.weight_bytes_per_gpu == held and held + p.cache_bytes_per_gpu < usable
     assert p.cache_bytes_per_gpu > 1 * GIB
     # TP1 is chosen whenever the weights leave room for a cache on one GPU and it holds as many per GPU
@@ -97,7 +98,7 @@ def test_plan_table(variant: str, gpu: str, profile: str) -> None:
     assert REASON_KEYS <= set(p.reasons) and all(p.reasons[k].strip() for k in REASON_KEYS)
     st = p.to_status().wire()
     assert st["tensorParallelSize"] == tp and st["dataParallelSize"] == dp and st["layout"] == p.layout
-    assert st["parallelism"] == (f"DP{dp}+EP" if dp > 1 else f"TP{tp}")
+    assert st["parallelism"] == (f"TP{tp}" if dp == 1 else f"DP{dp}+EP" if tp == 1 else f"DP{dp}xTP{tp}+EP")
     assert st["reasons"]["cachePolicy"] == p.reasons["cachePolicy"]
 
 
@@ -137,7 +138,7 @@ def test_hca_state_is_online_only_when_the_cache_bounds_the_raw_layout() -> None
     # on the same layout
     b200 = plan(spec("flash", "B200", "short-chat"))
     dp = b200.data_parallel_size
-    same_layout = {"dataParallelSize": dp} if dp > 1 else {"tensorParallelSize": b200.tensor_parallel_size}
+    same_layout = ({"dataParallelSize": dp} if dp > 1 else {}) | {"tensorParallelSize": b200.tensor_parallel_size}
     raw = plan(spec("flash", "B200", "short-chat", overrides={"hcaState": "raw", **same_layout}))
     assert b200.hca_state == "online" and raw.hca_state == "raw" and raw.data_parallel_size == dp
     assert b200.sessions_per_replica > raw.sessions_per_replica
@@ -246,21 +247,30 @@ def prefill(mgr: CacheManager, i: int, context: int, chunk: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("layout", ["tp", "dp-ep"])
-def test_sessions_per_replica_equal_what_each_rank_allocator_admits(layout: str) -> None:
-    """Pro long-context-agent on 8 x B200 in both layouts: every rank builds the pools its pod's config gives (the
-    runtime's `cache_for_budget`: a TP group's one cache, or each DP rank's own); ranks with a cache x the requests
-    one admits == sessionsPerReplica, and one more request does not fit."""
+@pytest.mark.parametrize(("gpu", "layout"), [("B200", "tp"), ("B200", "dp-ep"), ("H200", None)])
+def test_sessions_per_replica_equal_what_each_rank_allocator_admits(gpu: str, layout: str | None) -> None:
+    """Pro long-context-agent on 8 x B200 in both layouts, and on 8 x H200 as planned (DP ranks with TP inside:
+    test_pro_on_h200_takes_tp_inside_dp_ranks_when_that_holds_more): every rank builds the pools its pod's config
+    gives (the runtime's `cache_for_budget`: a TP group's one cache, or each DP rank's own); ranks with a cache x the
+    requests one admits == sessionsPerReplica, and one more request does not fit."""
     from dsv4.operator import manifests
     from dsv4.runtime.server.build import cache_for_budget, cache_spec, expected_context
-    from dsv4.runtime.server.config import ServeConfig
+    from dsv4.runtime.server.config import ServeConfig, ServeConfigError
 
-    s = spec("pro", "B200", "long-context-agent", overrides={"layout": layout})
+    s = spec("pro", gpu, "long-context-agent", overrides={"layout": layout} if layout else {})
     p = plan(s)
-    assert p.layout == layout and "bound by cache" in p.reasons["sessionsPerReplica"]
+    assert p.layout == (layout or "dp-ep") and "bound by cache" in p.reasons["sessionsPerReplica"]
     values = manifests.runtime_config(manifests.EndpointRef("agents", "ns", "uid"), s, p)
-    cfg = ServeConfig.checked(**values)
-    assert (cfg.tp, cfg.dp, cfg.ep) == ((8, 1, False) if layout == "tp" else (1, 8, True))
+    try:
+        cfg = ServeConfig.checked(**values)
+    except ServeConfigError as e:
+        # `dsv4 serve --dp --tp --ep` lands with issue 20; until then ServeConfig refuses TP inside DP ranks
+        if not (p.data_parallel_size > 1 and p.tensor_parallel_size > 1 and "not supported yet" in str(e)):
+            raise
+        cfg = ServeConfig(**values)
+    want = (p.tensor_parallel_size, 1, False) if p.layout == "tp" else (p.tensor_parallel_size, p.data_parallel_size,
+                                                                          True)
+    assert (cfg.tp, cfg.dp, cfg.ep) == want and cfg.tp * cfg.dp == p.gpus_per_replica == 8
     mcfg = model_config(s)
     context = expected_context(cfg, int(mcfg.max_position_embeddings))
     assert context == p.expected_context
@@ -285,14 +295,73 @@ def test_pro_on_b200_chooses_dp_ep_and_says_why() -> None:
 
 
 def test_pro_does_not_fit_dp_ep_on_h200() -> None:
-    """EP keeps attention, the shared expert, embedding, head and the MTP block whole on every rank: 145 GB of Pro
-    per GPU, more than an H200's 135.7 GB usable, so Pro stays TP8 there."""
-    p = plan(spec("pro", "H200", "coding-agent"))
-    assert p.parallelism.label == "TP8"
-    assert "DP8+EP: weights 145.4 GB/GPU + reserve" in p.reasons["layout"]
+    """EP alone keeps attention, the shared expert, embedding, head and the MTP block whole on every rank: 145 GB of
+    Pro per GPU, more than an H200's 135.7 GB usable."""
     with pytest.raises(PlanError) as err:
         plan(spec("pro", "H200", "coding-agent", overrides={"dataParallelSize": 8}))
     assert err.value.reason == "WeightsDoNotFit" and "DP8+EP: weights 145.4 GB/GPU" in err.value.message
+    assert "DP8+EP: no" in plan(spec("pro", "H200", "coding-agent")).reasons["dataParallelSize"]
+
+
+def eight_gpu_layouts(cfg: Any) -> dict[str, dict[str, Any]]:
+    """Every layout of at most 8 GPUs as overrides, by label: TP t, and DP d x TP t + EP (d >= 2, d*t | E)."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in (1, 2, 4, 8):
+        try:
+            check_tp(cfg, t)
+        except ValueError:
+            continue
+        out[f"TP{t}"] = {"layout": "tp", "tensorParallelSize": t}
+        for d in range(2, 8 // t + 1):
+            if cfg.n_routed_experts % (d * t) == 0:
+                out[f"DP{d}+EP" if t == 1 else f"DP{d}xTP{t}+EP"] = {"dataParallelSize": d, "tensorParallelSize": t}
+    return out
+
+
+@pytest.mark.parametrize("profile", ["coding-agent", "short-chat"])
+def test_pro_on_h200_takes_tp_inside_dp_ranks_when_that_holds_more(profile: str) -> None:
+    """Pro on 8 x H200: each layout planned on its own (overrides, recompute policy: the policy the layouts are
+    compared under); the planner's choice is the one holding the most sessions per GPU (ties: fewer GPUs), and when
+    that is DP ranks with TP inside it holds more sessions than TP8 and the reason says so."""
+    cfg = pro()
+    per_gpu: dict[str, tuple[float, int, int]] = {}
+    for label, overrides in eight_gpu_layouts(cfg).items():
+        try:
+            q = plan(spec("pro", "H200", profile, overrides={**overrides, "cachePolicy": "recompute"}))
+        except PlanError:
+            continue
+        assert q.parallelism.label == label
+        assert q.weight_bytes_per_gpu == W.weight_bytes_per_gpu_dp_tp(cfg, q.data_parallel_size,
+                                                                     q.tensor_parallel_size)
+        per_gpu[label] = (q.sessions_per_replica / q.gpus_per_replica, -q.gpus_per_replica, q.sessions_per_replica)
+    assert "DP8+EP" not in per_gpu and "TP8" in per_gpu  # EP alone does not fit; TP8 does
+    best = max(per_gpu, key=lambda k: per_gpu[k][:2])
+    p = plan(spec("pro", "H200", profile, overrides={"cachePolicy": "recompute"}))
+    assert p.parallelism.label == best
+    assert p.to_status().wire()["parallelism"] == best
+    if p.data_parallel_size > 1 and p.tensor_parallel_size > 1:
+        assert p.sessions_per_replica > per_gpu["TP8"][2]
+        assert p.reasons["layout"].startswith(f"{best}: {p.data_parallel_size} caches of ")
+        assert f"vs TP8: one cache of {per_gpu['TP8'][2]} sessions" in p.reasons["layout"]
+        assert p.reasons["tensorParallelSize"].startswith(
+            f"{p.tensor_parallel_size}: each of the {p.data_parallel_size} data-parallel ranks is a "
+            f"TP{p.tensor_parallel_size} group")
+
+
+def test_dp_and_tp_overrides_together() -> None:
+    both = plan(spec("pro", "H200", "coding-agent", overrides={"dataParallelSize": 2, "tensorParallelSize": 4}))
+    assert (both.layout, both.data_parallel_size, both.tensor_parallel_size) == ("dp-ep", 2, 4)
+    assert both.reasons["layout"].startswith(
+        "set by overrides.dataParallelSize and overrides.tensorParallelSize: DP2xTP4+EP: 2 caches of ")
+    # layout dp-ep with a TP size: the planner picks the DP size (here the only one: 2 x 4 = 8 GPUs)
+    inner = plan(spec("pro", "H200", "coding-agent", overrides={"layout": "dp-ep", "tensorParallelSize": 4}))
+    assert inner.parallelism.label == "DP2xTP4+EP"
+    with pytest.raises(PlanError) as err:
+        plan(spec("pro", "H200", "coding-agent", overrides={"layout": "dp-ep", "tensorParallelSize": 8}))
+    assert err.value.reason == "InvalidDataParallel" and "gpusPerNode=8" in err.value.message
+    with pytest.raises(PlanError) as err:
+        plan(spec("flash", "H200", "coding-agent", overrides={"dataParallelSize": 2, "tensorParallelSize": 3}))
+    assert err.value.reason == "InvalidTensorParallel" and "num_attention_heads (64)" in err.value.message
 
 
 def test_layout_overrides() -> None:
@@ -334,6 +403,36 @@ def test_dp_decode_step_charges_the_token_exchange() -> None:
     hbm = (W.decode_weight_bytes_ep(cfg, "fp8-fp4", 8, b) + b * kv) / (acc.hbm_bytes_per_s * MBU)
     exchange = cfg.num_hidden_layers * 2 * 7 * b * cfg.hidden_size * 2 / acc.interconnect_bytes_per_s
     assert exchange > 0 and p.decode_step_ms == pytest.approx((hbm + exchange) * 1000, abs=1e-3)
+
+
+@pytest.mark.parametrize(("overrides", "dp", "tp", "rows_per_b"), [
+    ({"layout": "tp", "tensorParallelSize": 8}, 1, 8, 2 * 2 * 7 / 8),  # TP8: two ring all-reduces per layer
+    # DP2 x TP4: attention all-reduce 2 x 3/4, gather of the other rank's b, ring reduce-scatter of 2b over 8 GPUs
+    # 7/8 x 2, all-gather of the rank's slices inside TP4 3/4
+    ({"dataParallelSize": 2, "tensorParallelSize": 4}, 2, 4, 2 * 3 / 4 + 1 + 7 / 8 * 2 + 3 / 4),
+])
+def test_decode_step_charges_tp_all_reduces_and_the_ep_exchange(overrides: dict[str, Any], dp: int, tp: int,
+                                                                 rows_per_b: float) -> None:
+    """decode step = (dense / tp + routed / (dp x tp) x touched(dp x b) + b x kv_read) / (hbm x MBU)
+    + layers x exchange rows x hidden x 2 B / interconnect (module docstring of planner.py)."""
+    from dsv4.operator.hardware import MBU
+    from dsv4.operator.planner import kv_read_bytes
+
+    p = plan(spec("pro", "H200", "coding-agent", overrides={**overrides, "cachePolicy": "recompute"}))
+    cfg, acc, wl = pro(), accelerator("H200"), NAMED["coding-agent"]
+    assert (p.data_parallel_size, p.tensor_parallel_size) == (dp, tp)
+    b = p.sessions_per_replica // dp
+    bpp = W.bytes_per_param("fp8-fp4")
+    c = W.param_counts(cfg)
+    dense = (c.attention * bpp["attention"] + c.shared * bpp["shared"] + c.router * bpp["router"]
+             + cfg.vocab_size * cfg.hidden_size * bpp["embeddings"])
+    touched = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** (dp * b)
+    weights = dense / tp + c.routed * bpp["routed"] / (dp * tp) * touched
+    kv = kv_read_bytes(cfg, CacheSpec.from_model(cfg, kv_dtype="fp8", index_dtype="fp4", hca_state="raw"),
+                       wl.context_p95)
+    hbm = (weights + b * kv) / (acc.hbm_bytes_per_s * MBU)
+    exchange = cfg.num_hidden_layers * rows_per_b * b * cfg.hidden_size * 2 / acc.interconnect_bytes_per_s
+    assert p.decode_step_ms == pytest.approx((hbm + exchange) * 1000, abs=1e-3)  # the plan rounds to 1 us
 
 
 def test_replicated_weights_do_not_divide_over_the_group() -> None:

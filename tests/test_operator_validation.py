@@ -62,12 +62,11 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str, str]] = {
                       "spec", "overrides.tensorParallelSize must be <= accelerator.gpusPerNode"),
     "dp-above-node": (_set("spec.overrides", {"dataParallelSize": 16}),
                       "spec", "overrides.dataParallelSize must be <= accelerator.gpusPerNode"),
-    "dp-with-tp": (_set("spec.overrides", {"dataParallelSize": 4, "tensorParallelSize": 2}),
-                   "spec.overrides", "they exclude tensorParallelSize > 1"),
-    "dp-ep-layout-with-tp": (_set("spec.overrides", {"layout": "dp-ep", "tensorParallelSize": 4}),
-                             "spec.overrides", "they exclude tensorParallelSize > 1"),
+    "dp-times-tp-above-node": (_set("spec.overrides", {"dataParallelSize": 4, "tensorParallelSize": 4}),
+                               "spec", "overrides.dataParallelSize x overrides.tensorParallelSize must be <= "
+                                       "accelerator.gpusPerNode"),
     "dp-size-with-layout-tp": (_set("spec.overrides", {"dataParallelSize": 2, "layout": "tp"}),
-                               "spec.overrides", "and layout tp"),
+                               "spec.overrides", "it excludes layout tp"),
     "name-too-long": (_set("metadata.name", "a" * 64), "<root>", "at most 63 characters"),
     "name-starts-with-digit": (_set("metadata.name", "1chat"), "<root>", "DNS-1035 label"),
     "name-with-dot": (_set("metadata.name", "chat.v4"), "<root>", "DNS-1035 label"),
@@ -121,6 +120,15 @@ def test_the_base_object_is_admitted() -> None:
     api.DSV4Endpoint.model_validate(base())
 
 
+@pytest.mark.parametrize("overrides", [{"dataParallelSize": 2, "tensorParallelSize": 4},
+                                       {"layout": "dp-ep", "tensorParallelSize": 4}, {"dataParallelSize": 8}])
+def test_data_parallel_ranks_with_tp_inside_are_admitted(overrides: dict[str, Any]) -> None:
+    obj = base()
+    obj["spec"]["overrides"] = overrides
+    assert admission.admission_errors(obj) == []
+    api.DSV4Endpoint.model_validate(obj)
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_admission_rejects_with_a_message_naming_field_and_limit(case: str) -> None:
     mutate, path, fragment = BAD[case]
@@ -166,6 +174,10 @@ PLAN_INVALID: dict[str, tuple[dict[str, Any], str]] = {
     "dp-not-dividing-experts": ({"model": {"variant": "flash", "weights": {"pvc": {"claimName": "w"}}},
                                  "profile": {"name": "short-chat"}, "overrides": {"dataParallelSize": 3}},
                                 "InvalidDataParallel"),
+    "dp-times-tp-not-dividing-experts": ({"model": {"variant": "flash", "weights": {"pvc": {"claimName": "w"}}},
+                                          "profile": {"name": "short-chat"},
+                                          "overrides": {"dataParallelSize": 3, "tensorParallelSize": 2}},
+                                         "InvalidDataParallel"),
     "context-beyond-model": ({"model": {"variant": "pro", "weights": {"pvc": {"claimName": "w"}}},
                               "profile": {"name": "custom", "custom": {"contextP50": 1000, "contextP95": 2000,
                                                                       "contextMax": 2_000_000}}},
