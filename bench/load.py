@@ -58,14 +58,18 @@ def hwm():
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 path, progress, rank, world, weights = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+cold = sys.argv[6] == "cold"
 files = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
-buf, seq_bytes, t0 = bytearray(16 << 20), 0, time.perf_counter()
-for name in files:  # page-cache copy speed: the files read through one reused 16 MiB buffer (no new memory)
-    with open(os.path.join(path, name), "rb", buffering=0) as f:
-        while (n := f.readinto(buf)):
-            seq_bytes += n
-seq_s = time.perf_counter() - t0
-del buf
+def evict():  # drop the files' (clean) pages from the page cache: the next read comes from the disk
+    for name in files:
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+if cold:
+    evict()
 plain_bytes, t0 = 0, time.perf_counter()
 for name in files:  # the plain read (throughput baseline): each file read whole into memory of its own
     with open(os.path.join(path, name), "rb", buffering=0) as f:
@@ -76,6 +80,15 @@ for name in files:  # the plain read (throughput baseline): each file read whole
             view = view[n:]
         del view, whole
 plain_s = time.perf_counter() - t0
+buf, seq_bytes, t0 = bytearray(16 << 20), 0, time.perf_counter()
+for name in files:  # page-cache copy speed: the (now cached) files through one reused 16 MiB buffer
+    with open(os.path.join(path, name), "rb", buffering=0) as f:
+        while (n := f.readinto(buf)):
+            seq_bytes += n
+seq_s = time.perf_counter() - t0
+del buf
+if cold:
+    evict()
 base = rss()
 try:  # reset the peak to the current RSS, so the import peak does not count as load cost
     with open("/proc/self/clear_refs", "w") as f:
@@ -108,6 +121,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench/results", help="results folder (load[_smoke].json/.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", default="1", help="comma list of TP sizes: each loads rank 0's part only (default 1)")
+    p.add_argument("--cache", default="cold", choices=["cold", "warm"],
+                   help="cold (default): the files are evicted from the page cache before the plain read and before "
+                        "the load (both read the disk); warm: both read cached pages")
     p.add_argument("--weights-dtype", default="bf16", choices=["bf16", "checkpoint"],
                    help="bf16: dequantise FP8/FP4 at load (default); checkpoint: keep them quantised in memory")
 
@@ -169,14 +185,29 @@ def write_checkpoints(cfg, root: Path, layouts: list[str], seed: int) -> dict[st
         write_safetensors(root / "fp8", pub, max_shard_bytes=shard)
         write_config(root / "fp8", d)
         out["fp8"] = root / "fp8"
+    for path in out.values():
+        (path / "bench_seed").write_text(f"{seed}\n")
     return out
 
 
-def measure(path: Path, progress: bool = False, tp: int = 1, weights_dtype: str = "bf16") -> dict:
+def _written(path: Path, cfg, seed: int) -> bool:
+    """A checkpoint of this config and seed is already in `path` (a `--workdir` kept from an earlier run)."""
+    stamp = path / "bench_seed"
+    try:
+        return (json.loads((path / "config.json").read_text())["n_routed_experts"] == cfg.n_routed_experts
+                and json.loads((path / "config.json").read_text())["hidden_size"] == cfg.hidden_size
+                and stamp.read_text().strip() == str(seed))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def measure(path: Path, progress: bool = False, tp: int = 1, weights_dtype: str = "bf16", cache: str = "cold"
+            ) -> dict:
     """Load `path` (rank 0's part of a `tp`-way split) in a fresh interpreter and return its timings / RSS figures
-    (see the module docstring)."""
+    (see the module docstring). `cache="cold"`: the plain read and the load each start with the files evicted from
+    the page cache (read from the disk, as a new pod does); "warm": both read cached pages."""
     r = subprocess.run([sys.executable, "-c", _CHILD, str(path), "1" if progress else "0", "0", str(tp),
-                        weights_dtype], check=False,
+                        weights_dtype, cache], check=False,
                        stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"loading {path} failed in the subprocess: {(r.stderr or '').strip()[-2000:]}")
@@ -191,6 +222,7 @@ def measure(path: Path, progress: bool = False, tp: int = 1, weights_dtype: str 
     m["load_MBps"] = m["checkpoint_bytes"] / MB / m["load_s"] if m["load_s"] > 0 else float("inf")
     m["tp"] = tp
     m["weights_dtype"] = weights_dtype
+    m["cache"] = cache
     m["read_MBps"] = m["bytes_read"] / MB / m["load_s"] if m["load_s"] > 0 else float("inf")
     m["seq_MBps"] = m["seq_read_bytes"] / MB / m["seq_read_s"] if m["seq_read_s"] > 0 else float("inf")
     m["plain_MBps"] = m["plain_read_bytes"] / MB / m["plain_read_s"] if m["plain_read_s"] > 0 else float("inf")
@@ -262,20 +294,27 @@ def run(args) -> int:
     root = Path(args.workdir) if args.workdir else Path(tmp := tempfile.mkdtemp(prefix="dsv4-bench-load-"))
     try:
         t0 = time.perf_counter()
-        paths = write_checkpoints(cfg, root, layouts, args.seed)
-        print(f"wrote {', '.join(layouts)} checkpoint(s) of {cfg.n_routed_experts} experts x {cfg.num_hidden_layers} "
-              f"layers in {time.perf_counter() - t0:.1f} s under {root}")
+        paths = {name: root / name for name in layouts}
+        if all(_written(paths[name], cfg, args.seed) for name in layouts):
+            print(f"reusing the {', '.join(layouts)} checkpoint(s) of this size and seed under {root}")
+        else:
+            paths = write_checkpoints(cfg, root, layouts, args.seed)
+            print(f"wrote {', '.join(layouts)} checkpoint(s) of {cfg.n_routed_experts} experts x "
+                  f"{cfg.num_hidden_layers} layers in {time.perf_counter() - t0:.1f} s under {root}")
         res = {"preset": args.preset, "kind": kind, "goal_ratio_model": GOAL,
                "command": "dsv4 bench load" + (" --smoke" if args.smoke else "")
                + (f" --size-mb {args.size_mb:g}" if args.size_mb is not None else "")
                + (f" --preset {args.preset}" if args.preset != "tiny" else "")
                + (f" --tp {args.tp}" if tps != [1] else "")
-               + (f" --weights-dtype {args.weights_dtype}" if args.weights_dtype != "bf16" else ""),
+               + (f" --weights-dtype {args.weights_dtype}" if args.weights_dtype != "bf16" else "")
+               + (" --cache warm" if args.cache == "warm" else ""),
+               "cache": args.cache,
                "config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size", "moe_intermediate_size",
                                                        "n_routed_experts", "vocab_size")},
                "layouts": {}}
         for (name, path), tp in ((item, tp) for tp in tps for item in paths.items()):
-            m = measure(path, progress=not args.smoke and sys.stderr.isatty(), tp=tp, weights_dtype=args.weights_dtype)
+            m = measure(path, progress=not args.smoke and sys.stderr.isatty(), tp=tp, weights_dtype=args.weights_dtype,
+                        cache=args.cache)
             name = name if tp == 1 else f"{name} tp{tp}"
             res["layouts"][name] = m
             print(f"{name:>8}: {m['checkpoint_bytes'] / MB:8.1f} MB in {m['files']} file(s), "

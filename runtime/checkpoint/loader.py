@@ -188,9 +188,16 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
             raise CheckpointError(f"{Path(meta.file).name}: tensor {name} has shape {list(got)}, expected "
                                   f"{list(want)} for this config.json")
 
+    world = shard.world if shard else 1
+
+    parts = {hf: owned_part(hf.removeprefix("model."), cfg, shard.rank, world, shard.mode, shard.tp)
+             for hf in plan} if shard else {}
+
+    def part_of(hf: str) -> OwnedPart | None:
+        return parts[hf] if shard else OwnedPart()
+
     with _parameters_on_meta():
         model = DeepseekV4Model(cfg, wdtype, with_mtp=has_mtp)
-    world = shard.world if shard else 1
     if world > 1 and shard.mode == "ep":
         from dsv4.runtime.parallel.ep import shard_model_ep
         from dsv4.runtime.parallel.expert_exchange import AllGatherExchange
@@ -201,10 +208,6 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
         from dsv4.runtime.parallel.shard import shard_model
 
         shard_model(model, cfg, shard.rank, world, shard.pg)  # on the meta device: only the shapes change
-
-    def part_of(hf: str) -> OwnedPart | None:
-        return (owned_part(hf.removeprefix("model."), cfg, shard.rank, world, shard.mode, shard.tp) if shard
-                else OwnedPart())
 
     if weights_dtype == "checkpoint":
         _keep_quantised(model, plan, wdtype, part_of)
