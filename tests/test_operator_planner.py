@@ -255,19 +255,13 @@ def test_sessions_per_replica_equal_what_each_rank_allocator_admits(gpu: str, la
     requests one admits == sessionsPerReplica, and one more request does not fit."""
     from dsv4.operator import manifests
     from dsv4.runtime.server.build import cache_for_budget, cache_spec, expected_context
-    from dsv4.runtime.server.config import ServeConfig, ServeConfigError
+    from dsv4.runtime.server.config import ServeConfig
 
     s = spec("pro", gpu, "long-context-agent", overrides={"layout": layout} if layout else {})
     p = plan(s)
     assert p.layout == (layout or "dp-ep") and "bound by cache" in p.reasons["sessionsPerReplica"]
     values = manifests.runtime_config(manifests.EndpointRef("agents", "ns", "uid"), s, p)
-    try:
-        cfg = ServeConfig.checked(**values)
-    except ServeConfigError as e:
-        # `dsv4 serve --dp --tp --ep` lands with issue 20; until then ServeConfig refuses TP inside DP ranks
-        if not (p.data_parallel_size > 1 and p.tensor_parallel_size > 1 and "not supported yet" in str(e)):
-            raise
-        cfg = ServeConfig(**values)
+    cfg = ServeConfig.checked(**values)  # `dsv4 serve` accepts every layout the planner writes (TP in DP too)
     want = (p.tensor_parallel_size, 1, False) if p.layout == "tp" else (p.tensor_parallel_size, p.data_parallel_size,
                                                                           True)
     assert (cfg.tp, cfg.dp, cfg.ep) == want and cfg.tp * cfg.dp == p.gpus_per_replica == 8
