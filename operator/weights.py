@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv4.runtime.checkpoint.layout import FP4, FP8, LayoutTensor, held_nbytes, published_tensors
+from dsv4.runtime.checkpoint.layout import FP4, FP8, MTP_PREFIX, LayoutTensor, held_nbytes, published_tensors
 from dsv4.runtime.config import ModelConfig
 from dsv4.runtime.parallel.ownership import split_over_ep_ranks, split_over_ranks
 
@@ -109,7 +109,8 @@ def _summarise(cfg: ModelConfig) -> _Summary:
     for t in tensors:
         counts[_component(t.name)] += t.parameters
     file_bytes = {q: sum(n for t in tensors for _, _, n in _file_entries(t, q)) for q in QUANTIZATIONS}
-    held = {q: [(name, held_nbytes(name, dtype, n)) for t in tensors for name, dtype, n in _file_entries(t, q)]
+    served = [t for t in tensors if not t.name.startswith(MTP_PREFIX)]  # `dsv4 serve` does not load the MTP block
+    held = {q: [(name, held_nbytes(name, dtype, n)) for t in served for name, dtype, n in _file_entries(t, q)]
             for q in QUANTIZATIONS}
     return _Summary(ParamCounts(**counts), file_bytes, {q: _held_parts(held[q]) for q in QUANTIZATIONS})
 
@@ -142,7 +143,8 @@ def _file_entries(t: LayoutTensor, quantization: str) -> list[tuple[str, str, in
 def weight_bytes_per_gpu_dp_tp(cfg: ModelConfig, dp: int, tp: int, quantization: str = "fp8-fp4") -> int:
     """Weight bytes one GPU holds when a replica is `dp` data-parallel attention ranks of `tp` tensor-parallel GPUs
     each, the routed experts split over all dp x tp GPUs: routed / (dp * tp) + tp_split / tp + whole (module
-    docstring), in the format held (weights as stored, RMSNorm weights fp32: `layout.held_nbytes`). The parts
+    docstring), in the format held (weights as stored, RMSNorm weights fp32: `layout.held_nbytes`), without the
+    MTP block, which `dsv4 serve` does not load (no speculative decoding). The parts
     divide evenly when `ownership.check_tp(cfg, tp)` passes and dp x tp divides the routed experts."""
     _check(quantization)
     if dp < 1 or tp < 1:

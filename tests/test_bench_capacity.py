@@ -73,10 +73,10 @@ def check_layouts(lay: dict, model: str) -> None:
 
 
 def test_pro_layouts_on_h200_and_b200(tmp_path) -> None:
-    """Pro as DP8+EP holds 145 GB of weights per GPU (experts / 8, attention, shared expert, embedding, head and MTP
-    block whole): more than an H200's 135.7 GB usable; TP inside the DP ranks splits the rest and fits, and then
-    holds more tokens than TP8 (two caches). On B200 each of DP8+EP's 8 caches is half TP8's one, about 4x the
-    tokens (docs/benchmarks.md)."""
+    """Pro as DP8+EP holds 131.5 GB of weights per GPU (experts / 8; attention, shared expert, embedding and head
+    whole; the MTP block is not loaded): an H200's 135.7 GB usable leaves no room for a session; TP inside the DP
+    ranks splits the rest and then holds more tokens than TP8 (several caches). On B200 each of DP8+EP's 8 caches
+    is about 0.6 x TP8's one, about 5x the tokens (docs/benchmarks.md)."""
     for gpu in ("H200", "B200"):
         assert main(["bench", "capacity", "--smoke", "--model", "pro", "--layouts-only", "--layout-gpu", gpu,
                      "--out", str(tmp_path)]) == 0
@@ -85,16 +85,19 @@ def test_pro_layouts_on_h200_and_b200(tmp_path) -> None:
     assert out["workloads"] == [] and stem.with_suffix(".png").stat().st_size > 1000
     h200 = out["layouts"]
     check_layouts(h200, "pro")
-    assert [r["fits"] for r in h200["rows"] if r["layout"] == "DP8+EP"] == [False, False]
+    for r in h200["rows"]:  # EP alone leaves each rank the least room for a cache, and holds fewer tokens than TP8
+        if r["layout"] == "DP8+EP":
+            tp8 = next(t for t in h200["rows"] if t["workload"] == r["workload"] and t["layout"] == "TP8")
+            assert r["cache_bytes_per_gpu"] < tp8["cache_bytes_per_gpu"] / 8 and r["tokens"] < tp8["tokens"]
     assert h200["targets"] == {"DP+EP >= 7x TP tokens (agent)": False}
-    fit_with_tp_inside = [r for r in h200["rows"] if r["fits"] and r["dp"] > 1]
-    assert fit_with_tp_inside and all(r["tp"] > 1 for r in fit_with_tp_inside)
+    fit_with_tp_inside = [r for r in h200["rows"] if r["fits"] and r["dp"] > 1 and r["tp"] > 1]
+    assert fit_with_tp_inside
     for name, best in h200["best"].items():
         assert best["layout"] in {r["layout"] for r in fit_with_tp_inside} and best["vs_tp"] > 1, name
     assert "Most tokens: agent: DP" in stem.with_suffix(".md").read_text()
     b200 = json.loads((tmp_path / "capacity_pro_B200_layouts_smoke.json").read_text())["layouts"]
     check_layouts(b200, "pro")
-    assert all(r["fits"] for r in b200["rows"]) and all(3 < v < 7 for v in b200["dp_ep_vs_tp_tokens"].values())
+    assert all(r["fits"] for r in b200["rows"]) and all(4 < v < 7 for v in b200["dp_ep_vs_tp_tokens"].values())
 
 
 def test_online_hca_state_frees_fixed_bytes_for_history(tmp_path):

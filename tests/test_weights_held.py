@@ -49,7 +49,7 @@ def test_planner_bytes_per_gpu_equal_what_each_rank_holds(published, world):
     cfg, path = published
     for rank in range(world):
         model, loaded_cfg = load_checkpoint(path, progress=False, shard=TPShard(rank, world),
-                                            weights_dtype="checkpoint")
+                                            weights_dtype="checkpoint", with_mtp=False)
         want = W.weight_bytes_per_gpu(loaded_cfg, world, "fp8-fp4")  # the config.json the operator reads
         got, per_dtype = held_bytes(model)
         # kept quantised: FP8 codes, FP4 packed codes + E8M0 scales (uint8), hash tables; bf16; fp32 norms/mHC/sinks
@@ -64,16 +64,36 @@ def test_planner_bytes_per_gpu_equal_what_each_ep_rank_holds(published, world):
     cfg, path = published
     for rank in range(world):
         model, loaded_cfg = load_checkpoint(path, progress=False, shard=TPShard(rank, world, mode="ep"),
-                                            weights_dtype="checkpoint")
+                                            weights_dtype="checkpoint", with_mtp=False)
         got, per_dtype = held_bytes(model)
         want = W.weight_bytes_per_gpu_ep(loaded_cfg, world, "fp8-fp4")
         assert got == want, (world, rank, got, want, per_dtype)
         assert want > W.weight_bytes_per_gpu(loaded_cfg, world, "fp8-fp4")  # TP splits more than the experts
 
 
+@pytest.mark.parametrize(("dp", "tp"), [(2, 2)])
+def test_planner_bytes_per_gpu_equal_what_each_dp_tp_rank_holds(published, dp, tp):
+    """TP inside data-parallel ranks (`dsv4 serve --dp 2 --tp 2 --ep`): experts over all dp x tp ranks, the rest cut
+    by the rank's TP group; `weight_bytes_per_gpu_dp_tp` is what each of the four loaded ranks holds."""
+    cfg, path = published
+    for rank in range(dp * tp):
+        model, loaded_cfg = load_checkpoint(path, progress=False, shard=TPShard(rank, dp * tp, mode="ep", tp=tp),
+                                            weights_dtype="checkpoint", with_mtp=False)
+        got, per_dtype = held_bytes(model)
+        assert got == W.weight_bytes_per_gpu_dp_tp(loaded_cfg, dp, tp, "fp8-fp4"), (rank, got, per_dtype)
+
+
+def test_the_served_model_leaves_the_mtp_block_out_of_the_bytes_per_gpu(published):
+    """The planner counts what `dsv4 serve` loads: a full load (MTP included) holds more than its figure."""
+    cfg, path = published
+    model, loaded_cfg = load_checkpoint(path, progress=False, weights_dtype="checkpoint")
+    full = held_bytes(model)[0]
+    assert len(model.mtp) == 1 and full > W.weight_bytes_per_gpu(loaded_cfg, 1, "fp8-fp4")
+    # the full model holds more than the files by the norms alone: bf16 in the files, fp32 in memory
+    assert full > W.weight_bytes(loaded_cfg)
+
+
 def test_replicated_parts_do_not_divide(published):
     cfg, _ = published
     one, two = W.weight_bytes_per_gpu(cfg, 1), W.weight_bytes_per_gpu(cfg, 2)
     assert one / 2 < two < one
-    # held is more than the files by the norms alone: bf16 in the files, fp32 in memory
-    assert one > W.weight_bytes(cfg)

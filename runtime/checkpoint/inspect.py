@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors
-from dsv4.runtime.checkpoint.layout import held_nbytes
+from dsv4.runtime.checkpoint.layout import MTP_PREFIX, held_nbytes
 from dsv4.runtime.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.runtime.parallel.ownership import TPConfigError, check_tp, rank_bytes, split_and_whole
 
@@ -29,9 +29,10 @@ def _parameters(name: str, meta: TensorMeta, index: dict[str, TensorMeta]) -> in
 
 
 def weight_bytes_per_gpu(cfg: ModelConfig, index: dict[str, TensorMeta]) -> dict[int, int | str]:
-    """TP size -> bytes one rank holds of these tensors once loaded (norms fp32), or why the model cannot be split
-    that way."""
-    split, whole = split_and_whole((name, held_nbytes(name, m.dtype, m.nbytes)) for name, m in index.items())
+    """TP size -> bytes one rank of `dsv4 serve` holds of these tensors once loaded (norms fp32; the MTP block is
+    not loaded), or why the model cannot be split that way."""
+    split, whole = split_and_whole((name, held_nbytes(name, m.dtype, m.nbytes)) for name, m in index.items()
+                                   if not name.startswith((MTP_PREFIX, "model." + MTP_PREFIX)))
     out: dict[int, int | str] = {}
     for tp in INFO_TP:
         try:
@@ -72,5 +73,5 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "files": [Path(f).name for f in files],
         "bytes on disk": sum(Path(f).stat().st_size for f in files),
         "tokenizer": (p / "tokenizer.json").exists(),
-        "mtp tensors": sum(1 for k in index if k.startswith(("mtp.", "model.mtp."))),
+        "mtp tensors": sum(1 for k in index if k.startswith((MTP_PREFIX, "model." + MTP_PREFIX))),
     }

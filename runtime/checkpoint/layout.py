@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 from dsv4.runtime.config import CSA, HASH_MOE, SLIDING, ModelConfig
 
+MTP_PREFIX = "mtp."  # names of the MTP block's tensors (published and canonical alike); `dsv4 serve` leaves them unread
+
 BF16, F32, I64, FP8, FP4 = "bf16", "f32", "i64", "fp8", "fp4"
 FP8_BLOCK = 128
 FP4_BLOCK = 32
@@ -204,7 +206,7 @@ def published_tensors(cfg: ModelConfig, include_mtp: bool = True) -> list[Layout
             LayoutTensor("head.weight", (V, H), BF16)]
     if include_mtp:
         for j in range(cfg.num_nextn_predict_layers):
-            p = f"mtp.{j}."
+            p = f"{MTP_PREFIX}{j}."
             out += _block(cfg, p, SLIDING, hash_moe=False)
             out += [
                 LayoutTensor(p + "e_proj.weight", (H, H), FP8),

@@ -24,7 +24,7 @@ import torch
 from dsv4.runtime.checkpoint import quant
 from dsv4.runtime.checkpoint.errors import CheckpointError
 from dsv4.runtime.checkpoint.files import TensorMeta, list_tensors, read_rows, storage
-from dsv4.runtime.checkpoint.layout import KNOWN_EXTRAS
+from dsv4.runtime.checkpoint.layout import KNOWN_EXTRAS, MTP_PREFIX
 from dsv4.runtime.checkpoint.names import canonical_name, checkpoint_tensors, module_target
 from dsv4.runtime.config import ConfigError, ModelConfig
 from dsv4.runtime.parallel.ownership import OwnedPart, owned_part
@@ -33,7 +33,6 @@ from torch import nn
 from dsv4.settings_enums import WEIGHTS_DTYPES
 
 log = logging.getLogger("dsv4.checkpoint")
-MTP_PREFIX = "mtp."  # canonical names of the MTP block (`names.canonical_name`)
 _QUANTISED = ("F8_E4M3", "F8_E4M3FN", "I8", "U8", "F4")  # weights that mean nothing without their .scale
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
