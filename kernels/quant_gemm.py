@@ -107,6 +107,12 @@ def _check_block(name: str, value: int, most: int) -> None:
         raise ValueError(f"{name} must be a power of two in [16, {most}], got {value}")
 
 
+def gpu_options(block_m: int, block_n: int) -> dict[str, int]:
+    """Compiled launches: 8 warps for 128 x 128 output tiles, else 4; 3 pipeline stages (at most 192 KiB of shared
+    memory with fp32 activations at 128 x 128 x 128, under Hopper's 227 KiB: `tests/test_kernels_compile.py`)."""
+    return dict(num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
+
+
 def fp8_native_supported(device: torch.device) -> bool:
     """The FP8 kernel converts e4m3 with Triton's fp8e4nv type: compiled only for sm_89 and newer."""
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
@@ -133,7 +139,7 @@ def fp8_block_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.T
     if w.stride(1) != 1:
         w = w.contiguous()
     scale = scale.contiguous()
-    bm = block_m or (16 if interpret else min(_pow2(m), 64 if m <= 64 else 128))
+    bm = block_m or (16 if interpret else min(_pow2(m), 128))
     bn = block_n or (32 if interpret else 128)
     bk = block_k or (32 if interpret else 128)
     _check_block("block_m", bm, 256)
@@ -145,7 +151,7 @@ def fp8_block_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.T
         mod.fp8_block_gemm_kernel[grid](
             x2, x2.stride(0), w, w.stride(0), scale, scale.stride(0), y, y.stride(0), m, n, k,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DOT_F32=_dot_f32(x.dtype, interpret),
-            **({} if interpret else dict(num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)))
+            **({} if interpret else gpu_options(bm, bn)))
     return y.view(*lead, n)
 
 
@@ -189,6 +195,6 @@ def mxfp4_grouped_gemm_triton(x: torch.Tensor, codes: torch.Tensor, scales: torc
             x, x.stride(0), codes, codes.stride(0), codes.stride(1), scales, scales.stride(0), scales.stride(1),
             y, y.stride(0), expert, start, end, n, k,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=_dot_f32(x.dtype, interpret),
-            **({} if interpret else dict(num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)))
+            **({} if interpret else gpu_options(bm, bn)))
     return y
 
