@@ -25,15 +25,16 @@ pytest.importorskip("triton")
 UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
-def _bound(x: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
+def _bound(x: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, out_dtype: torch.dtype | None = None
+           ) -> torch.Tensor:
     k = x.shape[-1]
     acc = 2 * k * 2.0 ** -24 * (x.float().abs() @ w.float().abs().T)
-    u = UNIT_ROUNDOFF[y_ref.dtype]
+    u = UNIT_ROUNDOFF[out_dtype or y_ref.dtype]
     return acc + u * (2 * y_ref.float().abs() + acc) + 1e-30
 
 
 def _assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
-    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert out.shape == ref.shape
     excess = ((out.float() - ref.float()).abs() - bound).max().item()
     assert excess <= 0, f"exceeds the fp32 summation-order bound by {excess}"
 
@@ -75,6 +76,7 @@ def test_fp8_block_gemm_matches_reference(lead, n, k, dtype, blocks):
         bm, bn, bk = blocks
         out = quant_gemm.fp8_block_gemm_triton(x, q, s, interpret=True, block_m=bm, block_n=bn, block_k=bk)
     w = dequantize(q, s, (n, k), "w")
+    assert out.dtype == ref.dtype == dtype
     _assert_within(out, ref, _bound(x.reshape(-1, k), w, ref.reshape(-1, n)).view(ref.shape))
 
 
@@ -108,6 +110,7 @@ def test_mxfp4_grouped_gemm_matches_reference(counts, n, k, dtype, blocks):
         bm, bn, bk = blocks
         out = quant_gemm.mxfp4_grouped_gemm_triton(x, codes, scales, counts, interpret=True, block_m=bm, block_n=bn,
                                                    block_k=bk)
+    assert out.dtype == ref.dtype == dtype
     bound = torch.empty_like(ref, dtype=torch.float32)
     start = 0
     for e, c in enumerate(counts):
@@ -211,28 +214,32 @@ def test_quantised_model_logits_on_triton_equal_torch(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quant_gemms_compiled_on_cuda(dtype):
-    """DeepSeek-V4-Flash shapes: FP8 wq_b-like [64·512, 1024] at decode and prefill rows; MXFP4 experts 256 x
-    [2048, 4096] with 6 choices per token, many experts empty at decode."""
+    """DeepSeek-V4-Flash shapes: an FP8 weight [4096, 1024] at decode and prefill rows; MXFP4 experts [2048, 4096]
+    (64 of Flash's 256, to keep the test short) with 6 choices per token, most experts empty at decode. Against
+    an fp32 product of the dequantised weights (cuBLAS bf16 may reduce split-K partials in bf16, so the torch
+    bf16 path is not the oracle here)."""
     g = torch.Generator().manual_seed(0)
     q, s = _fp8_weight(g, 4096, 1024)
     w = dequantize(q, s, (4096, 1024), "w").cuda()
     q, s = q.cuda(), s.cuda()
     for m in (1, 64, 1000):
         x = torch.randn(m, 1024, generator=g).to(dtype).cuda()
-        ref = dispatch.fp8_block_gemm(x, q, s, backend="torch")
-        _assert_within(dispatch.fp8_block_gemm(x, q, s), ref, _bound(x, w, ref))
-    codes, scales = _fp4_experts(g, 256, 2048, 4096)
+        out = dispatch.fp8_block_gemm(x, q, s)
+        ref = x.float() @ w.T
+        assert out.dtype == dtype
+        _assert_within(out, ref, _bound(x, w, ref, dtype))
+    codes, scales = _fp4_experts(g, 64, 2048, 4096)
     codes, scales = codes.cuda(), scales.cuda()
     for tokens in (4, 512):
-        idx = torch.stack([torch.randperm(256, generator=g)[:6] for _ in range(tokens)]).flatten()
-        counts = torch.bincount(idx, minlength=256).tolist()
+        idx = torch.stack([torch.randperm(64, generator=g)[:6] for _ in range(tokens)]).flatten()
+        counts = torch.bincount(idx, minlength=64).tolist()
         x = torch.randn(6 * tokens, 4096, generator=g).to(dtype).cuda()
-        ref = dispatch.mxfp4_grouped_gemm(x, codes, scales, counts, backend="torch")
         out = dispatch.mxfp4_grouped_gemm(x, codes, scales, counts)
         start = 0
         for e, c in enumerate(counts):
             if c:
                 we = quant_gemm.expert_weight(codes, scales, e, torch.float32)
-                _assert_within(out[start:start + c], ref[start:start + c],
-                               _bound(x[start:start + c], we, ref[start:start + c]))
+                rows = x[start:start + c]
+                ref = rows.float() @ we.T
+                _assert_within(out[start:start + c], ref, _bound(rows, we, ref, dtype))
             start += c
