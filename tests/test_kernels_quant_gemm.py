@@ -169,6 +169,30 @@ def test_auto_backend_keeps_torch_on_cpu(monkeypatch):
         dispatch.mxfp4_grouped_gemm(torch.zeros(1, 32), codes, scales, [1, 0])
 
 
+def test_fp4_experts_forward_on_triton_equals_torch():
+    """`Experts.forward` with FP4 experts: the grouped-GEMM path (Triton, interpreted) gives the torch loop's
+    output; 5 experts of which 2 receive no token."""
+    from dsv4.runtime.model.layers import Experts
+    from dsv4.runtime.model.quantized import quantize_experts
+
+    g = torch.Generator().manual_seed(8)
+    ex = Experts(5, 64, 32, 7.0, torch.float32)
+    quantize_experts(ex)
+    for name, (n, k) in (("w1", (32, 64)), ("w2", (64, 32)), ("w3", (32, 64))):
+        codes, scales = _fp4_experts(g, 5, n, k)
+        ex._buffers[name + "_q"].copy_(codes)
+        ex._buffers[name + "_s"].copy_(scales - 6)  # values ~2^-6 .. 2^6 / 64: activations stay O(1)
+    x = torch.randn(6, 64, generator=g)
+    idx = torch.tensor([[0, 3], [3, 0], [0, 1], [3, 1], [1, 0], [3, 0]])
+    w = torch.rand(6, 2, generator=g)
+    with kernel_env({dispatch.BACKEND_ENV: "torch"}):
+        ref = ex(x, idx, w)
+    with kernel_env({dispatch.BACKEND_ENV: "triton"}):
+        out = ex(x, idx, w)
+    assert torch.isfinite(ref).all() and ref.abs().max() > 0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_quantised_model_logits_on_triton_equal_torch(tmp_path):
     """The tiny "mix" model (every layer kind, MTP weights held too) loaded with its FP8 linears and FP4 experts
     kept quantised: a prefill on DSV4_KERNEL_BACKEND=triton (every kernel interpreted, these GEMMs included) gives

@@ -136,39 +136,39 @@ class Experts(nn.Module):
         return F.linear(swiglu(F.linear(xe, self.matrix("w1", e)), F.linear(xe, self.matrix("w3", e)), self.limit),
                         self.matrix("w2", e))
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x).
+    def forward_sorted(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Expert outputs for rows sorted by expert: xs [R, H] holds counts[e] rows for expert e, in order; returns
+        [R, H], row r = expert_e(xs[r]).
 
-        The (token, choice) pairs are sorted by expert. Torch path: a loop over the experts that received tokens
-        (each dequantised on the fly when kept FP4). FP4 experts on the Triton backend (CUDA): three grouped GEMMs
-        over all sorted rows at once (`dispatch.mxfp4_grouped_gemm`: w1, w3, then w2 on the SwiGLU).
-        Each pair writes its own row of a [T·k, H] buffer (a plain index put: no scatter-add, which is slow on
-        CPU), then the k rows of a token are summed."""
+        FP4 experts on the Triton backend (CUDA, or the interpreter): three grouped GEMMs over all rows at once
+        (`dispatch.mxfp4_grouped_gemm`: w1, w3, then w2 on the SwiGLU). Otherwise a loop over the experts with
+        rows (`expert`, each FP4 matrix dequantised on the fly): the torch path, whose numbers do not depend on
+        how the rows are batched."""
+        bufs = self._buffers
+        if "w1_q" in bufs and dispatch.choose_backend(xs, bufs["w1_q"]) != "torch":
+            up = [dispatch.mxfp4_grouped_gemm(xs, bufs[n + "_q"], bufs[n + "_s"], counts, backend="triton")
+                  for n in ("w1", "w3")]
+            return dispatch.mxfp4_grouped_gemm(swiglu(*up, self.limit), bufs["w2_q"], bufs["w2_s"], counts,
+                                               backend="triton")
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                ys[start:start + c] = self.expert(e, xs[start:start + c])
+            start += c
+        return ys
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x): the (token, choice) pairs sorted by expert through
+        `forward_sorted`. Each pair writes its own row of a [T·k, H] buffer (a plain index put: no scatter-add,
+        which is slow on CPU), then the k rows of a token are summed."""
         T, k = idx.shape
         flat_e = idx.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
         counts = torch.bincount(flat_e, minlength=self.n).tolist()
-        tok = order // k
-        wts = w.reshape(-1)[order]
-        codes = self._buffers.get("w1_q")
-        if codes is not None and dispatch.choose_backend(x, codes) != "torch":
-            xs = x[tok]
-            bufs = self._buffers
-            up = [dispatch.mxfp4_grouped_gemm(xs, bufs[n + "_q"], bufs[n + "_s"], counts, backend="triton")
-                  for n in ("w1", "w3")]
-            y = dispatch.mxfp4_grouped_gemm(swiglu(*up, self.limit), bufs["w2_q"], bufs["w2_s"], counts,
-                                            backend="triton")
-            ys = torch.empty(T * k, x.shape[-1], dtype=x.dtype, device=x.device)
-            ys[order] = (y * wts[:, None].to(y.dtype)).to(x.dtype)
-            return ys.view(T, k, -1).sum(dim=1)
-        ys = torch.zeros(T * k, x.shape[-1], dtype=x.dtype, device=x.device)
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            y = self.expert(e, x[tok[start:start + c]])
-            ys[order[start:start + c]] = (y * wts[start:start + c, None].to(y.dtype)).to(x.dtype)
-            start += c
+        y = self.forward_sorted(x[order // k], counts)
+        ys = torch.empty(T * k, x.shape[-1], dtype=x.dtype, device=x.device)
+        ys[order] = (y * w.reshape(-1)[order, None].to(y.dtype)).to(x.dtype)
         return ys.view(T, k, -1).sum(dim=1)
 
 
