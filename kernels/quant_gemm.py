@@ -118,19 +118,33 @@ def fp8_native_supported(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def plan_split_k(programs: int, k: int, num_sms: int, *, split_k: int | None = None) -> tuple[int, int]:
+    """(splits, columns per split) of the FP8 GEMM's K. Split only when the output tiles cannot fill the device
+    (decode rows over a narrow weight: N = 1024 gives 8 programs at BLOCK_N 128): splits = min(⌈2·SMs / programs⌉,
+    K / 512), each a multiple of 128 columns (whole scale blocks) and at least 4 of them. `split_k` forces a count."""
+    if split_k is None:
+        split_k = 1
+        if programs < num_sms and k >= 2 * 4 * BLOCK:
+            split_k = min(_cdiv(2 * num_sms, programs), k // (4 * BLOCK))
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    per = _cdiv(_cdiv(k, split_k), BLOCK) * BLOCK
+    return _cdiv(k, per), per
+
+
 def fp8_block_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, interpret: bool,
-                          block_m: int | None = None, block_n: int | None = None,
-                          block_k: int | None = None) -> torch.Tensor:
-    """Triton FP8 block-scaled GEMM; the contract of `fp8_block_gemm_ref`."""
+                          block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                          split_k: int | None = None) -> torch.Tensor:
+    """Triton FP8 block-scaled GEMM; the contract of `fp8_block_gemm_ref`. `split_k` forces the K split count
+    (default `plan_split_k`)."""
     n, k = qweight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
-        return y.view(*lead, n)
+        return torch.empty(*lead, n, dtype=x.dtype, device=x.device)
     if not interpret and not fp8_native_supported(x.device):
         raise RuntimeError(f"the Triton FP8 GEMM needs compute capability >= 8.9 (fp8e4nv), "
                            f"{torch.cuda.get_device_name(x.device)} has "
@@ -145,14 +159,20 @@ def fp8_block_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.T
     _check_block("block_m", bm, 256)
     _check_block("block_n", bn, 256)
     _check_block("block_k", bk, BLOCK)  # one K step stays inside one 128-column scale block
-    grid = (_cdiv(m, bm) * _cdiv(n, bn),)
+    tiles = _cdiv(m, bm) * _cdiv(n, bn)
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    splits, per = plan_split_k(tiles, k, num_sms, split_k=split_k)
+    # one split stores in x's dtype; several store fp32 partial sums, added in split order below
+    y = torch.empty(splits if splits > 1 else 1, m, n, dtype=torch.float32 if splits > 1 else x.dtype,
+                    device=x.device)
     mod = triton_loader.load("triton_quant_gemm", interpret)
     with _launch_ctx(interpret):
-        mod.fp8_block_gemm_kernel[grid](
-            x2, x2.stride(0), w, w.stride(0), scale, scale.stride(0), y, y.stride(0), m, n, k,
+        mod.fp8_block_gemm_kernel[(tiles, splits)](
+            x2, x2.stride(0), w, w.stride(0), scale, scale.stride(0), y, y.stride(1), y.stride(0), m, n, k, per,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DOT_F32=_dot_f32(x.dtype, interpret),
             **({} if interpret else gpu_options(bm, bn)))
-    return y.view(*lead, n)
+    out = y[0] if splits == 1 else y.sum(dim=0).to(x.dtype)
+    return out.view(*lead, n)
 
 
 def tile_schedule(counts: Sequence[int], block_m: int, device: torch.device

@@ -9,6 +9,9 @@
    One K step covers BLOCK_K ≤ 128 columns inside one 128-column scale block, so its partial dot is scaled by
    one power of two per output column. Multiplying by a power of two is exact in floating point, so this equals
    Σ x · (q · s) — the dequantised weight — bit for bit for the same summation order.
+   Split-K (grid axis 1, for decode rows over narrow weights): split p covers columns [p·k_per_split,
+   (p+1)·k_per_split), a multiple of 128, and writes its fp32 partial sums to slice p of y (stride_ys); the
+   launcher adds the slices in a fixed order (deterministic, no atomics).
 2. `mxfp4_grouped_gemm_kernel`, grid (tiles, ⌈N / BLOCK_N⌉): tile t covers rows [start_t, min(start_t + BLOCK_M,
    end_t)) of the expert-sorted activations, all of them routed to expert e_t:
 
@@ -51,10 +54,12 @@ def _dot(a, w, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def fp8_block_gemm_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, y_ptr, stride_ym, M, N, K,
+def fp8_block_gemm_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, y_ptr, stride_ym, stride_ys,
+                          M, N, K, k_per_split,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, DOT_F32: tl.constexpr):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -72,9 +77,11 @@ def fp8_block_gemm_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, 
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
     s_cols = s_ptr + (offs_n // 128).to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_first = split * k_per_split
+    k_last = tl.minimum(k_first + k_per_split, K)
+    for k0 in range(k_first, k_last, BLOCK_K):
         kk = k0 + offs_k
-        k_ok = kk < K
+        k_ok = kk < k_last
         a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         q = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)  # uint8 [BLOCK_K, BLOCK_N]
         wq = q.to(tl.float8e4nv, bitcast=True)  # e4m3 -> the dot dtype: exact (hardware convert on sm_89+)
@@ -82,7 +89,7 @@ def fp8_block_gemm_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, 
                     DOT_F32)
         scale = _ue8m0(tl.load(s_cols + k0 // 128, mask=n_ok, other=127).to(tl.int32))
         acc += part * scale[None, :]
-    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y = y_ptr + split.to(tl.int64) * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 

@@ -55,12 +55,14 @@ def _fp4_experts(g: torch.Generator, e: int, n: int, k: int) -> tuple[torch.Tens
 
 
 FP8_CASES = [
-    # lead dims of x, N, K, x dtype, (block_m, block_n, block_k) or None for the interpreter defaults
+    # lead dims of x, N, K, x dtype, (block_m, block_n, block_k, split_k) or None for the interpreter defaults
     ((5,), 200, 300, torch.float32, None),          # ragged N and K: partial scale blocks on both
     ((2, 3), 130, 260, torch.bfloat16, None),       # 3-D x, ragged
     ((1,), 64, 128, torch.bfloat16, None),          # decode row, one block
-    ((19,), 96, 384, torch.float32, (16, 32, 128)),  # a K step covering a whole 128-column scale block
-    ((40,), 136, 200, torch.float16, (32, 64, 64)),  # two M tiles, fp16
+    ((19,), 96, 384, torch.float32, (16, 32, 128, 1)),  # a K step covering a whole 128-column scale block
+    ((40,), 136, 200, torch.float16, (32, 64, 64, 1)),  # two M tiles, fp16
+    ((3,), 72, 300, torch.bfloat16, (16, 32, 64, 3)),   # split-K: 128 + 128 + 44 columns, fp32 partials added
+    ((2,), 40, 512, torch.float32, (16, 32, 32, 2)),    # split-K: 2 x 256 columns
 ]
 
 
@@ -73,8 +75,9 @@ def test_fp8_block_gemm_matches_reference(lead, n, k, dtype, blocks):
     if blocks is None:
         out = dispatch.fp8_block_gemm(x, q, s, backend="triton")
     else:
-        bm, bn, bk = blocks
-        out = quant_gemm.fp8_block_gemm_triton(x, q, s, interpret=True, block_m=bm, block_n=bn, block_k=bk)
+        bm, bn, bk, splits = blocks
+        out = quant_gemm.fp8_block_gemm_triton(x, q, s, interpret=True, block_m=bm, block_n=bn, block_k=bk,
+                                               split_k=splits)
     w = dequantize(q, s, (n, k), "w")
     assert out.dtype == ref.dtype == dtype
     _assert_within(out, ref, _bound(x.reshape(-1, k), w, ref.reshape(-1, n)).view(ref.shape))
@@ -129,6 +132,19 @@ def test_mxfp4_no_rows_and_reference_is_per_expert_linear():
     ref = dispatch.mxfp4_grouped_gemm(x, codes, scales, [2, 0, 3], backend="torch")
     w0 = dequantize(codes[0], scales[0], (16, 64), "w0").bfloat16()
     assert torch.equal(ref[:2], torch.nn.functional.linear(x[:2], w0))
+
+
+def test_plan_split_k():
+    # decode over a narrow weight (8 tiles, K 4096 on 132 SMs): min(ceil(264 / 8), 4096 / 512) = 8 splits of 512
+    assert quant_gemm.plan_split_k(8, 4096, 132) == (8, 512)
+    # ceil(264 / 32) = 9 wanted; 8192 / 9 columns rounded up to whole 128-blocks = 1024: 8 splits
+    assert quant_gemm.plan_split_k(32, 8192, 132) == (8, 1024)
+    assert quant_gemm.plan_split_k(256, 1024, 132) == (1, 1024)  # enough tiles: no split
+    assert quant_gemm.plan_split_k(4, 896, 132) == (1, 896)  # K under 2 x 4 blocks: no split
+    assert quant_gemm.plan_split_k(4, 300, 132, split_k=3) == (3, 128)
+    assert quant_gemm.plan_split_k(4, 300, 132, split_k=5) == (3, 128)  # never an empty split
+    with pytest.raises(ValueError, match="split_k must be >= 1"):
+        quant_gemm.plan_split_k(4, 300, 132, split_k=0)
 
 
 def test_tile_schedule():
