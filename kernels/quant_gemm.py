@@ -102,9 +102,9 @@ def _dot_f32(dtype: torch.dtype, interpret: bool) -> bool:
     return dtype == torch.float32 or (interpret and dtype == torch.bfloat16)
 
 
-def _check_block(name: str, value: int, most: int) -> None:
-    if value < 16 or value & (value - 1) or value > most:
-        raise ValueError(f"{name} must be a power of two in [16, {most}], got {value}")
+def _check_block(name: str, value: int, most: int, least: int = 16) -> None:
+    if value < least or value & (value - 1) or value > most:
+        raise ValueError(f"{name} must be a power of two in [{least}, {most}], got {value}")
 
 
 def gpu_options(block_m: int, block_n: int) -> dict[str, int]:
@@ -205,8 +205,9 @@ def mxfp4_grouped_gemm_triton(x: torch.Tensor, codes: torch.Tensor, scales: torc
     bm = block_m or (16 if interpret else min(_pow2(most_rows), 64))
     bn = block_n or (32 if interpret else 128)
     bk = block_k or (32 if interpret else 128)
-    for name, value in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
-        _check_block(name, value, 256)
+    _check_block("block_m", bm, 256)
+    _check_block("block_n", bn, 256)
+    _check_block("block_k", bk, 256, least=FP4_BLOCK)  # whole scale groups; each nibble half is a dot of >= 16
     expert, start, end = tile_schedule(counts, bm, x.device)
     grid = (expert.shape[0], _cdiv(n, bn))
     mod = triton_loader.load("triton_quant_gemm", interpret)

@@ -17,8 +17,10 @@
 
        y[r, n] = Σ_k x[r, k] · e2m1(code[e_t, n, k]) · 2^(s[e_t, n, k // 32] − 127)
 
-   codes are packed two per byte (low nibble = even column). The scale changes every 32 columns, so the weight
-   tile is dequantised before the dot (e2m1 · 2^k is exact in bf16 / fp16 / fp32: no rounding).
+   codes are packed two per byte (low nibble = even column). A K step loads its code bytes once, [BLOCK_K/2,
+   BLOCK_N] (contiguous along K: vector loads), and its scale bytes once, [BLOCK_K/32, BLOCK_N]; the x tile is
+   split into even and odd columns, and two dots take the low and the high nibbles. The scale changes every 32
+   columns, so the weight tiles are dequantised before the dots (e2m1 · 2^k is exact in bf16 / fp16 / fp32).
 
 Both accumulate in fp32 and store in the activation dtype. `tl.dot` runs in the activation dtype (bf16 / fp16) or
 as an exact fp32 dot (`input_precision="ieee"`) when DOT_F32 (fp32 activations, and bf16 in the interpreter whose
@@ -111,15 +113,20 @@ def mxfp4_grouped_gemm_kernel(x_ptr, stride_xm, c_ptr, stride_ce, stride_cn, s_p
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     c_cols = c_ptr + expert[None, :] * stride_ce + offs_n.to(tl.int64)[None, :] * stride_cn
     s_cols = s_ptr + expert[None, :] * stride_se + offs_n.to(tl.int64)[None, :] * stride_sn
+    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of a step holds columns 2j (low nibble) and 2j + 1 (high)
+    offs_g = tl.arange(0, BLOCK_K // 32)  # the step's 32-column scale groups
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        k_ok = kk < K
-        wm = k_ok[:, None] & n_ok[None, :]
-        a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        byte = tl.load(c_cols + (kk // 2)[:, None], mask=wm, other=0).to(tl.int32)  # [BLOCK_K, BLOCK_N]
-        code = (byte >> (4 * (kk & 1))[:, None]) & 15
-        scale = _ue8m0(tl.load(s_cols + (kk // 32)[:, None], mask=wm, other=127).to(tl.int32))
-        acc = _dot(a, _e2m1(code) * scale, acc, DOT_F32)
+        a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
+        jj = k0 // 2 + offs_j
+        byte = tl.load(c_cols + jj[:, None], mask=(jj < K // 2)[:, None] & n_ok[None, :], other=0).to(tl.int32)
+        gg = k0 // 32 + offs_g
+        sc = _ue8m0(tl.load(s_cols + gg[:, None], mask=(gg < tl.cdiv(K, 32))[:, None] & n_ok[None, :],
+                            other=127).to(tl.int32))  # [BLOCK_K / 32, BLOCK_N]
+        sc = tl.reshape(tl.broadcast_to(sc[:, None, :], [BLOCK_K // 32, 16, BLOCK_N]), [BLOCK_K // 2, BLOCK_N])
+        acc = _dot(a_even, _e2m1(byte & 15) * sc, acc, DOT_F32)
+        acc = _dot(a_odd, _e2m1(byte >> 4) * sc, acc, DOT_F32)
     y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

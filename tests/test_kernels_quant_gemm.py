@@ -97,7 +97,8 @@ MXFP4_CASES = [
     ([3, 0, 17, 0, 1], 70, 96, torch.float32, None),   # empty experts between; 17 rows = 2 tiles of 16
     ([0, 5, 0, 0, 2, 0], 48, 80, torch.bfloat16, None),  # K = 80: a partial last 32-column scale group
     ([1, 1, 1], 130, 64, torch.float16, None),          # decode-like: one row per expert, ragged N
-    ([40, 0, 9], 64, 256, torch.bfloat16, (32, 64, 128)),  # bigger tiles
+    ([40, 0, 9], 64, 256, torch.bfloat16, (32, 64, 128)),  # bigger tiles: 4 scale groups per K step
+    ([2, 0, 3], 40, 160, torch.float32, (16, 32, 64)),     # 2 groups per step, the last step half empty
 ]
 
 
