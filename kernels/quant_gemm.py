@@ -65,10 +65,11 @@ def fp8_block_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     return F.linear(x, w.to(x.dtype))
 
 
-def expert_weight(codes: torch.Tensor, scales: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert e's dequantised [N, K] matrix in `dtype`."""
+def expert_weight(codes: torch.Tensor, scales: torch.Tensor, e: int, dtype: torch.dtype,
+                  name: str = "expert") -> torch.Tensor:
+    """Expert e's dequantised [N, K] matrix in `dtype` (`name` goes into shape errors)."""
     q = codes[e]
-    return dequantize(q, scales[e], (q.shape[0], 2 * q.shape[1]), "mxfp4_grouped_gemm").to(dtype)
+    return dequantize(q, scales[e], (q.shape[0], 2 * q.shape[1]), f"{name}[{e}]").to(dtype)
 
 
 def mxfp4_grouped_gemm_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,

@@ -126,10 +126,9 @@ class Experts(nn.Module):
         codes = self._buffers.get(name + "_q")
         if codes is None:
             return getattr(self, name)[e]
-        from dsv4.runtime.checkpoint.quant import dequantize
+        from dsv4.kernels.quant_gemm import expert_weight
 
-        q = codes[e]
-        return dequantize(q, self._buffers[name + "_s"][e], (q.shape[0], 2 * q.shape[1]), name).to(self.dtype)
+        return expert_weight(codes, self._buffers[name + "_s"], e, self.dtype, name)
 
     def expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
         """Expert `e` (row e of the stacks) on rows xe: w2 · swiglu(w1 · x, w3 · x)."""
