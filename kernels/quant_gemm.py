@@ -109,8 +109,8 @@ def _check_block(name: str, value: int, most: int, least: int = 16) -> None:
 
 
 def gpu_options(block_m: int, block_n: int) -> dict[str, int]:
-    """Compiled launches: 8 warps for 128 x 128 output tiles, else 4; 3 pipeline stages (at most 192 KiB of shared
-    memory with fp32 activations at 128 x 128 x 128, under Hopper's 227 KiB: `tests/test_kernels_compile.py`)."""
+    """Compiled launches: 8 warps for 128 x 128 output tiles, else 4; 3 pipeline stages (within Hopper's 227 KiB of
+    shared memory at every launcher tile: `tests/test_kernels_compile.py`)."""
     return dict(num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
 
 
