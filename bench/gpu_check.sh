@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Device check of the kernels on one CUDA GPU, in at most ~8 minutes:
 #   1. the compiled-kernel tests (tests/test_kernels_*.py -k cuda): sparse attention (bf16 / FP8 rows),
-#      compressor step (CSA / HCA, FP8 KV and FP8 / FP4 index rows), radix top-k, at Flash shapes;
-#   2. `dsv4 bench kernels`: decode GB/s and % of HBM peak at 8K / 128K / 1M context, batch 1 / 32,
-#      Triton and the torch reference side by side.
+#      compressor step (CSA / HCA, FP8 KV and FP8 / FP4 index rows), radix top-k, the FP8 block-scaled GEMM
+#      and the MXFP4 grouped expert GEMM (bf16 / fp32 activations), at Flash shapes;
+#   2. `dsv4 bench kernels`: decode GB/s and % of HBM peak at 8K / 128K / 1M context, batch 1 / 32, and the
+#      two GEMMs at 1 / 32 / 2048 tokens (GB/s and TFLOP/s), Triton and the torch reference side by side.
 # Outputs go to $OUT (the device runner's folder) or bench/results: gpu.txt, kernel_tests.txt,
 # bench_kernels.txt, kernels_cuda.{json,md}. Exit status: non-zero if either step failed.
 #
@@ -53,6 +54,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv >> "$OUT
 start=$(date +%s)
 timeout 200 "$PY" -m pytest -q -rs -p no:cacheprovider -k cuda \
   tests/test_kernels_triton.py tests/test_kernels_compressor.py tests/test_kernels_topk.py \
+  tests/test_kernels_quant_gemm.py \
   2>&1 | tee "$OUT_DIR/kernel_tests.txt"
 rc_tests=${PIPESTATUS[0]}
 echo "kernel tests: rc=$rc_tests in $(( $(date +%s) - start )) s"

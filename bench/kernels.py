@@ -1,4 +1,4 @@
-"""`dsv4 bench kernels`: decode-step kernel bandwidth at DeepSeek-V4-Flash shapes.
+"""`dsv4 bench kernels`: decode-step kernel bandwidth and the quantised-weight GEMMs at DeepSeek-V4-Flash shapes.
 
 One decode step (one query token per sequence, batch B, context L) of each kernel:
 
@@ -6,6 +6,12 @@ One decode step (one query token per sequence, batch B, context L) of each kerne
 - hca_attn (fp8 | bf16 rows): window 128 rows + all L/128 compressed rows (split-K over the long list)
 - idx_scan (bf16 | fp8 | fp4 keys): lightning-indexer scores over the L/4 visible indexer keys (64 heads x 128)
 - idx_topk (fp32 scores): deterministic top-512 over the L/4 scores -> physical row ids (radix select)
+- fp8_gemm (fp8 weight): bf16 x [tokens, 1024] times the FP8 `wq_b` [64·512, 1024] with 128x128 UE8M0 blocks
+- fp4_moe (fp4 weight): the routed-expert w1 GEMM, 256 experts [2048, 4096] packed e2m1 + per-32 UE8M0, each token
+  routed to 6 random experts (rows sorted by expert)
+
+The GEMMs have no context: their rows use context 0 and batch = tokens (1 / 32 decode, 2048 prefill); bytes =
+weight codes + scales of the experts that received rows, x read, y written; TFLOP/s = 2·rows·N·K / time.
 
 Bytes moved = KV rows read (584 B FP8 rows, or 1024 B bf16; indexer keys 256 / 132 / 68 B) + row ids +
 queries read + outputs written; top-k: scores and candidate ids read once (a lower bound: the radix
@@ -25,10 +31,14 @@ from pathlib import Path
 
 # kernel -> storage formats benchmarked
 KINDS = {"csa_attn": ("fp8", "bf16"), "hca_attn": ("fp8", "bf16"), "idx_scan": ("bf16", "fp8", "fp4"),
-         "idx_topk": ("fp32",)}
+         "idx_topk": ("fp32",), "fp8_gemm": ("fp8",), "fp4_moe": ("fp4",)}
+GEMMS = ("fp8_gemm", "fp4_moe")
 # HBM peak of common devices, GB/s (vendor spec sheets)
 PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "H800": 3350.0, "B200": 8000.0, "A100": 2039.0, "L40S": 864.0}
 H, D, ROPE, WINDOW, TOPK, CSA, HCA, HI, DI = 64, 512, 64, 128, 512, 4, 128, 64, 128
+# GEMM shapes (N, K) and experts / choices per token; smoke: small enough for the CPU reference
+FP8_NK, FP4_NK, EXPERTS, CHOICES = (H * D, 1024), (2048, 4096), 256, 6
+SMOKE_FP8_NK, SMOKE_FP4_NK, SMOKE_EXPERTS = (512, 256), (256, 512), 16
 
 
 def _peak(name: str, override: float | None) -> float | None:
@@ -55,6 +65,11 @@ def _time(fn, device: str, reps: int) -> float:
     return times[len(times) // 2]
 
 
+def _sig(v: float) -> float:
+    """4 significant digits (CPU smoke rates are far below 0.001)."""
+    return float(f"{v:.4g}")
+
+
 def _copy_gbps(device: str) -> float:
     import torch
 
@@ -62,6 +77,31 @@ def _copy_gbps(device: str) -> float:
     y = torch.empty_like(x)
     t = _time(lambda: y.copy_(x), device, 10)
     return 2 * x.numel() / t / 1e9
+
+
+def _gemm_case(kind: str, tokens: int, smoke: bool, device: str, g):
+    """Tensors, bytes and flops of one quantised-weight GEMM; returns (call(backend), bytes, flops)."""
+    import torch
+    from dsv4.kernels import dispatch
+
+    if kind == "fp8_gemm":
+        n, k = SMOKE_FP8_NK if smoke else FP8_NK
+        q = torch.randint(0, 126, (n, k), device=device, generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        s = torch.randint(120, 128, (-(-n // 128), -(-k // 128)), device=device, generator=g, dtype=torch.uint8)
+        x = torch.randn(tokens, k, device=device, generator=g).bfloat16()
+        nbytes = q.numel() + s.numel() + 2 * tokens * (k + n)
+        return (lambda be: dispatch.fp8_block_gemm(x, q, s, backend=be)), nbytes, 2 * tokens * n * k
+    n, k = SMOKE_FP4_NK if smoke else FP4_NK
+    e = SMOKE_EXPERTS if smoke else EXPERTS
+    codes = torch.randint(0, 256, (e, n, k // 2), device=device, generator=g, dtype=torch.uint8)
+    scales = torch.randint(120, 128, (e, n, k // 32), device=device, generator=g, dtype=torch.uint8)
+    choices = torch.rand(tokens, e, device=device, generator=g).topk(CHOICES, dim=-1).indices
+    counts = torch.bincount(choices.flatten(), minlength=e).tolist()
+    rows = tokens * CHOICES
+    x = torch.randn(rows, k, device=device, generator=g).bfloat16()
+    used = sum(1 for c in counts if c)
+    nbytes = used * n * (k // 2 + k // 32) + 2 * rows * (k + n)
+    return (lambda be: dispatch.mxfp4_grouped_gemm(x, codes, scales, counts, backend=be)), nbytes, 2 * rows * n * k
 
 
 def _case(kind: str, L: int, B: int, fmt: str, device: str, g):
@@ -120,26 +160,38 @@ def run_kernels(smoke: bool, device: str | None = None, peak_gbps: float | None 
     copy = _copy_gbps(device)
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
+
+    def measure(key: dict, call, nbytes: int, flops: int | None) -> None:
+        n = reps if device == "cuda" else min(reps, 5)
+        for be in backends:
+            try:
+                t = _time(lambda be=be: call(be), device, n)
+            except torch.OutOfMemoryError:  # the torch references materialise gathers / dequantised weights
+                rows.append(dict(key, backend=be, error="out of memory"))
+                torch.cuda.empty_cache()
+                continue
+            gbps = nbytes / t / 1e9
+            rows.append(dict(key, backend=be, us=round(t * 1e6, 1), mbytes=round(nbytes / 1e6, 3),
+                             gbps=_sig(gbps), pct_peak=round(100 * gbps / peak, 1) if peak else None,
+                             pct_copy=round(100 * gbps / copy, 1),
+                             tflops=_sig(flops / t / 1e12) if flops else None))
+
     for kind, fmts in KINDS.items():
         if only and kind not in only:
             continue
         for fmt in fmts:
+            if kind in GEMMS:
+                for tokens in ([1, 4] if smoke else [1, 32, 2048]):
+                    call, nbytes, flops = _gemm_case(kind, tokens, smoke, device, g)
+                    measure(dict(kernel=kind, kv=fmt, context=0, batch=tokens), call, nbytes, flops)
+                    del call
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                continue
             for L in contexts:
                 for B in batches:
                     call, nbytes = _case(kind, L, B, fmt, device, g)
-                    n = reps if device == "cuda" else min(reps, 5)
-                    for be in backends:
-                        key = dict(kernel=kind, kv=fmt, context=L, batch=B, backend=be)
-                        try:
-                            t = _time(lambda call=call, be=be: call(be), device, n)
-                        except torch.OutOfMemoryError:  # the torch reference materialises the gathers
-                            rows.append(dict(key, error="out of memory"))
-                            torch.cuda.empty_cache()
-                            continue
-                        gbps = nbytes / t / 1e9
-                        rows.append(dict(key, us=round(t * 1e6, 1), mbytes=round(nbytes / 1e6, 3),
-                                         gbps=round(gbps, 3), pct_peak=round(100 * gbps / peak, 1) if peak else None,
-                                         pct_copy=round(100 * gbps / copy, 1)))
+                    measure(dict(kernel=kind, kv=fmt, context=L, batch=B), call, nbytes, None)
                     del call
                     if device == "cuda":
                         torch.cuda.empty_cache()
@@ -151,16 +203,17 @@ def markdown(out: dict) -> str:
     peak = f"{out['peak_gbps']:.0f} GB/s" if out["peak_gbps"] else "unknown (pass --peak-gbps)"
     lines = [f"# Kernel bandwidth, {out['device']}{' (smoke)' if out['smoke'] else ''}", "",
              f"Peak HBM {peak}; measured device copy {out['copy_gbps']} GB/s; torch {out['torch']}.", "",
-             "| kernel | kv | context | batch | backend | µs | MB moved | GB/s | % peak | % copy |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| kernel | kv | context | batch | backend | µs | MB moved | GB/s | % peak | % copy | TFLOP/s |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in out["rows"]:
         if "error" in r:
             lines.append(f"| {r['kernel']} | {r['kv']} | {r['context']} | {r['batch']} | {r['backend']} | "
-                         f"{r['error']} | | | | |")
+                         f"{r['error']} | | | | | |")
             continue
         pp = "" if r["pct_peak"] is None else r["pct_peak"]
+        tf = "" if r.get("tflops") is None else r["tflops"]
         lines.append(f"| {r['kernel']} | {r['kv']} | {r['context']} | {r['batch']} | {r['backend']} | {r['us']} | "
-                     f"{r['mbytes']} | {r['gbps']} | {pp} | {r['pct_copy']} |")
+                     f"{r['mbytes']} | {r['gbps']} | {pp} | {r['pct_copy']} | {tf} |")
     return "\n".join(lines)
 
 

@@ -201,3 +201,37 @@ def store_rows(values, dest, out_pool, *, out_format: str = "plain", rope_dim: i
         return
     compressor_ops.store_rows_triton(values, dest, out_pool, out_format=out_format, rope_dim=rope_dim,
                                      interpret=which == "interpret")
+
+
+def fp8_block_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
+                   backend: str | None = None) -> torch.Tensor:
+    """y = x · Wᵀ, W = e4m3 `qweight` [N, K] times one UE8M0 `scale` byte per 128 x 128 block
+    ([⌈N/128⌉, ⌈K/128⌉]): [..., N] in x's dtype (fp32 accumulation). See `quant_gemm.py`.
+    The Triton kernel needs compute capability >= 8.9 when compiled; "auto" takes torch on older GPUs."""
+    from dsv4.kernels import quant_gemm
+
+    quant_gemm.check_fp8_args(x, qweight, scale)
+    which = choose_backend(x, qweight, backend=backend)
+    auto = (backend or settings.current().backend).strip().lower() == "auto"
+    if which == "triton" and auto and not quant_gemm.fp8_native_supported(x.device):
+        which = "torch"
+    if which == "torch":
+        return quant_gemm.fp8_block_gemm_ref(x, qweight, scale)
+    return quant_gemm.fp8_block_gemm_triton(x, qweight, scale, interpret=which == "interpret")
+
+
+def mxfp4_grouped_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, counts, *,
+                       backend: str | None = None) -> torch.Tensor:
+    """The routed-expert GEMM over rows sorted by expert: x [R, K] holds counts[0] rows for expert 0, then
+    counts[1] for expert 1, …; y[rows of e] = x[rows of e] · W_eᵀ with W_e from packed e2m1 `codes` [E, N, K/2]
+    (low nibble = even column) and UE8M0 `scales` [E, N, ⌈K/32⌉]. Returns [R, N] in x's dtype (fp32
+    accumulation). `counts`: E ints (a list, or a 1-D tensor read once). See `quant_gemm.py`."""
+    from dsv4.kernels import quant_gemm
+
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
+    quant_gemm.check_mxfp4_args(x, codes, scales, counts)
+    which = choose_backend(x, codes, backend=backend)
+    if which == "torch":
+        return quant_gemm.mxfp4_grouped_gemm_ref(x, codes, scales, counts)
+    return quant_gemm.mxfp4_grouped_gemm_triton(x, codes, scales, counts, interpret=which == "interpret")

@@ -11,7 +11,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 
-def _compile(module: str, kernel: str, types: dict[str, str], consts: dict) -> None:
+def _compile(module: str, kernel: str, types: dict[str, str], consts: dict, **options):
     from dsv4.kernels import triton_loader
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -19,8 +19,10 @@ def _compile(module: str, kernel: str, types: dict[str, str], consts: dict) -> N
     fn = getattr(triton_loader.load(module, False), kernel)
     sig = {a: types.get(a, "i32") for a in fn.arg_names}
     sig.update({c: "constexpr" for c in consts})
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                              options=options or None)
     assert compiled.asm.get("cubin")
+    return compiled
 
 
 def _ptxas_available() -> bool:
@@ -76,3 +78,22 @@ def test_sparse_attention_fp8_compiles_for_sm90():
                   out_ptr="*fp32", lse_ptr="*fp32", scale="fp32"),
              dict(BLOCK_H=16, BLOCK_N=32, BLOCK_D=512, SPLIT=True, SWA_FP8=True, COMP_FP8=True, DOT_F32=False,
                   **{k: v for k, v in FLASH_FP8.items() if k != "NTILES"}))
+
+
+HOPPER_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90 (227 KiB)
+
+
+@pytest.mark.parametrize("act", ["*bf16", "*fp32"])
+@pytest.mark.parametrize("block_m", [16, 128])
+def test_quantised_weight_gemms_compile_for_sm90(act, block_m):
+    """FP8 block-scaled GEMM (fp8e4nv converts) and the MXFP4 grouped expert GEMM at the launchers' GPU tiles and
+    options, within Hopper's shared memory."""
+    from dsv4.kernels.quant_gemm import gpu_options
+
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, DOT_F32=act == "*fp32")
+    for kernel, types, consts in [
+        ("fp8_block_gemm_kernel", dict(x_ptr=act, w_ptr="*u8", s_ptr="*u8", y_ptr=act), dict(tiles, GROUP_M=8)),
+        ("mxfp4_grouped_gemm_kernel", dict(x_ptr=act, c_ptr="*u8", s_ptr="*u8", y_ptr=act, tile_expert_ptr="*i32",
+                                           tile_start_ptr="*i32", tile_end_ptr="*i32"), tiles)]:
+        compiled = _compile("triton_quant_gemm", kernel, types, consts, **gpu_options(block_m, 128))
+        assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, (kernel, compiled.metadata.shared)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from dsv4.kernels import dispatch
 from torch import nn
 
 
@@ -125,35 +126,48 @@ class Experts(nn.Module):
         codes = self._buffers.get(name + "_q")
         if codes is None:
             return getattr(self, name)[e]
-        from dsv4.runtime.checkpoint.quant import dequantize
+        from dsv4.kernels.quant_gemm import expert_weight
 
-        q = codes[e]
-        return dequantize(q, self._buffers[name + "_s"][e], (q.shape[0], 2 * q.shape[1]), name).to(self.dtype)
+        return expert_weight(codes, self._buffers[name + "_s"], e, self.dtype, name)
 
     def expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
         """Expert `e` (row e of the stacks) on rows xe: w2 · swiglu(w1 · x, w3 · x)."""
         return F.linear(swiglu(F.linear(xe, self.matrix("w1", e)), F.linear(xe, self.matrix("w3", e)), self.limit),
                         self.matrix("w2", e))
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x). Loops over experts that received tokens.
+    def forward_sorted(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Expert outputs for rows sorted by expert: xs [R, H] holds counts[e] rows for expert e, in order; returns
+        [R, H], row r = expert_e(xs[r]).
 
-        Each (token, choice) pair writes its own row of a [T·k, H] buffer (a plain index put: no scatter-add,
+        FP4 experts on the Triton backend (CUDA, or the interpreter): three grouped GEMMs over all rows at once
+        (`dispatch.mxfp4_grouped_gemm`: w1, w3, then w2 on the SwiGLU). Otherwise a loop over the experts with
+        rows (`expert`, each FP4 matrix dequantised on the fly): the torch path, whose numbers do not depend on
+        how the rows are batched."""
+        bufs = self._buffers
+        if "w1_q" in bufs and dispatch.choose_backend(xs, bufs["w1_q"]) != "torch":
+            up = [dispatch.mxfp4_grouped_gemm(xs, bufs[n + "_q"], bufs[n + "_s"], counts, backend="triton")
+                  for n in ("w1", "w3")]
+            return dispatch.mxfp4_grouped_gemm(swiglu(*up, self.limit), bufs["w2_q"], bufs["w2_s"], counts,
+                                               backend="triton")
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                ys[start:start + c] = self.expert(e, xs[start:start + c])
+            start += c
+        return ys
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x): the (token, choice) pairs sorted by expert through
+        `forward_sorted`. Each pair writes its own row of a [T·k, H] buffer (a plain index put: no scatter-add,
         which is slow on CPU), then the k rows of a token are summed."""
         T, k = idx.shape
         flat_e = idx.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
         counts = torch.bincount(flat_e, minlength=self.n).tolist()
-        tok = order // k
-        wts = w.reshape(-1)[order]
-        ys = torch.zeros(T * k, x.shape[-1], dtype=x.dtype, device=x.device)
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            y = self.expert(e, x[tok[start:start + c]])
-            ys[order[start:start + c]] = (y * wts[start:start + c, None].to(y.dtype)).to(x.dtype)
-            start += c
+        y = self.forward_sorted(x[order // k], counts)
+        ys = torch.empty(T * k, x.shape[-1], dtype=x.dtype, device=x.device)
+        ys[order] = (y * w.reshape(-1)[order, None].to(y.dtype)).to(x.dtype)
         return ys.view(T, k, -1).sum(dim=1)
 
 

@@ -2,13 +2,16 @@
 
 * `FP8Linear` (`FP8RowParallelLinear` for TP's row-parallel `wo_b`): e4m3 `qweight` [out, in] + UE8M0
   exponent bytes `scale` [ceil(out/128), ceil(in/128)];
-  `weight` is the dequantised matrix in the model's dtype, `forward` = `F.linear(x, weight)`.
+  `weight` is the dequantised matrix in the model's dtype; `forward` = `dispatch.fp8_block_gemm` (torch:
+  `F.linear(x, weight)`; CUDA: the Triton block-scaled GEMM, dequantising tiles in registers).
 * `quantize_experts(experts)`: the stacked routed experts keep packed e2m1 codes `wK_q` [E, out, in/2] (uint8,
-  low nibble = even column) + UE8M0 `wK_s` [E, out, in/32]; `Experts.matrix(name, e)` dequantises one expert.
+  low nibble = even column) + UE8M0 `wK_s` [E, out, in/32]; `Experts.matrix(name, e)` dequantises one expert and
+  `Experts.forward` runs the torch loop over experts, or on CUDA `dispatch.mxfp4_grouped_gemm` (Triton).
 
 Dequantising with `checkpoint/quant.dequantize` and rounding to the model dtype is exactly what the
-dequantise-at-load path stores, so both paths compute with identical weights (`tests/test_model_quantized.py`).
-A block-scaled GEMM (Triton, behind `kernels/dispatch.py`) can replace the reference later.
+dequantise-at-load path stores, so on the torch path both compute with identical weights
+(`tests/test_model_quantized.py`); the Triton kernels differ only by fp32 summation order
+(`tests/test_kernels_quant_gemm.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from dsv4.kernels import dispatch
 from dsv4.runtime.checkpoint.quant import BLOCK, FP4_BLOCK, dequantize
 from torch import nn
 
@@ -37,7 +40,7 @@ class FP8Linear(nn.Module):
         return dequantize(self.qweight, self.scale, (self.out_features, self.in_features), "FP8Linear").to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return dispatch.fp8_block_gemm(x, self.qweight, self.scale)
 
 
 class FP8RowParallelLinear(FP8Linear):
