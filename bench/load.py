@@ -305,6 +305,7 @@ def run(args) -> int:
                "command": "dsv4 bench load" + (" --smoke" if args.smoke else "")
                + (f" --size-mb {args.size_mb:g}" if args.size_mb is not None else "")
                + (f" --preset {args.preset}" if args.preset != "tiny" else "")
+               + (f" --layouts {','.join(layouts)}" if layouts != ["hf", "fp8"] else "")
                + (f" --tp {args.tp}" if tps != [1] else "")
                + (f" --weights-dtype {args.weights_dtype}" if args.weights_dtype != "bf16" else "")
                + (" --cache warm" if args.cache == "warm" else ""),
