@@ -54,10 +54,12 @@ def _run(rank: int, world: int, conf: dict) -> int:
     cfg = ServeConfig(**conf)
     device = rank_device(os.environ.get("DSV4_TP_DEVICE", "cpu"), rank)
     _set_threads(world, device)
+    trim = None
     if device == "cpu":
-        from dsv4.runtime.malloc_tuning import keep_freed_memory
+        from dsv4.runtime.malloc_tuning import keep_freed_memory, trim_free_heap
 
         keep_freed_memory()
+        trim = trim_free_heap  # like rank 0's engine when it idles (docs/architecture.md, serving memory)
     data_parallel = cfg.dp > 1  # own requests + own cache; experts split (EP) instead of a TP shard
     info = init_group(rank, world, os.environ[ENV_ADDR], int(os.environ[ENV_PORT]), device, float(cfg.tp_timeout_s),
                       tp=int(cfg.tp) if data_parallel else 1)
@@ -72,10 +74,13 @@ def _run(rank: int, world: int, conf: dict) -> int:
     pools = KVPools.for_model(mcfg, setup["spec"], setup["num_blocks"], device=device)
     log.info("rank %d ready on %s: %.1f MiB of KV pools", rank, device, pools.bytes_allocated() / 2**20)
     chan = DPChannel(info) if data_parallel else Channel(info)
-    steps = 0
+    steps = trimmed_at = 0
     with torch.inference_mode():
         while True:
             cmd, batch, *header = chan.recv()
+            if cmd == CMD_NOOP and trim is not None and steps != trimmed_at:
+                trim()  # a heartbeat means no step for a while: the group is idle, give the steps' heap back
+                trimmed_at = steps
             if cmd == CMD_STEP and data_parallel:
                 rank_step(model, batch, pools, header[0], info)
                 steps += 1
