@@ -1,6 +1,6 @@
 """Weight size of a DeepSeek-V4 checkpoint, from the published layout's inventory (`runtime/checkpoint/layout.py`).
 
-Every tensor of the released files (MTP block included: it is loaded) with its exact format:
+Every tensor of the released files (the MTP block included in the file sizes) with its exact format:
 
     fp8-fp4 (as released): routed experts FP4 e2m1 packed two per byte + one UE8M0 scale byte per 32 values;
              other projections FP8 e4m3 + one UE8M0 scale byte per 128x128 block; embeddings, head, router,
@@ -11,15 +11,16 @@ Every tensor of the released files (MTP block included: it is loaded) with its e
 
 Parameters are logical elements (a packed FP4 byte holds 2, scales are not parameters): Flash 290.9e9 (284e9
 without the MTP block), Pro 1.599e12; released bytes Flash 159.6 GB, Pro 864.7 GB (805 GiB).
-What one GPU holds after loading, in the format the rank holds it (the file's, but RMSNorm weights fp32), has one
-formula for every layout: `dp` data-parallel attention ranks, each a tensor-parallel group of `tp` GPUs, the routed
+What one GPU holds after loading — `dsv4 serve` does not load the MTP block (it is not run: no speculative
+decoding), in the format the rank holds it (the file's, but RMSNorm weights fp32) — has one formula for every
+layout: `dp` data-parallel attention ranks, each a tensor-parallel group of `tp` GPUs, the routed
 experts split over all dp x tp GPUs (expert parallelism):
 
     weights/GPU = routed / (dp * tp) + tp_split / tp + whole
 
 routed = the routed experts (`parallel/ownership.split_over_ep_ranks`), tp_split = the other tensors
 `split_over_ranks` marks as split over TP ranks (query heads, output projections, shared expert, vocab rows of embed
-and head), whole = the rest (K=V head, compressors, indexer, norms, mHC, router, MTP block), replicated everywhere.
+and head), whole = the rest (K=V head, compressors, indexer, norms, mHC, router), replicated everywhere.
 `weight_bytes_per_gpu_dp_tp` is that formula; `weight_bytes_per_gpu` (dp = 1: one TP group, `parallel/shard.py`)
 and `weight_bytes_per_gpu_ep` (tp = 1: `dsv4 serve --dp N --ep`) are its two corners. `dsv4 model info` reports
 the same numbers from a checkpoint's headers (`tests/test_model_info.py` checks they agree).
