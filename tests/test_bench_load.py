@@ -57,6 +57,9 @@ def test_load_smoke_tp2_reads_and_holds_rank_0s_part(tmp_path):
     assert two["bytes_read"] < 0.9 * one["bytes_read"] and two["model_bytes"] < 0.75 * one["model_bytes"]
     assert one["bytes_read"] <= one["checkpoint_bytes"] and one["seq_read_bytes"] >= one["checkpoint_bytes"] * 0.99
     assert one["plain_read_bytes"] == one["seq_read_bytes"] and one["plain_MBps"] > 0
+    # the rank-ranges floor reads what the load reads: every byte at TP 1, the rank's part at TP 2
+    assert one["ranges_read_bytes"] >= one["bytes_read"] and two["bytes_read"] <= two["ranges_read_bytes"]
+    assert two["ranges_read_bytes"] < 0.9 * one["ranges_read_bytes"]
     for m in (one, two):  # issue 17's per-rank targets, computed from the row's own figures
         assert m["target_rss_bound"] == 1.2 * m["checkpoint_bytes"] / m["tp"] + 256 * 2**20
         assert m["target_rss_ok"] == (m["extra_rss"] <= m["target_rss_bound"])

@@ -135,24 +135,17 @@ class TPShard:
 
 
 
-def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, progress: bool = True,
-                    shard: TPShard | None = None, weights_dtype: str = "bf16", with_mtp: bool = True
-                    ) -> tuple[Any, ModelConfig]:
-    """(DeepseekV4Model in eval mode on `device`, ModelConfig). With `shard`, the model is cut like
-    `parallel/shard.shard_model` before any memory is allocated, and only the rank's rows / columns / experts of
-    each tensor are read from the files (`model.load_stats` counts the bytes). `weights_dtype="checkpoint"` keeps
-    FP8 linears and FP4 routed experts quantised in memory (`model/quantized.py`, dequantised on the fly); "bf16"
-    dequantises them at load into the model dtype. `with_mtp=False` leaves the MTP block's tensors unread (the
-    server does not run it: no speculative decoding), one log line says how much that saved."""
-    if weights_dtype not in WEIGHTS_DTYPES:
-        raise CheckpointError(f"weights dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
-    from dsv4.runtime.model.model import DeepseekV4Model
-    from dsv4.runtime.model.rope import inv_freq_for
-    from tqdm import tqdm
+@dataclass
+class _LoadPlan:
+    plan: Plan  # canonical name -> (file name, weight meta, scale meta or None), checked against the config
+    expected: dict[str, Any]  # canonical name -> TensorSpec
+    jobs: list[tuple]  # (file, offset, canonical name, parameter, expert row, OwnedPart), in file order
+    part_of: Callable[[str], OwnedPart | None]
 
-    folder = Path(path)
-    cfg = read_config(folder)
-    wdtype = _resolve_dtype(cfg, dtype)
+
+def _load_plan(folder: Path, cfg: ModelConfig, shard: TPShard | None, with_mtp: bool) -> _LoadPlan:
+    """What a load reads: every tensor checked against the config (missing, unexpected, shape, scale), and the
+    rank's part of each, in file order."""
     files = list_tensors(folder)
 
     plan = _plan(files, cfg, _raw_config(folder))
@@ -188,7 +181,6 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
                                   f"{list(want)} for this config.json")
 
     world = shard.world if shard else 1
-
     parts = {hf: owned_part(hf.removeprefix("model."), cfg, shard.rank, world, shard.mode, shard.tp)
              for hf in plan} if shard else {}
 
@@ -202,6 +194,40 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
         if part is not None:
             jobs.append((meta.file, meta.offset, hf, pname, part.expert if part.expert is not None else row, part))
     jobs.sort(key=lambda j: (j[0], j[1]))  # sequential reads, file by file
+    return _LoadPlan(plan, expected, jobs, part_of)
+
+
+def rank_byte_ranges(path: str | Path, shard: TPShard | None = None, with_mtp: bool = True
+                     ) -> dict[str, list[tuple[int, int]]]:
+    """file -> merged byte ranges a rank's load reads (`dsv4 bench load` times reading just these: the disk's floor
+    for a rank that needs only its part of each file)."""
+    folder = Path(path)
+    lp = _load_plan(folder, read_config(folder), shard, with_mtp)
+    return _read_ranges(lp.plan, lp.jobs)
+
+
+def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, progress: bool = True,
+                    shard: TPShard | None = None, weights_dtype: str = "bf16", with_mtp: bool = True
+                    ) -> tuple[Any, ModelConfig]:
+    """(DeepseekV4Model in eval mode on `device`, ModelConfig). With `shard`, the model is cut like
+    `parallel/shard.shard_model` before any memory is allocated, and only the rank's rows / columns / experts of
+    each tensor are read from the files (`model.load_stats` counts the bytes). `weights_dtype="checkpoint"` keeps
+    FP8 linears and FP4 routed experts quantised in memory (`model/quantized.py`, dequantised on the fly); "bf16"
+    dequantises them at load into the model dtype. `with_mtp=False` leaves the MTP block's tensors unread (the
+    server does not run it: no speculative decoding), one log line says how much that saved."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise CheckpointError(f"weights dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
+    from dsv4.runtime.model.model import DeepseekV4Model
+    from dsv4.runtime.model.rope import inv_freq_for
+    from tqdm import tqdm
+
+    folder = Path(path)
+    cfg = read_config(folder)
+    wdtype = _resolve_dtype(cfg, dtype)
+    lp = _load_plan(folder, cfg, shard, with_mtp)
+    plan, expected, jobs, part_of = lp.plan, lp.expected, lp.jobs, lp.part_of
+    has_mtp = any(k.startswith(MTP_PREFIX) for k in plan)
+    world = shard.world if shard else 1
     ranges = _read_ranges(plan, jobs) if shard else None  # a rank reads only part of each file
     _prefetch(ranges)  # the disk starts on the rank's bytes while the model is built
     with _parameters_on_meta():
