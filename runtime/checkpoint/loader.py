@@ -254,7 +254,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     total = sum(_part_bytes(plan[j[2]], expected[j[2]].shape, j[5]) for j in jobs)
     bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, disable=not progress, leave=False)
     started, done = time.monotonic(), 0
-    with torch.no_grad(), _OpenFiles(partial=ranges is not None) as files:
+    with torch.no_grad(), _OpenFiles() as files:
         for fname, _, hf, pname, row, part in jobs:
             name, meta, smeta = plan[hf]
             try:
@@ -346,16 +346,12 @@ def _prefetch(ranges: dict[str, list[tuple[int, int]]] | None) -> None:
 
 
 class _OpenFiles:
-    """Each shard opened once (unbuffered) for the whole load; counts the bytes read. `partial` (a rank reading
-    only its part of each file, prefetched by `_prefetch`): the kernel's read-ahead is switched off for the file
-    (`POSIX_FADV_RANDOM`), because it would also read the skipped parts (other ranks' experts): ~1.5x the bytes
-    from the disk at TP 2."""
+    """Each shard opened once (unbuffered) for the whole load; counts the bytes read."""
 
-    def __init__(self, partial: bool = False) -> None:
+    def __init__(self) -> None:
         self.handles: dict[str, Any] = {}
         self.bytes_read = 0
         self.opened = 0
-        self.partial = partial
 
     def __enter__(self) -> _OpenFiles:
         return self
@@ -364,20 +360,10 @@ class _OpenFiles:
         for h in self.handles.values():
             h.close()
 
-    def _advise(self, f: Any) -> None:
-        import os
-
-        if self.partial and hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-            except OSError:  # advice only
-                pass
-
     def rows(self, meta: TensorMeta, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         if meta.file not in self.handles:
             self.handles[meta.file] = open(meta.file, "rb", buffering=0)  # noqa: SIM115 (closed in __exit__)
             self.opened += 1
-            self._advise(self.handles[meta.file])
         t = read_rows(self.handles[meta.file], meta, r0, r1, out)
         self.bytes_read += t.numel() * t.element_size()
         return t
