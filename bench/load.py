@@ -211,8 +211,8 @@ def _written(path: Path, cfg, seed: int) -> bool:
     """A checkpoint of this config and seed is already in `path` (a `--workdir` kept from an earlier run)."""
     stamp = path / "bench_seed"
     try:
-        return (json.loads((path / "config.json").read_text())["n_routed_experts"] == cfg.n_routed_experts
-                and json.loads((path / "config.json").read_text())["hidden_size"] == cfg.hidden_size
+        written = json.loads((path / "config.json").read_text())
+        return (written["n_routed_experts"] == cfg.n_routed_experts and written["hidden_size"] == cfg.hidden_size
                 and stamp.read_text().strip() == str(seed))
     except (OSError, ValueError, KeyError):
         return False

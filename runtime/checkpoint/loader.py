@@ -141,6 +141,7 @@ class _LoadPlan:
     expected: dict[str, Any]  # canonical name -> TensorSpec
     jobs: list[tuple]  # (file, offset, canonical name, parameter, expert row, OwnedPart), in file order
     part_of: Callable[[str], OwnedPart | None]
+    has_mtp: bool  # the MTP block is read
 
 
 def _load_plan(folder: Path, cfg: ModelConfig, shard: TPShard | None, with_mtp: bool) -> _LoadPlan:
@@ -194,7 +195,7 @@ def _load_plan(folder: Path, cfg: ModelConfig, shard: TPShard | None, with_mtp: 
         if part is not None:
             jobs.append((meta.file, meta.offset, hf, pname, part.expert if part.expert is not None else row, part))
     jobs.sort(key=lambda j: (j[0], j[1]))  # sequential reads, file by file
-    return _LoadPlan(plan, expected, jobs, part_of)
+    return _LoadPlan(plan, expected, jobs, part_of, has_mtp)
 
 
 def rank_byte_ranges(path: str | Path, shard: TPShard | None = None, with_mtp: bool = True
@@ -225,8 +226,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     cfg = read_config(folder)
     wdtype = _resolve_dtype(cfg, dtype)
     lp = _load_plan(folder, cfg, shard, with_mtp)
-    plan, expected, jobs, part_of = lp.plan, lp.expected, lp.jobs, lp.part_of
-    has_mtp = any(k.startswith(MTP_PREFIX) for k in plan)
+    plan, expected, jobs, part_of, has_mtp = lp.plan, lp.expected, lp.jobs, lp.part_of, lp.has_mtp
     world = shard.world if shard else 1
     ranges = _read_ranges(plan, jobs) if shard else None  # a rank reads only part of each file
     _prefetch(ranges)  # the disk starts on the rank's bytes while the model is built

@@ -84,7 +84,7 @@ def shard_model_ep(model: nn.Module, cfg: Any, rank: int, world: int, exchange: 
         shard_tp_parts(model, cfg, rank % tp, tp, tp_pg)
     for block in model.layers:
         block.ffn = ExpertParallelMoE(block.ffn, rank, world, exchange, tp, tp_pg)
-    model.ep_rank, model.ep_world, model.ep_tp = rank, world, tp
+    model.ep_rank, model.ep_world = rank, world
     return model
 
 

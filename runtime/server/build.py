@@ -118,7 +118,7 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
         device = group.info.device
     say(f"loading {model_dir} on {device} (weights {cfg.weights_dtype})")
     # with tp > 1 only rank 0's rows / columns / experts are read, like the other ranks (parallel/worker.py);
-    # with dp > 1 (EP) every tensor but the routed experts is whole, and rank 0 reads its 1/dp of the experts
+    # with dp > 1 (EP) rank 0 reads its share of the routed experts and the rest whole, or its TP group's cut of it
     shard = shard_for(group.info, group.data_parallel) if group is not None else None
     model, mcfg, tok = load_model(str(model_dir), device=device, progress=False, shard=shard,
                                   weights_dtype=cfg.weights_dtype,
