@@ -326,7 +326,8 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
     if compile_mode == "both":  # the same engine and cache, decode again with `--compile on` (one run: ratios)
         from dsv4.runtime.model import compiled
 
-        compile_state = compiled.setup("on", cfg, "cpu", say=lambda *_: None)
+        compile_state = compiled.setup("on", ours.model, ours.engine.runner.pools, "cpu", say=lambda *_: None,
+                                       max_batch=max(batches))
         for c in contexts:
             m = compiled_rows[c] = Measure("ours --compile on", c, note=f"decode only; {compile_state}")
             for b in batches:
@@ -510,7 +511,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared CPU, OpenMP spin-waits make 2 threads ~25x slower)")
     p.add_argument("--compile", choices=("off", "both"), default="off",
-                   help="both: after the eager decode, decode again with the torch.compile'd mHC functions "
+                   help="both: after the eager decode, decode again with the torch.compile'd decode step "
                         "(`dsv4 serve --compile on`), same engine and cache: one run, ratios")
     p.add_argument("--smoke", action="store_true",
                    help="hidden 64, contexts 256/512, batches 1/2, 4 decode steps: seconds")

@@ -1,13 +1,14 @@
-"""`--compile on`: the torch.compile'd mHC functions give the eager tokens and logprobs (<= 1e-5, fp32) through
+"""`--compile on`: the torch.compile'd decode step gives the eager tokens and logprobs (<= 1e-5, fp32) through
 the paged cache — prompts crossing the CSA (4) and HCA (128) compression boundaries, decode batches of several
-sizes, a prefix hit and a preemption — and `off` / `auto` / a failing compiler behave as documented."""
+sizes (dynamic on CPU, and padded to every bucket size as on CUDA), a prefix hit and a preemption — and `off` /
+`auto` / a failing compiler behave as documented."""
 
 from __future__ import annotations
 
 import pytest
 from dsv4.runtime.engine.engine import EngineObserver
 from dsv4.runtime.engine.request import Request, SamplingParams
-from dsv4.runtime.model import compiled
+from dsv4.runtime.model import compiled, model
 from dsv4.runtime.server.build import build_engine
 from dsv4.runtime.server.config import ServeConfig
 
@@ -17,13 +18,24 @@ BASE = [(37 * i + 5) % 1000 + 2 for i in range(300)]
 PROMPTS = [BASE[:5], BASE[:150], BASE[:300], [9] * 64, BASE[:200] + [4, 4], [(13 * i) % 997 + 2 for i in range(140)]]
 
 
-def run(mode: str) -> list[tuple[list[int], list[float]]]:
+def run(mode: str, buckets: tuple[int, ...] | None = None) -> tuple[list[tuple[list[int], list[float]]], int, int]:
     """Every prompt concurrently (greedy, 8 tokens, logprobs), then a prefix hit, in a cache small enough to
-    preempt. Returns (tokens, chosen-token logprobs) per request."""
+    preempt. Returns ((tokens, chosen-token logprobs) per request, preemptions, compiled decode steps run)."""
     built = build_engine(ServeConfig(compile=mode, num_blocks=12, device="cpu", max_num_seqs=6,
                                      max_num_batched_tokens=256), say=lambda *_: None)
     eng = built.engine.engine
-    assert compiled.is_compiled() == (mode == "on")
+    if buckets is not None:  # the CUDA path's static shapes: decode batches padded with empty sequences
+        compiled.use_compiled("cpu", buckets=buckets)
+    assert compiled.decode_step_compiled() == (mode == "on" or buckets is not None)
+    sizes: list[int] = []
+    block = model.DecodeStep.block
+    if block is not None:
+        def counting(layer, h, *a):
+            if layer is eng.runner.model.layers[0]:
+                sizes.append(h.shape[0])
+            return block(layer, h, *a)
+
+        model.DecodeStep.block = counting
     params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0, ignore_eos=True)
     outs: dict[str, tuple[list[int], list[float]]] = {}
     preempted = [0]
@@ -48,14 +60,14 @@ def run(mode: str) -> list[tuple[list[int], list[float]]]:
     eng.add(Request("hit", BASE[:150] + [7, 7, 7], params))  # its first two blocks are cached
     drain()
     assert eng.cache.stats().prefix_hit_tokens >= 128
-    return [outs[k] for k in sorted(outs)], preempted[0]
-
-
-def test_compiled_mhc_gives_the_eager_tokens_and_logprobs():
-    eager, pre_e = run("off")
-    comp, pre_c = run("on")
+    for i in range(5):  # short prompts admitted together: a decode batch of 5 (padded to 8 with buckets)
+        eng.add(Request(f"s{i}", BASE[10 * i:10 * i + 6], params))
+    drain()
     compiled.use_eager()
-    assert pre_e == pre_c and pre_e > 0  # the small cache preempted (and recomputed) someone, in both runs
+    return [outs[k] for k in sorted(outs)], preempted[0], sizes
+
+
+def assert_same(eager, comp) -> None:
     worst = 0.0
     for (te, le), (tc, lc) in zip(eager, comp, strict=True):
         assert te == tc and len(te) == 8
@@ -63,22 +75,39 @@ def test_compiled_mhc_gives_the_eager_tokens_and_logprobs():
     assert worst <= 1e-5, worst
 
 
-def test_off_is_eager_and_a_failing_compiler_falls_back_with_one_warning(monkeypatch, caplog):
-    from dsv4.runtime.config import tiny
+def test_compiled_decode_step_gives_the_eager_tokens_and_logprobs():
+    eager, pre_e, _ = run("off")
+    comp, pre_c, sizes = run("on")
+    assert pre_e == pre_c and pre_e > 0  # the small cache preempted (and recomputed) someone, in both runs
+    assert len(set(sizes)) >= 3 and 1 in sizes, sizes  # decode batches of several sizes ran compiled
+    assert_same(eager, comp)
 
-    assert compiled.setup("off", tiny(), "cpu") == "off" and not compiled.is_compiled()
+
+def test_decode_batches_padded_to_buckets_give_the_eager_tokens():
+    eager, _, _ = run("off")
+    buckets = (1, 2, 4, 8)
+    comp, _, sizes = run("off", buckets=buckets)
+    assert set(sizes) <= set(buckets) and len(set(sizes)) >= 2, sizes  # padded: only bucket sizes reach the graph
+    assert_same(eager, comp)
+
+
+def test_off_is_eager_and_a_failing_compiler_falls_back_with_one_warning(monkeypatch, caplog):
+    runner = build_engine(ServeConfig(num_blocks=12, device="cpu"), say=lambda *_: None).engine.engine.runner
+    args = (runner.model, runner.pools, "cpu")
+    assert compiled.setup("off", *args) == "off" and not compiled.is_compiled()
 
     def broken(*_a, **_k):
         raise RuntimeError("no C++ compiler found\nmore detail")
 
     monkeypatch.setattr(compiled, "warm_up", broken)
     with caplog.at_level("WARNING", logger="dsv4.compile"):
-        state = compiled.setup("on", tiny(), "cpu")
+        state = compiled.setup("on", *args)
     assert state == "off (compilation failed: RuntimeError)" and not compiled.is_compiled()
+    assert not compiled.decode_step_compiled()
     assert [r.message for r in caplog.records] == [
-        "torch.compile failed (RuntimeError: no C++ compiler found); serving with eager mHC functions"]
+        "torch.compile failed (RuntimeError: no C++ compiler found); serving eagerly"]
     monkeypatch.setattr(compiled, "warm_up", lambda *a, **k: 0.9)  # compiled measured slower: auto keeps eager
-    assert compiled.setup("auto", tiny(), "cpu").startswith("off (auto: compiled mHC ran 0.90x")
-    assert not compiled.is_compiled()
+    assert compiled.setup("auto", *args).startswith("off (auto: compiled ran 0.90x")
+    assert not compiled.is_compiled() and not compiled.decode_step_compiled()
     with pytest.raises(ValueError, match="compile must be auto, on or off"):
-        compiled.setup("fast", tiny(), "cpu")
+        compiled.setup("fast", *args)

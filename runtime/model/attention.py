@@ -150,17 +150,24 @@ class Attention(nn.Module):
             self.indexer = Indexer(cfg, dtype)
         self.eps = cfg.rms_norm_eps
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int,
-                inv_freq: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The dense part before the cache: (qr [T, q_lora], q [T, H, D], kv [T, D]), RoPE applied."""
         T = x.shape[0]
-        cfg = self.cfg
-        cos, sin = cos_sin(ctx.pos, inv_freq)
         qr = self.q_norm(self.wq_a(x))
         q = rms(self.wq_b(qr).view(T, self.n_heads, self.head_dim), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.norm(self.wkv(x)), cos, sin)
-        pools.write("swa", layer, ctx.swa_slot, kv)
+        return qr, q, kv
 
+    def attend(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, ctx: StepContext,
+               pools: KVPools, layer: int, inv_freq: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> torch.Tensor:
+        """The paged-cache part: write kv and the compressor states, select and read the visible entries, attend.
+        Its shapes depend on the data (emissions, top-k, visible counts), so `--compile` keeps it eager."""
+        T = x.shape[0]
+        cfg = self.cfg
+        pools.write("swa", layer, ctx.swa_slot, kv)
         comp_kv = comp_idx = None
         if self.layer_type == HCA:
             D = self.head_dim
@@ -187,14 +194,24 @@ class Attention(nn.Module):
             comp_kv, comp_idx = pools.gather_view("csa", layer, top)
 
         swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
-        o = dispatch.sparse_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, self.attn_sink,
-                                      self.head_dim ** -0.5).to(x.dtype)
+        return dispatch.sparse_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, self.attn_sink,
+                                         self.head_dim ** -0.5).to(x.dtype)
+
+    def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The dense part after the cache: RoPE⁻¹, then W_ob · groupwise(W_oa)."""
+        T, cfg = o.shape[0], self.cfg
         o = apply_rope(o, cos, sin, inverse=True)
         g = cfg.o_groups
         og = o.reshape(T, g, -1)
         wa = self.wo_a.weight.view(g, cfg.o_lora_rank, -1)
         y = torch.einsum("tgi,goi->tgo", og, wa).reshape(T, -1)
         return self.wo_b(y)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        cos, sin = cos_sin(ctx.pos, inv_freq)
+        qr, q, kv = self.project(x, cos, sin)
+        return self.output(self.attend(x, qr, q, kv, ctx, pools, layer, inv_freq, cos, sin), cos, sin)
 
 
 def _unmap(top: torch.Tensor, kidx: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:

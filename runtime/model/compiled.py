@@ -1,26 +1,33 @@
-"""`dsv4 serve --compile {auto,on,off}`: torch.compile the decode step's operator-bound hot spots.
+"""`dsv4 serve --compile {auto,on,off}`: a torch.compile'd decode step.
 
-What is compiled: the mHC mixing weights (`layers.mhc_weights`: sigmoids, softmax and the 20-round Sinkhorn
-on 4x4 matrices — ~120 tiny aten operators per call, two calls per layer, the bulk of `hc_pre`'s 25 % of a
-batch-1 decode step) with `dynamic=True`, so one graph serves every token count (inductor's C++ code on CPU,
-Triton on GPU). It is a pure tensor function of the token batch: no paged-cache reads, no graph breaks, no
-recompilation per batch size or context. The GEMVs around it (`hc_pre`'s mixing projection, `hc_post`'s
-combine) stay eager: compiled with them, the engine's decode step got slower on CPU (32 -> 39 ms at batch 1, 1K)
-although the functions alone ran 2.1x faster in isolation — inductor's own GEMV loops lose to MKL.
+What is compiled: for decode steps (every sequence one token, `model.is_decode`), the whole `Block.forward` —
+the mHC mixing (RMS, projection, sigmoids, softmax, the 20-round Sinkhorn on 4x4 matrices), the RMSNorms, the
+query / key projections with RoPE, the output projection, the router and the shared expert — is one compiled
+function per layer kind (inductor's C++/OpenMP code on CPU; Triton + CUDA graphs, `mode="reduce-overhead"`, on
+GPU). The parts whose shapes depend on the data stay eager islands (`torch.compiler.disable`, `ISLANDS`): the
+paged-cache step of attention (`Attention.attend`: writes, compressor emissions, the indexer's top-k, the gathers
+through the block tables, sparse attention), the routed experts (`Experts.forward`: per-expert row counts), FP8
+linears, and the TP / EP modules that call collectives. Each island is one graph break, so a block is three
+graphs (before attention's cache step, between it and the routed experts, after them); `graph_breaks()` counts
+them. Prefill and mixed steps run eager, except the mHC mixing weights, compiled with `dynamic=True` for every
+token count.
 
-What is not (yet): the whole paged forward. Compiling each `Block.forward` as is recompiles on the
-data-dependent chunk loops of the sparse-attention path (`kernels/prefix_gemm.py`) and hit the recompile limit:
-measured 470 s of compilation and a slower step (94 ms vs 52 ms at batch 16); a whole-step graph needs static
-per-bucket buffers for block tables and positions (CUDA graphs on GPU), which is the rest of issue 22.
+Shapes: on CPU the token dimension is dynamic (one graph for batch 1, one for every larger batch; no padding). On
+CUDA each decode batch is padded with empty sequences (`model.pad_decode_batch`: block tables -1, so they touch no
+cache row) to the next of `DECODE_BUCKETS`, as vLLM pads to its CUDA-graph capture sizes: one static graph per
+bucket. `setup` compiles before the server reports ready, one progress line per warm-up batch, on empty decode
+batches that read and write no cache row.
 
-Modes: `off` (default: compiling costs ~45 s per start on a busy 2-core host — the artefacts are cached under
-the project's cache folder, `TORCHINDUCTOR_CACHE_DIR`, so later starts are faster), `on`, and `auto` (compile,
-time compiled vs eager on the warm-up shapes, keep whichever is faster). A failure to compile falls back to eager
-with one warning; the server still starts.
+Modes: `off` (default: compiling costs tens of seconds per start on a busy 2-core host — the artefacts are cached
+under the project's cache folder, `TORCHINDUCTOR_CACHE_DIR`, so later starts are faster), `on`, and `auto`
+(compile, then time compiled vs eager decode on the warm-up batches, keep whichever is faster). A failure to
+compile falls back to eager with one warning; the server still starts. In a TP / DP group (`--tp`/`--dp` > 1)
+only the mHC mixing weights are compiled: the decode-step graph is for single-process replicas.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -30,84 +37,190 @@ from typing import Any
 
 import torch
 from dsv4.runtime.model import layers
+from dsv4.runtime.model.batch import ForwardBatch
 from dsv4.runtime.model.layers import MHC
+from dsv4.runtime.model.model import Block, DecodeStep, pad_decode_batch
 
 from dsv4.paths import cache_root
 
 log = logging.getLogger("dsv4.compile")
 
 EAGER: dict[str, Callable[..., Any]] = {"weights": layers.mhc_weights}
-WARM_UP_TOKENS = (1, 7, 64)  # decode batches and a prefill chunk: the shapes dynamic=True must cover
-AUTO_MIN_GAIN = 1.05  # auto keeps compiled code when it is at least this much faster on the warm-up shapes
+# (module, class, method) kept eager inside the compiled decode step: data-dependent shapes, or collectives
+ISLANDS: tuple[tuple[str, str, str], ...] = (
+    ("dsv4.runtime.model.attention", "Attention", "attend"),
+    ("dsv4.runtime.model.layers", "Experts", "forward"),
+    ("dsv4.runtime.model.quantized", "FP8Linear", "forward"),
+    ("dsv4.runtime.parallel.shard", "RowParallelLinear", "forward"),
+    ("dsv4.runtime.parallel.shard", "ParallelMoE", "forward"),
+    ("dsv4.runtime.parallel.ep", "ExpertParallelMoE", "forward"),
+)
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # CUDA-graph batch sizes
+CPU_WARM_UP = (1, 3)  # the batch-1 graph and the dynamic one that serves every larger decode batch
+AUTO_MIN_GAIN = 1.05  # auto keeps compiled code when it is at least this much faster on the warm-up batches
+_originals: dict[tuple[str, str, str], Callable[..., Any]] = {}
+_compiled: dict[str, Any] = {}  # what `use_compiled` built, swapped back in by `_activate` (no recompilation)
 
 
 def cache_dir() -> Path:
     return cache_root() / "inductor"
 
 
-def use_compiled() -> None:
-    """Swap the compiled mHC functions in (compilation itself happens at their first call)."""
+def _island_owner(module: str, cls: str) -> Any:
+    return getattr(importlib.import_module(module), cls)
+
+
+def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[int, ...] | None = None) -> None:
+    """Swap the compiled functions in (compilation itself happens at their first call). `decode_step=False`:
+    the mHC mixing weights only. `buckets`: pad decode batches to these sizes (default: CUDA only)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
-    for name, fn in EAGER.items():
-        setattr(MHC, name, staticmethod(torch.compile(fn, dynamic=True)))
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False  # a batch size equal to some model dimension must not specialise the graph
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(DECODE_BUCKETS))
+    _compiled.clear()
+    _compiled["weights"] = torch.compile(EAGER["weights"], dynamic=True)
+    if decode_step:
+        cuda = str(device).startswith("cuda")
+        for key in ISLANDS:
+            _originals.setdefault(key, getattr(_island_owner(*key[:2]), key[2]))
+            _compiled[key] = torch.compiler.disable(_originals[key])
+        if cuda:
+            _compiled["block"] = torch.compile(Block.forward, mode="reduce-overhead", dynamic=False)
+        else:
+            _compiled["block"] = torch.compile(Block.forward, dynamic=buckets is None)
+        _compiled["buckets"] = buckets if buckets is not None else (DECODE_BUCKETS if cuda else None)
+    _activate()
+
+
+def _activate() -> None:
+    MHC.weights = staticmethod(_compiled["weights"])
+    for key in ISLANDS:
+        if key in _compiled:
+            setattr(_island_owner(*key[:2]), key[2], _compiled[key])
+    DecodeStep.block = _compiled.get("block")
+    DecodeStep.buckets = _compiled.get("buckets")
 
 
 def use_eager() -> None:
     for name, fn in EAGER.items():
         setattr(MHC, name, staticmethod(fn))
+    for key, fn in _originals.items():
+        setattr(_island_owner(*key[:2]), key[2], fn)
+    DecodeStep.block = None
+    DecodeStep.buckets = None
 
 
 def is_compiled() -> bool:
     return MHC.weights is not EAGER["weights"]
 
 
-def _inputs(cfg: Any, tokens: int, device: str) -> dict[str, tuple]:
+def decode_step_compiled() -> bool:
+    return DecodeStep.block is not None
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo recorded in this process (each island call site counts once per compiled variant)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
+def empty_decode_batch(spec: Any, n: int, device: str) -> ForwardBatch:
+    """n one-token sequences that read and write no cache row (`pad_decode_batch` of an empty batch)."""
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    tables = {p: torch.zeros(0, 1, dtype=torch.long, device=device) for p in spec.pools if p != "idx"}
+    empty = ForwardBatch(none, none, torch.zeros(1, dtype=torch.long, device=device), tables, none, none)
+    batch = pad_decode_batch(empty, n)
+    batch.logits_indices = torch.arange(n, device=device)
+    return batch
+
+
+def warm_up_sizes(device: str, max_batch: int) -> tuple[int, ...]:
+    if str(device).startswith("cuda"):
+        return tuple(b for b in DECODE_BUCKETS if b <= max(1, max_batch)) or (1,)
+    return CPU_WARM_UP
+
+
+def _time_decode(model: Any, pools: Any, batches: list[ForwardBatch], reps: int) -> float:
+    sync = torch.cuda.synchronize if pools.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for b in batches:
+            model(b, pools)
+    sync()
+    return time.perf_counter() - t0
+
+
+def warm_up(model: Any, pools: Any, device: str, max_batch: int, say: Callable[[str], None] = log.info) -> float:
+    """Compile the decode step on every warm-up batch size; returns eager time / compiled time on those batches."""
+    sizes = warm_up_sizes(device, max_batch)
+    batches = [empty_decode_batch(pools.spec, n, device) for n in sizes]
+    for i, b in enumerate(batches, 1):
+        t0 = time.perf_counter()
+        model(b, pools)
+        model(b, pools)  # CUDA graphs record on the second call
+        say(f"compile warm-up {i}/{len(batches)}: decode batch {sizes[i - 1]}, {time.perf_counter() - t0:.1f} s")
+    reps = 5
+    compiled = _time_decode(model, pools, batches, reps)
+    use_eager()
+    try:
+        eager = _time_decode(model, pools, batches, reps)
+    finally:
+        _activate()
+    return eager / max(1e-9, compiled)
+
+
+def _mhc_inputs(cfg: Any, tokens: int, device: str) -> tuple:
     hc = int(cfg.hc_mult)
     g = torch.Generator().manual_seed(tokens)
     mixes = torch.randn(tokens, (2 + hc) * hc, generator=g).to(device)
     base, scale = torch.zeros((2 + hc) * hc, device=device), torch.ones(3, device=device)
-    return {"weights": (mixes, base, scale, hc, int(cfg.hc_sinkhorn_iters), float(cfg.hc_eps))}
+    return mixes, base, scale, hc, int(cfg.hc_sinkhorn_iters), float(cfg.hc_eps)
 
 
-def _time(fns: dict[str, Callable[..., Any]], args: list[dict[str, tuple]], reps: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        for a in args:
-            for name, fn in fns.items():
-                fn(*a[name])
-    return time.perf_counter() - t0
+def warm_up_mhc(cfg: Any, device: str, say: Callable[[str], None] = log.info) -> float:
+    """The group path: compile the mHC mixing weights on a decode and a prefill shape; eager / compiled time."""
+    args = [_mhc_inputs(cfg, t, device) for t in (1, 7, 64)]
+    for i, a in enumerate(args, 1):
+        t0 = time.perf_counter()
+        MHC.weights(*a)
+        say(f"compile warm-up {i}/{len(args)}: mHC on {a[0].shape[0]} tokens, {time.perf_counter() - t0:.1f} s")
+    reps = 20
+
+    def timed(fn: Callable[..., Any]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for a in args:
+                fn(*a)
+        return time.perf_counter() - t0
+
+    return timed(EAGER["weights"]) / max(1e-9, timed(MHC.weights))
 
 
 @torch.inference_mode()
-def warm_up(cfg: Any, device: str, say: Callable[[str], None] = log.info) -> float:
-    """Compile (first calls) on every warm-up shape; returns eager time / compiled time on those shapes."""
-    args = [_inputs(cfg, t, device) for t in WARM_UP_TOKENS]
-    compiled = {name: getattr(MHC, name) for name in EAGER}
-    for i, a in enumerate(args, 1):
-        t0 = time.perf_counter()
-        for name, fn in compiled.items():
-            fn(*a[name])
-        say(f"compile warm-up {i}/{len(args)}: {WARM_UP_TOKENS[i - 1]} tokens, {time.perf_counter() - t0:.1f} s")
-    reps = 20
-    return _time(EAGER, args, reps) / max(1e-9, _time(compiled, args, reps))
-
-
-def setup(mode: str, cfg: Any, device: str, say: Callable[[str], None] = log.info) -> str:
-    """Apply `--compile mode` for this process; returns what was decided, for the start-up report."""
+def setup(mode: str, model: Any, pools: Any, device: str, say: Callable[[str], None] = log.info,
+          decode_step: bool = True, max_batch: int = 256) -> str:
+    """Apply `--compile mode` for this process; returns what was decided, for the start-up report.
+    `decode_step=False` (TP / DP ranks): the mHC mixing weights only."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, got {mode!r}")
     if mode == "off":
         use_eager()
         return "off"
-    use_compiled()
+    what = "decode step compiled" if decode_step else "mHC functions compiled"
     try:
-        gain = warm_up(cfg, device, say)
+        use_compiled(device, decode_step)
+        gain = warm_up(model, pools, device, max_batch, say) if decode_step else warm_up_mhc(model.cfg, device, say)
     except Exception as e:  # inductor missing a compiler, an unsupported op: serve eagerly
         use_eager()
-        log.warning("torch.compile failed (%s: %s); serving with eager mHC functions", type(e).__name__,
+        log.warning("torch.compile failed (%s: %s); serving eagerly", type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "")
         return f"off (compilation failed: {type(e).__name__})"
     if mode == "auto" and gain < AUTO_MIN_GAIN:
         use_eager()
-        return f"off (auto: compiled mHC ran {gain:.2f}x eager's speed in the warm-up, below {AUTO_MIN_GAIN}x)"
-    return f"on (mHC functions compiled; {gain:.2f}x eager's speed on the warm-up shapes)"
+        return f"off (auto: compiled ran {gain:.2f}x eager's speed in the warm-up, below {AUTO_MIN_GAIN}x)"
+    breaks = f", {graph_breaks()} graph breaks" if decode_step else ""
+    return f"on ({what}; {gain:.2f}x eager's speed on the warm-up batches{breaks})"

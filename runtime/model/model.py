@@ -7,6 +7,7 @@ MoE -> mHC post] -> hc_head fold -> RMSNorm -> head. Parameter names follow the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,36 @@ from dsv4.runtime.model.kv_pools import KVPools
 from dsv4.runtime.model.layers import MHC, MoE, RMSNorm
 from dsv4.runtime.model.rope import inv_freq_for
 from torch import nn
+
+
+class DecodeStep:
+    """How decode steps (every sequence one token) run the blocks. `runtime/model/compiled.py` (`--compile`)
+    sets `block` to a torch.compile'd `Block.forward` and, for CUDA graphs, `buckets`: decode batches are padded
+    with empty sequences to the next bucket size so each size has one static graph. None = eager, no padding."""
+
+    block: Callable[..., torch.Tensor] | None = None
+    buckets: tuple[int, ...] | None = None
+
+
+def pad_decode_batch(batch: ForwardBatch, size: int) -> ForwardBatch:
+    """`batch` plus `size - S` empty one-token sequences: position 0, every block-table entry -1 (so they read
+    and write no cache row, emit no compressed entry and see only their own sink), no logits rows."""
+    S, dev = batch.num_seqs, batch.input_ids.device
+    n = size - S
+    if n <= 0:
+        return batch
+    zeros = torch.zeros(n, dtype=batch.input_ids.dtype, device=dev)
+    starts = batch.query_start[-1] + torch.arange(1, n + 1, dtype=batch.query_start.dtype, device=dev)
+    tables = {k: torch.cat([t, torch.full((n, t.shape[1]), -1, dtype=t.dtype, device=dev)])
+              for k, t in batch.block_tables.items()}
+    return ForwardBatch(torch.cat([batch.input_ids, zeros]), torch.cat([batch.positions, zeros.to(batch.positions)]),
+                        torch.cat([batch.query_start, starts]), tables,
+                        torch.cat([batch.recompute_until, zeros.to(batch.recompute_until)]),
+                        batch.logits_indices, dict(batch.extras))
+
+
+def is_decode(batch: ForwardBatch) -> bool:
+    return 0 < batch.num_tokens == batch.num_seqs
 
 
 class Block(nn.Module):
@@ -102,14 +133,18 @@ class DeepseekV4Model(nn.Module):
         self.register_buffer("inv_freq_compress", inv_freq_for(cfg, compressed=True), persistent=False)
 
     def hidden_states(self, batch: ForwardBatch, pools: KVPools) -> torch.Tensor:
-        """The final hc streams [T, hc_mult, H] of every token (writes the cache as a side effect)."""
+        """The final hc streams [T, hc_mult, H] of every token (writes the cache as a side effect). Decode steps
+        run the compiled blocks when `--compile` set `DecodeStep.block`."""
         cfg = self.cfg
+        run: Callable[..., torch.Tensor] = Block.__call__
+        if DecodeStep.block is not None and is_decode(batch):
+            run = DecodeStep.block
         ctx = StepContext.build(batch, cfg, pools.spec)
         x = self.embed_tokens(batch.input_ids)
         h = x.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
             inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
-            h = layer(h, ctx, pools, i, inv, batch.input_ids)
+            h = run(layer, h, ctx, pools, i, inv, batch.input_ids)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -119,6 +154,9 @@ class DeepseekV4Model(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pools: KVPools) -> torch.Tensor:
+        if DecodeStep.buckets and DecodeStep.block is not None and is_decode(batch):
+            size = next((b for b in DecodeStep.buckets if b >= batch.num_seqs), batch.num_seqs)
+            batch = pad_decode_batch(batch, size)
         h = self.hidden_states(batch, pools)
         return self.logits(h[batch.logits_indices])
 

@@ -67,11 +67,11 @@ def _run(rank: int, world: int, conf: dict) -> int:
     model, mcfg, _ = load_model(str(cfg.model_dir), device=device, progress=False,
                                 shard=shard_for(info, data_parallel), weights_dtype=cfg.weights_dtype,
                                 with_mtp=False)  # not run: no speculative decoding
-    from dsv4.runtime.model.compiled import setup as setup_compile
-
-    setup_compile("off" if cfg.compile == "off" else "on", mcfg, device, log.info)
     setup = broadcast_setup(None, info)
     pools = KVPools.for_model(mcfg, setup["spec"], setup["num_blocks"], device=device)
+    from dsv4.runtime.model.compiled import setup as setup_compile
+
+    setup_compile("off" if cfg.compile == "off" else "on", model, pools, device, log.info, decode_step=False)
     log.info("rank %d ready on %s: %.1f MiB of KV pools", rank, device, pools.bytes_allocated() / 2**20)
     chan = DPChannel(info) if data_parallel else Channel(info)
     steps = trimmed_at = 0

@@ -133,11 +133,6 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
         except (OSError, ValueError) as e:
             raise ServeConfigError(f"chat_template: {e}") from None
     model.eval()
-    from dsv4.runtime.model.compiled import setup as setup_compile
-
-    # every rank decides the same way (auto is resolved to on in a group: replicated parts must match bitwise)
-    compile_mode = "on" if cfg.compile == "auto" and group is not None else cfg.compile
-    compile_state = setup_compile(compile_mode, mcfg, device, say)
     kv_dtype = cfg.kv_dtype
     if kv_dtype == "auto":
         kv_dtype = "fp32" if device == "cpu" and str(mcfg.torch_dtype) in ("float32", "torch.float32") else "bf16"
@@ -177,8 +172,16 @@ def build_engine(cfg: ServeConfig, say: Any = log.info) -> Built:
     except (RuntimeError, MemoryError) as e:  # torch's allocator: out of host or device memory
         raise ServeConfigError(f"cannot allocate the KV cache pools ({pools_bytes(spec, num_blocks) / 2**30:.2f} "
                                f"GiB on {device}): {e}; lower cache_budget_gib or num_blocks") from None
+    from dsv4.runtime.model.compiled import setup as setup_compile
+
+    # every rank decides the same way (auto is resolved to on in a group: replicated parts must match bitwise);
+    # a group compiles the mHC functions only (`compiled.py`), a single-process replica the decode step
+    compile_mode = "on" if cfg.compile == "auto" and group is not None else cfg.compile
     if group is not None:
-        group.setup_workers(spec, num_blocks)
+        group.setup_workers(spec, num_blocks)  # the workers compile while this process does
+    compile_state = setup_compile(compile_mode, model, pools, device, say, decode_step=group is None,
+                                  max_batch=cfg.max_num_seqs)
+    if group is not None:
         if not group.data_parallel:
             model = group.wrap(model)
     cache_limit = int(cache.max_request_tokens())

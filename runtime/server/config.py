@@ -79,9 +79,9 @@ class ServeConfig(BaseModel):
                                                             "(FP8 + block scales, packed FP4 experts), dequantised "
                                                             "per layer on the fly")
     compile: Literal["auto", "on", "off"] = Field(
-        "off", description="torch.compile the decode step's mHC functions (inductor C++ on CPU, Triton on GPU): on, "
-                           "off, or auto (compile, keep it only if the warm-up measured a gain); ~45 s per start on "
-                           "a busy 2-core host, cached under ~/.cache/dsv4/inductor")
+        "off", description="torch.compile the decode step (inductor C++ on CPU, Triton + CUDA graphs on GPU; "
+                           "with --tp/--dp the mHC functions only): on, off, or auto (compile, keep it only if the "
+                           "warm-up measured a gain); tens of seconds per start, cached under ~/.cache/dsv4/inductor")
     hca_state: HcaState = Field("raw", description="HCA compressor tail state: raw (up to ratio-1 rows per layer) "
                                                    "or online (one online-softmax slot per open group: ~100x fewer "
                                                    "state bytes)")
