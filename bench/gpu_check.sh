@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Device check of the kernels on one CUDA GPU, in at most ~8 minutes:
+# Device check of the kernels and the compiled decode step on one CUDA GPU, in at most ~12 minutes:
 #   1. the compiled-kernel tests (tests/test_kernels_*.py -k cuda): sparse attention (bf16 / FP8 rows),
 #      compressor step (CSA / HCA, FP8 KV and FP8 / FP4 index rows), radix top-k, the FP8 block-scaled GEMM
 #      and the MXFP4 grouped expert GEMM (bf16 / fp32 activations), at Flash shapes;
 #   2. `dsv4 bench kernels`: decode GB/s and % of HBM peak at 8K / 128K / 1M context, batch 1 / 32, and the
-#      two GEMMs at 1 / 32 / 2048 tokens (GB/s and TFLOP/s), Triton and the torch reference side by side.
+#      two GEMMs at 1 / 32 / 2048 tokens (GB/s and TFLOP/s), Triton and the torch reference side by side;
+#   3. the compiled decode step (`--compile on`: torch.compile + CUDA graphs, decode batches padded to buckets):
+#      `dsv4 bench scaling --device cuda --compile both` at 1K context, batch 1 / 16, eager vs compiled,
+#      and the compiled-decode numerics test on CUDA (tokens and logprobs vs eager).
 # Outputs go to $OUT (the device runner's folder) or bench/results: gpu.txt, kernel_tests.txt,
-# bench_kernels.txt, kernels_cuda.{json,md}. Exit status: non-zero if either step failed.
+# bench_kernels.txt, kernels_cuda.{json,md}, compiled_decode.txt, scaling_cuda.{json,md}. Exit status: non-zero
+# if any step failed.
 #
 # Usage:  bash bench/gpu_check.sh            (PYTHON=/path/to/python to choose the interpreter)
 # Needs torch with CUDA, triton, numpy and pytest (the device image has them; nothing is fetched). When
@@ -65,4 +69,11 @@ timeout 260 "$PY" -m dsv4.cli bench kernels --device cuda --reps 10 --out "$OUT_
 rc_bench=${PIPESTATUS[0]}
 echo "bench kernels: rc=$rc_bench in $(( $(date +%s) - start )) s"
 
-[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+start=$(date +%s)
+{ timeout 90 "$PY" -m pytest -q -rs -p no:cacheprovider -k cuda tests/test_compiled_decode.py &&
+  timeout 120 "$PY" -m dsv4.cli bench scaling --device cuda --no-reference --compile both --contexts 1K \
+    --batches 1,16 --out "$OUT_DIR"; } 2>&1 | tee "$OUT_DIR/compiled_decode.txt"
+rc_compiled=${PIPESTATUS[0]}
+echo "compiled decode step: rc=$rc_compiled in $(( $(date +%s) - start )) s"
+
+[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ] && [ "$rc_compiled" -eq 0 ]

@@ -101,7 +101,8 @@ class Measure:
 class Ours:
     """The serving path: LLMEngine over a CacheManager with the `full` policy (prefix hits keep the window)."""
 
-    def __init__(self, model_dir: Path, max_context: int, max_batch: int, chunk: int, decode_steps: int):
+    def __init__(self, model_dir: Path, max_context: int, max_batch: int, chunk: int, decode_steps: int,
+                 device: str = "cpu"):
         from dsv4.runtime.cache.manager import CacheManager
         from dsv4.runtime.cache.sizing import seq_blocks
         from dsv4.runtime.cache.spec import CacheSpec
@@ -109,7 +110,7 @@ class Ours:
         from dsv4.runtime.engine.scheduler import SchedulerConfig
         from dsv4.runtime.model import KVPools, load_model
 
-        self.model, self.cfg, tok = load_model(str(model_dir), progress=False)
+        self.model, self.cfg, tok = load_model(str(model_dir), device=device, progress=False)
         self.model.eval()
         spec = CacheSpec.from_model(self.cfg, kv_dtype="fp32")
         self.extra = decode_steps + 8 * max_batch + 8  # tokens generated per decode request (aborted early)
@@ -122,9 +123,10 @@ class Ours:
         cache = CacheManager(spec, nb, policy="full")
         self.cache = cache
         self.budget = sum(nb[p] * spec.block_bytes(p) for p in nb)
-        pools = KVPools.for_model(self.cfg, spec, cache.num_blocks)
+        pools = KVPools.for_model(self.cfg, spec, cache.num_blocks, device=device)
         sched = SchedulerConfig(max_num_batched_tokens=chunk, max_num_seqs=max_batch + 1)
-        self.engine = LLMEngine(self.model, self.cfg, tok, cache, pools, EngineConfig(sched, total + 16, 4096))
+        self.engine = LLMEngine(self.model, self.cfg, tok, cache, pools, EngineConfig(sched, total + 16, 4096),
+                                device)
         self.decode_steps = decode_steps
         self._n = 0
 
@@ -279,7 +281,8 @@ class Reference:
 # ---------------------------------------------------------------------------------------------------
 def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int = 256, smoke: bool = False,
                 chunk: int = 512, decode_steps: int = 16, ref_limit_s: float = 120.0,
-                skip_reference: bool = False, threads: int = 1, compile_mode: str = "off") -> dict:
+                skip_reference: bool = False, threads: int = 1, compile_mode: str = "off",
+                device: str = "cpu") -> dict:
     import torch
 
     if threads < 1:
@@ -305,7 +308,9 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
     parity: dict[str, Any] = {}
 
     # ours: one prefill of the longest context, timed per step, then decode at every context on prefix hits
-    ours = Ours(path, max(contexts), max(batches), chunk, decode_steps)
+    if device != "cpu" and not skip_reference:
+        raise ValueError("--device cuda measures ours only: add --no-reference")
+    ours = Ours(path, max(contexts), max(batches), chunk, decode_steps, device)
     n_params = sum(p.numel() for p in ours.model.parameters())
     ours.prefill_trace(prompt_ids(chunk + 1, cfg.vocab_size, seed=1))  # warm-up (first calls), not measured
     trace = ours.prefill_trace(prompt)
@@ -326,7 +331,7 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
     if compile_mode == "both":  # the same engine and cache, decode again with `--compile on` (one run: ratios)
         from dsv4.runtime.model import compiled
 
-        compile_state = compiled.setup("on", ours.model, ours.engine.runner.pools, "cpu", say=lambda *_: None,
+        compile_state = compiled.setup("on", ours.model, ours.engine.runner.pools, device, say=lambda *_: None,
                                        max_batch=max(batches))
         for c in contexts:
             m = compiled_rows[c] = Measure("ours --compile on", c, note=f"decode only; {compile_state}")
@@ -360,7 +365,7 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
         "ref_limit_s": ref_limit_s, "cache_budget_bytes": budget, "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
         "load_average": list(os.getloadavg()), "malloc_keeps_freed_memory": malloc_keeps_freed,
-        "parity": parity, "rows": [asdict(r) for r in rows], "compile": compile_state,
+        "parity": parity, "rows": [asdict(r) for r in rows], "compile": compile_state, "device": device,
     }
     out["targets"] = targets(out)
     out["seconds"] = round(time.time() - t_start, 1)
@@ -415,7 +420,8 @@ def markdown(out: dict) -> str:
         f"{c['num_attention_heads']} heads x {c['head_dim']}, ratios {list(c['compress_rates'].values())}, "
         f"window {c['sliding_window']}, indexer {c['index_n_heads']}x{c['index_head_dim']} top-{c['index_topk']}, "
         f"{c['n_routed_experts']} experts top-{c['num_experts_per_tok']}; {out['parameters'] / 1e6:.1f} M params, "
-        f"fp32, {out['threads']} threads ({out['machine']}), torch {out['torch']}. Prefill chunk {out['chunk']}, "
+        f"fp32, {out['threads']} threads ({out['machine']}), device {out.get('device', 'cpu')}, torch "
+        f"{out['torch']}. Prefill chunk {out['chunk']}, "
         f"{out['decode_steps']} decode steps, reference limit {out['ref_limit_s']:g} s.", "",
     ]
     head = "| impl | context | prefill s | prefill ms/token (avg) | ms/token (last chunk) | " + " | ".join(
@@ -445,7 +451,10 @@ def markdown(out: dict) -> str:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the GPU image of bench/gpu_check.sh has no matplotlib: json + md only
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -478,7 +487,10 @@ def plot(out: dict, path: Path) -> None:
 
 
 def write_results(out: dict, out_dir: Path, name: str = "scaling") -> dict[str, Path]:
-    return write_triplet(out, out_dir, name, markdown, plot)
+    if out.get("device", "cpu") != "cpu":
+        name += "_" + out["device"].split(":")[0]
+    paths = write_triplet(out, out_dir, name, markdown, plot)
+    return {k: p for k, p in paths.items() if p.exists()}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -513,6 +525,8 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", choices=("off", "both"), default="off",
                    help="both: after the eager decode, decode again with the torch.compile'd decode step "
                         "(`dsv4 serve --compile on`), same engine and cache: one run, ratios")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda with --no-reference (bench/gpu_check.sh: the "
+                                                   "compiled decode step with CUDA graphs)")
     p.add_argument("--smoke", action="store_true",
                    help="hidden 64, contexts 256/512, batches 1/2, 4 decode steps: seconds")
     p.add_argument("--out", default="bench/results")
@@ -532,7 +546,7 @@ def run(args) -> int:
     hidden = 64 if args.smoke and args.hidden == 256 else args.hidden
     try:
         out = run_scaling(contexts, batches, hidden, args.smoke, chunk, steps, args.ref_limit_s,
-                          args.no_reference, args.threads, args.compile)
+                          args.no_reference, args.threads, args.compile, args.device)
     except ValueError as e:
         raise SystemExit(str(e)) from e
     paths = write_results(out, Path(args.out))
