@@ -334,7 +334,7 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
         compile_state = compiled.setup("on", ours.model, ours.engine.runner.pools, device, say=lambda *_: None,
                                        max_batch=max(batches))
         for c in contexts:
-            m = compiled_rows[c] = Measure("ours --compile on", c, note=f"decode only; {compile_state}")
+            m = compiled_rows[c] = Measure(COMPILED, c, note=f"decode only; {compile_state}")
             for b in batches:
                 ours.decode(prompt[:c], b)  # first calls at this batch's shapes
                 m.decode_tok_s[b], m.decode_step_s[b] = ours.decode(prompt[:c], b)
@@ -385,6 +385,9 @@ def _get(d: dict | None, key: str, b: int | None = None) -> float | None:
     return v
 
 
+COMPILED = "ours --compile on"
+
+
 def targets(out: dict) -> dict:
     """The three scaling targets, each with the measured ratio (None when a side was not measured)."""
     cs = out["contexts"]
@@ -405,6 +408,18 @@ def targets(out: dict) -> dict:
     ratio = z / a if a and z and hi != mid else None
     res[f"our prefill s/token at {hi} / at {mid} (<= 1.5)"] = {
         "ratio": ratio, "met": None if ratio is None else ratio <= 1.5}
+    if _row(out, COMPILED, lo) is not None:  # issue 22: the compiled decode step
+        for b in out["batches"]:
+            goal = 3.0 if b == 1 else 10.0
+            ours = _get(_row(out, COMPILED, mid), "decode_tok_s", b)
+            ref = _get(_row(out, "reference", mid), "decode_tok_s", b)
+            ratio = ours / ref if ours and ref else None
+            res[f"compiled decode at {mid} vs reference, batch {b} (>= {goal:g}x)"] = {
+                "ratio": ratio, "met": None if ratio is None else ratio >= goal}
+        comp, eager = _get(_row(out, COMPILED, lo), "decode_step_s", 1), _get(_row(out, "ours", lo), "decode_step_s", 1)
+        ratio = comp / eager if comp and eager else None
+        res[f"compiled decode step at {lo} / eager step, batch 1 (<= 0.5)"] = {
+            "ratio": ratio, "met": None if ratio is None else ratio <= 0.5}
     return res
 
 

@@ -121,3 +121,21 @@ def test_off_is_eager_and_a_failing_compiler_falls_back_with_one_warning(monkeyp
     assert not compiled.is_compiled() and not compiled.decode_step_compiled()
     with pytest.raises(ValueError, match="compile must be auto, on or off"):
         compiled.setup("fast", *args)
+
+
+def test_gathered_experts_equal_the_grouped_loop():
+    """`Experts.forward_gathered` (the compiled step's small-batch path) against the eager per-expert loop, with
+    repeated experts in a batch; a real model's experts (bf16 4096 x 2048) never gather."""
+    from dsv4.runtime.model.layers import Experts
+
+    torch.manual_seed(0)
+    ex = Experts(8, 64, 32, 7.0, torch.float32)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(4, 64)
+    idx = torch.tensor([[0, 3], [3, 5], [7, 0], [3, 3]])
+    w = torch.rand(4, 2)
+    assert ex.gathers(8) and not ex.gathers(9)
+    torch.testing.assert_close(ex.forward_gathered(x, idx, w), ex.forward_grouped(x, idx, w), rtol=1e-6, atol=1e-6)
+    big = Experts(256, 4096, 2048, 7.0, torch.bfloat16).to("meta")
+    assert not big.gathers(1)

@@ -6,13 +6,15 @@ query / key projections with RoPE, the output projection, the router and the sha
 function per layer kind (inductor's C++/OpenMP code on CPU; Triton + CUDA graphs, `mode="reduce-overhead"`, on
 GPU). The parts whose shapes depend on the data stay eager islands (`torch.compiler.disable`, `ISLANDS`): the
 paged-cache step of attention (`Attention.attend`: writes, compressor emissions, the indexer's top-k, the gathers
-through the block tables, sparse attention), the routed experts (`Experts.forward`: per-expert row counts), FP8
-linears, and the TP / EP modules that call collectives. Each island is one graph break, so a block is three
-graphs (before attention's cache step, between it and the routed experts, after them); `graph_breaks()` counts
-them. Prefill and mixed steps run eager, except the mHC mixing weights, compiled with `dynamic=True` for every
-token count.
+through the block tables, sparse attention), the routed experts of larger batches (`Experts.forward_grouped`:
+per-expert row counts; a small batch's experts are gathered and multiplied in the graph, `Experts.gathers`), FP8
+linears, and the TP / EP modules that call collectives. Each island is one graph break, so a block is two graphs
+(before and after attention's cache step), three for larger batches; `graph_breaks()` counts them.
+Prefill and mixed steps run eager, except the mHC mixing weights, compiled with `dynamic=True` for every token
+count.
 
-Shapes: on CPU the token dimension is dynamic (one graph for batch 1, one for every larger batch; no padding). On
+Shapes: on CPU the token dimension is dynamic (a graph for batch 1, one for the batches whose experts are gathered,
+one for larger batches; no padding). On
 CUDA each decode batch is padded with empty sequences (`model.pad_decode_batch`: block tables -1, so they touch no
 cache row) to the next of `DECODE_BUCKETS`, as vLLM pads to its CUDA-graph capture sizes: one static graph per
 bucket. `setup` compiles before the server reports ready, one progress line per warm-up batch, on empty decode
@@ -49,14 +51,13 @@ EAGER: dict[str, Callable[..., Any]] = {"weights": layers.mhc_weights}
 # (module, class, method) kept eager inside the compiled decode step: data-dependent shapes, or collectives
 ISLANDS: tuple[tuple[str, str, str], ...] = (
     ("dsv4.runtime.model.attention", "Attention", "attend"),
-    ("dsv4.runtime.model.layers", "Experts", "forward"),
+    ("dsv4.runtime.model.layers", "Experts", "forward_grouped"),  # small batches: `forward_gathered`, in the graph
     ("dsv4.runtime.model.quantized", "FP8Linear", "forward"),
     ("dsv4.runtime.parallel.shard", "RowParallelLinear", "forward"),
     ("dsv4.runtime.parallel.shard", "ParallelMoE", "forward"),
     ("dsv4.runtime.parallel.ep", "ExpertParallelMoE", "forward"),
 )
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # CUDA-graph batch sizes
-CPU_WARM_UP = (1, 3)  # the batch-1 graph and the dynamic one that serves every larger decode batch
 AUTO_MIN_GAIN = 1.05  # auto keeps compiled code when it is at least this much faster on the warm-up batches
 _originals: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _compiled: dict[str, Any] = {}  # what `use_compiled` built, swapped back in by `_activate` (no recompilation)
@@ -137,10 +138,17 @@ def empty_decode_batch(spec: Any, n: int, device: str) -> ForwardBatch:
     return batch
 
 
-def warm_up_sizes(device: str, max_batch: int) -> tuple[int, ...]:
+def warm_up_sizes(device: str, max_batch: int, model: Any) -> tuple[int, ...]:
+    """CUDA: every bucket up to `max_batch`. CPU: batch 1, 2 (the dynamic graph) and the first batch whose routed
+    experts run grouped instead of gathered (`Experts.gathers`), so no decode batch compiles while serving."""
+    max_batch = max(1, max_batch)
     if str(device).startswith("cuda"):
-        return tuple(b for b in DECODE_BUCKETS if b <= max(1, max_batch)) or (1,)
-    return CPU_WARM_UP
+        return tuple(b for b in DECODE_BUCKETS if b <= max_batch) or (1,)
+    cfg = model.cfg
+    k = int(cfg.num_experts_per_tok)
+    experts = model.layers[0].ffn.experts if hasattr(model.layers[0].ffn, "experts") else None
+    grouped = next((t for t in range(1, max_batch + 1) if experts is None or not experts.gathers(t * k)), None)
+    return tuple(sorted({t for t in (1, 2, grouped) if t is not None and t <= max_batch}))
 
 
 def _time_decode(model: Any, pools: Any, batches: list[ForwardBatch], reps: int) -> float:
@@ -156,7 +164,7 @@ def _time_decode(model: Any, pools: Any, batches: list[ForwardBatch], reps: int)
 
 def warm_up(model: Any, pools: Any, device: str, max_batch: int, say: Callable[[str], None] = log.info) -> float:
     """Compile the decode step on every warm-up batch size; returns eager time / compiled time on those batches."""
-    sizes = warm_up_sizes(device, max_batch)
+    sizes = warm_up_sizes(device, max_batch, model)
     batches = [empty_decode_batch(pools.spec, n, device) for n in sizes]
     for i, b in enumerate(batches, 1):
         t0 = time.perf_counter()

@@ -109,6 +109,9 @@ class Expert(nn.Module):
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
 
 
+GATHER_BYTES = 16 * 2**20  # expert matrices `Experts.forward_gathered` may copy per call
+
+
 class Experts(nn.Module):
     """Routed experts stacked: w1, w3 [E, I, H], w2 [E, H, I] (file tensors `experts.e.wK.weight` fill row e)."""
 
@@ -158,9 +161,34 @@ class Experts(nn.Module):
         return ys
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x): the (token, choice) pairs sorted by expert through
-        `forward_sorted`. Each pair writes its own row of a [T·k, H] buffer (a plain index put: no scatter-add,
-        which is slow on CPU), then the k rows of a token are summed."""
+        """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x). Eager: `forward_grouped`. Inside the compiled decode
+        step (`compiled.py`) a small batch (T·k <= experts, plain weights) gathers its experts' matrices instead,
+        so the step needs no graph break here; larger batches call `forward_grouped` (an eager island)."""
+        T, k = idx.shape
+        if torch.compiler.is_compiling() and self.gathers(T * k):
+            return self.forward_gathered(x, idx, w)
+        return self.forward_grouped(x, idx, w)
+
+    def gathers(self, pairs: int) -> bool:
+        """Whether `forward_gathered` serves `pairs` (token, choice) pairs: plain weights, no more pairs than
+        experts, and the gathered matrices within `GATHER_BYTES` (a real model's experts never qualify)."""
+        pair_bytes = 3 * self.w1.shape[1] * self.w1.shape[2] * self.w1.element_size()
+        return "w1_q" not in self._buffers and pairs <= self.n and pairs * pair_bytes <= GATHER_BYTES
+
+    def forward_gathered(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Σ_k w · w2_e · swiglu(w1_e · x, w3_e · x) with e = idx, one batched matmul per weight over the (token,
+        choice) pairs: no data-dependent shapes (reads k matrices per token: for small decode batches only)."""
+        T, k = idx.shape
+        e = idx.reshape(-1)
+        xs = x.repeat_interleave(k, dim=0)[:, :, None]
+        h = swiglu(torch.bmm(self.w1[e], xs), torch.bmm(self.w3[e], xs), self.limit)
+        y = torch.bmm(self.w2[e], h)[..., 0]
+        return (y * w.reshape(-1, 1).to(y.dtype)).view(T, k, -1).sum(dim=1)
+
+    def forward_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The (token, choice) pairs sorted by expert through `forward_sorted`. Each pair writes its own row of a
+        [T·k, H] buffer (a plain index put: no scatter-add, which is slow on CPU), then the k rows of a token are
+        summed."""
         T, k = idx.shape
         flat_e = idx.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
