@@ -63,13 +63,13 @@ class Compressor(nn.Module):
         return apply_rope(out, c, s)
 
 
-def _run_compressor(comp: Compressor, x: torch.Tensor, ctx: StepContext, kind: str, pools: KVPools, layer: int,
-                    state_pool: str, cols: tuple[int, int], out_pool: str, inv_freq: torch.Tensor) -> None:
-    """Write this step's state rows, then emit every completed entry into `out_pool`.
-
-    One `dispatch.compressor_step` (Triton on CUDA; torch reference otherwise, bit-identical to
+def _run_compressor(comp: Compressor, projected: tuple[torch.Tensor, torch.Tensor], ctx: StepContext, kind: str,
+                    pools: KVPools, layer: int, state_pool: str, cols: tuple[int, int], out_pool: str,
+                    inv_freq: torch.Tensor, dtype: torch.dtype) -> None:
+    """Write this step's state rows (`projected` = `comp.project(x, pos)`), then emit every completed entry into
+    `out_pool`. One `dispatch.compressor_step` (Triton on CUDA; torch reference otherwise, bit-identical to
     `Compressor.pool` + `KVPools.write`)."""
-    kv, score = comp.project(x, ctx.pos)
+    kv, score = projected
     em: Emission = ctx.emissions[kind]
     if kind == HCA and getattr(pools.spec, "hca_state", "raw") == "online":
         _run_hca_online(comp, kv, score, ctx, em, pools, layer, state_pool, out_pool, inv_freq)
@@ -79,12 +79,12 @@ def _run_compressor(comp: Compressor, x: torch.Tensor, ctx: StepContext, kind: s
         fmt = f"{pools.spec.index_dtype}_index" if out_pool == "idx" else "fp8_kv"
     if out_pool == "idx" and fmt != "plain":
         _run_rotated_index_compressor(comp, kv, score, ctx, em, pools, layer, state_pool, cols, fmt, inv_freq,
-                                      x.dtype)
+                                      dtype)
         return
     dispatch.compressor_step(kv, score, pools.tensor(state_pool, layer), ctx.state_slot[kind], em.state_rows,
                              em.entry, em.dest, pools.tensor(out_pool, layer), comp.norm.weight, inv_freq,
                              ratio=comp.ratio, coff=comp.coff, eps=comp.norm.eps, col_offset=cols[0], out_format=fmt,
-                             rope_dim=pools.rope_dim, compute_dtype=x.dtype)
+                             rope_dim=pools.rope_dim, compute_dtype=dtype)
 
 
 def _run_rotated_index_compressor(comp: Compressor, kv: torch.Tensor, score: torch.Tensor, ctx: StepContext,
@@ -150,52 +150,61 @@ class Attention(nn.Module):
             self.indexer = Indexer(cfg, dtype)
         self.eps = cfg.rms_norm_eps
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The dense part before the cache: (qr [T, q_lora], q [T, H, D], kv [T, D]), RoPE applied."""
+    def project(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> dict[str, Any]:
+        """The dense part before the cache, every projection of x: q [T, H, D] and kv [T, D] with RoPE; the
+        compressors' (kv, score) rows; the indexer's queries qi [T, n, d] (RoPE) and head weights w [T, n]."""
         T = x.shape[0]
         qr = self.q_norm(self.wq_a(x))
         q = rms(self.wq_b(qr).view(T, self.n_heads, self.head_dim), self.eps)
-        q = apply_rope(q, cos, sin)
-        kv = apply_rope(self.norm(self.wkv(x)), cos, sin)
-        return qr, q, kv
+        out: dict[str, Any] = {"q": apply_rope(q, cos, sin), "kv": apply_rope(self.norm(self.wkv(x)), cos, sin)}
+        if self.layer_type != SLIDING:
+            out["comp"] = self.compressor.project(x, pos)
+        if self.layer_type == CSA:
+            ix = self.indexer
+            out["index_comp"] = ix.compressor.project(x, pos)
+            out["qi"] = apply_rope(ix.wq_b(qr).view(T, ix.n, ix.d), cos, sin)
+            out["w"] = ix.weights_proj(x).float() * (ix.n ** -0.5 * ix.d ** -0.5)
+        return out
 
-    def attend(self, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, ctx: StepContext,
-               pools: KVPools, layer: int, inv_freq: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def attend(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor
                ) -> torch.Tensor:
-        """The paged-cache part: write kv and the compressor states, select and read the visible entries, attend.
-        Its shapes depend on the data (emissions, top-k, visible counts), so `--compile` keeps it eager."""
-        T = x.shape[0]
+        """The paged-cache part, on `project`'s outputs: write kv and the compressor states, select and read the
+        visible entries, attend. Its shapes depend on the data (emissions, top-k, visible counts), so `--compile`
+        keeps it eager."""
+        q = p["q"]
+        dtype = p["kv"].dtype
         cfg = self.cfg
-        pools.write("swa", layer, ctx.swa_slot, kv)
+        pools.write("swa", layer, ctx.swa_slot, p["kv"])
         comp_kv = comp_idx = None
         if self.layer_type == HCA:
             D = self.head_dim
-            _run_compressor(self.compressor, x, ctx, HCA, pools, layer, "hca_state", (0, 2 * D), "hca", inv_freq)
+            _run_compressor(self.compressor, p["comp"], ctx, HCA, pools, layer, "hca_state", (0, 2 * D), "hca",
+                            inv_freq, dtype)
             comp_kv, comp_idx = pools.gather_view("hca", layer, ctx.visible[HCA])
         elif self.layer_type == CSA:
             D, Di = self.head_dim, cfg.index_head_dim
-            _run_compressor(self.compressor, x, ctx, CSA, pools, layer, "csa_state", (0, 4 * D), "csa", inv_freq)
+            _run_compressor(self.compressor, p["comp"], ctx, CSA, pools, layer, "csa_state", (0, 4 * D), "csa",
+                            inv_freq, dtype)
             ix = self.indexer
-            _run_compressor(ix.compressor, x, ctx, CSA, pools, layer, "csa_state", (4 * D, 4 * D + 4 * Di), "idx",
-                            inv_freq)
-            qi = apply_rope(ix.wq_b(qr).view(T, ix.n, ix.d), cos, sin)
+            _run_compressor(ix.compressor, p["index_comp"], ctx, CSA, pools, layer, "csa_state",
+                            (4 * D, 4 * D + 4 * Di), "idx", inv_freq, dtype)
+            qi = p["qi"]
             if pools.is_fp8("idx"):  # the reference's q: rotated like the keys, then quantised like them
                 qi = fake_quantize_index(hadamard_rotate(qi), pools.spec.index_dtype)
-            w = ix.weights_proj(x).float() * (ix.n ** -0.5 * ix.d ** -0.5)
             cand = ctx.visible[CSA]
             keys, kidx = pools.gather_view("idx", layer, cand)
             if kidx.shape[1] <= ix.k:  # every visible entry is selected, no scoring
-                top = dispatch.indexer_topk(qi, w, keys, kidx, ix.k)
+                top = dispatch.indexer_topk(qi, p["w"], keys, kidx, ix.k)
             else:  # deterministic tie-break (lower entry index wins), see topk.py
-                top = select_topk(dispatch.indexer_scores(qi, w, keys, kidx), kidx, ix.k)
+                top = select_topk(dispatch.indexer_scores(qi, p["w"], keys, kidx), kidx, ix.k)
             if keys is not pools.tensor("idx", layer):  # fp8 / compacted view: map back to physical rows
                 top = _unmap(top, kidx, cand)
             comp_kv, comp_idx = pools.gather_view("csa", layer, top)
 
         swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
         return dispatch.sparse_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, self.attn_sink,
-                                         self.head_dim ** -0.5).to(x.dtype)
+                                         self.head_dim ** -0.5).to(dtype)
 
     def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The dense part after the cache: RoPE⁻¹, then W_ob · groupwise(W_oa)."""
@@ -210,8 +219,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int,
                 inv_freq: torch.Tensor) -> torch.Tensor:
         cos, sin = cos_sin(ctx.pos, inv_freq)
-        qr, q, kv = self.project(x, cos, sin)
-        return self.output(self.attend(x, qr, q, kv, ctx, pools, layer, inv_freq, cos, sin), cos, sin)
+        return self.output(self.attend(self.project(x, ctx.pos, cos, sin), ctx, pools, layer, inv_freq), cos, sin)
 
 
 def _unmap(top: torch.Tensor, kidx: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:

@@ -171,6 +171,7 @@ def warm_up(model: Any, pools: Any, device: str, max_batch: int, say: Callable[[
         model(b, pools)
         model(b, pools)  # CUDA graphs record on the second call
         say(f"compile warm-up {i}/{len(batches)}: decode batch {sizes[i - 1]}, {time.perf_counter() - t0:.1f} s")
+    _time_decode(model, pools, batches, 1)  # sizes in turn: frames compiled for one size may recompile for another
     reps = 5
     compiled = _time_decode(model, pools, batches, reps)
     use_eager()
