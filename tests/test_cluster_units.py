@@ -4,10 +4,12 @@ records, and the certificates (real openssl)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import ssl
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -252,3 +254,29 @@ def test_down_without_a_name_stops_the_only_cluster_and_never_guesses_between_se
         down_target([], ["a", "b"])
     with pytest.raises(ValueError, match="no cluster is recorded"):
         down_target([], [])
+
+
+def test_pod_state_is_saved_safely_from_concurrent_pod_starts(tmp_path):
+    """Pods start on threads of their own and each records the state: concurrent saves must neither fail (two
+    writers once shared one temp file and the second rename failed that pod's start) nor leave a torn file."""
+    from dsv4.e2e.podrunner import state
+
+    entries = [state.PodEntry(f"u{i}", "ns", f"p{i}", "n0", {"spec": {"containers": []}}, tmp_path)
+               for i in range(4)]
+    errors: list[BaseException] = []
+
+    def save_many() -> None:
+        try:
+            for _ in range(200):
+                state.save_state(tmp_path, entries)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert set(json.loads((tmp_path / "state.json").read_text())["pods"]) == {"u0", "u1", "u2", "u3"}
+    assert not list(tmp_path.glob("*.tmp"))

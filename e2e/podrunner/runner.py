@@ -86,9 +86,8 @@ class PodRunner:
     # -- bookkeeping ----------------------------------------------------------------------------------
 
     def _save(self) -> None:
-        with self.lock:
-            entries = list(self.pods.values())
-        save_state(self.work_dir, entries)
+        with self.lock:  # one writer at a time: the last state written is the latest
+            save_state(self.work_dir, list(self.pods.values()))
 
     def _patch_status(self, e: PodEntry, force: bool = False) -> None:
         status = pod_status(e)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,7 +83,9 @@ class PodEntry:
 def save_state(work_dir: Path, entries: list[PodEntry]) -> None:
     """Write every pod's PIDs and network names to WORK_DIR/state.json (atomically)."""
     data = {"pods": {e.uid: e.record() for e in entries}}
-    tmp = work_dir / "state.json.tmp"
+    # a temp name of this thread's own: pods start on threads of their own, and two writers sharing one temp
+    # file had the second rename fail (the first had moved it), failing that pod's start
+    tmp = work_dir / f"state.json.{os.getpid()}.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(work_dir / "state.json")
 
