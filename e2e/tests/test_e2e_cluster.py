@@ -329,8 +329,15 @@ def test_down_leaves_no_process_behind(tmp_path):
                 "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper", "labels": {"app": "sleeper"}},
                 "spec": {"containers": [{"name": "main", "image": "python:3.11",
                                          "command": [sys.executable, "-c", "import time; time.sleep(600)"]}]}})
-            pod = wait_for("the sleeper Running", lambda: next(
-                (p for p in pods(core, "default", "app=sleeper") if ready(p)), None))
+            try:
+                pod = wait_for("the sleeper Running", lambda: next(
+                    (p for p in pods(core, "default", "app=sleeper") if ready(p)), None), timeout=120)
+            except AssertionError as e:  # say why: the pod's status and what the pod runner and scheduler logged
+                seen = [(p["status"].get("phase"), p["status"].get("reason"), p["status"].get("message"),
+                         p["spec"].get("nodeName")) for p in pods(core, "default", "app=sleeper")]
+                tails = {comp: (c.logs_dir / f"{comp}.log").read_text(errors="replace")[-1500:]
+                         for comp in ("podrunner", "kube-scheduler") if (c.logs_dir / f"{comp}.log").exists()}
+                raise AssertionError(f"{e}; pod {seen}; logs {tails}") from None
         pod_pid = pid_of(pod)
         assert pid_running(pod_pid)
         records = dict(c.procs)
