@@ -9,13 +9,14 @@ import shutil
 import ssl
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import yaml
 from dsv4.e2e import build, certs, cluster, procs
 from dsv4.e2e.podrunner import env, paths, probes, runner, state, status
+
+from tests.concurrency import errors_in_threads
 
 UPSTREAM_GO_MOD = """module k8s.io/kubernetes
 
@@ -263,20 +264,11 @@ def test_pod_state_is_saved_safely_from_concurrent_pod_starts(tmp_path):
 
     entries = [state.PodEntry(f"u{i}", "ns", f"p{i}", "n0", {"spec": {"containers": []}}, tmp_path)
                for i in range(4)]
-    errors: list[BaseException] = []
 
     def save_many() -> None:
-        try:
-            for _ in range(200):
-                state.save_state(tmp_path, entries)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for _ in range(200):
+            state.save_state(tmp_path, entries)
 
-    threads = [threading.Thread(target=save_many) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert errors_in_threads(save_many, 4) == []
     assert set(json.loads((tmp_path / "state.json").read_text())["pods"]) == {"u0", "u1", "u2", "u3"}
     assert not list(tmp_path.glob("*.tmp"))

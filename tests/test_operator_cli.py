@@ -12,6 +12,8 @@ import pytest
 import yaml
 from dsv4.operator import api
 
+from tests.concurrency import errors_in_threads
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,8 +89,6 @@ def test_handlers_are_registered_and_storage_uses_the_project_prefix(monkeypatch
 
 def test_operator_metrics_are_created_once_under_concurrent_first_use() -> None:
     """kopf runs sync handlers in worker threads; the first handlers race to create the collectors."""
-    import threading
-
     from dsv4.operator import telemetry
 
     telemetry._COLLECTORS = None
@@ -98,19 +98,9 @@ def test_operator_metrics_are_created_once_under_concurrent_first_use() -> None:
     ours = {c for n, c in list(pc.REGISTRY._names_to_collectors.items()) if n.startswith("dsv4_operator_")}
     for collector in ours:
         pc.REGISTRY.unregister(collector)
-    errors: list[BaseException] = []
-
     def use() -> None:
-        try:
-            telemetry.collectors()["dsv4_operator_reconciles_total"].labels(handler="timer", result="success").inc()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        telemetry.collectors()["dsv4_operator_reconciles_total"].labels(handler="timer", result="success").inc()
 
-    threads = [threading.Thread(target=use) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert errors_in_threads(use, 8) == []
     assert pc.REGISTRY.get_sample_value("dsv4_operator_reconciles_total", {"handler": "timer",
                                                                           "result": "success"}) == 8
