@@ -287,6 +287,8 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
 
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
+    if device != "cpu" and not skip_reference:
+        raise ValueError("--device cuda measures ours only: add --no-reference")
     torch.set_num_threads(threads)
     from dsv4.runtime.malloc_tuning import keep_freed_memory
 
@@ -308,8 +310,6 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
     parity: dict[str, Any] = {}
 
     # ours: one prefill of the longest context, timed per step, then decode at every context on prefix hits
-    if device != "cpu" and not skip_reference:
-        raise ValueError("--device cuda measures ours only: add --no-reference")
     ours = Ours(path, max(contexts), max(batches), chunk, decode_steps, device)
     n_params = sum(p.numel() for p in ours.model.parameters())
     ours.prefill_trace(prompt_ids(chunk + 1, cfg.vocab_size, seed=1))  # warm-up (first calls), not measured
