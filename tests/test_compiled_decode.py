@@ -19,10 +19,17 @@ BASE = [(37 * i + 5) % 1000 + 2 for i in range(300)]
 PROMPTS = [BASE[:5], BASE[:150], BASE[:300], [9] * 64, BASE[:200] + [4, 4], [(13 * i) % 997 + 2 for i in range(140)]]
 
 
-def run(mode: str, buckets: tuple[int, ...] | None = None, device: str = "cpu"
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run(mode: str, buckets: tuple[int, ...] | None = None, device: str = "cpu", graphs: list[int] | None = None
         ) -> tuple[list[tuple[list[int], list[float]]], int, list[int]]:
     """Every prompt concurrently (greedy, 8 tokens, logprobs), then a prefix hit, in a cache small enough to
-    preempt. Returns ((tokens, chosen-token logprobs) per request, preemptions, compiled decode steps run)."""
+    preempt. Returns ((tokens, chosen-token logprobs) per request, preemptions, compiled decode steps run);
+    `graphs` gets the number of graphs compiled while decode steps ran (after the engine's warm-up)."""
     built = build_engine(ServeConfig(compile=mode, num_blocks=12, device=device, max_num_seqs=6,
                                      max_num_batched_tokens=256), say=lambda *_: None)
     eng = built.engine.engine
@@ -35,7 +42,11 @@ def run(mode: str, buckets: tuple[int, ...] | None = None, device: str = "cpu"
         def counting(layer, h, *a):
             if layer is eng.runner.model.layers[0]:
                 sizes.append(h.shape[0])
-            return block(layer, h, *a)
+            before = compiled_graphs()
+            out = block(layer, h, *a)
+            if graphs is not None:
+                graphs.append(compiled_graphs() - before)
+            return out
 
         model.DecodeStep.block = counting
     params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0, ignore_eos=True)
@@ -83,6 +94,31 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_logprobs():
     assert pre_e == pre_c and pre_e > 0  # the small cache preempted (and recomputed) someone, in both runs
     assert len(set(sizes)) >= 3 and 1 in sizes, sizes  # decode batches of several sizes ran compiled
     assert_same(eager, comp)
+
+
+def test_no_decode_step_compiles_after_the_warm_up_with_every_guard_checked(monkeypatch):
+    """The trimmed guards (`compiled.trim_guards`) are safe only if the warm-up on empty decode batches compiled
+    every variant real decode steps need: with every guard checked, no decode step compiles anything new."""
+    monkeypatch.setenv(compiled.GUARDS_ENV, "full")
+    eager, _, _ = run("off")
+    graphs: list[int] = []
+    comp, _, sizes = run("on", graphs=graphs)
+    assert model.DecodeStep.guards is not compiled._differentiating_guards
+    assert len(set(sizes)) >= 3, sizes
+    assert len(graphs) >= len(sizes) > 0 and sum(graphs) == 0, graphs  # graphs: one entry per layer per step
+    assert_same(eager, comp)
+
+
+def test_guards_are_trimmed_after_the_warm_up_only(monkeypatch):
+    monkeypatch.setenv(compiled.GUARDS_ENV, "sometimes")
+    with pytest.raises(ValueError, match="DSV4_COMPILE_GUARDS must be trimmed or full"):
+        compiled.setup("on", None, None, "cpu")
+    monkeypatch.delenv(compiled.GUARDS_ENV)
+    compiled.use_compiled("cpu")
+    assert model.DecodeStep.guards is not compiled._differentiating_guards  # compiling checks every guard
+    assert compiled.trim_guards() and model.DecodeStep.guards is compiled._differentiating_guards
+    compiled.use_eager()
+    assert not compiled.decode_step_compiled()
 
 
 def test_decode_batches_padded_to_buckets_give_the_eager_tokens():

@@ -20,6 +20,15 @@ cache row) to the next of `DECODE_BUCKETS`, as vLLM pads to its CUDA-graph captu
 bucket. `setup` compiles before the server reports ready, one progress line per warm-up batch, on empty decode
 batches that read and write no cache row.
 
+Guards: dynamo checks, before each compiled frame, that its inputs still match what the graph was traced for —
+~30-40 us a frame on CPU, several frames per layer: at batch 1 a third of the compiled step. Once the warm-up has
+compiled every variant a decode step can need (layer kinds x batch-size classes; no decode step recompiles after
+it — `tests/test_compiled_decode.py` checks), the decode steps run with
+`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: only the guards that told the warmed graphs apart (layer
+kind, batch 1 / gathered / grouped, bucket) are checked; a shape no guard distinguished would run the wrong graph,
+which is why it comes after the warm-up only, as vLLM drops dynamo's guards after its own warm-up.
+`DSV4_COMPILE_GUARDS=full` keeps every guard (slower; for debugging).
+
 Modes: `off` (default: compiling costs tens of seconds per start on a busy 2-core host — the artefacts are cached
 under the project's cache folder, `TORCHINDUCTOR_CACHE_DIR`, so later starts are faster), `on`, and `auto`
 (compile, then time compiled vs eager decode on the warm-up batches, keep whichever is faster). A failure to
@@ -34,6 +43,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +68,7 @@ ISLANDS: tuple[tuple[str, str, str], ...] = (
     ("dsv4.runtime.parallel.ep", "ExpertParallelMoE", "forward"),
 )
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # CUDA-graph batch sizes
+GUARDS_ENV = "DSV4_COMPILE_GUARDS"  # "full": check every dynamo guard on each decode step (default: trimmed)
 AUTO_MIN_GAIN = 1.05  # auto keeps compiled code when it is at least this much faster on the warm-up batches
 _originals: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _compiled: dict[str, Any] = {}  # what `use_compiled` built, swapped back in by `_activate` (no recompilation)
@@ -102,6 +113,7 @@ def _activate() -> None:
             setattr(_island_owner(*key[:2]), key[2], _compiled[key])
     DecodeStep.block = _compiled.get("block")
     DecodeStep.buckets = _compiled.get("buckets")
+    DecodeStep.guards = _compiled.get("guards", nullcontext)
 
 
 def use_eager() -> None:
@@ -111,6 +123,21 @@ def use_eager() -> None:
         setattr(_island_owner(*key[:2]), key[2], fn)
     DecodeStep.block = None
     DecodeStep.buckets = None
+    DecodeStep.guards = nullcontext
+
+
+def _differentiating_guards() -> AbstractContextManager[Any]:
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+
+def trim_guards() -> bool:
+    """After the warm-up compiled every decode variant: check only the guards that tell them apart (see the
+    module docstring). False when `DSV4_COMPILE_GUARDS=full` keeps them all."""
+    if os.environ.get(GUARDS_ENV, "trimmed") == "full":
+        return False
+    _compiled["guards"] = _differentiating_guards
+    _activate()
+    return True
 
 
 def is_compiled() -> bool:
@@ -172,6 +199,7 @@ def warm_up(model: Any, pools: Any, device: str, max_batch: int, say: Callable[[
         model(b, pools)  # CUDA graphs record on the second call
         say(f"compile warm-up {i}/{len(batches)}: decode batch {sizes[i - 1]}, {time.perf_counter() - t0:.1f} s")
     _time_decode(model, pools, batches, 1)  # sizes in turn: frames compiled for one size may recompile for another
+    trim_guards()  # every variant is compiled now
     reps = 5
     compiled = _time_decode(model, pools, batches, reps)
     use_eager()
@@ -216,6 +244,8 @@ def setup(mode: str, model: Any, pools: Any, device: str, say: Callable[[str], N
     `decode_step=False` (TP / DP ranks): the mHC mixing weights only."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, got {mode!r}")
+    if os.environ.get(GUARDS_ENV, "trimmed") not in ("trimmed", "full"):
+        raise ValueError(f"{GUARDS_ENV} must be trimmed or full, got {os.environ[GUARDS_ENV]!r}")
     if mode == "off":
         use_eager()
         return "off"

@@ -8,6 +8,7 @@ MoE -> mHC post] -> hc_head fold -> RMSNorm -> head. Parameter names follow the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -24,10 +25,13 @@ from torch import nn
 class DecodeStep:
     """How decode steps (every sequence one token) run the blocks. `runtime/model/compiled.py` (`--compile`)
     sets `block` to a torch.compile'd `Block.forward` and, for CUDA graphs, `buckets`: decode batches are padded
-    with empty sequences to the next bucket size so each size has one static graph. None = eager, no padding."""
+    with empty sequences to the next bucket size so each size has one static graph. None = eager, no padding.
+    `guards`: the context the compiled blocks run in (compiled.py: guards checked only where they tell the warmed
+    graphs apart)."""
 
     block: Callable[..., torch.Tensor] | None = None
     buckets: tuple[int, ...] | None = None
+    guards: Callable[[], AbstractContextManager[Any]] = nullcontext
 
 
 def pad_decode_batch(batch: ForwardBatch, size: int) -> ForwardBatch:
@@ -137,14 +141,16 @@ class DeepseekV4Model(nn.Module):
         run the compiled blocks when `--compile` set `DecodeStep.block`."""
         cfg = self.cfg
         run: Callable[..., torch.Tensor] = Block.__call__
+        context: Callable[[], AbstractContextManager[Any]] = nullcontext
         if DecodeStep.block is not None and is_decode(batch):
-            run = DecodeStep.block
+            run, context = DecodeStep.block, DecodeStep.guards
         ctx = StepContext.build(batch, cfg, pools.spec)
         x = self.embed_tokens(batch.input_ids)
         h = x.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
-        for i, layer in enumerate(self.layers):
-            inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
-            h = run(layer, h, ctx, pools, i, inv, batch.input_ids)
+        with context():
+            for i, layer in enumerate(self.layers):
+                inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
+                h = run(layer, h, ctx, pools, i, inv, batch.input_ids)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
