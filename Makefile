@@ -8,6 +8,8 @@ TINY_MODEL := $(CACHE_DIR)/models/tiny
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := pyproject.toml setup.py constraints.txt
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: one runs the e2e group (mostly waiting on the cluster), the rest the others
+TEST_WORKERS ?= 2
 
 .PHONY: setup test lint demo demo-down demo-local clean help tools
 
@@ -40,7 +42,7 @@ lint: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python -m dsv4.demo

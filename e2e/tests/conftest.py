@@ -45,10 +45,37 @@ def _uncaptured(pytestconfig):
         yield
 
 
+def _runs_e2e(args: list[str]) -> bool:
+    """Whether the run's paths (`config.args`: the testpaths when none are given) include these tests."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for arg in args:
+        path = os.path.abspath(arg.split("::", 1)[0])
+        if path == here or path.startswith(here + os.sep) or here.startswith(path + os.sep):
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session) -> None:
+    """Under pytest-xdist (`make test`: -n 2) the controller builds, before it starts the workers: workers must
+    not race to build, and the worker that runs the e2e group must find the binaries ready."""
+    config = session.config
+    if hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "no":
+        return
+    if _runs_e2e(list(config.args)) and not _unavailable():
+        _build_before_tests(session)
+
+
 def pytest_collection_finish(session) -> None:
     """Build the binaries (progress on the terminal) before any e2e test runs and its timeout starts."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller built them (pytest_sessionstart)
+        return
     if not any("local_cluster" in getattr(item, "fixturenames", ()) for item in session.items) or _unavailable():
         return
+    _build_before_tests(session)
+
+
+def _build_before_tests(session) -> None:
     from dsv4.e2e import build
 
     if not build.missing():
