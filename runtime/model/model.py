@@ -18,7 +18,7 @@ from dsv4.runtime.model.batch import ForwardBatch
 from dsv4.runtime.model.context import StepContext
 from dsv4.runtime.model.kv_pools import KVPools
 from dsv4.runtime.model.layers import MHC, MoE, RMSNorm
-from dsv4.runtime.model.rope import inv_freq_for
+from dsv4.runtime.model.rope import cos_sin, inv_freq_for
 from torch import nn
 
 
@@ -79,8 +79,13 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor,
                 input_ids: torch.Tensor) -> torch.Tensor:
         x, post, comb = self._pre(h, "attn")
-        a = self.attn(self.attn_norm(x), ctx, pools, layer, inv_freq)
-        h = MHC.post(a, h, post, comb)
+        # `Attention.forward`'s three phases spelled out here, not called: the compiled decode step breaks its
+        # graph at the cache step (`attend`, an eager island), and a break directly in this frame resumes in this
+        # frame — two compiled frames per layer instead of four (each frame costs guards and a prologue)
+        attn = self.attn
+        cos, sin = cos_sin(ctx.pos, inv_freq)
+        o = attn.attend(attn.project(self.attn_norm(x), ctx.pos, cos, sin), ctx, pools, layer, inv_freq)
+        h = MHC.post(attn.output(o, cos, sin), h, post, comb)
         x, post, comb = self._pre(h, "ffn")
         f = self.ffn(self.ffn_norm(x), input_ids)
         return MHC.post(f, h, post, comb)
