@@ -58,7 +58,7 @@ def _runs_e2e(args: list[str]) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session) -> None:
     """Under pytest-xdist (`make test`: -n 2) the controller builds, before it starts the workers: workers must
-    not race to build, and the worker that runs the e2e group must find the binaries ready."""
+    not race to build, and the worker that runs the e2e unit (root conftest.py) must find the binaries ready."""
     config = session.config
     if hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "no":
         return

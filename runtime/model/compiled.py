@@ -21,7 +21,7 @@ bucket. `setup` compiles before the server reports ready, one progress line per 
 batches that read and write no cache row.
 
 Guards: dynamo checks, before each compiled frame, that its inputs still match what the graph was traced for —
-~30-40 us a frame on CPU, several frames per layer: at batch 1 a third of the compiled step. Once the warm-up has
+~20-40 us a frame on CPU, two frames per layer: ~0.7-1 ms of a ~7 ms batch-1 step here. Once the warm-up has
 compiled every variant a decode step can need (layer kinds x batch-size classes; no decode step recompiles after
 it — `tests/test_compiled_decode.py` checks), the decode steps run with
 `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: only the guards that told the warmed graphs apart (layer
