@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-# (label, file suffix, function name): cumulative time of these functions, as a share of the profiled total
+# (label, file suffix, function name or names summed): cumulative time, as a share of the profiled total
 PARTS = (
     ("sparse attention (torch path: gathered rows or one GEMM per run)", "kernels/dispatch.py", "sparse_attention"),
     ("indexer scores", "kernels/dispatch.py", "indexer_scores"),
     ("mHC mixing (hc_pre: RMS, Sinkhorn x20)", "runtime/model/layers.py", "hc_pre"),
     ("mHC combine (hc_post)", "runtime/model/layers.py", "hc_post"),
-    ("attention layer (all of it)", "runtime/model/attention.py", "forward"),
+    # the block calls attention's three phases itself (runtime/model/model.py Block.forward): their sum
+    ("attention layer (all of it)", "runtime/model/attention.py", ("project", "attend", "output")),
     ("model forward", "runtime/model/model.py", "forward"),
     ("sampler", "runtime/engine/sampling.py", "sample"),
 )
@@ -38,8 +39,9 @@ PARTS = (
 def shares(prof: cProfile.Profile, total: float) -> dict[str, float]:
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     out = {}
-    for label, suffix, name in PARTS:
-        cum = max((v[3] for (f, _ln, fn), v in stats.items() if f.endswith(suffix) and fn == name), default=0.0)
+    for label, suffix, names in PARTS:
+        cum = sum(max((v[3] for (f, _ln, fn), v in stats.items() if f.endswith(suffix) and fn == name), default=0.0)
+                  for name in ((names,) if isinstance(names, str) else names))
         out[label] = cum / total if total > 0 else 0.0
     return out
 
