@@ -216,11 +216,6 @@ class Attention(nn.Module):
         y = torch.einsum("tgi,goi->tgo", og, wa).reshape(T, -1)
         return self.wo_b(y)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int,
-                inv_freq: torch.Tensor) -> torch.Tensor:
-        cos, sin = cos_sin(ctx.pos, inv_freq)
-        return self.output(self.attend(self.project(x, ctx.pos, cos, sin), ctx, pools, layer, inv_freq), cos, sin)
-
 
 def _unmap(top: torch.Tensor, kidx: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
     """Indices into a compacted row set -> physical rows, via the candidate table (same positions)."""
