@@ -8,7 +8,7 @@ TINY_MODEL := $(CACHE_DIR)/models/tiny
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := pyproject.toml setup.py constraints.txt
 PYTEST_ARGS ?=
-# pytest-xdist workers for `make test`: one runs the e2e group (mostly waiting on the cluster), the rest the others
+# pytest-xdist workers for `make test`: one runs the e2e unit (mostly waiting on the cluster), the rest the others
 TEST_WORKERS ?= 2
 
 .PHONY: setup test lint demo demo-down demo-local clean help tools

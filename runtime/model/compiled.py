@@ -130,10 +130,18 @@ def _differentiating_guards() -> AbstractContextManager[Any]:
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
+def guards_setting() -> str:
+    """`DSV4_COMPILE_GUARDS`: "trimmed" (default) or "full"; anything else is an error naming the variable."""
+    value = os.environ.get(GUARDS_ENV, "trimmed")
+    if value not in ("trimmed", "full"):
+        raise ValueError(f"{GUARDS_ENV} must be trimmed or full, got {value!r}")
+    return value
+
+
 def trim_guards() -> bool:
     """After the warm-up compiled every decode variant: check only the guards that tell them apart (see the
     module docstring). False when `DSV4_COMPILE_GUARDS=full` keeps them all."""
-    if os.environ.get(GUARDS_ENV, "trimmed") == "full":
+    if guards_setting() == "full":
         return False
     _compiled["guards"] = _differentiating_guards
     _activate()
@@ -244,8 +252,7 @@ def setup(mode: str, model: Any, pools: Any, device: str, say: Callable[[str], N
     `decode_step=False` (TP / DP ranks): the mHC mixing weights only."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, got {mode!r}")
-    if os.environ.get(GUARDS_ENV, "trimmed") not in ("trimmed", "full"):
-        raise ValueError(f"{GUARDS_ENV} must be trimmed or full, got {os.environ[GUARDS_ENV]!r}")
+    guards_setting()  # a bad value is refused before anything compiles
     if mode == "off":
         use_eager()
         return "off"
