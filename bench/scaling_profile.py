@@ -30,7 +30,7 @@ PARTS = (
     ("mHC mixing (hc_pre: RMS, Sinkhorn x20)", "runtime/model/layers.py", "hc_pre"),
     ("mHC combine (hc_post)", "runtime/model/layers.py", "hc_post"),
     # the block calls attention's three phases itself (runtime/model/model.py Block.forward): their sum
-    ("attention layer (all of it)", "runtime/model/attention.py", ("project", "attend", "output")),
+    ("attention layer (all of it)", "runtime/model/attention.py", ("project", "select", "combine", "output")),
     ("model forward", "runtime/model/model.py", "forward"),
     ("sampler", "runtime/engine/sampling.py", "sample"),
 )

@@ -25,6 +25,9 @@ from dsv4.runtime.model.rope import apply_rope, cos_sin
 from dsv4.runtime.model.topk import select_topk
 from torch import nn
 
+# (swa_kv, swa_idx, comp_kv, comp_idx): the rows attention reads and, per query, their indices (-1 = none)
+VisibleRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
 
 class Compressor(nn.Module):
     """Gated pooling of `ratio` tokens (CSA: coff = 2, overlapping 2·ratio window; HCA: coff = 1).
@@ -167,14 +170,13 @@ class Attention(nn.Module):
             out["w"] = ix.weights_proj(x).float() * (ix.n ** -0.5 * ix.d ** -0.5)
         return out
 
-    def attend(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor
-               ) -> torch.Tensor:
-        """The paged-cache part, on `project`'s outputs: write kv and the compressor states, select and read the
-        visible entries, attend. Its shapes depend on the data (emissions, top-k, visible counts), so `--compile`
-        keeps it eager."""
-        q = p["q"]
-        dtype = p["kv"].dtype
+    def select(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor
+               ) -> VisibleRows:
+        """The paged-cache part, on `project`'s outputs: write kv and the compressor states, then select the
+        visible entries — the window, and the top-k (CSA) or every (HCA) compressed entry. Its shapes depend on
+        the data (emissions, top-k, visible counts), so `--compile` keeps it eager."""
         cfg = self.cfg
+        dtype = p["kv"].dtype
         pools.write("swa", layer, ctx.swa_slot, p["kv"])
         comp_kv = comp_idx = None
         if self.layer_type == HCA:
@@ -201,10 +203,14 @@ class Attention(nn.Module):
             if keys is not pools.tensor("idx", layer):  # fp8 / compacted view: map back to physical rows
                 top = _unmap(top, kidx, cand)
             comp_kv, comp_idx = pools.gather_view("csa", layer, top)
-
         swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
-        return dispatch.sparse_attention(q, swa_kv, swa_idx, comp_kv, comp_idx, self.attn_sink,
-                                         self.head_dim ** -0.5).to(dtype)
+        return swa_kv, swa_idx, comp_kv, comp_idx
+
+    @staticmethod
+    def combine(q: torch.Tensor, rows: VisibleRows, sink: torch.Tensor, scale: float) -> torch.Tensor:
+        """o = Σ_s softmax(q·k_s · scale; sink) k_s over the selected rows, fp32 [T, H, D] (`dispatch`: Triton
+        on CUDA, the torch path otherwise). `--compile` on CPU traces the torch reference into the graph."""
+        return dispatch.sparse_attention(q, *rows, sink, scale)
 
     def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The dense part after the cache: RoPE⁻¹, then W_ob · groupwise(W_oa)."""

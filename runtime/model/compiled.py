@@ -5,11 +5,14 @@ the mHC mixing (RMS, projection, sigmoids, softmax, the 20-round Sinkhorn on 4x4
 query / key projections with RoPE, the output projection, the router and the shared expert — is one compiled
 function per layer kind (inductor's C++/OpenMP code on CPU; Triton + CUDA graphs, `mode="reduce-overhead"`, on
 GPU). The parts whose shapes depend on the data stay eager islands (`torch.compiler.disable`, `ISLANDS`): the
-paged-cache step of attention (`Attention.attend`: writes, compressor emissions, the indexer's top-k, the gathers
-through the block tables, sparse attention), the routed experts of larger batches (`Experts.forward_grouped`:
-per-expert row counts; a small batch's experts are gathered and multiplied in the graph, `Experts.gathers`), FP8
-linears, and the TP / EP modules that call collectives. Each island is one graph break, so a block is two graphs
-(before and after attention's cache step), three for larger batches; `graph_breaks()` counts them.
+paged-cache step of attention (`Attention.select`: writes, compressor emissions, the indexer's top-k, the gathers
+through the block tables), the routed experts of larger batches (`Experts.forward_grouped`: per-expert row counts;
+a small batch's experts are gathered and multiplied in the graph, `Experts.gathers`), FP8 linears, and the TP / EP
+modules that call collectives. Attention over the selected rows (`Attention.combine`) is in the graph on CPU,
+where shapes are dynamic (the torch reference, `_combine_in_graph`; the island pads its row counts to >= 2 so no
+size is special), and an island with CUDA graphs, whose static shapes would recompile for every top-k / visible
+count (the Triton kernel runs there). Each island is one graph break, so a block is two graphs (before and after
+attention's cache step), three for larger batches; `graph_breaks()` counts them.
 Prefill and mixed steps run eager, except the mHC mixing weights, compiled with `dynamic=True` for every token
 count.
 
@@ -39,6 +42,7 @@ only the mHC mixing weights are compiled: the decode-step graph is for single-pr
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import time
@@ -60,13 +64,14 @@ log = logging.getLogger("dsv4.compile")
 EAGER: dict[str, Callable[..., Any]] = {"weights": layers.mhc_weights}
 # (module, class, method) kept eager inside the compiled decode step: data-dependent shapes, or collectives
 ISLANDS: tuple[tuple[str, str, str], ...] = (
-    ("dsv4.runtime.model.attention", "Attention", "attend"),
+    ("dsv4.runtime.model.attention", "Attention", "select"),
     ("dsv4.runtime.model.layers", "Experts", "forward_grouped"),  # small batches: `forward_gathered`, in the graph
     ("dsv4.runtime.model.quantized", "FP8Linear", "forward"),
     ("dsv4.runtime.parallel.shard", "RowParallelLinear", "forward"),
     ("dsv4.runtime.parallel.shard", "ParallelMoE", "forward"),
     ("dsv4.runtime.parallel.ep", "ExpertParallelMoE", "forward"),
 )
+COMBINE = ("dsv4.runtime.model.attention", "Attention", "combine")  # in the CPU graph, an island with CUDA graphs
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # CUDA-graph batch sizes
 GUARDS_ENV = "DSV4_COMPILE_GUARDS"  # "full": check every dynamo guard on each decode step (default: trimmed)
 AUTO_MIN_GAIN = 1.05  # auto keeps compiled code when it is at least this much faster on the warm-up batches
@@ -95,9 +100,15 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
     _compiled["weights"] = torch.compile(EAGER["weights"], dynamic=True)
     if decode_step:
         cuda = str(device).startswith("cuda")
+        for key in (*ISLANDS, COMBINE):
+            _originals.setdefault(key, inspect.getattr_static(_island_owner(*key[:2]), key[2]))
         for key in ISLANDS:
-            _originals.setdefault(key, getattr(_island_owner(*key[:2]), key[2]))
             _compiled[key] = torch.compiler.disable(_originals[key])
+        if cuda or buckets is not None:  # static shapes: the attention's row counts (top-k, visible) would recompile
+            _compiled[COMBINE] = staticmethod(torch.compiler.disable(_originals[COMBINE].__func__))
+        else:  # dynamic shapes: attention over the selected rows traced into the block's graph
+            _compiled[SELECT] = torch.compiler.disable(_select_at_least_two_rows)
+            _compiled[COMBINE] = staticmethod(_combine_in_graph)
         if cuda:
             _compiled["block"] = torch.compile(Block.forward, mode="reduce-overhead", dynamic=False)
         else:
@@ -106,9 +117,39 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
     _activate()
 
 
+SELECT = ISLANDS[0]
+
+
+def _select_at_least_two_rows(self: Any, *args: Any) -> Any:
+    """`Attention.select` whose row tensors and index columns are never 0 or 1 long (padded with unused rows
+    and -1 columns): the dynamic graph after it treats 0 and 1 as special sizes, so a size the warm-up never
+    met (one visible HCA entry, one decoded FP8 row) would compile — or, under the trimmed guards, reuse a graph
+    traced for another size."""
+    swa_kv, swa_idx, comp_kv, comp_idx = _originals[SELECT](self, *args)
+    if comp_kv is not None and comp_idx is not None:
+        comp_kv, comp_idx = _two_or_more(comp_kv, 0), _two_or_more(comp_idx, 1, fill=-1)
+    return _two_or_more(swa_kv, 0), swa_idx, comp_kv, comp_idx
+
+
+def _two_or_more(t: torch.Tensor, dim: int, fill: int = 0) -> torch.Tensor:
+    if t.shape[dim] >= 2:
+        return t
+    shape = list(t.shape)
+    shape[dim] = 2 - t.shape[dim]
+    return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)
+
+
+def _combine_in_graph(q: torch.Tensor, rows: Any, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """`Attention.combine` for the CPU decode graph: the torch reference (what `dispatch` runs for decode-sized
+    batches on CPU), traced into the block's graph instead of run as dozens of eager operators."""
+    from dsv4.kernels.reference import sparse_attention_ref
+
+    return sparse_attention_ref(q, *rows, sink, scale)
+
+
 def _activate() -> None:
     MHC.weights = staticmethod(_compiled["weights"])
-    for key in ISLANDS:
+    for key in (*ISLANDS, COMBINE):
         if key in _compiled:
             setattr(_island_owner(*key[:2]), key[2], _compiled[key])
     DecodeStep.block = _compiled.get("block")

@@ -79,12 +79,14 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor,
                 input_ids: torch.Tensor) -> torch.Tensor:
         x, post, comb = self._pre(h, "attn")
-        # attention's three phases called here (it has no forward): the compiled decode step breaks its graph at
-        # the cache step (`attend`, an eager island), and a break directly in this frame resumes in this frame —
+        # attention's phases called here (it has no forward): the compiled decode step breaks its graph at the
+        # cache step (`select`, an eager island), and a break directly in this frame resumes in this frame —
         # two compiled frames per layer instead of four (each frame costs guards and a prologue)
         attn = self.attn
         cos, sin = cos_sin(ctx.pos, inv_freq)
-        o = attn.attend(attn.project(self.attn_norm(x), ctx.pos, cos, sin), ctx, pools, layer, inv_freq)
+        p = attn.project(self.attn_norm(x), ctx.pos, cos, sin)
+        rows = attn.select(p, ctx, pools, layer, inv_freq)
+        o = attn.combine(p["q"], rows, attn.attn_sink, attn.head_dim ** -0.5).to(p["kv"].dtype)
         h = MHC.post(attn.output(o, cos, sin), h, post, comb)
         x, post, comb = self._pre(h, "ffn")
         f = self.ffn(self.ffn_norm(x), input_ids)
