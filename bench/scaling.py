@@ -279,6 +279,11 @@ class Reference:
 
 
 # ---------------------------------------------------------------------------------------------------
+def _median_round(rounds: list[tuple[float, float]]) -> tuple[float, float]:
+    """(tokens/s, s/step) of the round with the median step time."""
+    return sorted(rounds, key=lambda r: r[1])[len(rounds) // 2]
+
+
 def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int = 256, smoke: bool = False,
                 chunk: int = 512, decode_steps: int = 16, ref_limit_s: float = 120.0,
                 skip_reference: bool = False, threads: int = 1, compile_mode: str = "off",
@@ -323,22 +328,31 @@ def run_scaling(contexts: tuple[int, ...], batches: tuple[int, ...], hidden: int
         prev_n, prev_t = trace[i - 1] if i else (0, 0.0)
         m.prefill_chunk_s_per_token = (trace[i][1] - prev_t) / max(1, trace[i][0] - prev_n)
     our_logits = ours.first_logits(prompt[:contexts[0]])
-    for c in contexts:
-        for b in batches:
-            mine[c].decode_tok_s[b], mine[c].decode_step_s[b] = ours.decode(prompt[:c], b)
     compiled_rows: dict[int, Measure] = {}
     compile_state = "off"
-    if compile_mode == "both":  # the same engine and cache, decode again with `--compile on` (one run: ratios)
+    if compile_mode == "both":  # the same engine and cache: eager and compiled decode in alternating rounds
         from dsv4.runtime.model import compiled
 
         compile_state = compiled.setup("on", ours.model, ours.engine.runner.pools, device, say=lambda *_: None,
                                        max_batch=max(batches))
         for c in contexts:
-            m = compiled_rows[c] = Measure(COMPILED, c, note=f"decode only; {compile_state}")
+            compiled_rows[c] = Measure(COMPILED, c, note=f"decode only; median of {AB_ROUNDS} rounds alternating "
+                                                         f"with eager; {compile_state}")
+            mine[c].note = f"decode: median of {AB_ROUNDS} rounds alternating with --compile on"
             for b in batches:
-                ours.decode(prompt[:c], b)  # first calls at this batch's shapes
-                m.decode_tok_s[b], m.decode_step_s[b] = ours.decode(prompt[:c], b)
+                eager, comp = [], []
+                for _ in range(AB_ROUNDS):  # interleaved: a slow spell of the machine hits both alike
+                    compiled.use_eager()
+                    eager.append(ours.decode(prompt[:c], b))
+                    compiled.reactivate()
+                    comp.append(ours.decode(prompt[:c], b))
+                mine[c].decode_tok_s[b], mine[c].decode_step_s[b] = _median_round(eager)
+                compiled_rows[c].decode_tok_s[b], compiled_rows[c].decode_step_s[b] = _median_round(comp)
         compiled.use_eager()
+    else:
+        for c in contexts:
+            for b in batches:
+                mine[c].decode_tok_s[b], mine[c].decode_step_s[b] = ours.decode(prompt[:c], b)
     budget = ours.budget
     del ours
 
@@ -386,6 +400,7 @@ def _get(d: dict | None, key: str, b: int | None = None) -> float | None:
 
 
 COMPILED = "ours --compile on"
+AB_ROUNDS = 3  # --compile both: eager / compiled decode rounds per (context, batch), alternating
 
 
 def targets(out: dict) -> dict:
@@ -538,8 +553,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared CPU, OpenMP spin-waits make 2 threads ~25x slower)")
     p.add_argument("--compile", choices=("off", "both"), default="off",
-                   help="both: after the eager decode, decode again with the torch.compile'd decode step "
-                        "(`dsv4 serve --compile on`), same engine and cache: one run, ratios")
+                   help="both: decode with and without the torch.compile'd decode step (`dsv4 serve --compile "
+                        "on`), same engine and cache, in alternating rounds (medians): one run, ratios")
     p.add_argument("--device", default="cpu", help="cpu, or cuda with --no-reference (bench/gpu_check.sh: the "
                                                    "compiled decode step with CUDA graphs)")
     p.add_argument("--smoke", action="store_true",

@@ -157,6 +157,11 @@ def _activate() -> None:
     DecodeStep.guards = _compiled.get("guards", nullcontext)
 
 
+def reactivate() -> None:
+    """Back to what `use_compiled` built, after `use_eager` (no recompilation; the guards as they were)."""
+    _activate()
+
+
 def use_eager() -> None:
     for name, fn in EAGER.items():
         setattr(MHC, name, staticmethod(fn))
