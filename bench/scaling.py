@@ -400,7 +400,7 @@ def _get(d: dict | None, key: str, b: int | None = None) -> float | None:
 
 
 COMPILED = "ours --compile on"
-AB_ROUNDS = 3  # --compile both: eager / compiled decode rounds per (context, batch), alternating
+AB_ROUNDS = 5  # --compile both: eager / compiled decode rounds per (context, batch), alternating
 
 
 def targets(out: dict) -> dict:
