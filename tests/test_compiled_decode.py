@@ -136,7 +136,7 @@ def test_guards_are_trimmed_after_the_warm_up_only(monkeypatch):
 
 def test_decode_batches_padded_to_buckets_give_the_eager_tokens():
     eager, _, _ = run("off")
-    buckets = (1, 2, 4, 8)
+    buckets = (2, 8)  # two static graphs per layer kind (each compiles cold in a new checkout)
     comp, _, sizes = run("off", buckets=buckets)
     assert set(sizes) <= set(buckets) and len(set(sizes)) >= 2, sizes  # padded: only bucket sizes reach the graph
     assert_same(eager, comp)
