@@ -71,6 +71,7 @@ ISLANDS: tuple[tuple[str, str, str], ...] = (
     ("dsv4.runtime.parallel.shard", "ParallelMoE", "forward"),
     ("dsv4.runtime.parallel.ep", "ExpertParallelMoE", "forward"),
 )
+SELECT = ISLANDS[0]  # attention's cache step
 COMBINE = ("dsv4.runtime.model.attention", "Attention", "combine")  # in the CPU graph, an island with CUDA graphs
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # CUDA-graph batch sizes
 GUARDS_ENV = "DSV4_COMPILE_GUARDS"  # "full": check every dynamo guard on each decode step (default: trimmed)
@@ -115,9 +116,6 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
             _compiled["block"] = torch.compile(Block.forward, dynamic=buckets is None)
         _compiled["buckets"] = buckets if buckets is not None else (DECODE_BUCKETS if cuda else None)
     _activate()
-
-
-SELECT = ISLANDS[0]
 
 
 def _select_at_least_two_rows(self: Any, *args: Any) -> Any:
