@@ -11,11 +11,12 @@ out = W_ob · groupwise(W_oa) · RoPE⁻¹(o)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from dsv4.kernels import dispatch
 from dsv4.kernels.index_quant import fake_quantize_index, hadamard_rotate
+from dsv4.kernels.reference import indexer_scores_ref, topk_fast_path, topk_from_scores
 from dsv4.runtime.config import CSA, HCA, SLIDING
 from dsv4.runtime.model import hca_online
 from dsv4.runtime.model.context import Emission, StepContext
@@ -25,8 +26,28 @@ from dsv4.runtime.model.rope import apply_rope, cos_sin
 from dsv4.runtime.model.topk import select_topk
 from torch import nn
 
-# (swa_kv, swa_idx, comp_kv, comp_idx): the rows attention reads and, per query, their indices (-1 = none)
-VisibleRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+class IndexerQuery(NamedTuple):
+    """A CSA layer's top-k not yet taken (`Attention.select(defer_topk=True)`): the indexer's queries qi [T, n, d]
+    and head weights w [T, n], the plain key pool [N, d], the visible candidates [T, C] (-1 = none), and k."""
+
+    qi: torch.Tensor
+    w: torch.Tensor
+    keys: torch.Tensor
+    cand: torch.Tensor
+    k: int
+
+    def top_rows(self) -> torch.Tensor:
+        """The k best candidates [T, k] (-1 padded): `dispatch.indexer_topk`'s torch reference, branch-free
+        (so the compiled decode step traces it)."""
+        if self.cand.shape[1] <= self.k:
+            return topk_fast_path(self.cand, self.k)
+        return topk_from_scores(indexer_scores_ref(self.qi, self.w, self.keys, self.cand), self.cand, self.k)
+
+
+# (swa_kv, swa_idx, comp_kv, comp_idx): the rows attention reads and, per query, their indices (-1 = none); with
+# `defer_topk`, a CSA layer's comp_idx is an `IndexerQuery` over comp_kv's rows
+VisibleRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | IndexerQuery | None]
 
 
 class Compressor(nn.Module):
@@ -170,14 +191,17 @@ class Attention(nn.Module):
             out["w"] = ix.weights_proj(x).float() * (ix.n ** -0.5 * ix.d ** -0.5)
         return out
 
-    def select(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor
-               ) -> VisibleRows:
+    def select(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor,
+               defer_topk: bool = False) -> VisibleRows:
         """The paged-cache part, on `project`'s outputs: write kv and the compressor states, then select the
         visible entries — the window, and the top-k (CSA) or every (HCA) compressed entry. Its shapes depend on
-        the data (emissions, top-k, visible counts), so `--compile` keeps it eager."""
+        the data (emissions, top-k, visible counts), so `--compile` keeps it eager. `defer_topk` (the compiled CPU
+        decode step): a CSA layer whose idx and csa pools are plain returns its top-k as an `IndexerQuery` over the
+        csa pool, for the graph to take."""
         cfg = self.cfg
         dtype = p["kv"].dtype
         pools.write("swa", layer, ctx.swa_slot, p["kv"])
+        swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
         comp_kv = comp_idx = None
         if self.layer_type == HCA:
             D = self.head_dim
@@ -196,6 +220,8 @@ class Attention(nn.Module):
                 qi = fake_quantize_index(hadamard_rotate(qi), pools.spec.index_dtype)
             cand = ctx.visible[CSA]
             keys, kidx = pools.gather_view("idx", layer, cand)
+            if defer_topk and keys is pools.tensor("idx", layer) and not pools.is_fp8("csa"):
+                return swa_kv, swa_idx, pools.tensor("csa", layer), IndexerQuery(qi, p["w"], keys, kidx, ix.k)
             if kidx.shape[1] <= ix.k:  # every visible entry is selected, no scoring
                 top = dispatch.indexer_topk(qi, p["w"], keys, kidx, ix.k)
             else:  # deterministic tie-break (lower entry index wins), see topk.py
@@ -203,7 +229,6 @@ class Attention(nn.Module):
             if keys is not pools.tensor("idx", layer):  # fp8 / compacted view: map back to physical rows
                 top = _unmap(top, kidx, cand)
             comp_kv, comp_idx = pools.gather_view("csa", layer, top)
-        swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
         return swa_kv, swa_idx, comp_kv, comp_idx
 
     @staticmethod

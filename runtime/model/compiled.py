@@ -52,7 +52,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dsv4.runtime.config import CSA
 from dsv4.runtime.model import layers
+from dsv4.runtime.model.attention import IndexerQuery
 from dsv4.runtime.model.batch import ForwardBatch
 from dsv4.runtime.model.layers import MHC
 from dsv4.runtime.model.model import Block, DecodeStep, pad_decode_batch
@@ -110,6 +112,7 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
         else:  # dynamic shapes: attention over the selected rows traced into the block's graph
             _compiled[SELECT] = torch.compiler.disable(_select_at_least_two_rows)
             _compiled[COMBINE] = staticmethod(_combine_in_graph)
+            _compiled["topk_in_graph"] = True
         if cuda:
             _compiled["block"] = torch.compile(Block.forward, mode="reduce-overhead", dynamic=False)
         else:
@@ -123,9 +126,13 @@ def _select_at_least_two_rows(self: Any, *args: Any) -> Any:
     and -1 columns): the dynamic graph after it treats 0 and 1 as special sizes, so a size the warm-up never
     met (one visible HCA entry, one decoded FP8 row) would compile — or, under the trimmed guards, reuse a graph
     traced for another size."""
-    swa_kv, swa_idx, comp_kv, comp_idx = _originals[SELECT](self, *args)
-    if comp_kv is not None and comp_idx is not None:
-        comp_kv, comp_idx = _two_or_more(comp_kv, 0), _two_or_more(comp_idx, 1, fill=-1)
+    swa_kv, swa_idx, comp_kv, comp_idx = _originals[SELECT](self, *args, defer_topk=True)
+    if isinstance(comp_idx, IndexerQuery):
+        comp_idx = comp_idx._replace(keys=_two_or_more(comp_idx.keys, 0), cand=_two_or_more(comp_idx.cand, 1, -1))
+    elif comp_idx is not None:
+        comp_idx = _two_or_more(comp_idx, 1, fill=-1)
+    if comp_kv is not None:
+        comp_kv = _two_or_more(comp_kv, 0)
     return _two_or_more(swa_kv, 0), swa_idx, comp_kv, comp_idx
 
 
@@ -142,7 +149,10 @@ def _combine_in_graph(q: torch.Tensor, rows: Any, sink: torch.Tensor, scale: flo
     batches on CPU), traced into the block's graph instead of run as dozens of eager operators."""
     from dsv4.kernels.reference import sparse_attention_ref
 
-    return sparse_attention_ref(q, *rows, sink, scale)
+    swa_kv, swa_idx, comp_kv, comp_idx = rows
+    if isinstance(comp_idx, IndexerQuery):  # a CSA layer's top-k, deferred by the island into the graph
+        comp_idx = comp_idx.top_rows()
+    return sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale)
 
 
 def _activate() -> None:
@@ -207,14 +217,24 @@ def graph_breaks() -> int:
     return int(sum(counters["graph_break"].values()))
 
 
-def empty_decode_batch(spec: Any, n: int, device: str) -> ForwardBatch:
-    """n one-token sequences that read and write no cache row (`pad_decode_batch` of an empty batch)."""
+def empty_decode_batch(spec: Any, n: int, device: str, position: int = 0) -> ForwardBatch:
+    """n one-token sequences at `position` that read and write no cache row (`pad_decode_batch` of an empty
+    batch: every block-table entry -1)."""
     none = torch.zeros(0, dtype=torch.long, device=device)
     tables = {p: torch.zeros(0, 1, dtype=torch.long, device=device) for p in spec.pools if p != "idx"}
     empty = ForwardBatch(none, none, torch.zeros(1, dtype=torch.long, device=device), tables, none, none)
     batch = pad_decode_batch(empty, n)
+    batch.positions = torch.full_like(batch.positions, position)
     batch.logits_indices = torch.arange(n, device=device)
     return batch
+
+
+def past_top_k(cfg: Any) -> int | None:
+    """A position whose CSA layers see more candidates than the indexer keeps (top-k taken by scores, not the
+    all-candidates path); None without CSA layers."""
+    if CSA not in cfg.layer_types:
+        return None
+    return int(cfg.compress_rates[CSA]) * (int(cfg.index_topk) + 1) - 1
 
 
 def warm_up_sizes(device: str, max_batch: int, model: Any) -> tuple[int, ...]:
@@ -244,12 +264,18 @@ def _time_decode(model: Any, pools: Any, batches: list[ForwardBatch], reps: int)
 def warm_up(model: Any, pools: Any, device: str, max_batch: int, say: Callable[[str], None] = log.info) -> float:
     """Compile the decode step on every warm-up batch size; returns eager time / compiled time on those batches."""
     sizes = warm_up_sizes(device, max_batch, model)
-    batches = [empty_decode_batch(pools.spec, n, device) for n in sizes]
+    cases = [(n, 0) for n in sizes]
+    far = past_top_k(model.cfg)
+    if _compiled.get("topk_in_graph") and far is not None:  # the graph's top-k has two variants: C <= k and C > k
+        cases += [(n, far) for n in sizes]
+    batches = [empty_decode_batch(pools.spec, n, device, pos) for n, pos in cases]
     for i, b in enumerate(batches, 1):
         t0 = time.perf_counter()
         model(b, pools)
         model(b, pools)  # CUDA graphs record on the second call
-        say(f"compile warm-up {i}/{len(batches)}: decode batch {sizes[i - 1]}, {time.perf_counter() - t0:.1f} s")
+        n, pos = cases[i - 1]
+        at = f" at position {pos} (more CSA candidates than top-k)" if pos else ""
+        say(f"compile warm-up {i}/{len(batches)}: decode batch {n}{at}, {time.perf_counter() - t0:.1f} s")
     _time_decode(model, pools, batches, 1)  # sizes in turn: frames compiled for one size may recompile for another
     trim_guards()  # every variant is compiled now
     reps = 5
