@@ -5,14 +5,16 @@ the mHC mixing (RMS, projection, sigmoids, softmax, the 20-round Sinkhorn on 4x4
 query / key projections with RoPE, the output projection, the router and the shared expert — is one compiled
 function per layer kind (inductor's C++/OpenMP code on CPU; Triton + CUDA graphs, `mode="reduce-overhead"`, on
 GPU). The parts whose shapes depend on the data stay eager islands (`torch.compiler.disable`, `ISLANDS`): the
-paged-cache step of attention (`Attention.select`: writes, compressor emissions, the indexer's top-k, the gathers
-through the block tables), the routed experts of larger batches (`Experts.forward_grouped`: per-expert row counts;
-a small batch's experts are gathered and multiplied in the graph, `Experts.gathers`), FP8 linears, and the TP / EP
-modules that call collectives. Attention over the selected rows (`Attention.combine`) is in the graph on CPU,
-where shapes are dynamic (the torch reference, `_combine_in_graph`; the island pads its row counts to >= 2 so no
-size is special), and an island with CUDA graphs, whose static shapes would recompile for every top-k / visible
-count (the Triton kernel runs there). Each island is one graph break, so a block is two graphs (before and after
-attention's cache step), three for larger batches; `graph_breaks()` counts them.
+paged-cache step of attention (`Attention.select`: writes, compressor emissions, the gathers through the block
+tables), the routed experts of larger batches (`Experts.forward_grouped`: per-expert row counts; a small batch's
+experts are gathered and multiplied in the graph, `Experts.gathers`), FP8 linears, and the TP / EP modules that
+call collectives. On CPU, where shapes are dynamic, the attention over the selected rows (`Attention.combine`) and
+a CSA layer's indexer scoring and top-k (`IndexerQuery.top_rows`, with plain idx / csa pools) run in the graph
+(`_combine_in_graph`, torch references); the island pads its row counts to >= 2 so no size is special, and the
+warm-up adds batches past top-k (`past_top_k`) so both top-k variants compile. With CUDA graphs both stay in
+islands: static shapes would recompile for every top-k / visible count (the Triton kernels run there). Each island
+is one graph break, so a block is two graphs (before and after attention's cache step), three for larger batches;
+`graph_breaks()` counts them.
 Prefill and mixed steps run eager, except the mHC mixing weights, compiled with `dynamic=True` for every token
 count.
 
