@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from dsv4.kernels import dispatch
 from dsv4.kernels.index_quant import fake_quantize_index, hadamard_rotate
-from dsv4.kernels.reference import indexer_scores_ref, topk_fast_path, topk_from_scores
+from dsv4.kernels.reference import indexer_topk_ref
 from dsv4.runtime.config import CSA, HCA, SLIDING
 from dsv4.runtime.model import hca_online
 from dsv4.runtime.model.context import Emission, StepContext
@@ -40,9 +40,7 @@ class IndexerQuery(NamedTuple):
     def top_rows(self) -> torch.Tensor:
         """The k best candidates [T, k] (-1 padded): `dispatch.indexer_topk`'s torch reference, branch-free
         (so the compiled decode step traces it)."""
-        if self.cand.shape[1] <= self.k:
-            return topk_fast_path(self.cand, self.k)
-        return topk_from_scores(indexer_scores_ref(self.qi, self.w, self.keys, self.cand), self.cand, self.k)
+        return indexer_topk_ref(self.qi, self.w, self.keys, self.cand, self.k)
 
 
 # (swa_kv, swa_idx, comp_kv, comp_idx): the rows attention reads and, per query, their indices (-1 = none); with
