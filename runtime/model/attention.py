@@ -155,6 +155,9 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_type = layer_type
+        # traced code branches on these bools: dynamo guards a module's bool attributes, not its str ones, so a
+        # graph traced for one layer kind would otherwise be reused for another
+        self.compressed, self.sparse = layer_type != SLIDING, layer_type == CSA
         H, D, nH = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
         self.n_heads, self.head_dim = nH, D
         self.wq_a = nn.Linear(H, cfg.q_lora_rank, bias=False, dtype=dtype)
@@ -180,9 +183,9 @@ class Attention(nn.Module):
         qr = self.q_norm(self.wq_a(x))
         q = rms(self.wq_b(qr).view(T, self.n_heads, self.head_dim), self.eps)
         out: dict[str, Any] = {"q": apply_rope(q, cos, sin), "kv": apply_rope(self.norm(self.wkv(x)), cos, sin)}
-        if self.layer_type != SLIDING:
+        if self.compressed:
             out["comp"] = self.compressor.project(x, pos)
-        if self.layer_type == CSA:
+        if self.sparse:
             ix = self.indexer
             out["index_comp"] = ix.compressor.project(x, pos)
             out["qi"] = apply_rope(ix.wq_b(qr).view(T, ix.n, ix.d), cos, sin)
