@@ -111,7 +111,7 @@ def test_no_decode_step_compiles_after_the_warm_up_with_every_guard_checked(monk
 
 def test_fp8_kv_decode_compiles_nothing_after_the_warm_up(monkeypatch):
     """FP8 KV rows reach the graph decoded, only the referenced ones: a row count that changes every step and
-    is 1 in the warm-up's empty batches (`compiled._select_at_least_two_rows` keeps it >= 2)."""
+    is 1 in the warm-up's empty batches (`compiled._island_select` keeps it >= 2)."""
     monkeypatch.setenv(compiled.GUARDS_ENV, "full")
     eager, _, _ = run("off", kv_dtype="fp8")
     graphs: list[int] = []

@@ -192,30 +192,36 @@ class Attention(nn.Module):
             out["w"] = ix.weights_proj(x).float() * (ix.n ** -0.5 * ix.d ** -0.5)
         return out
 
-    def select(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor,
-               defer_topk: bool = False) -> VisibleRows:
-        """The paged-cache part, on `project`'s outputs: write kv and the compressor states, then select the
-        visible entries — the window, and the top-k (CSA) or every (HCA) compressed entry. Its shapes depend on
-        the data (emissions, top-k, visible counts), so `--compile` keeps it eager. `defer_topk` (the compiled CPU
-        decode step): a CSA layer whose idx and csa pools are plain returns its top-k as an `IndexerQuery` over the
-        csa pool, for the graph to take."""
-        cfg = self.cfg
+    def write(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor) -> None:
+        """The cache writes of this step, on `project`'s outputs: kv into the window pool, the compressors' state
+        rows, and every compressed entry a compression group completes (emissions: data-dependent counts)."""
         dtype = p["kv"].dtype
         pools.write("swa", layer, ctx.swa_slot, p["kv"])
-        swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
-        comp_kv = comp_idx = None
         if self.layer_type == HCA:
             D = self.head_dim
             _run_compressor(self.compressor, p["comp"], ctx, HCA, pools, layer, "hca_state", (0, 2 * D), "hca",
                             inv_freq, dtype)
-            comp_kv, comp_idx = pools.gather_view("hca", layer, ctx.visible[HCA])
         elif self.layer_type == CSA:
-            D, Di = self.head_dim, cfg.index_head_dim
+            D, Di = self.head_dim, self.cfg.index_head_dim
             _run_compressor(self.compressor, p["comp"], ctx, CSA, pools, layer, "csa_state", (0, 4 * D), "csa",
                             inv_freq, dtype)
-            ix = self.indexer
-            _run_compressor(ix.compressor, p["index_comp"], ctx, CSA, pools, layer, "csa_state",
+            _run_compressor(self.indexer.compressor, p["index_comp"], ctx, CSA, pools, layer, "csa_state",
                             (4 * D, 4 * D + 4 * Di), "idx", inv_freq, dtype)
+
+    def select(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor,
+               defer_topk: bool = False, layer_pools: Any = None) -> VisibleRows:
+        """The paged-cache part, on `project`'s outputs: `write`, then select the visible entries — the window,
+        and the top-k (CSA) or every (HCA) compressed entry. Its shapes depend on the data (emissions, top-k,
+        visible counts), so `--compile` keeps it eager, or on CPU with plain pools traces it around a cache-write
+        op (`compiled.py`, which passes `layer_pools`; unused here). `defer_topk`: a CSA layer whose idx and csa
+        pools are plain returns its top-k as an `IndexerQuery` over the csa pool, for the graph to take."""
+        self.write(p, ctx, pools, layer, inv_freq)
+        swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
+        comp_kv = comp_idx = None
+        if self.layer_type == HCA:
+            comp_kv, comp_idx = pools.gather_view("hca", layer, ctx.visible[HCA])
+        elif self.layer_type == CSA:
+            ix = self.indexer
             qi = p["qi"]
             if pools.is_fp8("idx"):  # the reference's q: rotated like the keys, then quantised like them
                 qi = fake_quantize_index(hadamard_rotate(qi), pools.spec.index_dtype)

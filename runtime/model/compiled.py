@@ -54,12 +54,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dsv4.runtime.config import CSA
+from dsv4.runtime.config import CSA, HCA
 from dsv4.runtime.model import layers
 from dsv4.runtime.model.attention import IndexerQuery
 from dsv4.runtime.model.batch import ForwardBatch
+from dsv4.runtime.model.kv_pools import LayerPools
 from dsv4.runtime.model.layers import MHC
-from dsv4.runtime.model.model import Block, DecodeStep, pad_decode_batch
+from dsv4.runtime.model.model import COMPRESSED_POOL, Block, DecodeStep, pad_decode_batch
 
 from dsv4.paths import cache_root
 
@@ -111,10 +112,11 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
             _compiled[key] = torch.compiler.disable(_originals[key])
         if cuda or buckets is not None:  # static shapes: the attention's row counts (top-k, visible) would recompile
             _compiled[COMBINE] = staticmethod(torch.compiler.disable(_originals[COMBINE].__func__))
-        else:  # dynamic shapes: attention over the selected rows traced into the block's graph
-            _compiled[SELECT] = torch.compiler.disable(_select_at_least_two_rows)
+        else:  # dynamic shapes: the cache step traced around the cache-write op, attention in the block's graph
+            _compiled[SELECT] = _select_in_graph
             _compiled[COMBINE] = staticmethod(_combine_in_graph)
             _compiled["topk_in_graph"] = True
+            _compiled["prepare"] = _ctx_with_two_or_more_columns
         if cuda:
             _compiled["block"] = torch.compile(Block.forward, mode="reduce-overhead", dynamic=False)
         else:
@@ -123,12 +125,57 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
     _activate()
 
 
-def _select_at_least_two_rows(self: Any, *args: Any) -> Any:
-    """`Attention.select` whose row tensors and index columns are never 0 or 1 long (padded with unused rows
-    and -1 columns): the dynamic graph after it treats 0 and 1 as special sizes, so a size the warm-up never
-    met (one visible HCA entry, one decoded FP8 row) would compile — or, under the trimmed guards, reuse a graph
-    traced for another size."""
-    swa_kv, swa_idx, comp_kv, comp_idx = _originals[SELECT](self, *args, defer_topk=True)
+@torch.library.custom_op("dsv4::cache_write", mutates_args=("pools",))
+def cache_write(kv: torch.Tensor, comp: list[torch.Tensor], pools: list[torch.Tensor], inv_freq: torch.Tensor,
+                layer: int) -> None:
+    """`Attention.write` of `layer` as one opaque op of the compiled decode graph (its emission counts depend on
+    the data, so it cannot be traced; as an op it needs no graph break). `comp`: the compressors' (kv, score)
+    projections (none, the layer's, or the layer's and the indexer's); `pools`: `LayerPools.tensors()`, which it
+    writes. The step (model, StepContext, KVPools) comes from `DecodeStep.running`, as vLLM's attention ops find
+    theirs in a forward context."""
+    if DecodeStep.running is None:
+        raise RuntimeError("dsv4::cache_write runs inside a compiled decode step only (DecodeStep.running unset)")
+    model, ctx, kv_pools = DecodeStep.running
+    attn = model.layers[layer].attn
+    p: dict[str, Any] = {"kv": kv}
+    if comp:
+        p["comp"] = (comp[0], comp[1])
+    if len(comp) == 4:
+        p["index_comp"] = (comp[2], comp[3])
+    kind = COMPRESSED_POOL.get(attn.layer_type)
+    attn.write(p, ctx, kv_pools.with_layer_tensors(layer, kind, pools), layer, inv_freq)
+
+
+@cache_write.register_fake
+def _(kv: torch.Tensor, comp: list[torch.Tensor], pools: list[torch.Tensor], inv_freq: torch.Tensor,
+      layer: int) -> None:
+    return None
+
+
+def _select_in_graph(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: int, inv_freq: torch.Tensor,
+                     defer_topk: bool = False, layer_pools: LayerPools | None = None) -> Any:
+    """`Attention.select` traced into the CPU decode graph: the writes as the `dsv4::cache_write` op, then the
+    layer's plain pools with the step's index tables (the gathers and a CSA layer's top-k happen in `combine`).
+    Layers with FP8 rows or the online HCA state keep the eager island."""
+    if layer_pools is None or not layer_pools.plain:
+        return _island_select(self, p, ctx, pools, layer, inv_freq)
+    comp = [*p.get("comp", ()), *p.get("index_comp", ())]
+    torch.ops.dsv4.cache_write(p["kv"], comp, layer_pools.tensors(), inv_freq, layer)
+    if not self.compressed:
+        return layer_pools.swa, ctx.swa_idx, None, None
+    if not self.sparse:
+        return layer_pools.swa, ctx.swa_idx, layer_pools.comp, ctx.visible[HCA]
+    query = IndexerQuery(p["qi"], p["w"], layer_pools.idx, ctx.visible[CSA], self.indexer.k)
+    return layer_pools.swa, ctx.swa_idx, layer_pools.comp, query
+
+
+@torch.compiler.disable
+def _island_select(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: int, inv_freq: torch.Tensor) -> Any:
+    """`Attention.select` as an eager island whose row tensors and index columns are never 0 or 1 long (padded
+    with unused rows and -1 columns): the dynamic graph after it treats 0 and 1 as special sizes, so a size the
+    warm-up never met (one visible HCA entry, one decoded FP8 row) would compile — or, under the trimmed guards,
+    reuse a graph traced for another size."""
+    swa_kv, swa_idx, comp_kv, comp_idx = _originals[SELECT](self, p, ctx, pools, layer, inv_freq, defer_topk=True)
     if isinstance(comp_idx, IndexerQuery):
         comp_idx = comp_idx._replace(keys=_two_or_more(comp_idx.keys, 0), cand=_two_or_more(comp_idx.cand, 1, -1))
     elif comp_idx is not None:
@@ -136,6 +183,13 @@ def _select_at_least_two_rows(self: Any, *args: Any) -> Any:
     if comp_kv is not None:
         comp_kv = _two_or_more(comp_kv, 0)
     return _two_or_more(swa_kv, 0), swa_idx, comp_kv, comp_idx
+
+
+def _ctx_with_two_or_more_columns(ctx: Any) -> Any:
+    """The step's index tables with >= 2 columns (-1 padded), for the same reason as `_island_select`'s rows."""
+    ctx.swa_idx = _two_or_more(ctx.swa_idx, 1, fill=-1)
+    ctx.visible = {kind: _two_or_more(t, 1, fill=-1) for kind, t in ctx.visible.items()}
+    return ctx
 
 
 def _two_or_more(t: torch.Tensor, dim: int, fill: int = 0) -> torch.Tensor:
@@ -165,6 +219,7 @@ def _activate() -> None:
     DecodeStep.block = _compiled.get("block")
     DecodeStep.buckets = _compiled.get("buckets")
     DecodeStep.guards = _compiled.get("guards", nullcontext)
+    DecodeStep.prepare = _compiled.get("prepare")
 
 
 def reactivate() -> None:
@@ -180,6 +235,7 @@ def use_eager() -> None:
     DecodeStep.block = None
     DecodeStep.buckets = None
     DecodeStep.guards = nullcontext
+    DecodeStep.prepare = None
 
 
 def _differentiating_guards() -> AbstractContextManager[Any]:

@@ -7,11 +7,37 @@ encoded / decoded by `write` / `gather_view` (see `fp8_codec.py`).
 
 from __future__ import annotations
 
+import copy
+from typing import NamedTuple
+
 import torch
 from dsv4.runtime.cache.pools import blocks_of
 from dsv4.runtime.cache.spec import CacheSpec, PoolSpec
 from dsv4.runtime.config import ModelConfig
 from dsv4.runtime.model import fp8_codec
+
+
+class LayerPools(NamedTuple):
+    """One layer's cache tensors, for the compiled decode step: graph inputs instead of a lookup by layer index
+    (which would specialise the graph to the layer). `comp` is the layer's csa or hca pool, `state` its compressor
+    state; `plain`: every one holds plain rows (no FP8 encoding) and the HCA state is raw, so the graph can gather
+    from them directly."""
+
+    swa: torch.Tensor
+    state: torch.Tensor | None
+    comp: torch.Tensor | None
+    idx: torch.Tensor | None
+    plain: bool
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.swa, self.state, self.comp, self.idx) if t is not None]
+
+
+def _layer_pool_names(compressed: str | None) -> list[str]:
+    """A layer's pools in `LayerPools` order; `compressed`: "csa", "hca" or None."""
+    names = ["swa"] + ([f"{compressed}_state", compressed] if compressed else [])
+    return names + (["idx"] if compressed == "csa" else [])
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8": torch.uint8, "float16": torch.float16}
 
@@ -26,6 +52,7 @@ class KVPools:
         self.index_dim = index_dim
         self.num_blocks: dict[str, int] = {}
         self._t: dict[tuple[str, int], torch.Tensor] = {}
+        self._layer_pools: dict[int, LayerPools] = {}
         for name, ps in spec.pools.items():
             if isinstance(num_blocks, int):
                 nb = num_blocks
@@ -53,6 +80,27 @@ class KVPools:
             return self._t[(pool, layer)]
         except KeyError:
             raise KeyError(f"no cache tensor for pool {pool!r} layer {layer}") from None
+
+    def layer_pools(self, layer: int, compressed: str | None) -> LayerPools:
+        """`LayerPools` of `layer`; `compressed`: "csa", "hca" or None (a sliding-window layer)."""
+        if (lp := self._layer_pools.get(layer)) is None:
+            names = _layer_pool_names(compressed)
+            plain = not any(self.is_fp8(n) for n in names) and (
+                compressed != "hca" or getattr(self.spec, "hca_state", "raw") == "raw")
+            t = [self.tensor(n, layer) for n in names] + [None] * (4 - len(names))
+            lp = self._layer_pools[layer] = LayerPools(t[0], t[1], t[2], t[3], plain)
+        return lp
+
+    def with_layer_tensors(self, layer: int, compressed: str | None, tensors: list[torch.Tensor]) -> KVPools:
+        """These pools with `layer`'s tensors (in `LayerPools.tensors` order) replaced by `tensors`: the compiled
+        step's cache-write op writes into the tensors the graph handed it (the pools themselves, unless the
+        compiler copied them)."""
+        names = _layer_pool_names(compressed)
+        if all(t is self._t[(n, layer)] for n, t in zip(names, tensors, strict=True)):
+            return self
+        other = copy.copy(self)
+        other._t = {**self._t, **{(n, layer): t for n, t in zip(names, tensors, strict=True)}}
+        return other
 
     def pool_spec(self, pool: str) -> PoolSpec:
         return self.spec.pools[pool]

@@ -12,14 +12,16 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from dsv4.runtime.config import HASH_MOE, SLIDING, ModelConfig
+from dsv4.runtime.config import CSA, HASH_MOE, HCA, SLIDING, ModelConfig
 from dsv4.runtime.model.attention import Attention
 from dsv4.runtime.model.batch import ForwardBatch
 from dsv4.runtime.model.context import StepContext
-from dsv4.runtime.model.kv_pools import KVPools
+from dsv4.runtime.model.kv_pools import KVPools, LayerPools
 from dsv4.runtime.model.layers import MHC, MoE, RMSNorm
 from dsv4.runtime.model.rope import cos_sin, inv_freq_for
 from torch import nn
+
+COMPRESSED_POOL = {CSA: "csa", HCA: "hca"}  # a layer kind's compressed-entry pool
 
 
 class DecodeStep:
@@ -32,6 +34,10 @@ class DecodeStep:
     block: Callable[..., torch.Tensor] | None = None
     buckets: tuple[int, ...] | None = None
     guards: Callable[[], AbstractContextManager[Any]] = nullcontext
+    # the compiled step's cache writes run as an opaque op (`compiled.cache_write`) that finds the step here:
+    # (model, StepContext, KVPools) while a compiled decode step runs
+    running: tuple[Any, StepContext, KVPools] | None = None
+    prepare: Callable[[StepContext], StepContext] | None = None  # compiled.py: ctx as the graphs expect it
 
 
 def pad_decode_batch(batch: ForwardBatch, size: int) -> ForwardBatch:
@@ -77,15 +83,15 @@ class Block(nn.Module):
                        getattr(self, f"hc_{sub}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor,
-                input_ids: torch.Tensor) -> torch.Tensor:
+                input_ids: torch.Tensor, layer_pools: LayerPools | None = None) -> torch.Tensor:
         x, post, comb = self._pre(h, "attn")
-        # attention's phases called here (it has no forward): the compiled decode step breaks its graph at the
-        # cache step (`select`, an eager island), and a break directly in this frame resumes in this frame —
-        # two compiled frames per layer instead of four (each frame costs guards and a prologue)
+        # attention's phases called here (it has no forward): where the compiled decode step breaks its graph at
+        # the cache step (`select` as an eager island: CUDA graphs, FP8 pools), a break directly in this frame
+        # resumes in this frame — two compiled frames per layer instead of four (each costs guards and a prologue)
         attn = self.attn
         cos, sin = cos_sin(ctx.pos, inv_freq)
         p = attn.project(self.attn_norm(x), ctx.pos, cos, sin)
-        rows = attn.select(p, ctx, pools, layer, inv_freq)
+        rows = attn.select(p, ctx, pools, layer, inv_freq, layer_pools=layer_pools)
         o = attn.combine(p["q"], rows, attn.attn_sink, attn.head_dim ** -0.5).to(p["kv"].dtype)
         h = MHC.post(attn.output(o, cos, sin), h, post, comb)
         x, post, comb = self._pre(h, "ffn")
@@ -149,15 +155,23 @@ class DeepseekV4Model(nn.Module):
         cfg = self.cfg
         run: Callable[..., torch.Tensor] = Block.__call__
         context: Callable[[], AbstractContextManager[Any]] = nullcontext
-        if DecodeStep.block is not None and is_decode(batch):
+        compiled = DecodeStep.block is not None and is_decode(batch)
+        if compiled:
             run, context = DecodeStep.block, DecodeStep.guards
         ctx = StepContext.build(batch, cfg, pools.spec)
+        if compiled and DecodeStep.prepare is not None:
+            ctx = DecodeStep.prepare(ctx)
         x = self.embed_tokens(batch.input_ids)
         h = x.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
-        with context():
-            for i, layer in enumerate(self.layers):
-                inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
-                h = run(layer, h, ctx, pools, i, inv, batch.input_ids)
+        DecodeStep.running = (self, ctx, pools) if compiled else None
+        try:
+            with context():
+                for i, layer in enumerate(self.layers):
+                    inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
+                    lp = pools.layer_pools(i, COMPRESSED_POOL.get(layer.layer_type)) if compiled else None
+                    h = run(layer, h, ctx, pools, i, inv, batch.input_ids, lp)
+        finally:
+            DecodeStep.running = None
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
