@@ -172,10 +172,11 @@ def test_off_is_eager_and_a_failing_compiler_falls_back_with_one_warning(monkeyp
         compiled.setup("fast", *args)
 
 
-def test_gathered_experts_equal_the_grouped_loop():
-    """`Experts.forward_gathered` (the compiled step's small-batch path) against the eager per-expert loop, with
-    repeated experts in a batch; a real model's experts (bf16 4096 x 2048) never gather."""
-    from dsv4.runtime.model.layers import Experts
+def test_gathered_and_padded_experts_equal_the_grouped_loop():
+    """`Experts.forward_gathered` (the compiled step's small-batch path) and `layers.padded_experts` (its op for
+    larger batches) against the eager per-expert loop, with repeated experts in a batch and experts without rows;
+    a real model's experts (bf16 4096 x 2048) never gather."""
+    from dsv4.runtime.model.layers import Experts, padded_experts
 
     torch.manual_seed(0)
     ex = Experts(8, 64, 32, 7.0, torch.float32)
@@ -186,5 +187,8 @@ def test_gathered_experts_equal_the_grouped_loop():
     w = torch.rand(4, 2)
     assert ex.gathers(8) and not ex.gathers(9)
     torch.testing.assert_close(ex.forward_gathered(x, idx, w), ex.forward_grouped(x, idx, w), rtol=1e-6, atol=1e-6)
+    x, idx, w = torch.randn(16, 64), torch.randint(0, 6, (16, 2)), torch.rand(16, 2)  # experts 6, 7: no rows
+    torch.testing.assert_close(padded_experts(x, idx, w, ex.w1, ex.w2, ex.w3, ex.limit), ex.forward_grouped(x, idx, w),
+                               rtol=1e-6, atol=1e-6)
     big = Experts(256, 4096, 2048, 7.0, torch.bfloat16).to("meta")
     assert not big.gathers(1)

@@ -76,7 +76,7 @@ ISLANDS: tuple[tuple[str, str, str], ...] = (
     ("dsv4.runtime.parallel.shard", "ParallelMoE", "forward"),
     ("dsv4.runtime.parallel.ep", "ExpertParallelMoE", "forward"),
 )
-SELECT = ISLANDS[0]  # attention's cache step
+SELECT, GROUPED = ISLANDS[0], ISLANDS[1]  # attention's cache step, the routed experts of larger batches
 COMBINE = ("dsv4.runtime.model.attention", "Attention", "combine")  # in the CPU graph, an island with CUDA graphs
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # CUDA-graph batch sizes
 GUARDS_ENV = "DSV4_COMPILE_GUARDS"  # "full": check every dynamo guard on each decode step (default: trimmed)
@@ -114,6 +114,7 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
             _compiled[COMBINE] = staticmethod(torch.compiler.disable(_originals[COMBINE].__func__))
         else:  # dynamic shapes: the cache step traced around the cache-write op, attention in the block's graph
             _compiled[SELECT] = _select_in_graph
+            _compiled[GROUPED] = _grouped_in_graph
             _compiled[COMBINE] = staticmethod(_combine_in_graph)
             _compiled["topk_in_graph"] = True
             _compiled["prepare"] = _ctx_with_two_or_more_columns
@@ -167,6 +168,34 @@ def _select_in_graph(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: 
         return layer_pools.swa, ctx.swa_idx, layer_pools.comp, ctx.visible[HCA]
     query = IndexerQuery(p["qi"], p["w"], layer_pools.idx, ctx.visible[CSA], self.indexer.k)
     return layer_pools.swa, ctx.swa_idx, layer_pools.comp, query
+
+
+@torch.library.custom_op("dsv4::grouped_experts", mutates_args=())
+def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                    w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """The routed experts of a larger decode batch, over plain stacked weights, as one opaque op of the compiled
+    decode graph (`layers.padded_experts`: the per-expert row counts depend on the routing, so it cannot be
+    traced; as an op it needs no graph break)."""
+    return layers.padded_experts(x, idx, w, w1, w2, w3, limit)
+
+
+@grouped_experts.register_fake
+def _(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+      limit: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _grouped_in_graph(self: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`Experts.forward_grouped` in the CPU decode graph: the `dsv4::grouped_experts` op with plain weights, the
+    eager island with FP4 ones."""
+    if "w1_q" in self._buffers:
+        return _island_grouped(self, x, idx, w)
+    return torch.ops.dsv4.grouped_experts(x, idx, w, self.w1, self.w2, self.w3, self.limit)
+
+
+@torch.compiler.disable
+def _island_grouped(self: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _originals[GROUPED](self, x, idx, w)
 
 
 @torch.compiler.disable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -133,18 +134,13 @@ class Experts(nn.Module):
 
         return expert_weight(codes, self._buffers[name + "_s"], e, self.dtype, name)
 
-    def expert(self, e: int, xe: torch.Tensor) -> torch.Tensor:
-        """Expert `e` (row e of the stacks) on rows xe: w2 · swiglu(w1 · x, w3 · x)."""
-        return F.linear(swiglu(F.linear(xe, self.matrix("w1", e)), F.linear(xe, self.matrix("w3", e)), self.limit),
-                        self.matrix("w2", e))
-
     def forward_sorted(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Expert outputs for rows sorted by expert: xs [R, H] holds counts[e] rows for expert e, in order; returns
         [R, H], row r = expert_e(xs[r]).
 
         FP4 experts on the Triton backend (CUDA, or the interpreter): three grouped GEMMs over all rows at once
         (`dispatch.mxfp4_grouped_gemm`: w1, w3, then w2 on the SwiGLU). Otherwise a loop over the experts with
-        rows (`expert`, each FP4 matrix dequantised on the fly): the torch path, whose numbers do not depend on
+        rows (`experts_loop`, each FP4 matrix dequantised on the fly): the torch path, whose numbers do not depend on
         how the rows are batched."""
         bufs = self._buffers
         if "w1_q" in bufs and dispatch.choose_backend(xs, bufs["w1_q"]) != "torch":
@@ -152,18 +148,13 @@ class Experts(nn.Module):
                   for n in ("w1", "w3")]
             return dispatch.mxfp4_grouped_gemm(swiglu(*up, self.limit), bufs["w2_q"], bufs["w2_s"], counts,
                                                backend="triton")
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                ys[start:start + c] = self.expert(e, xs[start:start + c])
-            start += c
-        return ys
+        return experts_loop(xs, counts, self.matrix, self.limit)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x). Eager: `forward_grouped`. Inside the compiled decode
         step (`compiled.py`) a small batch (T·k <= experts, plain weights) gathers its experts' matrices instead,
-        so the step needs no graph break here; larger batches call `forward_grouped` (an eager island)."""
+        so the step needs no graph break here; larger batches call `forward_grouped` (on CPU with plain weights
+        the `dsv4::grouped_experts` op, otherwise an eager island)."""
         T, k = idx.shape
         if torch.compiler.is_compiling() and self.gathers(T * k):
             return self.forward_gathered(x, idx, w)
@@ -186,17 +177,62 @@ class Experts(nn.Module):
         return (y * w.reshape(-1, 1).to(y.dtype)).view(T, k, -1).sum(dim=1)
 
     def forward_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The (token, choice) pairs sorted by expert through `forward_sorted`. Each pair writes its own row of a
-        [T·k, H] buffer (a plain index put: no scatter-add, which is slow on CPU), then the k rows of a token are
-        summed."""
-        T, k = idx.shape
-        flat_e = idx.reshape(-1)
-        order = torch.argsort(flat_e, stable=True)
-        counts = torch.bincount(flat_e, minlength=self.n).tolist()
-        y = self.forward_sorted(x[order // k], counts)
-        ys = torch.empty(T * k, x.shape[-1], dtype=x.dtype, device=x.device)
-        ys[order] = (y * w.reshape(-1)[order, None].to(y.dtype)).to(x.dtype)
-        return ys.view(T, k, -1).sum(dim=1)
+        """The (token, choice) pairs sorted by expert through `forward_sorted` (`grouped_pairs`)."""
+        return grouped_pairs(x, idx, w, self.n, self.forward_sorted)
+
+
+def experts_loop(xs: torch.Tensor, counts: list[int], matrix: Callable[[str, int], torch.Tensor], limit: float
+                 ) -> torch.Tensor:
+    """Rows sorted by expert (counts[e] rows for expert e, in order) through their experts, one expert at a time:
+    w2_e · swiglu(w1_e · x, w3_e · x), `matrix(name, e)` giving expert e's w1 / w2 / w3."""
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            xe = xs[start:start + c]
+            ys[start:start + c] = F.linear(swiglu(F.linear(xe, matrix("w1", e)), F.linear(xe, matrix("w3", e)), limit),
+                                           matrix("w2", e))
+        start += c
+    return ys
+
+
+def grouped_pairs(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n: int,
+                  run_sorted: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> torch.Tensor:
+    """Σ_k w · expert_idx(x) with the (token, choice) pairs sorted by expert and run by `run_sorted(rows, counts)`.
+    Each pair writes its own row of a [T·k, H] buffer (a plain index put: no scatter-add, which is slow on CPU),
+    then the k rows of a token are summed."""
+    T, k = idx.shape
+    flat_e = idx.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    counts = torch.bincount(flat_e, minlength=n).tolist()
+    y = run_sorted(x[order // k], counts)
+    ys = torch.empty(T * k, x.shape[-1], dtype=x.dtype, device=x.device)
+    ys[order] = (y * w.reshape(-1)[order, None].to(y.dtype)).to(x.dtype)
+    return ys.view(T, k, -1).sum(dim=1)
+
+
+def padded_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                   w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """Σ_k w · expert_idx(x) over plain stacks w1, w3 [E, I, H], w2 [E, H, I] as three batched matmuls: each
+    expert's rows packed into an [E, cap, H] buffer (cap = the most rows any expert got, unused slots zero), so
+    every expert's matrices are read once and the step is three GEMM calls instead of three per expert. Wasted
+    work: E·cap - T·k rows, small next to the weights for decode batches (the compiled decode step's
+    `dsv4::grouped_experts` op uses it; eager keeps the per-expert loop, whose rows do not depend on the batch)."""
+    T, k = idx.shape
+    E, H = w1.shape[0], x.shape[-1]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    cap = int(counts.max())
+    expert = flat[order]
+    slot = torch.arange(T * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    rows = x.new_zeros(E, cap, H)
+    rows[expert, slot] = x[order // k]
+    h = swiglu(torch.bmm(rows, w1.transpose(1, 2)), torch.bmm(rows, w3.transpose(1, 2)), limit)
+    y = torch.bmm(h, w2.transpose(1, 2))[expert, slot]
+    out = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
+    out[order] = (y * w.reshape(-1)[order, None].to(y.dtype)).to(x.dtype)
+    return out.view(T, k, H).sum(dim=1)
 
 
 class Gate(nn.Module):
