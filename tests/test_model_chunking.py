@@ -136,12 +136,12 @@ def test_tiny_model_chunks_of_50_and_64_equal_full_prefill(tiny_model, monkeypat
     ties = []
     real = topk_mod.select_topk
 
-    def spy(scores, cand, k):
+    def spy(scores, cand, k, backend=None):
         kth = torch.topk(scores, k, dim=-1).values[:, -1:]
         ties.append(int(((scores == kth).sum(-1) > 1).sum()))
-        return real(scores, cand, k)
+        return real(scores, cand, k, backend=backend)
 
-    monkeypatch.setattr("dsv4.runtime.model.attention.select_topk", spy)
+    monkeypatch.setattr("dsv4.kernels.dispatch.select_topk", spy)  # what the indexer's top-k calls
     full = _serve(cfg, m, prompt, len(prompt))
     assert sum(ties) > 0, "no tied indexer scores: this test would not exercise the tie-break"
     for chunk in (50, 64, 13):

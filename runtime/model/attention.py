@@ -11,41 +11,21 @@ out = W_ob · groupwise(W_oa) · RoPE⁻¹(o)
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from dsv4.kernels import dispatch
 from dsv4.kernels.index_quant import fake_quantize_index, hadamard_rotate
-from dsv4.kernels.reference import indexer_topk_ref
 from dsv4.runtime.config import CSA, HCA, SLIDING
 from dsv4.runtime.model import hca_online
 from dsv4.runtime.model.context import Emission, StepContext
 from dsv4.runtime.model.kv_pools import KVPools
 from dsv4.runtime.model.layers import RMSNorm, rms
 from dsv4.runtime.model.rope import apply_rope, cos_sin
-from dsv4.runtime.model.topk import select_topk
 from torch import nn
 
-
-class IndexerQuery(NamedTuple):
-    """A CSA layer's top-k not yet taken (`Attention.select(defer_topk=True)`): the indexer's queries qi [T, n, d]
-    and head weights w [T, n], the plain key pool [N, d], the visible candidates [T, C] (-1 = none), and k."""
-
-    qi: torch.Tensor
-    w: torch.Tensor
-    keys: torch.Tensor
-    cand: torch.Tensor
-    k: int
-
-    def top_rows(self) -> torch.Tensor:
-        """The k best candidates [T, k] (-1 padded): `dispatch.indexer_topk`'s torch reference, branch-free
-        (so the compiled decode step traces it)."""
-        return indexer_topk_ref(self.qi, self.w, self.keys, self.cand, self.k)
-
-
-# (swa_kv, swa_idx, comp_kv, comp_idx): the rows attention reads and, per query, their indices (-1 = none); with
-# `defer_topk`, a CSA layer's comp_idx is an `IndexerQuery` over comp_kv's rows
-VisibleRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | IndexerQuery | None]
+# (swa_kv, swa_idx, comp_kv, comp_idx): the rows attention reads and, per query, their indices (-1 = none)
+VisibleRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 class Compressor(nn.Module):
@@ -209,34 +189,33 @@ class Attention(nn.Module):
                             (4 * D, 4 * D + 4 * Di), "idx", inv_freq, dtype)
 
     def select(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int, inv_freq: torch.Tensor,
-               defer_topk: bool = False, layer_pools: Any = None) -> VisibleRows:
+               layer_pools: Any = None) -> VisibleRows:
         """The paged-cache part, on `project`'s outputs: `write`, then select the visible entries — the window,
-        and the top-k (CSA) or every (HCA) compressed entry. Its shapes depend on the data (emissions, top-k,
-        visible counts), so `--compile` keeps it eager, or on CPU with plain pools traces it around a cache-write
-        op (`compiled.py`, which passes `layer_pools`; unused here). `defer_topk`: a CSA layer whose idx and csa
-        pools are plain returns its top-k as an `IndexerQuery` over the csa pool, for the graph to take."""
+        and the top-k (CSA, `top_entries`) or every (HCA) compressed entry. Its shapes depend on the data
+        (emissions, visible counts), so `--compile` keeps it eager, or on CPU with plain pools traces it around
+        one cache-step op (`compiled.py`, which passes `layer_pools`; unused here)."""
         self.write(p, ctx, pools, layer, inv_freq)
         swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
         comp_kv = comp_idx = None
         if self.layer_type == HCA:
             comp_kv, comp_idx = pools.gather_view("hca", layer, ctx.visible[HCA])
         elif self.layer_type == CSA:
-            ix = self.indexer
-            qi = p["qi"]
-            if pools.is_fp8("idx"):  # the reference's q: rotated like the keys, then quantised like them
-                qi = fake_quantize_index(hadamard_rotate(qi), pools.spec.index_dtype)
-            cand = ctx.visible[CSA]
-            keys, kidx = pools.gather_view("idx", layer, cand)
-            if defer_topk and keys is pools.tensor("idx", layer) and not pools.is_fp8("csa"):
-                return swa_kv, swa_idx, pools.tensor("csa", layer), IndexerQuery(qi, p["w"], keys, kidx, ix.k)
-            if kidx.shape[1] <= ix.k:  # every visible entry is selected, no scoring
-                top = dispatch.indexer_topk(qi, p["w"], keys, kidx, ix.k)
-            else:  # deterministic tie-break (lower entry index wins), see topk.py
-                top = select_topk(dispatch.indexer_scores(qi, p["w"], keys, kidx), kidx, ix.k)
-            if keys is not pools.tensor("idx", layer):  # fp8 / compacted view: map back to physical rows
-                top = _unmap(top, kidx, cand)
-            comp_kv, comp_idx = pools.gather_view("csa", layer, top)
+            comp_kv, comp_idx = pools.gather_view("csa", layer, self.top_entries(p, ctx, pools, layer))
         return swa_kv, swa_idx, comp_kv, comp_idx
+
+    def top_entries(self, p: dict[str, Any], ctx: StepContext, pools: KVPools, layer: int) -> torch.Tensor:
+        """A CSA layer's lightning-indexer selection: per query the physical csa rows of its top-k visible entries
+        [T, k] (-1 padded), scored with `project`'s indexer queries against the idx pool."""
+        ix = self.indexer
+        qi = p["qi"]
+        if pools.is_fp8("idx"):  # the reference's q: rotated like the keys, then quantised like them
+            qi = fake_quantize_index(hadamard_rotate(qi), pools.spec.index_dtype)
+        cand = ctx.visible[CSA]
+        keys, kidx = pools.gather_view("idx", layer, cand)
+        top = dispatch.indexer_topk(qi, p["w"], keys, kidx, ix.k)  # ties: the lower entry index wins, topk.py
+        if keys is not pools.tensor("idx", layer):  # fp8 / compacted view: map back to physical rows
+            top = _unmap(top, kidx, cand)
+        return top
 
     @staticmethod
     def combine(q: torch.Tensor, rows: VisibleRows, sink: torch.Tensor, scale: float) -> torch.Tensor:

@@ -4,17 +4,23 @@ What is compiled: for decode steps (every sequence one token, `model.is_decode`)
 the mHC mixing (RMS, projection, sigmoids, softmax, the 20-round Sinkhorn on 4x4 matrices), the RMSNorms, the
 query / key projections with RoPE, the output projection, the router and the shared expert — is one compiled
 function per layer kind (inductor's C++/OpenMP code on CPU; Triton + CUDA graphs, `mode="reduce-overhead"`, on
-GPU). The parts whose shapes depend on the data stay eager islands (`torch.compiler.disable`, `ISLANDS`): the
-paged-cache step of attention (`Attention.select`: writes, compressor emissions, the gathers through the block
-tables), the routed experts of larger batches (`Experts.forward_grouped`: per-expert row counts; a small batch's
-experts are gathered and multiplied in the graph, `Experts.gathers`), FP8 linears, and the TP / EP modules that
-call collectives. On CPU, where shapes are dynamic, the attention over the selected rows (`Attention.combine`) and
-a CSA layer's indexer scoring and top-k (`IndexerQuery.top_rows`, with plain idx / csa pools) run in the graph
-(`_combine_in_graph`, torch references); the island pads its row counts to >= 2 so no size is special, and the
-warm-up adds batches past top-k (`past_top_k`) so both top-k variants compile. With CUDA graphs both stay in
-islands: static shapes would recompile for every top-k / visible count (the Triton kernels run there). Each island
-is one graph break, so a block is two graphs (before and after attention's cache step), three for larger batches;
-`graph_breaks()` counts them.
+GPU). What depends on the data cannot be traced:
+
+- On CPU (dynamic shapes), with plain pools: the cache step runs as one opaque op inside the graph,
+  `dsv4::cache_step` (`Attention.write`: kv / compressor-state writes, compressor emissions; a CSA layer's
+  indexer top-k, [T, k]), on the layer's pool tensors (`LayerPools`, graph inputs that the op mutates; inductor
+  hands it the pools themselves), and the routed experts of larger batches as `dsv4::grouped_experts` (three
+  batched matmuls, `layers.padded_experts`); the gathers through the block tables and the attention over them
+  (`Attention.combine`, the torch reference, `_combine_in_graph`) are traced. A decode step is then one graph
+  per layer without a graph break. The step's index tables are padded to >= 2 columns once per step
+  (`DecodeStep.prepare`): the dynamic graph treats 0 and 1 as special sizes.
+- Otherwise (CUDA graphs with static shapes, FP8 rows, the online HCA state, FP4 experts) they are eager islands
+  (`torch.compiler.disable`, `ISLANDS`): `Attention.select` (on CPU `_island_select`, rows padded to >= 2),
+  `Experts.forward_grouped`, FP8 linears, and the TP / EP modules that call collectives; on CUDA `combine` too
+  (the Triton kernels). Each island is one graph break (`graph_breaks()` counts them): a block is two graphs
+  (before and after the cache step), three for larger batches. A small batch's experts are gathered and
+  multiplied in the graph (`Experts.gathers`).
+
 Prefill and mixed steps run eager, except the mHC mixing weights, compiled with `dynamic=True` for every token
 count.
 
@@ -26,7 +32,7 @@ bucket. `setup` compiles before the server reports ready, one progress line per 
 batches that read and write no cache row.
 
 Guards: dynamo checks, before each compiled frame, that its inputs still match what the graph was traced for —
-~20-40 us a frame on CPU, two frames per layer: ~0.7-1 ms of a ~7 ms batch-1 step here. Once the warm-up has
+~20-40 us a frame on CPU, one or two frames per layer. Once the warm-up has
 compiled every variant a decode step can need (layer kinds x batch-size classes; no decode step recompiles after
 it — `tests/test_compiled_decode.py` checks), the decode steps run with
 `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: only the guards that told the warmed graphs apart (layer
@@ -54,9 +60,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dsv4.runtime.config import CSA, HCA
+from dsv4.runtime.config import HCA
 from dsv4.runtime.model import layers
-from dsv4.runtime.model.attention import IndexerQuery
 from dsv4.runtime.model.batch import ForwardBatch
 from dsv4.runtime.model.kv_pools import LayerPools
 from dsv4.runtime.model.layers import MHC
@@ -116,7 +121,6 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
             _compiled[SELECT] = _select_in_graph
             _compiled[GROUPED] = _grouped_in_graph
             _compiled[COMBINE] = staticmethod(_combine_in_graph)
-            _compiled["topk_in_graph"] = True
             _compiled["prepare"] = _ctx_with_two_or_more_columns
         if cuda:
             _compiled["block"] = torch.compile(Block.forward, mode="reduce-overhead", dynamic=False)
@@ -126,48 +130,53 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
     _activate()
 
 
-@torch.library.custom_op("dsv4::cache_write", mutates_args=("pools",))
-def cache_write(kv: torch.Tensor, comp: list[torch.Tensor], pools: list[torch.Tensor], inv_freq: torch.Tensor,
-                layer: int) -> None:
-    """`Attention.write` of `layer` as one opaque op of the compiled decode graph (its emission counts depend on
-    the data, so it cannot be traced; as an op it needs no graph break). `comp`: the compressors' (kv, score)
-    projections (none, the layer's, or the layer's and the indexer's); `pools`: `LayerPools.tensors()`, which it
-    writes. The step (model, StepContext, KVPools) comes from `DecodeStep.running`, as vLLM's attention ops find
-    theirs in a forward context."""
+@torch.library.custom_op("dsv4::cache_step", mutates_args=("pools",))
+def cache_step(kv: torch.Tensor, comp: list[torch.Tensor], qi: torch.Tensor | None, w: torch.Tensor | None, k: int,
+               pools: list[torch.Tensor], inv_freq: torch.Tensor, layer: int) -> torch.Tensor:
+    """The data-dependent part of `layer`'s cache step as one opaque op of the compiled decode graph (as an op it
+    needs no graph break): `Attention.write` (emission counts depend on the data) and, for a CSA layer (`qi`, `w`:
+    the indexer's queries and head weights), `Attention.top_entries` — the eager top-k, which scores decode
+    sequences after a shared prompt against one key set. Returns the selected csa rows [T, k] (CSA) or an empty
+    tensor. `comp`: the compressors' (kv, score) projections (none, the layer's, or the layer's and the indexer's);
+    `pools`: `LayerPools.tensors()`, which it writes. The step (model, StepContext, KVPools) comes from
+    `DecodeStep.running`, as vLLM's attention ops find theirs in a forward context."""
     if DecodeStep.running is None:
-        raise RuntimeError("dsv4::cache_write runs inside a compiled decode step only (DecodeStep.running unset)")
+        raise RuntimeError("dsv4::cache_step runs inside a compiled decode step only (DecodeStep.running unset)")
     model, ctx, kv_pools = DecodeStep.running
     attn = model.layers[layer].attn
-    p: dict[str, Any] = {"kv": kv}
+    p: dict[str, Any] = {"kv": kv, "qi": qi, "w": w}
     if comp:
         p["comp"] = (comp[0], comp[1])
     if len(comp) == 4:
         p["index_comp"] = (comp[2], comp[3])
-    kind = COMPRESSED_POOL.get(attn.layer_type)
-    attn.write(p, ctx, kv_pools.with_layer_tensors(layer, kind, pools), layer, inv_freq)
+    pools_now = kv_pools.with_layer_tensors(layer, COMPRESSED_POOL.get(attn.layer_type), pools)
+    attn.write(p, ctx, pools_now, layer, inv_freq)
+    if qi is None:
+        return torch.empty(0, dtype=torch.long, device=kv.device)
+    return attn.top_entries(p, ctx, pools_now, layer).long()
 
 
-@cache_write.register_fake
-def _(kv: torch.Tensor, comp: list[torch.Tensor], pools: list[torch.Tensor], inv_freq: torch.Tensor,
-      layer: int) -> None:
-    return None
+@cache_step.register_fake
+def _(kv: torch.Tensor, comp: list[torch.Tensor], qi: torch.Tensor | None, w: torch.Tensor | None, k: int,
+      pools: list[torch.Tensor], inv_freq: torch.Tensor, layer: int) -> torch.Tensor:
+    if qi is None:
+        return torch.empty(0, dtype=torch.long, device=kv.device)
+    return torch.empty(qi.shape[0], k, dtype=torch.long, device=kv.device)
 
 
 def _select_in_graph(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: int, inv_freq: torch.Tensor,
-                     defer_topk: bool = False, layer_pools: LayerPools | None = None) -> Any:
-    """`Attention.select` traced into the CPU decode graph: the writes as the `dsv4::cache_write` op, then the
-    layer's plain pools with the step's index tables (the gathers and a CSA layer's top-k happen in `combine`).
-    Layers with FP8 rows or the online HCA state keep the eager island."""
+                     layer_pools: LayerPools | None = None) -> Any:
+    """`Attention.select` traced into the CPU decode graph: the `dsv4::cache_step` op, then the layer's plain
+    pools with the step's index tables and the CSA top-k (the gathers happen in `combine`, in the graph). Layers
+    with FP8 rows or the online HCA state keep the eager island."""
     if layer_pools is None or not layer_pools.plain:
         return _island_select(self, p, ctx, pools, layer, inv_freq)
     comp = [*p.get("comp", ()), *p.get("index_comp", ())]
-    torch.ops.dsv4.cache_write(p["kv"], comp, layer_pools.tensors(), inv_freq, layer)
+    qi, w, k = (p["qi"], p["w"], self.indexer.k) if self.sparse else (None, None, 0)
+    top = torch.ops.dsv4.cache_step(p["kv"], comp, qi, w, k, layer_pools.tensors(), inv_freq, layer)
     if not self.compressed:
         return layer_pools.swa, ctx.swa_idx, None, None
-    if not self.sparse:
-        return layer_pools.swa, ctx.swa_idx, layer_pools.comp, ctx.visible[HCA]
-    query = IndexerQuery(p["qi"], p["w"], layer_pools.idx, ctx.visible[CSA], self.indexer.k)
-    return layer_pools.swa, ctx.swa_idx, layer_pools.comp, query
+    return layer_pools.swa, ctx.swa_idx, layer_pools.comp, top if self.sparse else ctx.visible[HCA]
 
 
 @torch.library.custom_op("dsv4::grouped_experts", mutates_args=())
@@ -204,10 +213,8 @@ def _island_select(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: in
     with unused rows and -1 columns): the dynamic graph after it treats 0 and 1 as special sizes, so a size the
     warm-up never met (one visible HCA entry, one decoded FP8 row) would compile — or, under the trimmed guards,
     reuse a graph traced for another size."""
-    swa_kv, swa_idx, comp_kv, comp_idx = _originals[SELECT](self, p, ctx, pools, layer, inv_freq, defer_topk=True)
-    if isinstance(comp_idx, IndexerQuery):
-        comp_idx = comp_idx._replace(keys=_two_or_more(comp_idx.keys, 0), cand=_two_or_more(comp_idx.cand, 1, -1))
-    elif comp_idx is not None:
+    swa_kv, swa_idx, comp_kv, comp_idx = _originals[SELECT](self, p, ctx, pools, layer, inv_freq)
+    if comp_idx is not None:
         comp_idx = _two_or_more(comp_idx, 1, fill=-1)
     if comp_kv is not None:
         comp_kv = _two_or_more(comp_kv, 0)
@@ -234,10 +241,7 @@ def _combine_in_graph(q: torch.Tensor, rows: Any, sink: torch.Tensor, scale: flo
     batches on CPU), traced into the block's graph instead of run as dozens of eager operators."""
     from dsv4.kernels.reference import sparse_attention_ref
 
-    swa_kv, swa_idx, comp_kv, comp_idx = rows
-    if isinstance(comp_idx, IndexerQuery):  # a CSA layer's top-k, deferred by the island into the graph
-        comp_idx = comp_idx.top_rows()
-    return sparse_attention_ref(q, swa_kv, swa_idx, comp_kv, comp_idx, sink, scale)
+    return sparse_attention_ref(q, *rows, sink, scale)
 
 
 def _activate() -> None:
@@ -304,24 +308,15 @@ def graph_breaks() -> int:
     return int(sum(counters["graph_break"].values()))
 
 
-def empty_decode_batch(spec: Any, n: int, device: str, position: int = 0) -> ForwardBatch:
-    """n one-token sequences at `position` that read and write no cache row (`pad_decode_batch` of an empty
-    batch: every block-table entry -1)."""
+def empty_decode_batch(spec: Any, n: int, device: str) -> ForwardBatch:
+    """n one-token sequences that read and write no cache row (`pad_decode_batch` of an empty batch: every
+    block-table entry -1)."""
     none = torch.zeros(0, dtype=torch.long, device=device)
     tables = {p: torch.zeros(0, 1, dtype=torch.long, device=device) for p in spec.pools if p != "idx"}
     empty = ForwardBatch(none, none, torch.zeros(1, dtype=torch.long, device=device), tables, none, none)
     batch = pad_decode_batch(empty, n)
-    batch.positions = torch.full_like(batch.positions, position)
     batch.logits_indices = torch.arange(n, device=device)
     return batch
-
-
-def past_top_k(cfg: Any) -> int | None:
-    """A position whose CSA layers see more candidates than the indexer keeps (top-k taken by scores, not the
-    all-candidates path); None without CSA layers."""
-    if CSA not in cfg.layer_types:
-        return None
-    return int(cfg.compress_rates[CSA]) * (int(cfg.index_topk) + 1) - 1
 
 
 def warm_up_sizes(device: str, max_batch: int, model: Any) -> tuple[int, ...]:
@@ -351,18 +346,12 @@ def _time_decode(model: Any, pools: Any, batches: list[ForwardBatch], reps: int)
 def warm_up(model: Any, pools: Any, device: str, max_batch: int, say: Callable[[str], None] = log.info) -> float:
     """Compile the decode step on every warm-up batch size; returns eager time / compiled time on those batches."""
     sizes = warm_up_sizes(device, max_batch, model)
-    cases = [(n, 0) for n in sizes]
-    far = past_top_k(model.cfg)
-    if _compiled.get("topk_in_graph") and far is not None:  # the graph's top-k has two variants: C <= k and C > k
-        cases += [(n, far) for n in sizes]
-    batches = [empty_decode_batch(pools.spec, n, device, pos) for n, pos in cases]
+    batches = [empty_decode_batch(pools.spec, n, device) for n in sizes]
     for i, b in enumerate(batches, 1):
         t0 = time.perf_counter()
         model(b, pools)
         model(b, pools)  # CUDA graphs record on the second call
-        n, pos = cases[i - 1]
-        at = f" at position {pos} (more CSA candidates than top-k)" if pos else ""
-        say(f"compile warm-up {i}/{len(batches)}: decode batch {n}{at}, {time.perf_counter() - t0:.1f} s")
+        say(f"compile warm-up {i}/{len(batches)}: decode batch {sizes[i - 1]}, {time.perf_counter() - t0:.1f} s")
     _time_decode(model, pools, batches, 1)  # sizes in turn: frames compiled for one size may recompile for another
     trim_guards()  # every variant is compiled now
     reps = 5
