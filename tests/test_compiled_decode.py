@@ -89,10 +89,16 @@ def assert_same(eager, comp, tol: float = 1e-5) -> None:
 
 
 def test_compiled_decode_step_gives_the_eager_tokens_and_logprobs():
+    """Also: on CPU with plain pools the decode graphs have no graph break — the cache step and the grouped
+    experts (batches of 5 and 6 here) run as custom ops inside them."""
+    from torch._dynamo.utils import counters
+
     eager, pre_e, _ = run("off")
+    counters["graph_break"].clear()
     comp, pre_c, sizes = run("on")
+    assert compiled.graph_breaks() == 0, dict(counters["graph_break"])
     assert pre_e == pre_c and pre_e > 0  # the small cache preempted (and recomputed) someone, in both runs
-    assert len(set(sizes)) >= 3 and 1 in sizes, sizes  # decode batches of several sizes ran compiled
+    assert len(set(sizes)) >= 3 and 1 in sizes and max(sizes) >= 5, sizes  # several sizes, grouped experts too
     assert_same(eager, comp)
 
 

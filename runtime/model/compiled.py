@@ -117,11 +117,12 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
             _compiled[key] = torch.compiler.disable(_originals[key])
         if cuda or buckets is not None:  # static shapes: the attention's row counts (top-k, visible) would recompile
             _compiled[COMBINE] = staticmethod(torch.compiler.disable(_originals[COMBINE].__func__))
-        else:  # dynamic shapes: the cache step traced around the cache-write op, attention in the block's graph
+        else:  # dynamic shapes: the cache step traced around the cache-step op, attention in the block's graph
             _compiled[SELECT] = _select_in_graph
             _compiled[GROUPED] = _grouped_in_graph
             _compiled[COMBINE] = staticmethod(_combine_in_graph)
             _compiled["prepare"] = _ctx_with_two_or_more_columns
+            _compiled["layer_pools"] = True
         if cuda:
             _compiled["block"] = torch.compile(Block.forward, mode="reduce-overhead", dynamic=False)
         else:
@@ -253,6 +254,7 @@ def _activate() -> None:
     DecodeStep.buckets = _compiled.get("buckets")
     DecodeStep.guards = _compiled.get("guards", nullcontext)
     DecodeStep.prepare = _compiled.get("prepare")
+    DecodeStep.layer_pools = bool(_compiled.get("layer_pools"))
 
 
 def reactivate() -> None:
@@ -269,6 +271,7 @@ def use_eager() -> None:
     DecodeStep.buckets = None
     DecodeStep.guards = nullcontext
     DecodeStep.prepare = None
+    DecodeStep.layer_pools = False
 
 
 def _differentiating_guards() -> AbstractContextManager[Any]:

@@ -38,6 +38,7 @@ class DecodeStep:
     # (model, StepContext, KVPools) while a compiled decode step runs
     running: tuple[Any, StepContext, KVPools] | None = None
     prepare: Callable[[StepContext], StepContext] | None = None  # compiled.py: ctx as the graphs expect it
+    layer_pools: bool = False  # pass each block its `LayerPools` (the CPU graphs take the pools as inputs)
 
 
 def pad_decode_batch(batch: ForwardBatch, size: int) -> ForwardBatch:
@@ -168,7 +169,8 @@ class DeepseekV4Model(nn.Module):
             with context():
                 for i, layer in enumerate(self.layers):
                     inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
-                    lp = pools.layer_pools(i, COMPRESSED_POOL.get(layer.layer_type)) if compiled else None
+                    lp = pools.layer_pools(i, COMPRESSED_POOL.get(layer.layer_type)) if compiled and \
+                        DecodeStep.layer_pools else None
                     h = run(layer, h, ctx, pools, i, inv, batch.input_ids, lp)
         finally:
             DecodeStep.running = None
