@@ -93,7 +93,7 @@ class KVPools:
 
     def with_layer_tensors(self, layer: int, compressed: str | None, tensors: list[torch.Tensor]) -> KVPools:
         """These pools with `layer`'s tensors (in `LayerPools.tensors` order) replaced by `tensors`: the compiled
-        step's cache-write op writes into the tensors the graph handed it (the pools themselves, unless the
+        step's cache-step op writes into the tensors the graph handed it (the pools themselves, unless the
         compiler copied them)."""
         names = _layer_pool_names(compressed)
         if all(t is self._t[(n, layer)] for n, t in zip(names, tensors, strict=True)):

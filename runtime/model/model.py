@@ -34,7 +34,7 @@ class DecodeStep:
     block: Callable[..., torch.Tensor] | None = None
     buckets: tuple[int, ...] | None = None
     guards: Callable[[], AbstractContextManager[Any]] = nullcontext
-    # the compiled step's cache writes run as an opaque op (`compiled.cache_write`) that finds the step here:
+    # the compiled step's cache step runs as an opaque op (`compiled.cache_step`) that finds the step here:
     # (model, StepContext, KVPools) while a compiled decode step runs
     running: tuple[Any, StepContext, KVPools] | None = None
     prepare: Callable[[StepContext], StepContext] | None = None  # compiled.py: ctx as the graphs expect it
