@@ -77,7 +77,8 @@ def test_model_selects_through_the_dispatch():
     from dsv4.runtime.model import attention, topk
 
     assert topk.select_topk is dispatch.select_topk
-    assert attention.select_topk is dispatch.select_topk
+    # attention takes its top-k through dispatch.indexer_topk (Attention.top_entries), with no selection of its own
+    assert attention.dispatch is dispatch and not hasattr(attention, "select_topk")
 
 
 def test_indexer_topk_end_to_end_and_fast_path():
