@@ -198,3 +198,27 @@ def test_gathered_and_padded_experts_equal_the_grouped_loop():
                                rtol=1e-6, atol=1e-6)
     big = Experts(256, 4096, 2048, 7.0, torch.bfloat16).to("meta")
     assert not big.gathers(1)
+
+
+def test_layer_pools_name_each_layers_tensors_and_a_copy_is_written_instead_of_the_pools():
+    """`KVPools.layer_pools` (the CPU graphs' pool inputs) per layer kind, and `with_layer_tensors`: the cache-step
+    op writes into the tensors the graph handed it — the pools themselves, or (had the compiler copied them) the
+    copies, leaving the pools untouched."""
+    from dsv4.runtime.config import CSA, HCA, SLIDING
+    from dsv4.runtime.model.kv_pools import KVPools, cache_spec
+    from tests.model_utils import tiny_configs
+
+    cfg = next(c for c in tiny_configs().values() if {CSA, HCA, SLIDING} <= set(c.layer_types))
+    pools = KVPools.for_model(cfg, cache_spec(cfg), 4)
+    for i, kind in enumerate(cfg.layer_types):
+        comp = model.COMPRESSED_POOL.get(kind)
+        lp = pools.layer_pools(i, comp)
+        assert lp.plain and lp.swa is pools.tensor("swa", i) and pools.layer_pools(i, comp) is lp
+        assert (lp.comp is None) == (kind == SLIDING) and (lp.idx is None) == (kind != CSA)
+        assert pools.with_layer_tensors(i, comp, lp.tensors()) is pools
+        copies = [t.clone() for t in lp.tensors()]
+        other = pools.with_layer_tensors(i, comp, copies)
+        other.write("swa", i, torch.tensor([0]), torch.ones(1, lp.swa.shape[1]))
+        assert bool((copies[0][0] == 1).all()) and not bool((pools.tensor("swa", i)[0] == 1).any())
+    fp8 = KVPools.for_model(cfg, cache_spec(cfg, kv_dtype="fp8"), 4)
+    assert not fp8.layer_pools(cfg.layer_types.index(CSA), "csa").plain  # FP8 rows: the eager island
