@@ -206,6 +206,7 @@ def test_layer_pools_name_each_layers_tensors_and_a_copy_is_written_instead_of_t
     copies, leaving the pools untouched."""
     from dsv4.runtime.config import CSA, HCA, SLIDING
     from dsv4.runtime.model.kv_pools import KVPools, cache_spec
+
     from tests.model_utils import tiny_configs
 
     cfg = next(c for c in tiny_configs().values() if {CSA, HCA, SLIDING} <= set(c.layer_types))
