@@ -213,26 +213,25 @@ def grouped_pairs(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n: int,
 
 def padded_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                    w3: torch.Tensor, limit: float) -> torch.Tensor:
-    """Σ_k w · expert_idx(x) over plain stacks w1, w3 [E, I, H], w2 [E, H, I] as three batched matmuls: each
-    expert's rows packed into an [E, cap, H] buffer (cap = the most rows any expert got, unused slots zero), so
-    every expert's matrices are read once and the step is three GEMM calls instead of three per expert. Wasted
-    work: E·cap - T·k rows, small next to the weights for decode batches (the compiled decode step's
-    `dsv4::grouped_experts` op uses it; eager keeps the per-expert loop, whose rows do not depend on the batch)."""
-    T, k = idx.shape
-    E, H = w1.shape[0], x.shape[-1]
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E)
-    cap = int(counts.max())
-    expert = flat[order]
-    slot = torch.arange(T * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]
-    rows = x.new_zeros(E, cap, H)
-    rows[expert, slot] = x[order // k]
+    """Σ_k w · expert_idx(x) over plain stacks w1, w3 [E, I, H], w2 [E, H, I], the sorted rows run by
+    `padded_sorted` (the compiled decode step's `dsv4::grouped_experts` op; eager keeps the per-expert loop, whose
+    rows do not depend on the batch)."""
+    return grouped_pairs(x, idx, w, w1.shape[0], lambda xs, counts: padded_sorted(xs, counts, w1, w2, w3, limit))
+
+
+def padded_sorted(xs: torch.Tensor, counts: list[int], w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                  limit: float) -> torch.Tensor:
+    """Rows sorted by expert (as `experts_loop`) as three batched matmuls: each expert's rows packed into an
+    [E, cap, H] buffer (cap = the most rows any expert got, unused slots zero), so every expert's matrices are read
+    once and the step is three GEMM calls instead of three per expert. Wasted work: E·cap - R rows, small next to
+    the weights for decode batches."""
+    n = torch.tensor(counts, device=xs.device)
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=xs.device), n, output_size=xs.shape[0])
+    slot = torch.arange(xs.shape[0], device=xs.device) - (torch.cumsum(n, 0) - n)[expert]
+    rows = xs.new_zeros(len(counts), max(counts, default=0), xs.shape[-1])
+    rows[expert, slot] = xs
     h = swiglu(torch.bmm(rows, w1.transpose(1, 2)), torch.bmm(rows, w3.transpose(1, 2)), limit)
-    y = torch.bmm(h, w2.transpose(1, 2))[expert, slot]
-    out = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
-    out[order] = (y * w.reshape(-1)[order, None].to(y.dtype)).to(x.dtype)
-    return out.view(T, k, H).sum(dim=1)
+    return torch.bmm(h, w2.transpose(1, 2))[expert, slot]
 
 
 class Gate(nn.Module):
