@@ -106,6 +106,10 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
     import torch.fx.experimental._config as fx_config
 
     fx_config.use_duck_shape = False  # a batch size equal to some model dimension must not specialise the graph
+    # the model's float attributes (RMSNorm eps, router scale, SwiGLU limit) are constants of the checkpoint:
+    # specialised, they are literals in the graph instead of 0-d tensor inputs converted and `.item()`-ed on
+    # every call (~30 per block)
+    torch._dynamo.config.specialize_float = True
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(DECODE_BUCKETS))
     _compiled.clear()
     _compiled["weights"] = torch.compile(EAGER["weights"], dynamic=True)
