@@ -156,6 +156,40 @@ def test_cuda_graph_decode_step_gives_the_eager_tokens():
     assert_same(eager, comp, tol=1e-4)  # TF32 / kernel order on the GPU
 
 
+def test_published_checkpoint_with_quantised_weights_compiles(tmp_path, caplog):
+    """`--weights-dtype checkpoint` on DeepSeek's published layout (FP8 linears and FP4 experts kept as stored):
+    the decode step compiles — no fallback to eager (it used to fail on the FP4 experts' missing `w1`) — and
+    gives the eager greedy tokens."""
+    import shutil
+
+    from dsv4.runtime.checkpoint.published import write_published_checkpoint
+    from dsv4.runtime.checkpoint.random_init import random_tensors
+    from dsv4.runtime.server.build import ensure_tiny_model
+    from dsv4.runtime.server.config import default_model_dir
+
+    from tests.model_utils import tiny_configs
+
+    cfg = tiny_configs()["mix"]
+    write_published_checkpoint(cfg, random_tensors(cfg, seed=6), tmp_path)
+    ensure_tiny_model(default_model_dir())  # its tokenizer
+    shutil.copy(default_model_dir() / "tokenizer.json", tmp_path)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    tokens = {}
+    for mode in ("off", "on"):
+        eng = build_engine(ServeConfig(model=str(tmp_path), compile=mode, weights_dtype="checkpoint", num_blocks=32,
+                                       max_num_seqs=4), say=lambda *_: None).engine.engine
+        assert compiled.decode_step_compiled() == (mode == "on"), caplog.text
+        assert eng.runner.model.layers[0].ffn.experts.fp4
+        for i in range(3):
+            eng.add(Request(f"r{i}", [5 + i, 9, 11, 13, 17, 19, 23][: 4 + i], params))
+        while eng.has_work:
+            for o in eng.step()[0]:
+                for d in o.deltas:
+                    tokens.setdefault(mode, {}).setdefault(o.request_id, []).extend(d.token_ids)
+        compiled.use_eager()
+    assert tokens["on"] == tokens["off"] and all(len(t) == 8 for t in tokens["on"].values())
+
+
 def test_off_is_eager_and_a_failing_compiler_falls_back_with_one_warning(monkeypatch, caplog):
     runner = build_engine(ServeConfig(num_blocks=12, device="cpu"), say=lambda *_: None).engine.engine.runner
     args = (runner.model, runner.pools, "cpu")

@@ -210,6 +210,19 @@ def test_fp4_experts_forward_on_triton_equals_torch():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+def test_fp4_experts_are_never_gathered():
+    """The compiled decode step gathers a small batch's expert matrices only from plain stacked weights; FP4 experts
+    (no `w1` parameter) answer `gathers` False instead of failing on the missing parameter, and take the grouped
+    path (an eager island in the compiled step)."""
+    from dsv4.runtime.model.layers import Experts
+    from dsv4.runtime.model.quantized import quantize_experts
+
+    plain, fp4 = Experts(5, 64, 32, 7.0, torch.float32), Experts(5, 64, 32, 7.0, torch.float32)
+    quantize_experts(fp4)
+    assert not plain.fp4 and plain.gathers(2)
+    assert fp4.fp4 and not fp4.gathers(2)
+
+
 def test_quantised_model_logits_on_triton_equal_torch(tmp_path):
     """The tiny "mix" model (every layer kind, MTP weights held too) loaded with its FP8 linears and FP4 experts
     kept quantised: a prefill on DSV4_KERNEL_BACKEND=triton (every kernel interpreted, these GEMMs included) gives

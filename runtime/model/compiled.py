@@ -202,7 +202,7 @@ def _(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2:
 def _grouped_in_graph(self: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`Experts.forward_grouped` in the CPU decode graph: the `dsv4::grouped_experts` op with plain weights, the
     eager island with FP4 ones."""
-    if "w1_q" in self._buffers:
+    if self.fp4:
         return _island_grouped(self, x, idx, w)
     return torch.ops.dsv4.grouped_experts(x, idx, w, self.w1, self.w2, self.w3, self.limit)
 

@@ -124,6 +124,12 @@ class Experts(nn.Module):
         self.n = n
         self.limit = limit
 
+    @property
+    def fp4(self) -> bool:
+        """Whether the weights are FP4 codes + E8M0 scales (`quantized.quantize_experts`: buffers `w1_q`, `w1_s`,
+        ...) instead of the stacked parameters."""
+        return "w1_q" in self._buffers
+
     def matrix(self, name: str, e: int) -> torch.Tensor:
         """Expert e's `name` (w1 / w2 / w3) in the model dtype: a row of the stacked parameter, or dequantised from
         the FP4 codes + scales that `model/quantized.quantize_experts` keeps instead."""
@@ -143,7 +149,7 @@ class Experts(nn.Module):
         rows (`experts_loop`, each FP4 matrix dequantised on the fly): the torch path, whose numbers do not depend on
         how the rows are batched."""
         bufs = self._buffers
-        if "w1_q" in bufs and dispatch.choose_backend(xs, bufs["w1_q"]) != "torch":
+        if self.fp4 and dispatch.choose_backend(xs, bufs["w1_q"]) != "torch":
             up = [dispatch.mxfp4_grouped_gemm(xs, bufs[n + "_q"], bufs[n + "_s"], counts, backend="triton")
                   for n in ("w1", "w3")]
             return dispatch.mxfp4_grouped_gemm(swiglu(*up, self.limit), bufs["w2_q"], bufs["w2_s"], counts,
@@ -163,8 +169,10 @@ class Experts(nn.Module):
     def gathers(self, pairs: int) -> bool:
         """Whether `forward_gathered` serves `pairs` (token, choice) pairs: plain weights, no more pairs than
         experts, and the gathered matrices within `GATHER_BYTES` (a real model's experts never qualify)."""
+        if self.fp4:
+            return False
         pair_bytes = 3 * self.w1.shape[1] * self.w1.shape[2] * self.w1.element_size()
-        return "w1_q" not in self._buffers and pairs <= self.n and pairs * pair_bytes <= GATHER_BYTES
+        return pairs <= self.n and pairs * pair_bytes <= GATHER_BYTES
 
     def forward_gathered(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Σ_k w · w2_e · swiglu(w1_e · x, w3_e · x) with e = idx, one batched matmul per weight over the (token,
