@@ -3,9 +3,9 @@
 The reference makes about fifteen full passes over the [T, C] scores (masks, two prefix sums, a scatter) to
 break ties at the k-th value deterministically. With float scores a tie at the k-th place is rare, so:
 
-    v, i = topk(s, k)                          one pass
-    clean(t) = v[t, 0], v[t, k-1] finite       no +inf / NaN among the k best, at least k finite scores
-               and #{c : s[t, c] >= v[t, k-1]} == k    no candidate outside the k ties the k-th value
+    v, i = topk(s, k), unsorted                one pass
+    clean(t) = every v[t] finite               no +inf / NaN among the k best, at least k finite scores
+               and #{c : s[t, c] >= min v[t]} == k     no candidate outside the k ties the k-th value
                and cand[t, i[t]] >= 0          every chosen candidate is visible
     clean rows: the chosen columns in column order -> cand[t, sort(i[t])]   (= the reference's rows)
     other rows: the reference
@@ -25,11 +25,10 @@ def topk_from_scores_fast(scores: torch.Tensor, cand_idx: torch.Tensor, k: int) 
     if C <= k or T == 0:
         return topk_from_scores(scores, cand_idx, k)
     s = scores.float()
-    vals, cols = torch.topk(s, k, dim=-1)
-    kth = vals[:, -1:]
+    vals, cols = torch.topk(s, k, dim=-1, sorted=False)  # the set only (it is put in column order below): ~1.5x
+    kth = vals.amin(dim=-1, keepdim=True)               # faster than sorted on CPU at [16, 2048], k = 128
     picked = torch.gather(cand_idx, 1, cols)
-    clean = (torch.isfinite(vals[:, 0]) & torch.isfinite(kth[:, 0]) & ((s >= kth).sum(dim=-1) == k)
-             & (picked >= 0).all(dim=-1))
+    clean = (torch.isfinite(vals).all(dim=-1) & ((s >= kth).sum(dim=-1) == k) & (picked >= 0).all(dim=-1))
     out = torch.gather(cand_idx, 1, torch.sort(cols, dim=-1).values)
     dirty = torch.nonzero(~clean).flatten()
     if dirty.numel():
