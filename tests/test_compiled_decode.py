@@ -178,15 +178,17 @@ def test_published_checkpoint_with_quantised_weights_compiles(tmp_path, caplog):
     for mode in ("off", "on"):
         eng = build_engine(ServeConfig(model=str(tmp_path), compile=mode, weights_dtype="checkpoint", num_blocks=32,
                                        max_num_seqs=1), say=lambda *_: None).engine.engine  # warm-up: batch 1
-        assert compiled.decode_step_compiled() == (mode == "on"), caplog.text
-        assert eng.runner.model.layers[0].ffn.experts.fp4
-        for i in range(3):
-            eng.add(Request(f"r{i}", [5 + i, 9, 11, 13, 17, 19, 23][: 4 + i], params))
-        while eng.has_work:
-            for o in eng.step()[0]:
-                for d in o.deltas:
-                    tokens.setdefault(mode, {}).setdefault(o.request_id, []).extend(d.token_ids)
-        compiled.use_eager()
+        try:
+            assert compiled.decode_step_compiled() == (mode == "on"), caplog.text
+            assert eng.runner.model.layers[0].ffn.experts.fp4
+            for i in range(3):
+                eng.add(Request(f"r{i}", [5 + i, 9, 11, 13, 17, 19, 23][: 4 + i], params))
+            while eng.has_work:
+                for o in eng.step()[0]:
+                    for d in o.deltas:
+                        tokens.setdefault(mode, {}).setdefault(o.request_id, []).extend(d.token_ids)
+        finally:
+            compiled.use_eager()
     assert tokens["on"] == tokens["off"] and all(len(t) == 8 for t in tokens["on"].values())
 
 
