@@ -124,9 +124,12 @@ def storage(meta: TensorMeta) -> tuple[object, tuple[int, ...]]:
     return (dt, tuple(meta.shape)) if dt is not None else (None, tuple(meta.shape))
 
 
-def read_rows(f, meta: TensorMeta, r0: int, r1: int, out=None):
-    """Rows [r0, r1) of dim 0 of a row-major tensor (elements of a 1-D one), in `storage`'s dtype: one seek and one
-    `readinto` of just those bytes, into `out` when given (contiguous, that dtype and size: no extra copy)."""
+def read_rows(fd: int, meta: TensorMeta, r0: int, r1: int, out=None):
+    """Rows [r0, r1) of dim 0 of a row-major tensor (elements of a 1-D one), in `storage`'s dtype: positional reads
+    (`os.preadv`, no shared file offset: several threads may read one file) of just those bytes, into `out` when
+    given (contiguous, that dtype and size: no extra copy)."""
+    import os
+
     import torch
 
     dt, shape = storage(meta)
@@ -139,8 +142,9 @@ def read_rows(f, meta: TensorMeta, r0: int, r1: int, out=None):
         out = torch.empty((r1 - r0, *shape[1:]), dtype=dt)
     if out.numel() == 0:
         return out
-    f.seek(meta.offset + r0 * row)
-    got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
-    if got != (r1 - r0) * row:
-        raise CheckpointError(f"{meta.file}: truncated: read {got} of {(r1 - r0) * row} bytes of a tensor")
+    view, want, got = memoryview(out.reshape(-1).view(torch.uint8).numpy()), (r1 - r0) * row, 0
+    while got < want and (n := os.preadv(fd, [view[got:]], meta.offset + r0 * row + got)):  # short reads: go on
+        got += n
+    if got != want:
+        raise CheckpointError(f"{meta.file}: truncated: read {got} of {want} bytes of a tensor")
     return out

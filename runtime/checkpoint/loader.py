@@ -4,8 +4,10 @@
   Hugging Face (transformers) one; known extras of later releases skipped with one warning per kind;
 * FP8 e4m3 + 128x128 block scales and FP4 e2m1 packed experts (`I8`/`U8` or `F4`) + per-32 scales are
   dequantised on the fly (`quant.py`), so peak host memory stays near one copy of the (dequantised) weights;
-* each shard is opened once and read with seek + `readinto` (scales with their weight); with a `TPShard` only the
-  rank's part of each tensor is read (`parallel/ownership.py`);
+* each shard is opened once and read with positional reads (scales with their weight); tensors read as stored
+  go `READ_THREADS` at a time (at most `IN_FLIGHT_BYTES` in flight), those dequantised one at a time on the
+  calling thread; with a `TPShard` only the rank's part of each tensor is read (`parallel/ownership.py`) —
+  scattered ranges, which a disk serves near its sequential speed only when several are asked for at once;
 * every failure is a `CheckpointError` whose message names the file / tensor / field and the expectation.
 """
 
@@ -13,8 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +40,8 @@ from dsv4.settings_enums import WEIGHTS_DTYPES
 
 log = logging.getLogger("dsv4.checkpoint")
 _QUANTISED = ("F8_E4M3", "F8_E4M3FN", "I8", "U8", "F4")  # weights that mean nothing without their .scale
+READ_THREADS_ENV, READ_THREADS = "DSV4_LOAD_THREADS", 4  # tensors read at once (1: one after another)
+IN_FLIGHT_BYTES = 64 << 20  # file bytes of the tensors being read at once (their temporaries scale with it)
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -223,6 +231,7 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     from tqdm import tqdm
 
     folder = Path(path)
+    threads = read_threads()
     cfg = read_config(folder)
     wdtype = _resolve_dtype(cfg, dtype)
     lp = _load_plan(folder, cfg, shard, with_mtp)
@@ -251,33 +260,109 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", dtype: Any = None, pr
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
 
-    total = sum(_part_bytes(plan[j[2]], expected[j[2]].shape, j[5]) for j in jobs)
-    bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, disable=not progress, leave=False)
+    sizes = [_part_bytes(plan[j[2]], expected[j[2]].shape, j[5]) for j in jobs]
+    bar = tqdm(total=sum(sizes), desc="loading weights", unit="B", unit_scale=True, disable=not progress,
+               leave=False)
     started, done = time.monotonic(), 0
-    with torch.no_grad(), _OpenFiles() as files:
-        for fname, _, hf, pname, row, part in jobs:
-            name, meta, smeta = plan[hf]
-            try:
-                if pname not in targets:  # kept quantised: codes and scales are read as stored
-                    _fill_quantised(files, meta, smeta, targets, pname, row, part)
-                else:
-                    dst = targets[pname] if row is None else targets[pname][row]
-                    _fill(files, name, meta, smeta, dst, tuple(expected[hf].shape), part)
-            except CheckpointError:
-                raise
-            except (OSError, RuntimeError, ValueError) as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise CheckpointError(f"{fname}: cannot read tensor {name} ({msg}); the file may be truncated or "
-                                      f"corrupt") from None
-            done += 1
-            bar.update(_part_bytes(plan[hf], expected[hf].shape, part))
-            if done % 64 == 0 or done == len(jobs):
-                bar.set_postfix_str(f"{done}/{len(jobs)} tensors, {done / max(time.monotonic() - started, 1e-9):.0f}/s")
+
+    def tick(nbytes: int) -> None:
+        nonlocal done
+        done += 1
+        bar.update(nbytes)
+        if done % 64 == 0 or done == len(jobs):
+            bar.set_postfix_str(f"{done}/{len(jobs)} tensors, {done / max(time.monotonic() - started, 1e-9):.0f}/s")
+
+    with _OpenFiles() as files:
+        pooled = [_reads_only(plan, expected, targets, job) for job in jobs]
+        _run_jobs(lambda job: _load_job(files, plan, expected, targets, job), jobs, sizes, pooled, tick, threads)
     model.load_stats = {"bytes_read": files.bytes_read, "tensors": len(jobs), "files_opened": files.opened}
     bar.close()
     _validate_values(model, cfg)
     model.eval()
     return model, cfg
+
+
+def _target(targets: dict[str, torch.Tensor], pname: str, row: int | None) -> torch.Tensor | None:
+    """The parameter (or stacked-expert row) a job fills; None for the parts kept quantised (codes + scales)."""
+    if pname not in targets:
+        return None
+    return targets[pname] if row is None else targets[pname][row]
+
+
+def _reads_only(plan: Plan, expected: dict[str, Any], targets: dict[str, torch.Tensor], job: tuple) -> bool:
+    """Whether a job only reads bytes into their final memory (no conversion worth a core): kept-quantised codes
+    and scales, and tensors stored in the model's dtype (`_fill`'s direct case)."""
+    _, _, hf, pname, row, part = job
+    dst = _target(targets, pname, row)
+    _, meta, smeta = plan[hf]
+    return dst is None or _direct(meta, smeta, dst, tuple(expected[hf].shape), part)
+
+
+@torch.no_grad()  # on the reading thread (grad mode is per thread)
+def _load_job(files: _OpenFiles, plan: Plan, expected: dict[str, Any], targets: dict[str, torch.Tensor],
+              job: tuple) -> None:
+    fname, _, hf, pname, row, part = job
+    name, meta, smeta = plan[hf]
+    try:
+        dst = _target(targets, pname, row)
+        if dst is None:  # kept quantised: codes and scales are read as stored
+            _fill_quantised(files, meta, smeta, targets, pname, row, part)
+        else:
+            _fill(files, name, meta, smeta, dst, tuple(expected[hf].shape), part)
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{fname}: cannot read tensor {name} ({msg}); the file may be truncated or "
+                              f"corrupt") from None
+
+
+def read_threads() -> int:
+    """`DSV4_LOAD_THREADS` (default `READ_THREADS`): how many tensors a load reads at once; a clear error names the
+    variable when it is not a whole number from 1 to 64."""
+    value = os.environ.get(READ_THREADS_ENV, str(READ_THREADS)).strip()
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise CheckpointError(f"{READ_THREADS_ENV} must be a whole number from 1 to 64, got {value!r}")
+    return int(value)
+
+
+def _run_jobs(work: Callable[[tuple], None], jobs: list[tuple], sizes: list[int], pooled: list[bool],
+              done: Callable[[int], None], threads: int = READ_THREADS, budget: int = IN_FLIGHT_BYTES) -> None:
+    """work(job) for every job. Pure reads (`pooled`) run on `threads` threads (positional reads: the disk sees
+    several requests at once, which scattered ranges need to come near a sequential read's speed), at most
+    `budget` bytes of them in flight (always at least one); jobs that convert (dequantise) run on this thread,
+    one at a time as before, while the reads go on (no two conversions compete for the cores or hold
+    temporaries at once). `done(size)` is called on this thread as jobs finish; the first failure is raised
+    after cancelling what has not started."""
+    pending: deque[tuple[Future[None], int]] = deque()
+    in_flight = 0
+
+    def finish_oldest() -> None:
+        nonlocal in_flight
+        future, size = pending.popleft()
+        future.result()
+        in_flight -= size
+        done(size)
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="dsv4-load") as pool:
+        try:
+            for job, size, on_pool in zip(jobs, sizes, pooled, strict=True):
+                if not on_pool or threads <= 1:
+                    work(job)
+                    done(size)
+                else:
+                    while pending and (in_flight + size > budget or len(pending) >= 4 * threads):
+                        finish_oldest()
+                    pending.append((pool.submit(work, job), size))
+                    in_flight += size
+                while pending and pending[0][0].done():
+                    finish_oldest()
+            while pending:
+                finish_oldest()
+        except BaseException:
+            for future, _ in pending:
+                future.cancel()
+            raise
 
 
 def _materialise(model: nn.Module, device: Any) -> None:
@@ -327,8 +412,6 @@ def _read_ranges(plan: Plan, jobs: list[tuple]) -> dict[str, list[tuple[int, int
 def _prefetch(ranges: dict[str, list[tuple[int, int]]] | None) -> None:
     """Ask the kernel to start reading `ranges` now (`POSIX_FADV_WILLNEED` queues the reads and returns), so the
     disk works while the model is built. Best effort: advice only, no-op where posix_fadvise is missing."""
-    import os
-
     if not ranges or not hasattr(os, "posix_fadvise"):
         return
     for file, rs in ranges.items():
@@ -346,26 +429,30 @@ def _prefetch(ranges: dict[str, list[tuple[int, int]]] | None) -> None:
 
 
 class _OpenFiles:
-    """Each shard opened once (unbuffered) for the whole load; counts the bytes read."""
+    """Each shard opened once for the whole load (read positionally, from any thread); counts the bytes read."""
 
     def __init__(self) -> None:
-        self.handles: dict[str, Any] = {}
+        self.fds: dict[str, int] = {}
         self.bytes_read = 0
         self.opened = 0
+        self._lock = threading.Lock()
 
     def __enter__(self) -> _OpenFiles:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self.handles.values():
-            h.close()
+        for fd in self.fds.values():
+            os.close(fd)
 
     def rows(self, meta: TensorMeta, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        if meta.file not in self.handles:
-            self.handles[meta.file] = open(meta.file, "rb", buffering=0)  # noqa: SIM115 (closed in __exit__)
-            self.opened += 1
-        t = read_rows(self.handles[meta.file], meta, r0, r1, out)
-        self.bytes_read += t.numel() * t.element_size()
+        with self._lock:
+            if meta.file not in self.fds:
+                self.fds[meta.file] = os.open(meta.file, os.O_RDONLY)
+                self.opened += 1
+            fd = self.fds[meta.file]
+        t = read_rows(fd, meta, r0, r1, out)
+        with self._lock:
+            self.bytes_read += t.numel() * t.element_size()
         return t
 
 
@@ -439,13 +526,20 @@ def _part_bytes(entry: tuple[str, TensorMeta, TensorMeta | None], shape: tuple[i
     return n * (part.rows[1] - part.rows[0]) // max(shape[0], 1) if part.rows else n
 
 
+def _direct(meta: TensorMeta, smeta: TensorMeta | None, dst: torch.Tensor, shape: tuple[int, ...],
+            part: OwnedPart) -> bool:
+    """Whether the part's bytes, as stored, are the parameter's memory (read straight into it)."""
+    r0, r1 = part.rows or (0, shape[0])
+    return (smeta is None and not part.cols and storage(meta)[0] == dst.dtype and dst.is_contiguous()
+            and dst.device.type == "cpu" and tuple(dst.shape) == (r1 - r0, *shape[1:]))
+
+
 def _fill(files: _OpenFiles, name: str, meta: TensorMeta, smeta: TensorMeta | None, dst: torch.Tensor,
           shape: tuple[int, ...], part: OwnedPart) -> None:
     """dst <- the rank's part of file tensor `name` (dequantised with its scale when it has one): only the owned
     rows are read (FP8: the 128-row scale blocks that cover them); owned columns are cut after reading."""
     r0, r1 = part.rows or (0, shape[0])
-    if (smeta is None and not part.cols and storage(meta)[0] == dst.dtype and dst.is_contiguous()
-            and dst.device.type == "cpu" and tuple(dst.shape) == (r1 - r0, *shape[1:])):
+    if _direct(meta, smeta, dst, shape, part):
         files.rows(meta, r0, r1, out=dst)  # the common case: straight into the parameter's memory
         return
     if smeta is None:
