@@ -21,6 +21,10 @@ GPU). What depends on the data cannot be traced:
   (before and after the cache step), three for larger batches. A small batch's experts are gathered and
   multiplied in the graph (`Experts.gathers`).
 
+On CPU the batch-1 graph's matrix-vector products (every linear, the gathered experts' bmm) are inductor
+reductions instead of BLAS calls (`gemv_pass.OneRowProducts`, an inductor post-grad pass): no fixed dispatch cost
+per product, and their neighbours fuse into them.
+
 Prefill and mixed steps run eager, except the mHC mixing weights, compiled with `dynamic=True` for every token
 count.
 
@@ -110,6 +114,11 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
     # specialised, they are literals in the graph instead of 0-d tensor inputs converted and `.item()`-ed on
     # every call (~30 per block)
     torch._dynamo.config.specialize_float = True
+    if not str(device).startswith("cuda"):  # batch-1 GEMVs as inductor reductions, not BLAS calls
+        import torch._inductor.config as inductor_config
+        from dsv4.runtime.model.gemv_pass import OneRowProducts
+
+        inductor_config.post_grad_custom_pre_pass = OneRowProducts()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(DECODE_BUCKETS))
     _compiled.clear()
     _compiled["weights"] = torch.compile(EAGER["weights"], dynamic=True)
