@@ -1,9 +1,9 @@
 """An inductor pass for the CPU decode graphs: one-row matrix products become inductor's own reductions.
 
 At batch 1 every linear of the decode step is a matrix-vector product ([1, K] x [K, N]; a gathered expert's
-`w[e] @ x` is [M, K] x [K, 1]). Inductor hands an
-`mm` / `addmm` / `bmm` to the BLAS library as an extern call — a fixed dispatch cost per call, tens per block,
-and a kernel boundary nothing fuses across. Written as a product and a sum over K,
+`w[e] @ x` is [M, K] x [K, 1]). Inductor hands an `mm` / `addmm` / `bmm` to the BLAS library as an extern call —
+a fixed dispatch cost per call, tens per block, and a kernel boundary nothing fuses across. Written as a product
+and a sum over K,
 
     y[0, n] = sum_k x[0, k] * w[k, n]        (one row;    bmm: the same per batch b)
     y[m, 0] = sum_k x[m, k] * w[k, 0]        (one column)
@@ -26,7 +26,7 @@ aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _one_row(node: Any, dim: int) -> bool:
+def _size_one(node: Any, dim: int) -> bool:
     """Whether `node`'s size along `dim` is the literal 1 (not a symbol), in a float dtype."""
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return (isinstance(val, torch.Tensor) and val.dtype in _FLOATS and isinstance(val.shape[dim], int)
@@ -55,7 +55,7 @@ def rewrite_one_row_products(graph: torch.fx.Graph) -> int:
         else:
             continue
         batched = node.target is aten.bmm.default
-        row, col = _one_row(x, -2), _one_row(w, -1)
+        row, col = _size_one(x, -2), _size_one(w, -1)
         if not (row or col):
             continue
         swap = [0, 2, 1] if batched else [1, 0]
