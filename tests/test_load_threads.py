@@ -53,6 +53,7 @@ def test_jobs_run_within_their_byte_budget_and_every_job_is_counted():
     pooled = [i % 3 != 1 for i in range(len(sizes))]
     lock, live, peak, seen, alone = threading.Lock(), [0], [0], [], []
     on_pool = set()
+    first_two = threading.Barrier(2, timeout=30)  # jobs 0 and 2 (5 + 10 bytes) must be allowed to run at once
 
     def work(job):
         i = job[0]
@@ -64,7 +65,10 @@ def test_jobs_run_within_their_byte_budget_and_every_job_is_counted():
                 else:
                     peak[0] = max(peak[0], live[0])
                 on_pool.add(threading.current_thread().name)
-            time.sleep(0.01)
+            if i in (0, 2):
+                first_two.wait()  # deterministic overlap: no timing assumption
+            else:
+                time.sleep(0.005)
             with lock:
                 live[0] -= sizes[i]
         else:
@@ -74,6 +78,7 @@ def test_jobs_run_within_their_byte_budget_and_every_job_is_counted():
     assert sorted(seen) == sorted(sizes)
     assert all(n.startswith("dsv4-load") for n in on_pool)
     assert 15 <= peak[0] <= 50  # reads overlapped, never more than the budget (the oversized job ran alone)
+    assert not first_two.broken
     assert alone == [60]
 
 
