@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +129,6 @@ def read_rows(fd: int, meta: TensorMeta, r0: int, r1: int, out=None):
     """Rows [r0, r1) of dim 0 of a row-major tensor (elements of a 1-D one), in `storage`'s dtype: positional reads
     (`os.preadv`, no shared file offset: several threads may read one file) of just those bytes, into `out` when
     given (contiguous, that dtype and size: no extra copy)."""
-    import os
-
     import torch
 
     dt, shape = storage(meta)
