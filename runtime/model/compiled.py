@@ -9,8 +9,9 @@ GPU). What depends on the data cannot be traced:
 - On CPU (dynamic shapes), with plain pools: the cache step runs as one opaque op inside the graph,
   `dsv4::cache_step` (`Attention.write`: kv / compressor-state writes, compressor emissions; a CSA layer's
   indexer top-k, [T, k]), on the layer's pool tensors (`LayerPools`, graph inputs that the op mutates; inductor
-  hands it the pools themselves), and the routed experts of larger batches as `dsv4::grouped_experts` (three
-  batched matmuls, `layers.padded_experts`); the gathers through the block tables and the attention over them
+  hands it the pools themselves), and the routed experts of larger batches through `dsv4::padded_expert_rows`
+  (three batched matmuls over rows padded per expert, `layers.padded_rows`; the ranks and the weighted sum
+  around it are traced); the gathers through the block tables and the attention over them
   (`Attention.combine`, the torch reference, `_combine_in_graph`) are traced. A decode step is then one graph
   per layer without a graph break. The step's index tables are padded to >= 2 columns once per step
   (`DecodeStep.prepare`): the dynamic graph treats 0 and 1 as special sizes.
@@ -193,27 +194,28 @@ def _select_in_graph(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: 
     return layer_pools.swa, ctx.swa_idx, layer_pools.comp, top if self.sparse else ctx.visible[HCA]
 
 
-@torch.library.custom_op("dsv4::grouped_experts", mutates_args=())
-def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                    w3: torch.Tensor, limit: float) -> torch.Tensor:
-    """The routed experts of a larger decode batch, over plain stacked weights, as one opaque op of the compiled
-    decode graph (`layers.padded_experts`: the per-expert row counts depend on the routing, so it cannot be
-    traced; as an op it needs no graph break)."""
-    return layers.padded_experts(x, idx, w, w1, w2, w3, limit)
+@torch.library.custom_op("dsv4::padded_expert_rows", mutates_args=())
+def padded_expert_rows(xs: torch.Tensor, e: torch.Tensor, rank: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                       w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """`layers.padded_rows` as one opaque op of the compiled decode graph: its buffer's row count (the most pairs
+    routed to one expert) depends on the routing, so it cannot be traced; as an op it needs no graph break. The
+    ranks before it and the weighted sum after it are traced (`layers.padded_experts`)."""
+    return layers.padded_rows(xs, e, rank, w1, w2, w3, limit)
 
 
-@grouped_experts.register_fake
-def _(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+@padded_expert_rows.register_fake
+def _(xs: torch.Tensor, e: torch.Tensor, rank: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
       limit: float) -> torch.Tensor:
-    return torch.empty_like(x)
+    return torch.empty_like(xs)
 
 
 def _grouped_in_graph(self: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`Experts.forward_grouped` in the CPU decode graph: the `dsv4::grouped_experts` op with plain weights, the
-    eager island with FP4 ones."""
+    """`Experts.forward_grouped` in the CPU decode graph: `layers.padded_experts` around the
+    `dsv4::padded_expert_rows` op with plain weights, the eager island with FP4 ones."""
     if self.fp4:
         return _island_grouped(self, x, idx, w)
-    return torch.ops.dsv4.grouped_experts(x, idx, w, self.w1, self.w2, self.w3, self.limit)
+    return layers.padded_experts(x, idx, w, self.w1, self.w2, self.w3, self.limit,
+                                 rows_fn=torch.ops.dsv4.padded_expert_rows)
 
 
 @torch.compiler.disable

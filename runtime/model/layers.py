@@ -160,7 +160,7 @@ class Experts(nn.Module):
         """x [T, H]; idx, w [T, k] -> Σ_k w · expert_idx(x). Eager: `forward_grouped`. Inside the compiled decode
         step (`compiled.py`) a small batch (T·k <= experts, plain weights) gathers its experts' matrices instead,
         so the step needs no graph break here; larger batches call `forward_grouped` (on CPU with plain weights
-        the `dsv4::grouped_experts` op, otherwise an eager island)."""
+        `layers.padded_experts` around the `dsv4::padded_expert_rows` op, otherwise an eager island)."""
         T, k = idx.shape
         if torch.compiler.is_compiling() and self.gathers(T * k):
             return self.forward_gathered(x, idx, w)
@@ -220,26 +220,34 @@ def grouped_pairs(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n: int,
 
 
 def padded_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                   w3: torch.Tensor, limit: float) -> torch.Tensor:
-    """Σ_k w · expert_idx(x) over plain stacks w1, w3 [E, I, H], w2 [E, H, I], the sorted rows run by
-    `padded_sorted` (the compiled decode step's `dsv4::grouped_experts` op; eager keeps the per-expert loop, whose
-    rows do not depend on the batch)."""
-    return grouped_pairs(x, idx, w, w1.shape[0], lambda xs, counts: padded_sorted(xs, counts, w1, w2, w3, limit))
+                   w3: torch.Tensor, limit: float, rows_fn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """Σ_k w · expert_idx(x) over plain stacks w1, w3 [E, I, H], w2 [E, H, I]: each (token, choice) pair's row
+    through `padded_rows` (`rows_fn`: the compiled decode step passes its `dsv4::padded_expert_rows` op, the one
+    part whose shapes depend on the routing; eager keeps the per-expert loop, whose rows do not depend on the
+    batch). Every step here but that one has static shapes, so the compiled graph traces them."""
+    T, k = idx.shape
+    e = idx.reshape(-1)
+    xs = x[:, None, :].expand(T, k, x.shape[-1]).reshape(T * k, -1)
+    y = (rows_fn or padded_rows)(xs, e, expert_ranks(e, w1.shape[0]), w1, w2, w3, limit)
+    return (y.view(T, k, -1) * w[..., None].to(y.dtype)).to(x.dtype).sum(dim=1)
 
 
-def padded_sorted(xs: torch.Tensor, counts: list[int], w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                  limit: float) -> torch.Tensor:
-    """Rows sorted by expert (as `experts_loop`) as three batched matmuls: each expert's rows packed into an
-    [E, cap, H] buffer (cap = the most rows any expert got, unused slots zero), so every expert's matrices are read
-    once and the step is three GEMM calls instead of three per expert. Wasted work: E·cap - R rows, small next to
-    the weights for decode batches."""
-    n = torch.tensor(counts, device=xs.device)
-    expert = torch.repeat_interleave(torch.arange(len(counts), device=xs.device), n, output_size=xs.shape[0])
-    slot = torch.arange(xs.shape[0], device=xs.device) - (torch.cumsum(n, 0) - n)[expert]
-    rows = xs.new_zeros(len(counts), max(counts, default=0), xs.shape[-1])
-    rows[expert, slot] = xs
+def expert_ranks(e: torch.Tensor, n: int) -> torch.Tensor:
+    """Each pair's place among the pairs of its expert e[p] (0, 1, ... in pair order), of n experts."""
+    return (F.one_hot(e, n).cumsum(0) - 1).gather(1, e[:, None])[:, 0]
+
+
+def padded_rows(xs: torch.Tensor, e: torch.Tensor, rank: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """expert_e(xs) for pair rows xs [P, H] (pair p to expert e[p], its `expert_ranks` place rank[p]) as three
+    batched matmuls: the rows packed into an [E, cap, H] buffer (cap = the most pairs of one expert, unused slots
+    zero), so every expert's matrices are read once and the step is three GEMM calls instead of three per expert.
+    Wasted work: E·cap - P rows, small next to the weights for decode batches."""
+    cap = int(rank.max()) + 1 if rank.numel() else 0
+    rows = xs.new_zeros(w1.shape[0], cap, xs.shape[-1])
+    rows[e, rank] = xs
     h = swiglu(torch.bmm(rows, w1.transpose(1, 2)), torch.bmm(rows, w3.transpose(1, 2)), limit)
-    return torch.bmm(h, w2.transpose(1, 2))[expert, slot]
+    return torch.bmm(h, w2.transpose(1, 2))[e, rank]
 
 
 class Gate(nn.Module):
