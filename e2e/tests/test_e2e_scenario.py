@@ -104,13 +104,16 @@ class Call:
 @dataclass
 class Load:
     """Threads sending chat requests to ready endpoint IPs (re-read from the EndpointSlices before each request).
-    Thread i targets ready_ips[i % n], so every pod always has requests in flight."""
+    Thread i targets ready_ips[i % n], so every pod always has requests in flight; with `pinned`, thread i sends to
+    pinned[i] (readiness aside) until that address appears in `released`."""
 
     discovery: object
     ns: str
     service: str
     model: str
     max_tokens: int
+    pinned: list[str] = field(default_factory=list)
+    released: dict[str, float] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -119,14 +122,17 @@ class Load:
         from openai import OpenAI
 
         while not self.stop.is_set():
-            try:
-                ips = ready_ips(self.discovery, self.ns, self.service)
-            except Exception:  # noqa: BLE001 - API hiccup: try again
-                ips = []
-            if not ips:
-                time.sleep(0.2)
-                continue
-            call = Call(ip=ips[i % len(ips)], start=time.time())
+            ip = self.pinned[i] if i < len(self.pinned) and self.pinned[i] not in self.released else None
+            if ip is None:
+                try:
+                    ips = ready_ips(self.discovery, self.ns, self.service)
+                except Exception:  # noqa: BLE001 - API hiccup: try again
+                    ips = []
+                if not ips:
+                    time.sleep(0.2)
+                    continue
+                ip = ips[i % len(ips)]
+            call = Call(ip=ip, start=time.time())
             self.calls.append(call)
             try:
                 c = OpenAI(base_url=f"http://{call.ip}:8000/v1", api_key="unused", max_retries=0, timeout=300)
@@ -318,9 +324,13 @@ def test_autoscaler_scales_up_on_pool_occupancy_and_down_with_drain(local_cluste
         window_s = PRESTOP_SLEEP_S + max(1, grace - PRESTOP_SLEEP_S - 5)  # manifests: the runtime's grace_period_s
         trickle_tokens = int(max(64, min(1200, statistics.median(rates) * window_s * 0.7)))
         ips_before = ready_ips(disc, ns, "chat")
-        trickle = Load(disc, ns, "chat", "deepseek-v4-tiny", max_tokens=trickle_tokens).start(2)
-        t1 = time.time()
         deleted_at: dict[str, float] = {}
+        # one thread per pod, pinned to it until its deletion is seen: a pod that turns NotReady under this
+        # machine's load (its readiness probe late) leaves the EndpointSlice and is the one the ReplicaSet removes
+        # first, so readiness-routed requests would all go to the survivor and the drain would go unexercised
+        trickle = Load(disc, ns, "chat", "deepseek-v4-tiny", max_tokens=trickle_tokens, pinned=ips_before,
+                       released=deleted_at).start(2)
+        t1 = time.time()
         try:
             def one_left() -> bool:
                 for p in pods(core, ns, "dsv4.io/endpoint=chat"):
