@@ -237,10 +237,9 @@ def test_gathered_and_padded_experts_equal_the_grouped_loop():
     assert not big.gathers(1)
 
 
-def test_layer_pools_name_each_layers_tensors_and_a_copy_is_written_instead_of_the_pools():
-    """`KVPools.layer_pools` (the CPU graphs' pool inputs) per layer kind, and `with_layer_tensors`: the cache-step
-    op writes into the tensors the graph handed it — the pools themselves, or (had the compiler copied them) the
-    copies, leaving the pools untouched."""
+def test_layer_pools_are_each_layers_tensors_with_a_trash_row():
+    """`KVPools.layer_pools` (the CPU graphs' pool inputs) per layer kind: the layer's tensors with one row more,
+    the trash row the graph's writes without a row go to, outside every block's rows."""
     from dsv4.runtime.config import CSA, HCA, SLIDING
     from dsv4.runtime.model.kv_pools import KVPools, cache_spec
 
@@ -251,12 +250,21 @@ def test_layer_pools_name_each_layers_tensors_and_a_copy_is_written_instead_of_t
     for i, kind in enumerate(cfg.layer_types):
         comp = model.COMPRESSED_POOL.get(kind)
         lp = pools.layer_pools(i, comp)
-        assert lp.plain and lp.swa is pools.tensor("swa", i) and pools.layer_pools(i, comp) is lp
+        assert lp.plain and pools.layer_pools(i, comp) is lp
         assert (lp.comp is None) == (kind == SLIDING) and (lp.idx is None) == (kind != CSA)
-        assert pools.with_layer_tensors(i, comp, lp.tensors()) is pools
-        copies = [t.clone() for t in lp.tensors()]
-        other = pools.with_layer_tensors(i, comp, copies)
-        other.write("swa", i, torch.tensor([0]), torch.ones(1, lp.swa.shape[1]))
-        assert bool((copies[0][0] == 1).all()) and not bool((pools.tensor("swa", i)[0] == 1).any())
+        names = ["swa"] + ([f"{comp}_state", comp] if comp else []) + (["idx"] if kind == CSA else [])
+        for name, t in zip(names, lp.tensors(), strict=True):
+            rows = pools.tensor(name, i)
+            assert t.shape == (rows.shape[0] + 1, rows.shape[1]) and t.data_ptr() == rows.data_ptr()
+            t[-1] = 7
+            assert not bool((rows == 7).any())
     fp8 = KVPools.for_model(cfg, cache_spec(cfg, kv_dtype="fp8"), 4)
     assert not fp8.layer_pools(cfg.layer_types.index(CSA), "csa").plain  # FP8 rows: the eager island
+
+
+def test_inductor_artefacts_go_to_the_project_cache_unless_the_user_chose_a_folder():
+    torch_default = "/tmp/torchinductor_someone"
+    ours = str(compiled.cache_dir())
+    assert compiled.inductor_cache_dir(None, torch_default) == ours
+    assert compiled.inductor_cache_dir(torch_default, torch_default) == ours  # torch wrote its default on import
+    assert compiled.inductor_cache_dir("/data/ind", torch_default) == "/data/ind"

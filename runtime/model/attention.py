@@ -192,8 +192,8 @@ class Attention(nn.Module):
                layer_pools: Any = None) -> VisibleRows:
         """The paged-cache part, on `project`'s outputs: `write`, then select the visible entries — the window,
         and the top-k (CSA, `top_entries`) or every (HCA) compressed entry. Its shapes depend on the data
-        (emissions, visible counts), so `--compile` keeps it eager, or on CPU with plain pools traces it around
-        one cache-step op (`compiled.py`, which passes `layer_pools`; unused here)."""
+        (emissions, visible counts), so `--compile` keeps it eager, or on CPU with plain pools traces a
+        static-shape equivalent (`compiled._select_in_graph`, which takes `layer_pools`; unused here)."""
         self.write(p, ctx, pools, layer, inv_freq)
         swa_kv, swa_idx = pools.gather_view("swa", layer, ctx.swa_idx)
         comp_kv = comp_idx = None

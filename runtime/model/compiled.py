@@ -6,15 +6,17 @@ query / key projections with RoPE, the output projection, the router and the sha
 function per layer kind (inductor's C++/OpenMP code on CPU; Triton + CUDA graphs, `mode="reduce-overhead"`, on
 GPU). What depends on the data cannot be traced:
 
-- On CPU (dynamic shapes), with plain pools: the cache step runs as one opaque op inside the graph,
-  `dsv4::cache_step` (`Attention.write`: kv / compressor-state writes, compressor emissions; a CSA layer's
-  indexer top-k, [T, k]), on the layer's pool tensors (`LayerPools`, graph inputs that the op mutates; inductor
-  hands it the pools themselves), and the routed experts of larger batches through `dsv4::padded_expert_rows`
-  (three batched matmuls over rows padded per expert, `layers.padded_rows`; the ranks and the weighted sum
-  around it are traced); the gathers through the block tables and the attention over them
-  (`Attention.combine`, the torch reference, `_combine_in_graph`) are traced. A decode step is then one graph
-  per layer without a graph break. The step's index tables are padded to >= 2 columns once per step
-  (`DecodeStep.prepare`): the dynamic graph treats 0 and 1 as special sizes.
+- On CPU (dynamic shapes), with plain pools: the cache step is traced with static shapes (`_select_in_graph`):
+  the kv and compressor-state writes go into the layer's pool tensors (`LayerPools`, graph inputs mutated in
+  place), every token computes the entry its compressors would emit (`context.decode_emissions`) and writes it
+  to its row, or to the pool's trash row when it completes no group (as do padding tokens without a slot); a
+  CSA layer's indexer scores every visible entry and takes the deterministic top-k in the graph (candidates
+  padded to k + 1 columns). The routed experts of larger batches run through one opaque op,
+  `dsv4::padded_expert_rows` (three batched matmuls over rows padded per expert, `layers.padded_rows`; the
+  ranks and the weighted sum around it are traced); the gathers through the block tables and the attention over
+  them (`Attention.combine`, the torch reference, `_combine_in_graph`) are traced. A decode step is then one
+  graph per layer without a graph break. The step's index and block tables are padded to >= 2 columns once per
+  step (`DecodeStep.prepare`): the dynamic graph treats 0 and 1 as special sizes.
 - Otherwise (CUDA graphs with static shapes, FP8 rows, the online HCA state, FP4 experts) they are eager islands
   (`torch.compiler.disable`, `ISLANDS`): `Attention.select` (on CPU `_island_select`, rows padded to >= 2),
   `Experts.forward_grouped`, FP8 linears, and the TP / EP modules that call collectives; on CUDA `combine` too
@@ -54,6 +56,7 @@ only the mHC mixing weights are compiled: the decode-step graph is for single-pr
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -65,12 +68,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dsv4.runtime.config import HCA
+from dsv4.kernels.reference import compressor_pool_ref, indexer_scores_ref, topk_from_scores
+from dsv4.runtime.config import CSA, HCA
 from dsv4.runtime.model import layers
 from dsv4.runtime.model.batch import ForwardBatch
+from dsv4.runtime.model.context import decode_emissions
 from dsv4.runtime.model.kv_pools import LayerPools
 from dsv4.runtime.model.layers import MHC
-from dsv4.runtime.model.model import COMPRESSED_POOL, Block, DecodeStep, pad_decode_batch
+from dsv4.runtime.model.model import Block, DecodeStep, pad_decode_batch
 
 from dsv4.paths import cache_root
 
@@ -99,6 +104,15 @@ def cache_dir() -> Path:
     return cache_root() / "inductor"
 
 
+def inductor_cache_dir(current: str | None, torch_default: str) -> str:
+    """Where inductor keeps its artefacts: a `TORCHINDUCTOR_CACHE_DIR` the user set, else the project's cache
+    folder. torch writes its own default (under /tmp) into the variable the first time it looks, often at
+    import, so that value counts as unset."""
+    if current and os.path.abspath(current) != os.path.abspath(torch_default):
+        return current
+    return str(cache_dir())
+
+
 def _island_owner(module: str, cls: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
@@ -106,7 +120,10 @@ def _island_owner(module: str, cls: str) -> Any:
 def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[int, ...] | None = None) -> None:
     """Swap the compiled functions in (compilation itself happens at their first call). `decode_step=False`:
     the mHC mixing weights only. `buckets`: pad decode batches to these sizes (default: CUDA only)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                                                               default_cache_dir())
     import torch._dynamo
     import torch.fx.experimental._config as fx_config
 
@@ -131,11 +148,11 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
             _compiled[key] = torch.compiler.disable(_originals[key])
         if cuda or buckets is not None:  # static shapes: the attention's row counts (top-k, visible) would recompile
             _compiled[COMBINE] = staticmethod(torch.compiler.disable(_originals[COMBINE].__func__))
-        else:  # dynamic shapes: the cache step traced around the cache-step op, attention in the block's graph
+        else:  # dynamic shapes: the cache step and attention traced into the block's graph
             _compiled[SELECT] = _select_in_graph
             _compiled[GROUPED] = _grouped_in_graph
             _compiled[COMBINE] = staticmethod(_combine_in_graph)
-            _compiled["prepare"] = _ctx_with_two_or_more_columns
+            _compiled["prepare"] = _ctx_for_the_graph
             _compiled["layer_pools"] = True
         if cuda:
             _compiled["block"] = torch.compile(Block.forward, mode="reduce-overhead", dynamic=False)
@@ -145,53 +162,52 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
     _activate()
 
 
-@torch.library.custom_op("dsv4::cache_step", mutates_args=("pools",))
-def cache_step(kv: torch.Tensor, comp: list[torch.Tensor], qi: torch.Tensor | None, w: torch.Tensor | None, k: int,
-               pools: list[torch.Tensor], inv_freq: torch.Tensor, layer: int) -> torch.Tensor:
-    """The data-dependent part of `layer`'s cache step as one opaque op of the compiled decode graph (as an op it
-    needs no graph break): `Attention.write` (emission counts depend on the data) and, for a CSA layer (`qi`, `w`:
-    the indexer's queries and head weights), `Attention.top_entries` — the eager top-k, which scores decode
-    sequences after a shared prompt against one key set. Returns the selected csa rows [T, k] (CSA) or an empty
-    tensor. `comp`: the compressors' (kv, score) projections (none, the layer's, or the layer's and the indexer's);
-    `pools`: `LayerPools.tensors()`, which it writes. The step (model, StepContext, KVPools) comes from
-    `DecodeStep.running`, as vLLM's attention ops find theirs in a forward context."""
-    if DecodeStep.running is None:
-        raise RuntimeError("dsv4::cache_step runs inside a compiled decode step only (DecodeStep.running unset)")
-    model, ctx, kv_pools = DecodeStep.running
-    attn = model.layers[layer].attn
-    p: dict[str, Any] = {"kv": kv, "qi": qi, "w": w}
-    if comp:
-        p["comp"] = (comp[0], comp[1])
-    if len(comp) == 4:
-        p["index_comp"] = (comp[2], comp[3])
-    pools_now = kv_pools.with_layer_tensors(layer, COMPRESSED_POOL.get(attn.layer_type), pools)
-    attn.write(p, ctx, pools_now, layer, inv_freq)
-    if qi is None:
-        return torch.empty(0, dtype=torch.long, device=kv.device)
-    return attn.top_entries(p, ctx, pools_now, layer).long()
+def _trash_rows(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """`rows` with every -1 sent to `pool`'s trash row (its last, `LayerPools`)."""
+    return torch.where(rows >= 0, rows, torch.full_like(rows, pool.shape[0] - 1))
 
 
-@cache_step.register_fake
-def _(kv: torch.Tensor, comp: list[torch.Tensor], qi: torch.Tensor | None, w: torch.Tensor | None, k: int,
-      pools: list[torch.Tensor], inv_freq: torch.Tensor, layer: int) -> torch.Tensor:
-    if qi is None:
-        return torch.empty(0, dtype=torch.long, device=kv.device)
-    return torch.empty(qi.shape[0], k, dtype=torch.long, device=kv.device)
+def _write_in_graph(attn: Any, p: dict[str, Any], ctx: Any, lp: LayerPools, inv_freq: torch.Tensor) -> None:
+    """`Attention.write` with static shapes, traced into the CPU decode graph: the kv row into the window pool,
+    the compressors' [kv | score] into their state row (one write for a CSA layer's two compressors: adjacent
+    columns), then every token's would-be entry (`decode_emissions`: E = T) pooled, normalised and rotated as
+    `compressor_step` does, and written to its row — or, for a token that completes no group, the trash row."""
+    lp.swa.index_put_((_trash_rows(ctx.swa_slot, lp.swa),), p["kv"].to(lp.swa.dtype))
+    if not attn.compressed:
+        return
+    kind = CSA if attn.sparse else HCA
+    comps = [(attn.compressor, p["comp"], lp.comp)]
+    if attn.sparse:
+        comps.append((attn.indexer.compressor, p["index_comp"], lp.idx))
+    row = torch.cat([t for _, projected, _ in comps for t in projected], dim=-1)
+    lp.state.index_put_((_trash_rows(ctx.state_slot[kind], lp.state),), row.to(lp.state.dtype))
+    em = decode_emissions(ctx, kind)
+    col = 0
+    for comp, (kv, _), out in comps:
+        entries = compressor_pool_ref(lp.state, em.state_rows, em.entry, comp.norm.weight, inv_freq,
+                                      ratio=comp.ratio, coff=comp.coff, eps=comp.norm.eps, col_offset=col,
+                                      compute_dtype=kv.dtype)
+        out.index_put_((_trash_rows(em.dest, out),), entries.to(out.dtype))
+        col += 2 * kv.shape[1]
 
 
 def _select_in_graph(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: int, inv_freq: torch.Tensor,
                      layer_pools: LayerPools | None = None) -> Any:
-    """`Attention.select` traced into the CPU decode graph: the `dsv4::cache_step` op, then the layer's plain
-    pools with the step's index tables and the CSA top-k (the gathers happen in `combine`, in the graph). Layers
-    with FP8 rows or the online HCA state keep the eager island."""
+    """`Attention.select` traced into the CPU decode graph: the cache writes (`_write_in_graph`), then the
+    layer's plain pools with the step's index tables and, for a CSA layer, the indexer's top-k (the torch
+    reference: scores over every visible entry, the deterministic selection; the gathers happen in `combine`,
+    in the graph). Layers with FP8 rows or the online HCA state keep the eager island."""
     if layer_pools is None or not layer_pools.plain:
         return _island_select(self, p, ctx, pools, layer, inv_freq)
-    comp = [*p.get("comp", ()), *p.get("index_comp", ())]
-    qi, w, k = (p["qi"], p["w"], self.indexer.k) if self.sparse else (None, None, 0)
-    top = torch.ops.dsv4.cache_step(p["kv"], comp, qi, w, k, layer_pools.tensors(), inv_freq, layer)
+    lp = layer_pools
+    _write_in_graph(self, p, ctx, lp, inv_freq)
     if not self.compressed:
-        return layer_pools.swa, ctx.swa_idx, None, None
-    return layer_pools.swa, ctx.swa_idx, layer_pools.comp, top if self.sparse else ctx.visible[HCA]
+        return lp.swa, ctx.swa_idx, None, None
+    if not self.sparse:
+        return lp.swa, ctx.swa_idx, lp.comp, ctx.visible[HCA]
+    cand = ctx.visible[CSA]  # >= k + 1 columns (`_ctx_for_the_graph`): no size guard on the top-k
+    top = topk_from_scores(indexer_scores_ref(p["qi"], p["w"], lp.idx, cand), cand, self.indexer.k)
+    return lp.swa, ctx.swa_idx, lp.comp, top
 
 
 @torch.library.custom_op("dsv4::padded_expert_rows", mutates_args=())
@@ -237,18 +253,23 @@ def _island_select(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: in
     return _two_or_more(swa_kv, 0), swa_idx, comp_kv, comp_idx
 
 
-def _ctx_with_two_or_more_columns(ctx: Any) -> Any:
-    """The step's index tables with >= 2 columns (-1 padded), for the same reason as `_island_select`'s rows."""
+def _ctx_for_the_graph(ctx: Any) -> Any:
+    """The step's index tables and block tables (which the graph's cache writes read) with >= 2 columns (-1
+    padded: no row), for the same reason as `_island_select`'s rows; a CSA layer's candidates with more columns
+    than the indexer keeps (k + 1), so the traced top-k never meets fewer (`topk` needs k <= columns)."""
     ctx.swa_idx = _two_or_more(ctx.swa_idx, 1, fill=-1)
-    ctx.visible = {kind: _two_or_more(t, 1, fill=-1) for kind, t in ctx.visible.items()}
+    least = {CSA: ctx.cfg.index_topk + 1}
+    ctx.visible = {kind: _two_or_more(t, 1, fill=-1, least=least.get(kind, 2)) for kind, t in ctx.visible.items()}
+    tables = {name: _two_or_more(t, 1, fill=-1) for name, t in ctx.batch.block_tables.items()}
+    ctx.batch = dataclasses.replace(ctx.batch, block_tables=tables)
     return ctx
 
 
-def _two_or_more(t: torch.Tensor, dim: int, fill: int = 0) -> torch.Tensor:
-    if t.shape[dim] >= 2:
+def _two_or_more(t: torch.Tensor, dim: int, fill: int = 0, least: int = 2) -> torch.Tensor:
+    if t.shape[dim] >= least:
         return t
     shape = list(t.shape)
-    shape[dim] = 2 - t.shape[dim]
+    shape[dim] = least - t.shape[dim]
     return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)
 
 

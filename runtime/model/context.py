@@ -87,17 +87,8 @@ class StepContext:
             # row per group of hca_ratio positions, `cache/spec.py`)
             ctx.state_slot[kind] = lookup(tables[state_pool], seq, pos, st.tokens_per_block, st.rows_per_block)
             cp = spec.pools[comp_pool]
-            # emissions
-            emit = ((pos + 1) % r == 0) & (pos >= ru)
-            tok = torch.nonzero(emit).flatten()
-            j = torch.div(pos[tok], r, rounding_mode="floor")
-            coff = 2 if kind == CSA else 1
-            start = j * r - (r if coff == 2 else 0)
-            gpos = start[:, None] + torch.arange(coff * r, device=dev)[None, :]
-            srows = lookup(tables[state_pool], seq[tok][:, None].expand_as(gpos), gpos, st.tokens_per_block,
-                           st.rows_per_block)
-            dest = lookup(tables[comp_pool], seq[tok], j * r, cp.tokens_per_block, cp.rows_per_block)
-            ctx.emissions[kind] = Emission(tok, j, srows, dest)
+            tok = torch.nonzero(completes_group(pos, ru, r)).flatten()
+            ctx.emissions[kind] = Emission(tok, *emission_rows(tables, spec, kind, r, seq[tok], pos[tok]))
             # visible entries per query: entry j's row depends on the sequence only, so it is looked up once
             # per sequence ([S, maxvis]) and gathered per query, then cut at the query's own count (a
             # [T, maxvis] table is O(context) per token: three passes over it, not a lookup's dozen)
@@ -110,3 +101,35 @@ class StepContext:
             rows = seq_rows[seq]
             ctx.visible[kind] = rows.masked_fill_(torch.arange(maxvis, device=dev)[None, :] >= nvis[:, None], -1)
         return ctx
+
+
+def completes_group(pos: torch.Tensor, recompute_until: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Tokens that complete a compression group and emit its entry: (p + 1) % ratio == 0, p >= recompute_until."""
+    return ((pos + 1) % ratio == 0) & (pos >= recompute_until)
+
+
+def emission_rows(tables: dict[str, torch.Tensor], spec: Any, kind: str, ratio: int, seq: torch.Tensor,
+                  pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For tokens (seq, pos) that complete a group of `kind`: the entry j = pos // ratio, the state rows it
+    pools [E, coff·ratio] (positions j·ratio - ratio .. j·ratio + ratio - 1 for CSA, j·ratio .. for HCA; -1
+    before 0) and its row in the compressed pool."""
+    comp_pool, state_pool = ("csa", "csa_state") if kind == CSA else ("hca", "hca_state")
+    st, cp = spec.pools[state_pool], spec.pools[comp_pool]
+    coff = 2 if kind == CSA else 1
+    j = torch.div(pos, ratio, rounding_mode="floor")
+    start = j * ratio - (ratio if coff == 2 else 0)
+    gpos = start[:, None] + torch.arange(coff * ratio, device=pos.device)[None, :]
+    srows = lookup(tables[state_pool], seq[:, None].expand_as(gpos), gpos, st.tokens_per_block, st.rows_per_block)
+    dest = lookup(tables[comp_pool], seq, j * ratio, cp.tokens_per_block, cp.rows_per_block)
+    return j, srows, dest
+
+
+def decode_emissions(ctx: StepContext, kind: str) -> Emission:
+    """`ctx.emissions[kind]` with a static shape, for the compiled decode step: every token listed (E = T),
+    `dest` -1 where the token completes no group (the graph sends those writes to a trash row)."""
+    r = ctx.cfg.compress_rates[kind]
+    tables, seq, pos = ctx.batch.block_tables, ctx.seq, ctx.pos
+    emit = completes_group(pos, ctx.batch.recompute_until.long()[seq], r)
+    j, srows, dest = emission_rows(tables, ctx.spec, kind, r, seq, pos)
+    return Emission(torch.arange(pos.shape[0], device=pos.device), j, srows,
+                    torch.where(emit, dest, torch.full_like(dest, -1)))

@@ -1,13 +1,13 @@
 """`KVPools`: the physical cache tensors of every pool and layer, built from a `CacheSpec`.
 
 `pools.tensor(pool, layer)` is `[num_blocks * rows_per_block, row_elems]` in the pool's storage dtype.
-A physical row id is `block_id * rows_per_block + offset`. Rows of the "fp8" KV layout are uint8 and are
-encoded / decoded by `write` / `gather_view` (see `fp8_codec.py`).
+A physical row id is `block_id * rows_per_block + offset`. Each tensor is a view of one with a trash row after
+the last block's rows, which only the compiled decode step writes (`LayerPools`). Rows of the "fp8" KV layout
+are uint8 and are encoded / decoded by `write` / `gather_view` (see `fp8_codec.py`).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple
 
 import torch
@@ -21,7 +21,9 @@ class LayerPools(NamedTuple):
     """One layer's cache tensors, for the compiled decode step: graph inputs instead of a lookup by layer index
     (which would specialise the graph to the layer). `comp` is the layer's csa or hca pool, `state` its compressor
     state; `plain`: every one holds plain rows (no FP8 encoding) and the HCA state is raw, so the graph can gather
-    from them directly."""
+    from them and write them directly. Each tensor ends with its pool's trash row (`KVPools`): the graph's writes
+    for tokens without a row (slot -1, a token that completes no group) land there, so every write has a static
+    shape."""
 
     swa: torch.Tensor
     state: torch.Tensor | None
@@ -52,6 +54,7 @@ class KVPools:
         self.index_dim = index_dim
         self.num_blocks: dict[str, int] = {}
         self._t: dict[tuple[str, int], torch.Tensor] = {}
+        self._with_trash: dict[tuple[str, int], torch.Tensor] = {}
         self._layer_pools: dict[int, LayerPools] = {}
         for name, ps in spec.pools.items():
             if isinstance(num_blocks, int):
@@ -63,8 +66,9 @@ class KVPools:
             self.num_blocks[name] = int(nb)
             dt = _DTYPES[ps.dtype]
             for layer in ps.layers:
-                self._t[(name, layer)] = torch.zeros(int(nb) * ps.rows_per_block, ps.row_elems, dtype=dt,
-                                                     device=self.device)
+                # one row more than the blocks hold: the trash row, never part of a block (`LayerPools`)
+                t = torch.zeros(int(nb) * ps.rows_per_block + 1, ps.row_elems, dtype=dt, device=self.device)
+                self._with_trash[(name, layer)], self._t[(name, layer)] = t, t[:-1]
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, spec: CacheSpec, num_blocks: dict[str, int] | int,
@@ -87,20 +91,11 @@ class KVPools:
             names = _layer_pool_names(compressed)
             plain = not any(self.is_fp8(n) for n in names) and (
                 compressed != "hca" or getattr(self.spec, "hca_state", "raw") == "raw")
-            t = [self.tensor(n, layer) for n in names] + [None] * (4 - len(names))
+            for n in names:
+                self.tensor(n, layer)  # a KeyError naming the pool
+            t = [self._with_trash[(n, layer)] for n in names] + [None] * (4 - len(names))
             lp = self._layer_pools[layer] = LayerPools(t[0], t[1], t[2], t[3], plain)
         return lp
-
-    def with_layer_tensors(self, layer: int, compressed: str | None, tensors: list[torch.Tensor]) -> KVPools:
-        """These pools with `layer`'s tensors (in `LayerPools.tensors` order) replaced by `tensors`: the compiled
-        step's cache-step op writes into the tensors the graph handed it (the pools themselves, unless the
-        compiler copied them)."""
-        names = _layer_pool_names(compressed)
-        if all(t is self._t[(n, layer)] for n, t in zip(names, tensors, strict=True)):
-            return self
-        other = copy.copy(self)
-        other._t = {**self._t, **{(n, layer): t for n, t in zip(names, tensors, strict=True)}}
-        return other
 
     def pool_spec(self, pool: str) -> PoolSpec:
         return self.spec.pools[pool]

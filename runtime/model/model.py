@@ -34,9 +34,6 @@ class DecodeStep:
     block: Callable[..., torch.Tensor] | None = None
     buckets: tuple[int, ...] | None = None
     guards: Callable[[], AbstractContextManager[Any]] = nullcontext
-    # the compiled step's cache step runs as an opaque op (`compiled.cache_step`) that finds the step here:
-    # (model, StepContext, KVPools) while a compiled decode step runs
-    running: tuple[Any, StepContext, KVPools] | None = None
     prepare: Callable[[StepContext], StepContext] | None = None  # compiled.py: ctx as the graphs expect it
     layer_pools: bool = False  # pass each block its `LayerPools` (the CPU graphs take the pools as inputs)
 
@@ -164,16 +161,12 @@ class DeepseekV4Model(nn.Module):
             ctx = DecodeStep.prepare(ctx)
         x = self.embed_tokens(batch.input_ids)
         h = x.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
-        DecodeStep.running = (self, ctx, pools) if compiled else None
-        try:
-            with context():
-                for i, layer in enumerate(self.layers):
-                    inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
-                    lp = pools.layer_pools(i, COMPRESSED_POOL.get(layer.layer_type)) if compiled and \
-                        DecodeStep.layer_pools else None
-                    h = run(layer, h, ctx, pools, i, inv, batch.input_ids, lp)
-        finally:
-            DecodeStep.running = None
+        with context():
+            for i, layer in enumerate(self.layers):
+                inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
+                lp = pools.layer_pools(i, COMPRESSED_POOL.get(layer.layer_type)) if compiled and \
+                    DecodeStep.layer_pools else None
+                h = run(layer, h, ctx, pools, i, inv, batch.input_ids, lp)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
