@@ -60,8 +60,22 @@ class StepContext:
     swa_slot: torch.Tensor
     swa_idx: torch.Tensor
     state_slot: dict[str, torch.Tensor] = field(default_factory=dict)
-    emissions: dict[str, Emission] = field(default_factory=dict)
     visible: dict[str, torch.Tensor] = field(default_factory=dict)
+    _emissions: dict[str, Emission] | None = None
+
+    @property
+    def emissions(self) -> dict[str, Emission]:
+        """Per compressed kind, the tokens of this step that complete a group and what they emit; computed on
+        first use (the compiled decode graph computes its own, `decode_emissions`, and never asks)."""
+        if self._emissions is None:
+            ru = self.batch.recompute_until.long()[self.seq]
+            self._emissions = {}
+            for kind in self.state_slot:
+                r = self.cfg.compress_rates[kind]
+                tok = torch.nonzero(completes_group(self.pos, ru, r)).flatten()
+                rows = emission_rows(self.batch.block_tables, self.spec, kind, r, self.seq[tok], self.pos[tok])
+                self._emissions[kind] = Emission(tok, *rows)
+        return self._emissions
 
     @classmethod
     def build(cls, batch: ForwardBatch, cfg: Any, spec: Any) -> StepContext:
@@ -77,7 +91,6 @@ class StepContext:
         wpos = pos[:, None] - (W - 1) + torch.arange(W, device=dev)[None, :]
         swa_idx = lookup(tables["swa"], seq[:, None].expand(T, W), wpos, sp.tokens_per_block)
         ctx = cls(batch, spec, cfg, seq, pos, swa_slot, swa_idx)
-        ru = batch.recompute_until.long()[seq]
         for kind, comp_pool, state_pool in ((CSA, "csa", "csa_state"), (HCA, "hca", "hca_state")):
             if comp_pool not in spec.pools:
                 continue
@@ -87,8 +100,6 @@ class StepContext:
             # row per group of hca_ratio positions, `cache/spec.py`)
             ctx.state_slot[kind] = lookup(tables[state_pool], seq, pos, st.tokens_per_block, st.rows_per_block)
             cp = spec.pools[comp_pool]
-            tok = torch.nonzero(completes_group(pos, ru, r)).flatten()
-            ctx.emissions[kind] = Emission(tok, *emission_rows(tables, spec, kind, r, seq[tok], pos[tok]))
             # visible entries per query: entry j's row depends on the sequence only, so it is looked up once
             # per sequence ([S, maxvis]) and gathered per query, then cut at the query's own count (a
             # [T, maxvis] table is O(context) per token: three passes over it, not a lookup's dozen)
