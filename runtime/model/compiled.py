@@ -184,11 +184,27 @@ def _write_in_graph(attn: Any, p: dict[str, Any], ctx: Any, lp: LayerPools, inv_
     em = decode_emissions(ctx, kind)
     col = 0
     for comp, (kv, _), out in comps:
-        entries = compressor_pool_ref(lp.state, em.state_rows, em.entry, comp.norm.weight, inv_freq,
-                                      ratio=comp.ratio, coff=comp.coff, eps=comp.norm.eps, col_offset=col,
-                                      compute_dtype=kv.dtype)
+        entries = _entries_of_completed_groups(comp, lp.state, em, inv_freq, col, kv.dtype)
         out.index_put_((_trash_rows(em.dest, out),), entries.to(out.dtype))
         col += 2 * kv.shape[1]
+
+
+def _entries_of_completed_groups(comp: Any, state: torch.Tensor, em: Any, inv_freq: torch.Tensor, col: int,
+                                 dtype: torch.dtype) -> torch.Tensor:
+    """Every token's would-be entry [T, d] from the state rows `em.state_rows` (`compressor_pool_ref`, as the
+    eager `compressor_step`). Most steps complete no group, so batches pool only when some token does
+    (`torch.cond`: an HCA layer pools 128 rows a token); a batch of one pools its token, cheaper than the cond."""
+
+    def pooled(state: torch.Tensor) -> torch.Tensor:
+        return compressor_pool_ref(state, em.state_rows, em.entry, comp.norm.weight, inv_freq, ratio=comp.ratio,
+                                   coff=comp.coff, eps=comp.norm.eps, col_offset=col, compute_dtype=dtype)
+
+    def nothing(state: torch.Tensor) -> torch.Tensor:
+        return state.new_zeros(em.dest.shape[0], comp.dim, dtype=dtype)
+
+    if em.dest.shape[0] == 1:
+        return pooled(state)
+    return torch.cond((em.dest >= 0).any(), pooled, nothing, (state,))
 
 
 def _select_in_graph(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: int, inv_freq: torch.Tensor,
