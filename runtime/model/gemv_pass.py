@@ -11,10 +11,8 @@ and a sum over K,
 inductor generates one vectorised reduction loop per product (the weight read once, in its own storage order,
 as the GEMV is memory-bound anyway) and can fuse the input's producer and the output's consumer into it. Only
 products whose row (or column) count is the literal 1 in the graph change (the batch-1 graph: dynamo
-specialises size 1; larger batches keep the BLAS call), in fp32 / bf16 / fp16. Products over a literal
-contraction of at most SHORT_K (mHC's mixing of the hc streams, [T, 4, 4] x [T, 4, H] at every batch size) are
-written the same way, y[m, n] = sum_k x[m, k] * w[k, n]: a BLAS call for 4 multiply-adds an output costs more
-than the arithmetic. `compiled.use_compiled` installs it on CPU.
+specialises size 1; larger batches keep the BLAS call), in fp32 / bf16 / fp16. `compiled.use_compiled` installs
+it on CPU.
 """
 
 from __future__ import annotations
@@ -26,18 +24,13 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-SHORT_K = 4  # contractions this short are products and a sum at any size (the mHC streams: hc_mult = 4)
-
-
-def _size_at_most(node: Any, dim: int, most: int) -> bool:
-    """Whether `node`'s size along `dim` is a literal (not a symbol) of at most `most`, in a float dtype."""
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return (isinstance(val, torch.Tensor) and val.dtype in _FLOATS and isinstance(val.shape[dim], int)
-            and val.shape[dim] <= most)
 
 
 def _size_one(node: Any, dim: int) -> bool:
-    return _size_at_most(node, dim, 1)
+    """Whether `node`'s size along `dim` is the literal 1 (not a symbol), in a float dtype."""
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return (isinstance(val, torch.Tensor) and val.dtype in _FLOATS and isinstance(val.shape[dim], int)
+            and val.shape[dim] == 1)
 
 
 def _call(graph: torch.fx.Graph, op: Any, *args: Any) -> torch.fx.Node:
@@ -49,8 +42,8 @@ def _call(graph: torch.fx.Graph, op: Any, *args: Any) -> torch.fx.Node:
 
 
 def rewrite_one_row_products(graph: torch.fx.Graph) -> int:
-    """Replace every mm / addmm (alpha = beta = 1) / bmm in `graph` with one row on the left, one column on the
-    right (a gathered expert's `w[e] @ x`) or a contraction of at most SHORT_K; returns how many."""
+    """Replace every mm / addmm (alpha = beta = 1) / bmm in `graph` with one row on the left or one column on the
+    right (a gathered expert's `w[e] @ x`); returns how many."""
     changed = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -62,16 +55,12 @@ def rewrite_one_row_products(graph: torch.fx.Graph) -> int:
         else:
             continue
         batched = node.target is aten.bmm.default
-        row, col, short = _size_one(x, -2), _size_one(w, -1), _size_at_most(x, -1, SHORT_K)
-        if not (row or col or short):
+        row, col = _size_one(x, -2), _size_one(w, -1)
+        if not (row or col):
             continue
         swap = [0, 2, 1] if batched else [1, 0]
         with graph.inserting_before(node):
-            if short and not (row or col):  # x [M, K] -> [M, K, 1] times w [K, N] -> [1, K, N], summed over K
-                prod = _call(graph, aten.mul.Tensor, _call(graph, aten.unsqueeze.default, x, -1),
-                             _call(graph, aten.unsqueeze.default, w, -3))
-                out = _call(graph, aten.sum.dim_IntList, prod, [-2])
-            elif row:  # x [1, K] -> [K, 1] (bmm: [B, K, 1]), times w [K, N], summed over K
+            if row:  # x [1, K] -> [K, 1] (bmm: [B, K, 1]), times w [K, N], summed over K
                 prod = _call(graph, aten.mul.Tensor, _call(graph, aten.permute.default, x, swap), w)
                 out = _call(graph, aten.sum.dim_IntList, prod, [-2], True)
             else:  # w [K, 1] -> [1, K] (bmm: [B, 1, K]), times x [M, K], summed over K
