@@ -21,6 +21,8 @@ import torch
 from dsv4.runtime.config import CSA, HCA
 from dsv4.runtime.model.batch import ForwardBatch
 
+POOLS = {CSA: ("csa", "csa_state"), HCA: ("hca", "hca_state")}  # a compressed kind's entry pool and state pool
+
 
 def lookup(table: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, tokens_per_block: int,
            rows_per_block: int | None = None) -> torch.Tensor:
@@ -91,7 +93,7 @@ class StepContext:
         wpos = pos[:, None] - (W - 1) + torch.arange(W, device=dev)[None, :]
         swa_idx = lookup(tables["swa"], seq[:, None].expand(T, W), wpos, sp.tokens_per_block)
         ctx = cls(batch, spec, cfg, seq, pos, swa_slot, swa_idx)
-        for kind, comp_pool, state_pool in ((CSA, "csa", "csa_state"), (HCA, "hca", "hca_state")):
+        for kind, (comp_pool, state_pool) in POOLS.items():
             if comp_pool not in spec.pools:
                 continue
             r = cfg.compress_rates[kind]
@@ -124,7 +126,7 @@ def emission_rows(tables: dict[str, torch.Tensor], spec: Any, kind: str, ratio: 
     """For tokens (seq, pos) that complete a group of `kind`: the entry j = pos // ratio, the state rows it
     pools [E, coff·ratio] (positions j·ratio - ratio .. j·ratio + ratio - 1 for CSA, j·ratio .. for HCA; -1
     before 0) and its row in the compressed pool."""
-    comp_pool, state_pool = ("csa", "csa_state") if kind == CSA else ("hca", "hca_state")
+    comp_pool, state_pool = POOLS[kind]
     st, cp = spec.pools[state_pool], spec.pools[comp_pool]
     coff = 2 if kind == CSA else 1
     j = torch.div(pos, ratio, rounding_mode="floor")
