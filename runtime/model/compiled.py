@@ -75,7 +75,7 @@ from dsv4.runtime.model.batch import ForwardBatch
 from dsv4.runtime.model.context import decode_emissions
 from dsv4.runtime.model.kv_pools import LayerPools
 from dsv4.runtime.model.layers import MHC
-from dsv4.runtime.model.model import Block, DecodeStep, pad_decode_batch
+from dsv4.runtime.model.model import Block, DecodeStep, compiled_decode, pad_decode_batch, run_blocks
 
 from dsv4.paths import cache_root
 
@@ -156,8 +156,10 @@ def use_compiled(device: str = "cpu", decode_step: bool = True, buckets: tuple[i
             _compiled["layer_pools"] = True
         if cuda:
             _compiled["block"] = torch.compile(Block.forward, mode="reduce-overhead", dynamic=False)
+        elif buckets is None:  # every block in one frame: one guard check and one call wrapper per step
+            _compiled["stack"] = torch.compile(run_blocks, dynamic=True)
         else:
-            _compiled["block"] = torch.compile(Block.forward, dynamic=buckets is None)
+            _compiled["block"] = torch.compile(Block.forward, dynamic=False)
         _compiled["buckets"] = buckets if buckets is not None else (DECODE_BUCKETS if cuda else None)
     _activate()
 
@@ -302,6 +304,7 @@ def _activate() -> None:
     for key in (*ISLANDS, COMBINE):
         if key in _compiled:
             setattr(_island_owner(*key[:2]), key[2], _compiled[key])
+    DecodeStep.stack = _compiled.get("stack")
     DecodeStep.block = _compiled.get("block")
     DecodeStep.buckets = _compiled.get("buckets")
     DecodeStep.guards = _compiled.get("guards", nullcontext)
@@ -319,6 +322,7 @@ def use_eager() -> None:
         setattr(MHC, name, staticmethod(fn))
     for key, fn in _originals.items():
         setattr(_island_owner(*key[:2]), key[2], fn)
+    DecodeStep.stack = None
     DecodeStep.block = None
     DecodeStep.buckets = None
     DecodeStep.guards = nullcontext
@@ -353,7 +357,7 @@ def is_compiled() -> bool:
 
 
 def decode_step_compiled() -> bool:
-    return DecodeStep.block is not None
+    return compiled_decode()
 
 
 def graph_breaks() -> int:

@@ -26,11 +26,13 @@ COMPRESSED_POOL = {CSA: "csa", HCA: "hca"}  # a layer kind's compressed-entry po
 
 class DecodeStep:
     """How decode steps (every sequence one token) run the blocks. `runtime/model/compiled.py` (`--compile`)
-    sets `block` to a torch.compile'd `Block.forward` and, for CUDA graphs, `buckets`: decode batches are padded
-    with empty sequences to the next bucket size so each size has one static graph. None = eager, no padding.
-    `guards`: the context the compiled blocks run in (compiled.py: guards checked only where they tell the warmed
-    graphs apart)."""
+    sets either `stack`, a torch.compile'd `run_blocks` (every block in one compiled frame: the CPU graphs), or
+    `block`, a torch.compile'd `Block.forward` called once per layer, with, for CUDA graphs, `buckets`: decode
+    batches are padded with empty sequences to the next bucket size so each size has one static graph. None =
+    eager, no padding. `guards`: the context the compiled code runs in (compiled.py: guards checked only where
+    they tell the warmed graphs apart)."""
 
+    stack: Callable[..., torch.Tensor] | None = None
     block: Callable[..., torch.Tensor] | None = None
     buckets: tuple[int, ...] | None = None
     guards: Callable[[], AbstractContextManager[Any]] = nullcontext
@@ -57,6 +59,10 @@ def pad_decode_batch(batch: ForwardBatch, size: int) -> ForwardBatch:
 
 def is_decode(batch: ForwardBatch) -> bool:
     return 0 < batch.num_tokens == batch.num_seqs
+
+
+def compiled_decode() -> bool:
+    return DecodeStep.stack is not None or DecodeStep.block is not None
 
 
 class Block(nn.Module):
@@ -95,6 +101,17 @@ class Block(nn.Module):
         x, post, comb = self._pre(h, "ffn")
         f = self.ffn(self.ffn_norm(x), input_ids)
         return MHC.post(f, h, post, comb)
+
+
+def run_blocks(layers: nn.ModuleList, h: torch.Tensor, ctx: StepContext, pools: KVPools, inv_main: torch.Tensor,
+               inv_compress: torch.Tensor, input_ids: torch.Tensor, layer_pools: list[LayerPools] | None = None,
+               block: Callable[..., torch.Tensor] = Block.forward) -> torch.Tensor:
+    """h -> every block in turn. Compiled as one frame (`DecodeStep.stack`), a decode step pays dynamo's guard
+    check and inductor's call wrapper once instead of once per layer."""
+    for i, layer in enumerate(layers):
+        inv = inv_main if layer.layer_type == SLIDING else inv_compress
+        h = block(layer, h, ctx, pools, i, inv, input_ids, layer_pools[i] if layer_pools is not None else None)
+    return h
 
 
 class HyperHead(nn.Module):
@@ -149,25 +166,23 @@ class DeepseekV4Model(nn.Module):
 
     def hidden_states(self, batch: ForwardBatch, pools: KVPools) -> torch.Tensor:
         """The final hc streams [T, hc_mult, H] of every token (writes the cache as a side effect). Decode steps
-        run the compiled blocks when `--compile` set `DecodeStep.block`."""
+        run the compiled code `--compile` set in `DecodeStep`."""
         cfg = self.cfg
-        run: Callable[..., torch.Tensor] = Block.__call__
-        context: Callable[[], AbstractContextManager[Any]] = nullcontext
-        compiled = DecodeStep.block is not None and is_decode(batch)
-        if compiled:
-            run, context = DecodeStep.block, DecodeStep.guards
+        compiled = compiled_decode() and is_decode(batch)
         ctx = StepContext.build(batch, cfg, pools.spec)
         if compiled and DecodeStep.prepare is not None:
             ctx = DecodeStep.prepare(ctx)
         x = self.embed_tokens(batch.input_ids)
         h = x.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
-        with context():
-            for i, layer in enumerate(self.layers):
-                inv = self.inv_freq_main if layer.layer_type == SLIDING else self.inv_freq_compress
-                lp = pools.layer_pools(i, COMPRESSED_POOL.get(layer.layer_type)) if compiled and \
-                    DecodeStep.layer_pools else None
-                h = run(layer, h, ctx, pools, i, inv, batch.input_ids, lp)
-        return h
+        args = (self.layers, h, ctx, pools, self.inv_freq_main, self.inv_freq_compress, batch.input_ids)
+        if not compiled:
+            return run_blocks(*args, block=Block.__call__)
+        lps = [pools.layer_pools(i, COMPRESSED_POOL.get(layer.layer_type)) for i, layer in enumerate(self.layers)] \
+            if DecodeStep.layer_pools else None
+        with DecodeStep.guards():
+            if DecodeStep.stack is not None:
+                return DecodeStep.stack(*args, lps)
+            return run_blocks(*args, lps, block=DecodeStep.block)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -176,7 +191,7 @@ class DeepseekV4Model(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pools: KVPools) -> torch.Tensor:
-        if DecodeStep.buckets and DecodeStep.block is not None and is_decode(batch):
+        if DecodeStep.buckets and compiled_decode() and is_decode(batch):
             size = next((b for b in DecodeStep.buckets if b >= batch.num_seqs), batch.num_seqs)
             batch = pad_decode_batch(batch, size)
         h = self.hidden_states(batch, pools)
