@@ -2,9 +2,11 @@
 
 What is compiled: for decode steps (every sequence one token, `model.is_decode`), the whole `Block.forward` —
 the mHC mixing (RMS, projection, sigmoids, softmax, the 20-round Sinkhorn on 4x4 matrices), the RMSNorms, the
-query / key projections with RoPE, the output projection, the router and the shared expert — is one compiled
-function per layer kind (inductor's C++/OpenMP code on CPU; Triton + CUDA graphs, `mode="reduce-overhead"`, on
-GPU). What depends on the data cannot be traced:
+query / key projections with RoPE, the output projection, the router and the shared expert. On CPU every block
+of the step is one compiled frame (`model.run_blocks` as `DecodeStep.stack`, inductor's C++/OpenMP code): dynamo's
+guard check and inductor's call wrapper run once per step, not once per layer. On GPU `Block.forward` is one
+compiled function per layer kind (`DecodeStep.block`: Triton + CUDA graphs, `mode="reduce-overhead"`), as it is
+for CPU decode batches padded to static buckets. What depends on the data cannot be traced:
 
 - On CPU (dynamic shapes), with plain pools: the cache step is traced with static shapes (`_select_in_graph`):
   the kv and compressor-state writes go into the layer's pool tensors (`LayerPools`, graph inputs mutated in
@@ -15,13 +17,14 @@ GPU). What depends on the data cannot be traced:
   `dsv4::padded_expert_rows` (three batched matmuls over rows padded per expert, `layers.padded_rows`; the
   ranks and the weighted sum around it are traced); the gathers through the block tables and the attention over
   them (`Attention.combine`, the torch reference, `_combine_in_graph`) are traced. A decode step is then one
-  graph per layer without a graph break. The step's index and block tables are padded to >= 2 columns once per
+  graph for every layer, without a graph break. The step's index and block tables are padded to >= 2 columns once per
   step (`DecodeStep.prepare`): the dynamic graph treats 0 and 1 as special sizes.
 - Otherwise (CUDA graphs with static shapes, FP8 rows, the online HCA state, FP4 experts) they are eager islands
   (`torch.compiler.disable`, `ISLANDS`): `Attention.select` (on CPU `_island_select`, rows padded to >= 2),
   `Experts.forward_grouped`, FP8 linears, and the TP / EP modules that call collectives; on CUDA `combine` too
   (the Triton kernels). Each island is one graph break (`graph_breaks()` counts them): a block is two graphs
-  (before and after the cache step), three for larger batches. A small batch's experts are gathered and
+  (before and after the cache step), three for larger batches. On CPU an island inside `run_blocks`' loop makes
+  dynamo skip that frame (it cannot resume mid-loop) and compile each `Block.forward` it calls instead. A small batch's experts are gathered and
   multiplied in the graph (`Experts.gathers`).
 
 On CPU the batch-1 graph's matrix-vector products (every linear, the gathered experts' bmm) are inductor
@@ -39,7 +42,7 @@ bucket. `setup` compiles before the server reports ready, one progress line per 
 batches that read and write no cache row.
 
 Guards: dynamo checks, before each compiled frame, that its inputs still match what the graph was traced for —
-~20-40 us a frame on CPU, one or two frames per layer. Once the warm-up has
+~20-40 us a frame on CPU (one frame per step there; one or two per layer with islands). Once the warm-up has
 compiled every variant a decode step can need (layer kinds x batch-size classes; no decode step recompiles after
 it — `tests/test_compiled_decode.py` checks), the decode steps run with
 `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: only the guards that told the warmed graphs apart (layer
