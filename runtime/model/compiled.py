@@ -24,8 +24,8 @@ for CPU decode batches padded to static buckets. What depends on the data cannot
   `Experts.forward_grouped`, FP8 linears, and the TP / EP modules that call collectives; on CUDA `combine` too
   (the Triton kernels). Each island is one graph break (`graph_breaks()` counts them): a block is two graphs
   (before and after the cache step), three for larger batches. On CPU an island inside `run_blocks`' loop makes
-  dynamo skip that frame (it cannot resume mid-loop) and compile each `Block.forward` it calls instead. A small batch's experts are gathered and
-  multiplied in the graph (`Experts.gathers`).
+  dynamo skip that frame (it cannot resume mid-loop) and compile each `Block.forward` it calls instead. A small
+  batch's experts are gathered and multiplied in the graph (`Experts.gathers`).
 
 On CPU the batch-1 graph's matrix-vector products (every linear, the gathered experts' bmm) are inductor
 reductions instead of BLAS calls (`gemv_pass.OneRowProducts`, an inductor post-grad pass): no fixed dispatch cost
