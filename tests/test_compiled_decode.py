@@ -95,13 +95,18 @@ def assert_same(eager, comp, tol: float = 1e-5) -> None:
 
 def test_compiled_decode_step_gives_the_eager_tokens_and_logprobs():
     """Also: on CPU with plain pools the decode graphs have no graph break — the cache step and the grouped
-    experts (batches of 5 and 6 here) run as custom ops inside them."""
+    experts (batches of 5 and 6 here) run inside them — and inductor's cache can store them."""
     from torch._dynamo.utils import counters
 
     eager, pre_e, _ = run("off")
     counters["graph_break"].clear()
+    for name in ("inductor", "aot_autograd"):
+        counters[name].clear()
     comp, pre_c, sizes = run("on")
     assert compiled.graph_breaks() == 0, dict(counters["graph_break"])
+    # every decode graph can be stored in inductor's cache (a `torch.cond` in the graph is not: compiled at
+    # every start)
+    assert counters["inductor"]["fxgraph_cache_bypass"] == 0 and counters["aot_autograd"]["autograd_cache_bypass"] == 0
     assert pre_e == pre_c and pre_e > 0  # the small cache preempted (and recomputed) someone, in both runs
     assert len(set(sizes)) >= 3 and 1 in sizes and max(sizes) >= 5, sizes  # several sizes, grouped experts too
     assert_same(eager, comp)

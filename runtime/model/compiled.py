@@ -98,6 +98,7 @@ SELECT, GROUPED = ISLANDS[0], ISLANDS[1]  # attention's cache step, the routed e
 COMBINE = ("dsv4.runtime.model.attention", "Attention", "combine")  # in the CPU graph, an island with CUDA graphs
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # CUDA-graph batch sizes
 GUARDS_ENV = "DSV4_COMPILE_GUARDS"  # "full": check every dynamo guard on each decode step (default: trimmed)
+TRACED_POOL_ROWS = 8  # batches pool every token's would-be entry in the graph up to this many state rows (CSA)
 AUTO_MIN_GAIN = 1.05  # auto keeps compiled code when it is at least this much faster on the warm-up batches
 _originals: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _compiled: dict[str, Any] = {}  # what `use_compiled` built, swapped back in by `_activate` (no recompilation)
@@ -197,19 +198,43 @@ def _write_in_graph(attn: Any, p: dict[str, Any], ctx: Any, lp: LayerPools, inv_
 def _entries_of_completed_groups(comp: Any, state: torch.Tensor, em: Any, inv_freq: torch.Tensor, col: int,
                                  dtype: torch.dtype) -> torch.Tensor:
     """Every token's would-be entry [T, d] from the state rows `em.state_rows` (`compressor_pool_ref`, as the
-    eager `compressor_step`). Most steps complete no group, so batches pool only when some token does
-    (`torch.cond`: an HCA layer pools 128 rows a token); a batch of one pools its token, cheaper than the cond."""
+    eager `compressor_step`), traced: a CSA entry pools 8 rows, a batch of one pools its one token. An HCA entry
+    pools 128 rows and a batch rarely completes one, so larger batches pool through
+    `dsv4::completed_group_entries`, which pools only the tokens that complete a group (an opaque op, not
+    `torch.cond`: a graph holding a cond is never stored in inductor's cache, so it compiled again at every
+    start)."""
+    args = (comp.norm.weight, inv_freq, comp.ratio, comp.coff, comp.norm.eps, col, dtype)
+    if em.dest.shape[0] == 1 or comp.coff * comp.ratio <= TRACED_POOL_ROWS:
+        return _pool_entries(state, em.state_rows, em.entry, *args)
+    return torch.ops.dsv4.completed_group_entries(state, em.state_rows, em.entry, em.dest, *args)
 
-    def pooled(state: torch.Tensor) -> torch.Tensor:
-        return compressor_pool_ref(state, em.state_rows, em.entry, comp.norm.weight, inv_freq, ratio=comp.ratio,
-                                   coff=comp.coff, eps=comp.norm.eps, col_offset=col, compute_dtype=dtype)
 
-    def nothing(state: torch.Tensor) -> torch.Tensor:
-        return state.new_zeros(em.dest.shape[0], comp.dim, dtype=dtype)
+def _pool_entries(state: torch.Tensor, state_rows: torch.Tensor, entry: torch.Tensor, norm_weight: torch.Tensor,
+                  inv_freq: torch.Tensor, ratio: int, coff: int, eps: float, col: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    return compressor_pool_ref(state, state_rows, entry, norm_weight, inv_freq, ratio=ratio, coff=coff, eps=eps,
+                               col_offset=col, compute_dtype=dtype)
 
-    if em.dest.shape[0] == 1:
-        return pooled(state)
-    return torch.cond((em.dest >= 0).any(), pooled, nothing, (state,))
+
+@torch.library.custom_op("dsv4::completed_group_entries", mutates_args=())
+def completed_group_entries(state: torch.Tensor, state_rows: torch.Tensor, entry: torch.Tensor, dest: torch.Tensor,
+                            norm_weight: torch.Tensor, inv_freq: torch.Tensor, ratio: int, coff: int, eps: float,
+                            col: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, d]: the pooled entry of each token with a destination row (`dest >= 0`), zeros for the others (their
+    entries go to the trash row)."""
+    out = torch.zeros(dest.shape[0], norm_weight.shape[0], dtype=dtype, device=state.device)
+    done = (dest >= 0).nonzero().squeeze(1)
+    if done.numel():
+        out[done] = _pool_entries(state, state_rows[done], entry[done], norm_weight, inv_freq, ratio, coff, eps,
+                                  col, dtype).to(dtype)
+    return out
+
+
+@completed_group_entries.register_fake
+def _(state: torch.Tensor, state_rows: torch.Tensor, entry: torch.Tensor, dest: torch.Tensor,
+      norm_weight: torch.Tensor, inv_freq: torch.Tensor, ratio: int, coff: int, eps: float, col: int,
+      dtype: torch.dtype) -> torch.Tensor:
+    return state.new_empty(dest.shape[0], norm_weight.shape[0], dtype=dtype)
 
 
 def _select_in_graph(self: Any, p: dict[str, Any], ctx: Any, pools: Any, layer: int, inv_freq: torch.Tensor,
