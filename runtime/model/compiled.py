@@ -8,17 +8,18 @@ guard check and inductor's call wrapper run once per step, not once per layer. O
 compiled function per layer kind (`DecodeStep.block`: Triton + CUDA graphs, `mode="reduce-overhead"`), as it is
 for CPU decode batches padded to static buckets. What depends on the data cannot be traced:
 
-- On CPU (dynamic shapes), with plain pools: the cache step is traced with static shapes (`_select_in_graph`):
-  the kv and compressor-state writes go into the layer's pool tensors (`LayerPools`, graph inputs mutated in
-  place), every token computes the entry its compressors would emit (`context.decode_emissions`) and writes it
-  to its row, or to the pool's trash row when it completes no group (as do padding tokens without a slot); a
-  CSA layer's indexer scores every visible entry and takes the deterministic top-k in the graph (candidates
-  padded to k + 1 columns). The routed experts of larger batches run through one opaque op,
-  `dsv4::padded_expert_rows` (three batched matmuls over rows padded per expert, `layers.padded_rows`; the
-  ranks and the weighted sum around it are traced); the gathers through the block tables and the attention over
-  them (`Attention.combine`, the torch reference, `_combine_in_graph`) are traced. A decode step is then one
-  graph for every layer, without a graph break. The step's index and block tables are padded to >= 2 columns once per
-  step (`DecodeStep.prepare`): the dynamic graph treats 0 and 1 as special sizes.
+- On CPU (dynamic shapes), with plain pools: the cache step is traced with static shapes (`_select_in_graph`): the kv
+  and compressor-state writes go into the layer's pool tensors (`LayerPools`, graph inputs mutated in place), every
+  token computes the entry its compressors would emit (`context.decode_emissions`) and writes it to its row, or to the
+  pool's trash row when it completes no group (as do padding tokens without a slot; the HCA entries of a batch > 1
+  come from the opaque op `dsv4::completed_group_entries`, no `torch.cond`, which inductor's cache refuses); a CSA
+  layer's indexer scores every visible entry and takes the deterministic top-k in the graph (candidates padded to k +
+  1 columns). The routed experts of larger batches run through one opaque op, `dsv4::padded_expert_rows` (three
+  batched matmuls over rows padded per expert, `layers.padded_rows`; the ranks and the weighted sum around it are
+  traced); the gathers through the block tables and the attention over them (`Attention.combine`, the torch reference,
+  `_combine_in_graph`) are traced. A decode step is then one graph for every layer, without a graph break. The step's
+  index and block tables are padded to >= 2 columns once per step (`DecodeStep.prepare`): the dynamic graph treats 0
+  and 1 as special sizes.
 - Otherwise (CUDA graphs with static shapes, FP8 rows, the online HCA state, FP4 experts) they are eager islands
   (`torch.compiler.disable`, `ISLANDS`): `Attention.select` (on CPU `_island_select`, rows padded to >= 2),
   `Experts.forward_grouped`, FP8 linears, and the TP / EP modules that call collectives; on CUDA `combine` too
